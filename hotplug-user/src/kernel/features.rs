@@ -1,0 +1,71 @@
+//! What the running kernel offers hotplug's programs, probed once at start-up.
+use std::{fmt, path::Path};
+
+use aya::programs::ProgramType;
+
+use super::tracefs;
+
+/// The kernel facilities the agent's programs can use.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct KernelFeatures {
+    /// `uname -r`.
+    pub release: String,
+    /// `/sys/kernel/btf/vmlinux` exists (types for offsets and BTF-typed programs).
+    pub btf: bool,
+    /// kprobes can be created (the `kprobe` perf PMU exists; `CONFIG_KPROBES`).
+    pub kprobes: bool,
+    /// fentry/fexit programs load (BPF trampolines); `None` if the probe itself failed.
+    pub fentry: Option<bool>,
+    /// `module:module_load` and `module:module_free` exist (`CONFIG_MODULES`).
+    pub module_tracepoints: bool,
+    /// `syscalls:sys_{enter,exit}_delete_module` exist (`CONFIG_FTRACE_SYSCALLS`, `CONFIG_MODULES`).
+    pub delete_module_tracepoints: bool,
+    /// Where tracefs is mounted, if it could be found or mounted.
+    pub tracefs: Option<String>,
+}
+
+impl KernelFeatures {
+    pub fn probe() -> Self {
+        let tracefs = match tracefs::find_or_mount() {
+            Ok(path) => Some(path),
+            Err(error) => {
+                tracing::warn!(%error, "no tracefs: tracepoints cannot be attached");
+                None
+            }
+        };
+        let has = |system: &str, events: &[&str]| {
+            tracefs
+                .as_deref()
+                .is_some_and(|t| events.iter().all(|e| tracefs::has_tracepoint(t, system, e)))
+        };
+        Self {
+            release: kernel_release(),
+            btf: Path::new("/sys/kernel/btf/vmlinux").exists(),
+            kprobes: Path::new("/sys/bus/event_source/devices/kprobe").exists(),
+            fentry: aya::sys::is_program_supported(ProgramType::Tracing).ok(),
+            module_tracepoints: has("module", &["module_load", "module_free"]),
+            delete_module_tracepoints: has("syscalls", &["sys_enter_delete_module", "sys_exit_delete_module"]),
+            tracefs: tracefs.map(|p| p.display().to_string()),
+        }
+    }
+}
+
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease").map_or_else(|_| "unknown".to_owned(), |r| r.trim().to_owned())
+}
+
+impl fmt::Display for KernelFeatures {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let yes = |b: bool| if b { "yes" } else { "no" };
+        write!(
+            f,
+            "kernel {}: BTF {}, kprobes {}, fentry {}, module tracepoints {}, delete_module tracepoints {}",
+            self.release,
+            yes(self.btf),
+            yes(self.kprobes),
+            self.fentry.map_or("unknown", yes),
+            yes(self.module_tracepoints),
+            yes(self.delete_module_tracepoints),
+        )
+    }
+}

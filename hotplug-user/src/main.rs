@@ -1,0 +1,46 @@
+//! `hotplug-agent`: a thin entry point; everything lives in the `hotplug` library.
+use std::process::ExitCode;
+
+use clap::Parser as _;
+use hotplug::{
+    agent,
+    cli::{Cli, Command},
+};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = EnvFilter::try_from_default_env().or_else(|_| EnvFilter::try_new(&cli.log));
+    let filter = match filter {
+        Ok(filter) => filter,
+        Err(error) => {
+            eprintln!("hotplug-agent: bad --log filter {:?}: {error}", cli.log);
+            return ExitCode::from(2);
+        }
+    };
+    // Logs go to stderr so that `events` output on stdout stays machine-readable.
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    // aya-log and aya use the `log` crate; tracing-subscriber's default features bridge it.
+
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("hotplug-agent: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command.unwrap_or(Command::Run) {
+            Command::Run => agent::run().await,
+            Command::Events { json } => agent::stream_events(json).await,
+            Command::Features { json } => agent::print_features(json),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("hotplug-agent: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}

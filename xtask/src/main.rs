@@ -1,0 +1,57 @@
+//! `cargo xtask`: set-up, build, run, test, and the QEMU guest harness.
+//!
+//! Everything a fresh machine needs is installed from here (`setup`), and every other command runs
+//! it first, so the README's two commands (`cargo xtask run`, `cargo xtask test`) are all a user
+//! needs.
+mod build;
+mod cmd;
+mod initramfs;
+mod kernels;
+mod qmp;
+mod run;
+mod setup;
+mod test;
+mod vm;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Build, run and test hotplug")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install what is missing: nightly rust-src, bpf-linker, Debian packages, guest kernels.
+    Setup(setup::SetupArgs),
+    /// Build the agent with its eBPF object (and the guest-side tools).
+    Build(build::BuildArgs),
+    /// Build and start the agent on this host, as root. Ctrl-C stops it.
+    Run(run::RunArgs),
+    /// Everything CI checks: fmt, clippy, unit and host tests, every VM scenario.
+    Test(test::TestArgs),
+    /// Boot a QEMU guest with a Debian kernel and run a script or scenario in it.
+    Vm(vm::VmArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Setup(args) => setup::run(&args).map(|_| ExitCode::SUCCESS),
+        Command::Build(args) => build::run(&args).map(|_| ExitCode::SUCCESS),
+        Command::Run(args) => run::run(&args),
+        Command::Test(args) => test::run(&args),
+        Command::Vm(args) => vm::run(&args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("xtask: error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

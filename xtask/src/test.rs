@@ -1,0 +1,139 @@
+//! `cargo xtask test`: set-up, formatting, lints, unit and host tests, and every VM scenario on
+//! every guest kernel it names. Ends with one line `N passed, N failed`.
+use std::{
+    io::{BufRead as _, BufReader},
+    process::{ExitCode, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+use clap::Args;
+
+use crate::{build, cmd, kernels, setup, vm};
+
+#[derive(Args, Debug)]
+pub struct TestArgs {
+    /// Only these guest kernels (default: every kernel a scenario names).
+    #[arg(long, value_delimiter = ',')]
+    pub kernels: Vec<kernels::Suite>,
+    /// Skip the VM scenarios (fmt, clippy, unit and host tests only).
+    #[arg(long)]
+    pub no_vm: bool,
+    /// Only scenarios whose name contains this.
+    #[arg(long)]
+    pub scenario: Option<String>,
+}
+
+#[derive(Default)]
+struct Tally {
+    passed: u32,
+    failed: u32,
+    failures: Vec<String>,
+}
+
+impl Tally {
+    fn record(&mut self, name: &str, ok: bool) {
+        if ok {
+            self.passed += 1;
+        } else {
+            self.failed += 1;
+            self.failures.push(name.to_owned());
+        }
+    }
+}
+
+pub fn run(args: &TestArgs) -> Result<ExitCode> {
+    let started = Instant::now();
+    let prepared = setup::run(&setup::SetupArgs {
+        kernels: args.kernels.clone(),
+        toolchain_only: false,
+        refresh_kernels: false,
+    })?;
+    let mut tally = Tally::default();
+    let root = cmd::workspace_root();
+
+    step("cargo fmt --check");
+    let fmt = cmd::cargo().current_dir(&root).args(["fmt", "--all", "--check"]).status()?;
+    tally.record("cargo fmt --check", fmt.success());
+
+    step("cargo clippy (warnings are errors)");
+    let clippy = cmd::cargo()
+        .current_dir(&root)
+        .env_remove("HOTPLUG_SKIP_EBPF")
+        .args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])
+        .status()?;
+    tally.record("cargo clippy", clippy.success());
+
+    step("unit and host tests (cargo test)");
+    cargo_test(&mut tally)?;
+
+    if !args.no_vm {
+        step("VM scenarios");
+        let binaries = build::guest_binaries()?;
+        for scenario in vm::scenarios()? {
+            if args.scenario.as_deref().is_some_and(|s| !scenario.name.contains(s)) {
+                continue;
+            }
+            for kernel in prepared.kernels.iter().filter(|k| scenario.kernels.contains(&k.suite)) {
+                let label = format!("vm {} on {} ({})", scenario.name, kernel.suite.name(), kernel.release);
+                let guest = vm::Guest {
+                    kernel: kernel.clone(),
+                    nics: vm::DEFAULT_NICS.to_vec(),
+                    memory_mib: 1024,
+                    binaries: binaries.clone(),
+                };
+                let outcome = guest.run(&scenario.path, Duration::from_secs(600), vm::Console::Capture)?;
+                vm::write_result(&scenario.name, &guest, &outcome)?;
+                println!("{label}: {} {}", if outcome.passed() { "PASS" } else { "FAIL" }, outcome.summary());
+                if !outcome.passed() {
+                    println!("----- guest console ({label}) -----\n{}-----", outcome.console);
+                }
+                tally.record(&label, outcome.passed());
+            }
+        }
+    }
+
+    println!();
+    for failure in &tally.failures {
+        println!("failed: {failure}");
+    }
+    println!("took {:.0} s", started.elapsed().as_secs_f64());
+    println!("{} passed, {} failed", tally.passed, tally.failed);
+    Ok(if tally.failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+fn step(name: &str) {
+    println!("\n=== {name} ===");
+}
+
+/// Runs `cargo test`, streaming its output, and adds every test it ran to the tally.
+fn cargo_test(tally: &mut Tally) -> Result<()> {
+    let mut child = cmd::cargo()
+        .current_dir(cmd::workspace_root())
+        .env_remove("HOTPLUG_SKIP_EBPF")
+        .args(["test", "--workspace", "--no-fail-fast"])
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let stdout = child.stdout.take().context("cargo test has no stdout")?;
+    let mut saw_results = false;
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        // "test foo::bar ... ok" / "... FAILED"
+        if let Some(rest) = line.strip_prefix("test ") {
+            if let Some((name, result)) = rest.rsplit_once(" ... ") {
+                match result {
+                    "ok" => tally.record(name, true),
+                    "FAILED" => tally.record(name, false),
+                    _ => {}
+                }
+            }
+        }
+        saw_results |= line.starts_with("test result:");
+    }
+    let status = child.wait()?;
+    if !status.success() && !saw_results {
+        tally.record("cargo test (did not build)", false);
+    }
+    Ok(())
+}

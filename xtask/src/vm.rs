@@ -1,0 +1,562 @@
+//! The QEMU guest harness: boots a Debian kernel with a busybox initramfs holding the NIC modules
+//! and the project's binaries, runs one script as root in it, streams the console, and serves the
+//! guest's requests for PCI hot-unplug / hot-plug over a second serial port.
+//!
+//! Sockets: QEMU connects out to two Unix sockets the harness listens on first (so nothing the
+//! guest says is lost): the control channel (guest `/dev/ttyS1`, the `vmctl` protocol) and QMP.
+//! Every guest NIC is `-netdev user,restrict=on`: no guest traffic leaves the machine.
+use std::{
+    collections::BTreeMap,
+    fs,
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    os::unix::net::{UnixListener, UnixStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitCode, Stdio},
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        Arc,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Args, ValueEnum};
+use serde_json::{json, Value};
+
+use crate::{build, cmd, initramfs::Initramfs, kernels, qmp::Qmp, setup};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum NicModel {
+    /// virtio-net-pci (driver virtio_net)
+    Virtio,
+    /// Intel 82574L (driver e1000e)
+    E1000e,
+    /// Intel 82540EM (driver e1000)
+    E1000,
+}
+
+impl NicModel {
+    const fn qemu_device(self) -> &'static str {
+        match self {
+            Self::Virtio => "virtio-net-pci",
+            Self::E1000e => "e1000e",
+            Self::E1000 => "e1000",
+        }
+    }
+}
+
+pub const DEFAULT_NICS: [NicModel; 3] = [NicModel::Virtio, NicModel::E1000e, NicModel::E1000];
+
+#[derive(Args, Debug)]
+pub struct VmArgs {
+    /// Guest kernel: bookworm (6.1), trixie (6.12) or sid (7.2).
+    #[arg(long, value_enum, default_value = "bookworm")]
+    pub kernel: kernels::Suite,
+    /// NIC models, in order (they become eth0, eth1, ...).
+    #[arg(long, value_enum, value_delimiter = ',', default_values = ["virtio", "e1000e", "e1000"])]
+    pub nics: Vec<NicModel>,
+    /// Run this shell script as root in the guest.
+    #[arg(long, conflicts_with_all = ["scenario", "list"])]
+    pub script: Option<PathBuf>,
+    /// Run a scenario from tests/scenarios and write target/vm-results/NAME.json.
+    #[arg(long, conflicts_with = "list")]
+    pub scenario: Option<String>,
+    /// List the scenarios.
+    #[arg(long)]
+    pub list: bool,
+    /// Stop the guest after this many seconds.
+    #[arg(long, default_value_t = 600)]
+    pub timeout: u64,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 1024)]
+    pub memory: u32,
+}
+
+pub fn run(args: &VmArgs) -> Result<ExitCode> {
+    if args.list {
+        for scenario in scenarios()? {
+            println!("{:<24} {}", scenario.name, scenario.summary);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let (script, scenario) = match (&args.script, &args.scenario) {
+        (Some(path), None) => (path.clone(), None),
+        (None, Some(name)) => (find_scenario(name)?.path, Some(name.clone())),
+        _ => bail!("say what to run: --script FILE, --scenario NAME (see --list)"),
+    };
+    setup::ensure_toolchain()?;
+    setup::ensure_debian_packages(setup::DEBIAN_PACKAGES)?;
+    let kernel = kernels::ensure(args.kernel, false)?;
+    let binaries = build::guest_binaries()?;
+    let guest = Guest { kernel, nics: args.nics.clone(), memory_mib: args.memory, binaries };
+    let outcome = guest.run(&script, Duration::from_secs(args.timeout), Console::Stream)?;
+    if let Some(name) = scenario {
+        let path = write_result(&name, &guest, &outcome)?;
+        eprintln!("vm: result written to {}", path.display());
+    }
+    eprintln!("vm: {}", outcome.summary());
+    Ok(match outcome.exit_status {
+        Some(0) => ExitCode::SUCCESS,
+        Some(code) => ExitCode::from(u8::try_from(code.clamp(1, 255)).unwrap_or(1)),
+        None => ExitCode::FAILURE,
+    })
+}
+
+/// A scenario file in `tests/scenarios/`: its name and the first comment line.
+pub struct Scenario {
+    pub name: String,
+    pub summary: String,
+    pub path: PathBuf,
+    /// Kernels it runs on (`# kernels:` header line), all by default.
+    pub kernels: Vec<kernels::Suite>,
+}
+
+pub fn scenarios() -> Result<Vec<Scenario>> {
+    let dir = cmd::workspace_root().join("tests/scenarios");
+    let mut found = Vec::new();
+    for entry in fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))? {
+        let path = entry?.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".sh")) else {
+            continue;
+        };
+        if name.starts_with('_') {
+            continue; // shared helpers, not a scenario
+        }
+        let text = fs::read_to_string(&path)?;
+        let comments: Vec<&str> =
+            text.lines().skip(1).map_while(|l| l.strip_prefix('#')).map(str::trim).collect();
+        let summary = comments.first().copied().unwrap_or_default().to_owned();
+        let kernels = comments
+            .iter()
+            .find_map(|l| l.strip_prefix("kernels:"))
+            .map(|list| {
+                list.split_whitespace()
+                    .map(|k| kernels::Suite::from_str(k, true).map_err(anyhow::Error::msg))
+                    .collect::<Result<Vec<_>>>()
+            })
+            .transpose()?
+            .unwrap_or_else(|| kernels::Suite::ALL.to_vec());
+        found.push(Scenario { name: name.to_owned(), summary, path, kernels });
+    }
+    found.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(found)
+}
+
+fn find_scenario(name: &str) -> Result<Scenario> {
+    scenarios()?
+        .into_iter()
+        .find(|s| s.name == name)
+        .with_context(|| format!("no scenario {name:?} in tests/scenarios (see `cargo xtask vm --list`)"))
+}
+
+pub enum Console {
+    /// Copy the guest console to our stdout as it comes.
+    Stream,
+    /// Only keep it in the outcome (tests print it on failure).
+    Capture,
+}
+
+pub struct Guest {
+    pub kernel: kernels::GuestKernel,
+    pub nics: Vec<NicModel>,
+    pub memory_mib: u32,
+    pub binaries: Vec<PathBuf>,
+}
+
+pub struct Outcome {
+    /// The script's exit status; `None` if the guest died or timed out before it finished.
+    pub exit_status: Option<i32>,
+    pub failure: Option<String>,
+    /// From QEMU's start to the guest's `hello` (init ready to run the script).
+    pub boot: Option<Duration>,
+    pub duration: Duration,
+    pub figures: BTreeMap<String, Value>,
+    pub console: String,
+}
+
+impl Outcome {
+    pub fn passed(&self) -> bool {
+        self.exit_status == Some(0)
+    }
+
+    pub fn summary(&self) -> String {
+        let boot = self.boot.map_or_else(|| "-".to_owned(), |b| format!("{:.2} s", b.as_secs_f64()));
+        match (self.exit_status, &self.failure) {
+            (Some(code), _) => format!(
+                "script exited {code} (boot {boot}, total {:.1} s)",
+                self.duration.as_secs_f64()
+            ),
+            (None, Some(why)) => format!("guest failed: {why}"),
+            (None, None) => "guest ended without an exit status".to_owned(),
+        }
+    }
+}
+
+/// Per-run scratch directory with short paths (Unix socket paths are limited to 108 bytes).
+fn scratch_dir() -> Result<PathBuf> {
+    static RUN: AtomicU32 = AtomicU32::new(0);
+    let dir = std::env::temp_dir()
+        .join(format!("hotplug-vm-{}-{}", std::process::id(), RUN.fetch_add(1, Ordering::Relaxed)));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// A NIC as QEMU knows it.
+struct Nic {
+    model: NicModel,
+    id: String,
+    netdev: String,
+    bus: String,
+    mac: String,
+    present: bool,
+    /// The guest's name for it when it was last unplugged (what `vmctl plug NAME` refers to).
+    guest_name: Option<String>,
+}
+
+impl Guest {
+    pub fn run(&self, script: &Path, timeout: Duration, console: Console) -> Result<Outcome> {
+        let dir = scratch_dir()?;
+        let result = self.run_in(&dir, script, timeout, console);
+        let _ = fs::remove_dir_all(&dir);
+        result
+    }
+
+    fn nics(&self) -> Vec<Nic> {
+        self.nics
+            .iter()
+            .enumerate()
+            .map(|(i, &model)| Nic {
+                model,
+                id: format!("nic{i}"),
+                netdev: format!("net{i}"),
+                bus: format!("rp{i}"),
+                mac: format!("52:54:00:12:34:{:02x}", 0x10 + i),
+                present: true,
+                guest_name: None,
+            })
+            .collect()
+    }
+
+    fn run_in(&self, dir: &Path, script: &Path, timeout: Duration, console: Console) -> Result<Outcome> {
+        let image = self.initramfs(script)?;
+        let initrd = dir.join("initramfs.cpio");
+        fs::write(&initrd, image)?;
+        let ctl_path = dir.join("ctl.sock");
+        let qmp_path = dir.join("qmp.sock");
+        let ctl_listener = UnixListener::bind(&ctl_path)?;
+        let qmp_listener = UnixListener::bind(&qmp_path)?;
+        let mut nics = self.nics();
+
+        let mut qemu = Command::new("qemu-system-x86_64");
+        qemu.args(["-accel", "tcg", "-cpu", "max", "-smp", "2", "-machine", "q35"])
+            .args(["-m", &self.memory_mib.to_string()])
+            .args(["-nodefaults", "-display", "none", "-no-reboot"])
+            .arg("-kernel")
+            .arg(&self.kernel.vmlinux)
+            .arg("-initrd")
+            .arg(&initrd)
+            .args(["-append", "console=ttyS0 panic=-1 quiet loglevel=4 rdinit=/init"])
+            .args(["-chardev", "stdio,id=con,signal=off", "-serial", "chardev:con"])
+            .arg("-chardev")
+            .arg(format!("socket,id=ctl,path={}", ctl_path.display()))
+            .args(["-serial", "chardev:ctl"])
+            .arg("-chardev")
+            .arg(format!("socket,id=qmp,path={}", qmp_path.display()))
+            .args(["-mon", "chardev=qmp,mode=control"]);
+        for (i, nic) in nics.iter().enumerate() {
+            qemu.args([
+                "-device",
+                &format!("pcie-root-port,id={},bus=pcie.0,chassis={},slot={}", nic.bus, i + 1, i + 1),
+                "-netdev",
+                &format!("user,id={},restrict=on", nic.netdev),
+                "-device",
+                &format!(
+                    "{},id={},netdev={},bus={},mac={}",
+                    nic.model.qemu_device(),
+                    nic.id,
+                    nic.netdev,
+                    nic.bus,
+                    nic.mac
+                ),
+            ]);
+        }
+        qemu.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let started = Instant::now();
+        let mut child = qemu.spawn().context("cannot start qemu-system-x86_64 (cargo xtask setup installs it)")?;
+        let console_log = Arc::new(std::sync::Mutex::new(String::new()));
+        let console_thread = spawn_console(&mut child, matches!(console, Console::Stream), Arc::clone(&console_log))?;
+
+        let mut outcome = Outcome {
+            exit_status: None,
+            failure: None,
+            boot: None,
+            duration: Duration::ZERO,
+            figures: BTreeMap::new(),
+            console: String::new(),
+        };
+        let served = accept(&ctl_listener, &mut child, started)
+            .and_then(|ctl| Ok((ctl, accept(&qmp_listener, &mut child, started)?)))
+            .and_then(|(ctl, qmp)| {
+                let mut qmp = Qmp::new(qmp)?;
+                serve(ctl, &mut qmp, &mut nics, &mut outcome, started, timeout)
+            });
+        if let Err(error) = served {
+            outcome.failure = Some(format!("{error:#}"));
+        }
+        // The guest powers off after the script; give it a moment, then stop it.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while child.try_wait()?.is_none() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let status = child.wait()?;
+        let mut stderr = String::new();
+        if let Some(mut err) = child.stderr.take() {
+            let _ = err.read_to_string(&mut stderr);
+        }
+        let _ = console_thread.join();
+        outcome.duration = started.elapsed();
+        outcome.console = console_log.lock().map(|c| c.clone()).unwrap_or_default();
+        if outcome.exit_status.is_none() && outcome.failure.is_none() {
+            outcome.failure = Some(format!("QEMU exited ({status}) before the script finished: {}", stderr.trim()));
+        }
+        Ok(outcome)
+    }
+
+    fn initramfs(&self, script: &Path) -> Result<Vec<u8>> {
+        let mut image = Initramfs::new();
+        for dir in ["dev", "proc", "sys", "tmp", "run", "bin", "sbin", "usr/bin", "usr/sbin", "etc", "root", "var/run"] {
+            image.dir(dir);
+        }
+        image.char_device("/dev/console", 5, 1);
+        image.char_device("/dev/null", 1, 3);
+        let busybox = cmd::which("busybox").context("busybox is missing (cargo xtask setup installs busybox-static)")?;
+        add_binary(&mut image, "/bin/busybox", &busybox)?;
+        image.symlink("/bin/sh", "busybox");
+        for binary in &self.binaries {
+            let name = binary.file_name().and_then(|n| n.to_str()).context("binary without a name")?;
+            add_binary(&mut image, &format!("/opt/hotplug/bin/{name}"), binary)?;
+        }
+        let root = cmd::workspace_root();
+        image.copy("/opt/hotplug/bin/vmctl", &root.join("tests/guest/vmctl"))?;
+        image.copy_tree("/opt/hotplug/scenarios", &root.join("tests/scenarios"))?;
+        image.copy("/opt/hotplug/script", script)?;
+        image.copy_tree("/lib/modules", &self.kernel.module_root.join("lib/modules"))?;
+        image.file("/etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\n");
+        image.file("/etc/group", 0o644, b"root:x:0:\n");
+        image.file("/init", 0o755, guest_init(&kernels::GUEST_MODULES.join(" ")).as_bytes());
+        Ok(image.finish())
+    }
+}
+
+/// The guest's /init: mounts, loads the NIC drivers, runs the script, reports its exit status on
+/// the control channel and powers off.
+fn guest_init(modules: &str) -> String {
+    format!(
+        r#"#!/bin/busybox sh
+/bin/busybox --install -s
+export PATH=/opt/hotplug/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mount -t tmpfs tmpfs /tmp
+mount -t tmpfs tmpfs /run
+mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null
+mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
+mount -t bpf bpf /sys/fs/bpf 2>/dev/null
+hostname hotplug-guest
+ip link set lo up
+for m in {modules}; do modprobe "$m" || echo "init: modprobe $m failed"; done
+stty -F /dev/ttyS1 raw -echo
+vmctl hello "$(uname -r)"
+echo "=== hotplug guest $(uname -r): running the script ==="
+cd /root
+sh /opt/hotplug/script
+rc=$?
+echo "=== script exited $rc ==="
+vmctl exit "$rc"
+sync
+poweroff -f
+"#
+    )
+}
+
+/// Adds a dynamically linked binary and the shared libraries `ldd` names, at the same paths.
+fn add_binary(image: &mut Initramfs, path: &str, host: &Path) -> Result<()> {
+    image.copy(path, host)?;
+    let ldd = Command::new("ldd").arg(host).output()?;
+    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+        // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
+        let lib = match line.split_once("=>") {
+            Some((_, rest)) => rest.split_whitespace().next(),
+            None => line.split_whitespace().next().filter(|w| w.starts_with('/')),
+        };
+        if let Some(lib) = lib.filter(|l| l.starts_with('/')) {
+            image.copy(lib, Path::new(lib))?;
+        }
+    }
+    Ok(())
+}
+
+fn spawn_console(
+    child: &mut Child,
+    stream: bool,
+    log: Arc<std::sync::Mutex<String>>,
+) -> Result<thread::JoinHandle<()>> {
+    let stdout = child.stdout.take().context("QEMU has no stdout")?;
+    Ok(thread::spawn(move || {
+        let mut reader = BufReader::new(stdout);
+        let mut line = Vec::new();
+        while reader.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
+            let text = String::from_utf8_lossy(&line).replace('\r', "");
+            if stream {
+                print!("{text}");
+                let _ = std::io::stdout().flush();
+            }
+            if let Ok(mut log) = log.lock() {
+                log.push_str(&text);
+            }
+            line.clear();
+        }
+    }))
+}
+
+/// Waits for QEMU to connect to `listener`, failing early if QEMU exits.
+fn accept(listener: &UnixListener, child: &mut Child, started: Instant) -> Result<UnixStream> {
+    listener.set_nonblocking(true)?;
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                stream.set_nonblocking(false)?;
+                return Ok(stream);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e.into()),
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!("QEMU exited ({status}) before connecting its sockets");
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            bail!("QEMU did not connect its sockets within 30 s");
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Serves the guest's `vmctl` requests until the script reports its exit status.
+fn serve(
+    ctl: UnixStream,
+    qmp: &mut Qmp,
+    nics: &mut [Nic],
+    outcome: &mut Outcome,
+    started: Instant,
+    timeout: Duration,
+) -> Result<()> {
+    ctl.set_read_timeout(Some(Duration::from_millis(500)))?;
+    let mut writer = ctl.try_clone()?;
+    let mut reader = BufReader::new(ctl);
+    let mut line = String::new();
+    loop {
+        if started.elapsed() > timeout {
+            bail!("the guest did not finish within {} s", timeout.as_secs());
+        }
+        match reader.read_line(&mut line) {
+            Ok(0) => bail!("the guest's control channel closed"),
+            Ok(_) if line.ends_with('\n') => {}
+            Ok(_) => continue,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => continue,
+            Err(e) => return Err(e.into()),
+        }
+        let request = line.trim().to_owned();
+        line.clear();
+        let mut words = request.split_whitespace();
+        let reply = match (words.next(), words.next(), words.next(), words.next()) {
+            (Some("hello"), _, _, _) => {
+                outcome.boot = Some(started.elapsed());
+                "ok".to_owned()
+            }
+            (Some("exit"), Some(code), None, None) => {
+                outcome.exit_status = Some(code.parse().context("bad exit status from the guest")?);
+                return Ok(());
+            }
+            (Some("report"), Some(key), Some(_), _) => {
+                let raw = request.splitn(3, ' ').nth(2).unwrap_or_default().trim();
+                let value = serde_json::from_str(raw).unwrap_or_else(|_| Value::String(raw.to_owned()));
+                outcome.figures.insert(key.to_owned(), value);
+                "ok".to_owned()
+            }
+            (Some("unplug"), Some(name), Some(mac), None) => match unplug(qmp, nics, name, mac) {
+                Ok(took) => format!("ok {}", took.as_millis()),
+                Err(e) => format!("error {e:#}"),
+            },
+            (Some("plug"), Some(name), new_mac, None) => match plug(qmp, nics, name, new_mac) {
+                Ok(mac) => format!("ok {mac}"),
+                Err(e) => format!("error {e:#}"),
+            },
+            _ => format!("error unknown request {request:?}"),
+        };
+        writer.write_all(format!("{reply}\n").as_bytes())?;
+    }
+}
+
+fn unplug(qmp: &mut Qmp, nics: &mut [Nic], name: &str, mac: &str) -> Result<Duration> {
+    let nic = nics
+        .iter_mut()
+        .find(|n| n.present && n.mac.eq_ignore_ascii_case(mac))
+        .with_context(|| format!("no plugged NIC has MAC {mac}"))?;
+    let took = qmp.device_del(&nic.id, Duration::from_secs(30))?;
+    nic.present = false;
+    nic.guest_name = Some(name.to_owned());
+    Ok(took)
+}
+
+fn plug(qmp: &mut Qmp, nics: &mut [Nic], name: &str, new_mac: Option<&str>) -> Result<String> {
+    let nic = nics
+        .iter_mut()
+        .find(|n| !n.present && n.guest_name.as_deref() == Some(name))
+        .with_context(|| format!("no NIC named {name} was unplugged"))?;
+    if let Some(mac) = new_mac {
+        nic.mac = mac.to_owned();
+    }
+    qmp.execute(
+        "device_add",
+        json!({
+            "driver": nic.model.qemu_device(),
+            "id": nic.id,
+            "netdev": nic.netdev,
+            "bus": nic.bus,
+            "mac": nic.mac,
+        }),
+    )?;
+    nic.present = true;
+    Ok(nic.mac.clone())
+}
+
+/// Writes `target/vm-results/NAME.json` (or `NAME-SUITE.json` for non-default kernels).
+pub fn write_result(name: &str, guest: &Guest, outcome: &Outcome) -> Result<PathBuf> {
+    let dir = cmd::target_dir().join("vm-results");
+    fs::create_dir_all(&dir)?;
+    let file = if guest.kernel.suite == kernels::Suite::Bookworm {
+        format!("{name}.json")
+    } else {
+        format!("{name}-{}.json", guest.kernel.suite.name())
+    };
+    let result = json!({
+        "scenario": name,
+        "kernel": guest.kernel.suite.name(),
+        "kernel_release": guest.kernel.release,
+        "nics": guest.nics.iter().map(|n| n.qemu_device()).collect::<Vec<_>>(),
+        "passed": outcome.passed(),
+        "exit_status": outcome.exit_status,
+        "failure": outcome.failure,
+        "boot_seconds": outcome.boot.map(|b| b.as_secs_f64()),
+        "duration_seconds": outcome.duration.as_secs_f64(),
+        "figures": outcome.figures,
+    });
+    let path = dir.join(file);
+    fs::write(&path, serde_json::to_string_pretty(&result)? + "\n")?;
+    fs::write(path.with_extension("log"), &outcome.console)?;
+    Ok(path)
+}
