@@ -74,7 +74,11 @@ impl ModuleEvent {
             kind: 0,
             ret: 0,
             timestamp_ns: 0,
-            task: TaskInfo { pid: 0, tid: 0, comm: [0; TASK_COMM_LEN] },
+            task: TaskInfo {
+                pid: 0,
+                tid: 0,
+                comm: [0; TASK_COMM_LEN],
+            },
             name: [0; MODULE_NAME_LEN],
         }
     }

@@ -76,11 +76,9 @@ fn read_data_loc_str(ctx: &TracePointContext, offset: usize, dest: &mut [u8]) ->
     let string_offset = (data_loc & 0xffff) as usize;
     // SAFETY: the descriptor points inside the tracepoint record, which is kernel memory; the
     // helper bounds the copy by `dest`'s length and NUL-terminates.
-    unsafe {
-        bpf_probe_read_kernel_str_bytes(ctx.as_ptr().cast::<u8>().add(string_offset), dest)
-    }
-    .map(|_| ())
-    .map_err(i64::from)
+    unsafe { bpf_probe_read_kernel_str_bytes(ctx.as_ptr().cast::<u8>().add(string_offset), dest) }
+        .map(|_| ())
+        .map_err(i64::from)
 }
 
 #[tracepoint]
@@ -97,7 +95,9 @@ fn try_delete_module_enter(ctx: &TracePointContext) -> Result<(), i64> {
     if unsafe { bpf_probe_read_user_str_bytes(name_user, &mut event.name) }.is_err() {
         count(Counter::KernelReadFailed);
     }
-    UNLOADING.insert(&event.task.tid, &event.name, 0).map_err(i64::from)?;
+    UNLOADING
+        .insert(event.task.tid, event.name, 0)
+        .map_err(i64::from)?;
     emit(&event);
     Ok(())
 }
@@ -110,30 +110,45 @@ pub fn delete_module_exit(ctx: TracePointContext) -> u32 {
 fn try_delete_module_exit(ctx: &TracePointContext) -> Result<(), i64> {
     let mut event = new_event(EventKind::ModuleUnloadEnd);
     // SAFETY: the lookup result is copied out at once, before the entry is removed below.
-    let Some(name) = (unsafe { UNLOADING.get(&event.task.tid) }).copied() else {
+    let Some(name) = (unsafe { UNLOADING.get(event.task.tid) }).copied() else {
         // Entry raced with the agent's start, or the map was full: nothing to pair with.
         return Ok(());
     };
     event.name = name;
     // SAFETY: the offset of `ret` (a `long`) comes from the running kernel's format file.
-    let ret: i64 = unsafe { ctx.read_at(global(&DELETE_MODULE_EXIT_RET_OFFSET)) }.map_err(i64::from)?;
+    let ret: i64 =
+        unsafe { ctx.read_at(global(&DELETE_MODULE_EXIT_RET_OFFSET)) }.map_err(i64::from)?;
     event.ret = ret as i32;
-    let _ = UNLOADING.remove(&event.task.tid);
+    let _ = UNLOADING.remove(event.task.tid);
     emit(&event);
     Ok(())
 }
 
 #[tracepoint]
 pub fn module_load(ctx: TracePointContext) -> u32 {
-    try_module_named(&ctx, EventKind::ModuleLoad, global(&MODULE_LOAD_NAME_OFFSET)).map_or(1, |()| 0)
+    try_module_named(
+        &ctx,
+        EventKind::ModuleLoad,
+        global(&MODULE_LOAD_NAME_OFFSET),
+    )
+    .map_or(1, |()| 0)
 }
 
 #[tracepoint]
 pub fn module_free(ctx: TracePointContext) -> u32 {
-    try_module_named(&ctx, EventKind::ModuleFree, global(&MODULE_FREE_NAME_OFFSET)).map_or(1, |()| 0)
+    try_module_named(
+        &ctx,
+        EventKind::ModuleFree,
+        global(&MODULE_FREE_NAME_OFFSET),
+    )
+    .map_or(1, |()| 0)
 }
 
-fn try_module_named(ctx: &TracePointContext, kind: EventKind, name_offset: usize) -> Result<(), i64> {
+fn try_module_named(
+    ctx: &TracePointContext,
+    kind: EventKind,
+    name_offset: usize,
+) -> Result<(), i64> {
     let mut event = new_event(kind);
     if read_data_loc_str(ctx, name_offset, &mut event.name).is_err() {
         count(Counter::KernelReadFailed);

@@ -43,13 +43,18 @@ impl Startup {
         let mut reasons = Vec::new();
         // SAFETY: geteuid has no preconditions and cannot fail.
         if unsafe { libc::geteuid() } != 0 {
-            reasons.push("not running as root: eBPF programs and netlink changes need root".to_owned());
+            reasons.push(
+                "not running as root: eBPF programs and netlink changes need root".to_owned(),
+            );
         }
         let probes = match KernelProbes::load(kernel::embedded_object(), &features) {
             Ok(probes) => {
                 for attachment in &probes.attachments {
                     if let Some(error) = &attachment.error {
-                        reasons.push(format!("{} ({}) not attached: {error}", attachment.program, attachment.hook));
+                        reasons.push(format!(
+                            "{} ({}) not attached: {error}",
+                            attachment.program, attachment.hook
+                        ));
                     }
                 }
                 Some(probes)
@@ -63,8 +68,16 @@ impl Startup {
             reasons.push("this kernel has no module tracepoints (CONFIG_MODULES off?): driver unloads cannot be seen".to_owned());
         }
         reasons.dedup();
-        let mode = if reasons.is_empty() { Mode::Full } else { Mode::Degraded(reasons) };
-        Self { features, mode, probes }
+        let mode = if reasons.is_empty() {
+            Mode::Full
+        } else {
+            Mode::Degraded(reasons)
+        };
+        Self {
+            features,
+            mode,
+            probes,
+        }
     }
 
     /// Logs the kernel's features and the mode, loudly when degraded.
@@ -139,7 +152,11 @@ pub async fn stream_events(json: bool) -> Result<(), AgentError> {
     startup.announce();
     let mut out = std::io::stdout().lock();
     if json {
-        let header = StreamHeader { source: "agent", features: &startup.features, mode: &startup.mode };
+        let header = StreamHeader {
+            source: "agent",
+            features: &startup.features,
+            mode: &startup.mode,
+        };
         writeln!(out, "{}", serde_json::to_string(&header)?).map_err(AgentError::Output)?;
     }
     out.flush().map_err(AgentError::Output)?;
@@ -155,9 +172,15 @@ pub async fn stream_events(json: bool) -> Result<(), AgentError> {
             }
             Some(event) = events.recv() => event,
         };
-        let line = if json { serde_json::to_string(&event)? } else { describe(&event) };
+        let line = if json {
+            serde_json::to_string(&event)?
+        } else {
+            describe(&event)
+        };
         let mut out = std::io::stdout().lock();
-        writeln!(out, "{line}").and_then(|()| out.flush()).map_err(AgentError::Output)?;
+        writeln!(out, "{line}")
+            .and_then(|()| out.flush())
+            .map_err(AgentError::Output)?;
     }
 }
 
@@ -179,15 +202,18 @@ pub fn print_features(json: bool) -> Result<(), AgentError> {
     let startup = Startup::probe();
     let mut out = std::io::stdout().lock();
     if json {
-        let header = StreamHeader { source: "agent", features: &startup.features, mode: &startup.mode };
+        let header = StreamHeader {
+            source: "agent",
+            features: &startup.features,
+            mode: &startup.mode,
+        };
         writeln!(out, "{}", serde_json::to_string_pretty(&header)?).map_err(AgentError::Output)?;
     } else {
         writeln!(out, "{}", startup.features).map_err(AgentError::Output)?;
         match &startup.mode {
             Mode::Full => writeln!(out, "mode: full"),
-            Mode::Degraded(reasons) => {
-                writeln!(out, "mode: degraded").and_then(|()| reasons.iter().try_for_each(|r| writeln!(out, "  - {r}")))
-            }
+            Mode::Degraded(reasons) => writeln!(out, "mode: degraded")
+                .and_then(|()| reasons.iter().try_for_each(|r| writeln!(out, "  - {r}"))),
         }
         .map_err(AgentError::Output)?;
     }

@@ -2,7 +2,11 @@
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "hotplug-agent", version, about = "Keeps NIC configuration right across driver reloads and real attach/detach")]
+#[command(
+    name = "hotplug-agent",
+    version,
+    about = "Keeps NIC configuration right across driver reloads and real attach/detach"
+)]
 pub struct Cli {
     /// Log filter (tracing's EnvFilter syntax), e.g. `debug` or `hotplug=trace`. RUST_LOG also works.
     #[arg(long, global = true, default_value = "info")]

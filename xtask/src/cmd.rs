@@ -8,7 +8,9 @@ use anyhow::{bail, Context as _, Result};
 
 /// Runs `cmd`, inheriting stdio; fails with the command line if it exits non-zero.
 pub fn run(cmd: &mut Command) -> Result<()> {
-    let status = cmd.status().with_context(|| format!("cannot start {}", describe(cmd)))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {}", describe(cmd)))?;
     if !status.success() {
         bail!("{} failed ({status})", describe(cmd));
     }
@@ -17,8 +19,13 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 
 /// Runs `cmd` and returns its stdout; fails with its stderr if it exits non-zero.
 pub fn output(cmd: &mut Command) -> Result<String> {
-    let Output { status, stdout, stderr } =
-        cmd.output().with_context(|| format!("cannot start {}", describe(cmd)))?;
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = cmd
+        .output()
+        .with_context(|| format!("cannot start {}", describe(cmd)))?;
     if !status.success() {
         bail!(
             "{} failed ({status}): {}",
@@ -49,7 +56,8 @@ pub fn which(program: &str) -> Option<PathBuf> {
 
 fn is_executable(path: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt as _;
-    path.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    path.metadata()
+        .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
 pub fn is_root() -> bool {
@@ -60,7 +68,9 @@ pub fn is_root() -> bool {
 /// The workspace root (the parent of xtask's manifest directory).
 pub fn workspace_root() -> PathBuf {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    manifest.parent().map_or_else(|| manifest.to_path_buf(), Path::to_path_buf)
+    manifest
+        .parent()
+        .map_or_else(|| manifest.to_path_buf(), Path::to_path_buf)
 }
 
 /// The cargo target directory (`CARGO_TARGET_DIR` or `<workspace>/target`).

@@ -18,7 +18,10 @@ const S_IFCHR: u32 = 0o020_000;
 
 impl Initramfs {
     pub fn new() -> Self {
-        Self { next_inode: 1, ..Self::default() }
+        Self {
+            next_inode: 1,
+            ..Self::default()
+        }
     }
 
     fn entry(&mut self, name: &str, mode: u32, rdev: (u32, u32), body: &[u8]) {
@@ -43,7 +46,8 @@ impl Initramfs {
         ];
         self.data.extend_from_slice(b"070701");
         for field in fields {
-            self.data.extend_from_slice(format!("{field:08x}").as_bytes());
+            self.data
+                .extend_from_slice(format!("{field:08x}").as_bytes());
         }
         self.data.extend_from_slice(name.as_bytes());
         self.data.push(0);
@@ -53,7 +57,7 @@ impl Initramfs {
     }
 
     fn pad(&mut self) {
-        while self.data.len() % 4 != 0 {
+        while !self.data.len().is_multiple_of(4) {
             self.data.push(0);
         }
     }
@@ -102,7 +106,11 @@ impl Initramfs {
             .collect::<Result<_, _>>()?;
         entries.sort_by_key(fs::DirEntry::file_name);
         for entry in entries {
-            let name = format!("{}/{}", path.trim_end_matches('/'), entry.file_name().to_string_lossy());
+            let name = format!(
+                "{}/{}",
+                path.trim_end_matches('/'),
+                entry.file_name().to_string_lossy()
+            );
             if entry.file_type()?.is_dir() {
                 self.copy_tree(&name, &entry.path())?;
             } else {
@@ -124,7 +132,7 @@ impl Initramfs {
 
     pub fn finish(mut self) -> Vec<u8> {
         self.entry("TRAILER!!!", 0, (0, 0), &[]);
-        while self.data.len() % 512 != 0 {
+        while !self.data.len().is_multiple_of(512) {
             self.data.push(0);
         }
         self.data
@@ -149,7 +157,10 @@ mod tests {
         let ab = text.find("a/b\0").unwrap_or(usize::MAX);
         let file = text.find("a/b/c.txt\0").unwrap_or(usize::MAX);
         let trailer = text.find("TRAILER!!!").unwrap_or(usize::MAX);
-        assert!(a < ab && ab < file && file < trailer, "{a} {ab} {file} {trailer}");
+        assert!(
+            a < ab && ab < file && file < trailer,
+            "{a} {ab} {file} {trailer}"
+        );
         assert!(text.contains("hello"));
         // the file's size field (7th field, after the magic) says 5 bytes
         let header = &text[file - 110..file];

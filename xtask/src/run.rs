@@ -1,6 +1,9 @@
 //! `cargo xtask run`: builds the agent and replaces this process with it, so Ctrl-C reaches the
 //! agent directly and stops it cleanly.
-use std::{os::unix::process::CommandExt as _, process::{Command, ExitCode}};
+use std::{
+    os::unix::process::CommandExt as _,
+    process::{Command, ExitCode},
+};
 
 use anyhow::{bail, Result};
 use clap::Args;
@@ -17,14 +20,20 @@ pub struct RunArgs {
 pub fn run(args: &RunArgs) -> Result<ExitCode> {
     setup::ensure_toolchain()?;
     let binaries = build::guest_binaries()?;
-    let Some(agent) = binaries.first() else { bail!("no agent binary was built") };
+    let Some(agent) = binaries.first() else {
+        bail!("no agent binary was built")
+    };
     if !cmd::is_root() {
         bail!(
             "hotplug-agent needs root (CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN to load its programs \
              and configure NICs): run `sudo -E cargo xtask run`"
         );
     }
-    let agent_args = if args.agent_args.is_empty() { vec!["run".to_owned()] } else { args.agent_args.clone() };
+    let agent_args = if args.agent_args.is_empty() {
+        vec!["run".to_owned()]
+    } else {
+        args.agent_args.clone()
+    };
     eprintln!("xtask: exec {} {}", agent.display(), agent_args.join(" "));
     let error = Command::new(agent).args(&agent_args).exec();
     bail!("cannot exec {}: {error}", agent.display())

@@ -44,14 +44,18 @@ impl KernelFeatures {
             kprobes: Path::new("/sys/bus/event_source/devices/kprobe").exists(),
             fentry: aya::sys::is_program_supported(ProgramType::Tracing).ok(),
             module_tracepoints: has("module", &["module_load", "module_free"]),
-            delete_module_tracepoints: has("syscalls", &["sys_enter_delete_module", "sys_exit_delete_module"]),
+            delete_module_tracepoints: has(
+                "syscalls",
+                &["sys_enter_delete_module", "sys_exit_delete_module"],
+            ),
             tracefs: tracefs.map(|p| p.display().to_string()),
         }
     }
 }
 
 fn kernel_release() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease").map_or_else(|_| "unknown".to_owned(), |r| r.trim().to_owned())
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map_or_else(|_| "unknown".to_owned(), |r| r.trim().to_owned())
 }
 
 impl fmt::Display for KernelFeatures {

@@ -26,7 +26,10 @@ pub enum ProbeError {
     #[error("the eBPF object has no {0}: agent and object are out of step")]
     Missing(&'static str),
     #[error("map {name}: {source}")]
-    Map { name: &'static str, source: aya::maps::MapError },
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
 }
 
 /// One program of the object and whether it runs.
@@ -55,7 +58,9 @@ pub struct ProbeHandle {
 impl ProbeHandle {
     /// A counter summed over all CPUs.
     pub fn counter(&self, counter: Counter) -> u64 {
-        self.counters.get(&(counter as u32), 0).map_or(0, |values| values.iter().sum())
+        self.counters
+            .get(&(counter as u32), 0)
+            .map_or(0, |values| values.iter().sum())
     }
 }
 
@@ -70,24 +75,36 @@ const MODULE_TRACEPOINTS: [(&str, &str, &str); 4] = [
 impl KernelProbes {
     pub fn load(object: Option<&[u8]>, features: &KernelFeatures) -> Result<Self, ProbeError> {
         let object = object.ok_or(ProbeError::NoObject)?;
-        let tracefs = features
-            .tracefs
-            .as_deref()
-            .map(Path::new)
-            .ok_or_else(|| ProbeError::NoTracefs("tracefs is neither mounted nor mountable".into()))?;
+        let tracefs = features.tracefs.as_deref().map(Path::new).ok_or_else(|| {
+            ProbeError::NoTracefs("tracefs is neither mounted nor mountable".into())
+        })?;
 
         // Offsets of the tracepoint fields the programs read; a tracepoint that does not exist
         // here keeps the compiled-in default and its program will fail to attach below.
-        let offset = |system: &str, event: &str, field: &str| match tracefs::field_offset(tracefs, system, event, field) {
+        let offset = |system: &str, event: &str, field: &str| match tracefs::field_offset(
+            tracefs, system, event, field,
+        ) {
             Ok(offset) => Ok(Some(offset)),
             Err(tracefs::TracefsError::NoSuchTracepoint { .. }) => Ok(None),
             Err(error) => Err(error),
         };
         let layout = [
-            (globals::DELETE_MODULE_ENTER_NAME, offset("syscalls", "sys_enter_delete_module", "name_user")?),
-            (globals::DELETE_MODULE_EXIT_RET, offset("syscalls", "sys_exit_delete_module", "ret")?),
-            (globals::MODULE_LOAD_NAME, offset("module", "module_load", "name")?),
-            (globals::MODULE_FREE_NAME, offset("module", "module_free", "name")?),
+            (
+                globals::DELETE_MODULE_ENTER_NAME,
+                offset("syscalls", "sys_enter_delete_module", "name_user")?,
+            ),
+            (
+                globals::DELETE_MODULE_EXIT_RET,
+                offset("syscalls", "sys_exit_delete_module", "ret")?,
+            ),
+            (
+                globals::MODULE_LOAD_NAME,
+                offset("module", "module_load", "name")?,
+            ),
+            (
+                globals::MODULE_FREE_NAME,
+                offset("module", "module_free", "name")?,
+            ),
         ];
         let mut loader = EbpfLoader::new();
         for (name, value) in &layout {
@@ -102,16 +119,40 @@ impl KernelProbes {
 
         let mut attachments = Vec::new();
         for (program, category, name) in MODULE_TRACEPOINTS {
-            let error = attach_tracepoint(&mut ebpf, program, category, name).err();
-            attachments.push(Attachment { program, hook: format!("tracepoint {category}:{name}"), error });
+            let error = if tracefs::has_tracepoint(tracefs, category, name) {
+                attach_tracepoint(&mut ebpf, program, category, name).err()
+            } else {
+                Some("this kernel has no such tracepoint".to_owned())
+            };
+            attachments.push(Attachment {
+                program,
+                hook: format!("tracepoint {category}:{name}"),
+                error,
+            });
         }
 
-        let events = ebpf.take_map("EVENTS").ok_or(ProbeError::Missing("EVENTS map"))?;
-        let events = RingBuf::try_from(events).map_err(|source| ProbeError::Map { name: "EVENTS", source })?;
-        let counters = ebpf.take_map("COUNTERS").ok_or(ProbeError::Missing("COUNTERS map"))?;
-        let counters =
-            PerCpuArray::try_from(counters).map_err(|source| ProbeError::Map { name: "COUNTERS", source })?;
-        Ok(Self { events, handle: ProbeHandle { _ebpf: ebpf, counters }, attachments })
+        let events = ebpf
+            .take_map("EVENTS")
+            .ok_or(ProbeError::Missing("EVENTS map"))?;
+        let events = RingBuf::try_from(events).map_err(|source| ProbeError::Map {
+            name: "EVENTS",
+            source,
+        })?;
+        let counters = ebpf
+            .take_map("COUNTERS")
+            .ok_or(ProbeError::Missing("COUNTERS map"))?;
+        let counters = PerCpuArray::try_from(counters).map_err(|source| ProbeError::Map {
+            name: "COUNTERS",
+            source,
+        })?;
+        Ok(Self {
+            events,
+            handle: ProbeHandle {
+                _ebpf: ebpf,
+                counters,
+            },
+            attachments,
+        })
     }
 
     /// Whether every module lifecycle program is attached.
@@ -125,13 +166,32 @@ impl KernelProbes {
     }
 }
 
-fn attach_tracepoint(ebpf: &mut Ebpf, program: &str, category: &str, name: &str) -> Result<(), String> {
+fn attach_tracepoint(
+    ebpf: &mut Ebpf,
+    program: &str,
+    category: &str,
+    name: &str,
+) -> Result<(), String> {
     let prog: &mut TracePoint = ebpf
         .program_mut(program)
         .ok_or_else(|| format!("program {program} missing from the object"))?
         .try_into()
         .map_err(|e| format!("{e}"))?;
-    prog.load().map_err(|e| format!("load: {e}"))?;
-    prog.attach(category, name).map_err(|e| format!("attach: {e}"))?;
+    prog.load()
+        .map_err(|e| format!("load: {}", error_chain(&e)))?;
+    prog.attach(category, name)
+        .map_err(|e| format!("attach: {}", error_chain(&e)))?;
     Ok(())
+}
+
+/// An error and its sources, joined (aya's errors keep the OS error in the source).
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(inner) = source {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    text
 }
