@@ -26,6 +26,10 @@ pub enum EventKind {
     ModuleLoad = 3,
     /// `module:module_free`: a module's memory is being freed (after its exit function ran).
     ModuleFree = 4,
+    /// A net device is being unregistered (or moved out of its namespace): a [`NetdevEvent`].
+    NetdevRemoval = 5,
+    /// A net device was registered (or moved into a namespace): a [`NetdevEvent`].
+    NetdevRegistration = 6,
 }
 
 impl EventKind {
@@ -36,6 +40,8 @@ impl EventKind {
             2 => Some(Self::ModuleUnloadEnd),
             3 => Some(Self::ModuleLoad),
             4 => Some(Self::ModuleFree),
+            5 => Some(Self::NetdevRemoval),
+            6 => Some(Self::NetdevRegistration),
             _ => None,
         }
     }
@@ -84,6 +90,193 @@ impl ModuleEvent {
     }
 }
 
+/// `IFNAMSIZ` in `include/uapi/linux/if.h`.
+pub const IFNAMSIZ: usize = 16;
+
+/// `MAX_ADDR_LEN` in `include/linux/netdevice.h`: room for any link-layer address.
+pub const MAX_ADDR_LEN: usize = 32;
+
+/// Room for a bus address (`0000:00:1f.6`) or a driver name.
+pub const SHORT_NAME_LEN: usize = 32;
+
+/// Why a NIC went away or appeared, as the kernel context at that moment tells it.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cause {
+    /// No known context: neither a module load/unload, a sysfs (un)bind, a PCI hot-plug event,
+    /// an rtnetlink link request, nor a namespace move.
+    Unknown = 0,
+    /// Removal inside `delete_module` (`modprobe -r`, `rmmod`): the driver will likely come back.
+    DriverUnload = 1,
+    /// Removal inside a sysfs `unbind` write.
+    DriverUnbind = 2,
+    /// Removal inside a PCI device removal (ACPI or native hot-unplug, sysfs `remove`).
+    DeviceRemoved = 3,
+    /// Removal inside an rtnetlink `RTM_DELLINK` request (`ip link del`).
+    LinkDeleted = 4,
+    /// The device moved to another network namespace (removal here, registration there).
+    NetnsMove = 5,
+    /// Registration inside `init_module`/`finit_module` (`modprobe`, `insmod`).
+    DriverLoad = 6,
+    /// Registration inside a sysfs `bind` write.
+    DriverBind = 7,
+    /// Registration inside a PCI bus scan adding devices (hot-plug, rescan).
+    DeviceAdded = 8,
+    /// Registration inside an rtnetlink `RTM_NEWLINK` request (`ip link add`).
+    LinkCreated = 9,
+}
+
+impl Cause {
+    pub const fn from_u32(value: u32) -> Self {
+        match value {
+            1 => Self::DriverUnload,
+            2 => Self::DriverUnbind,
+            3 => Self::DeviceRemoved,
+            4 => Self::LinkDeleted,
+            5 => Self::NetnsMove,
+            6 => Self::DriverLoad,
+            7 => Self::DriverBind,
+            8 => Self::DeviceAdded,
+            9 => Self::LinkCreated,
+            _ => Self::Unknown,
+        }
+    }
+}
+
+/// A NIC removal or registration with what the kernel knew about the NIC at that moment.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NetdevEvent {
+    /// [`EventKind::NetdevRemoval`] or [`EventKind::NetdevRegistration`], as `u32`.
+    pub kind: u32,
+    /// A [`Cause`], as `u32`.
+    pub cause: u32,
+    /// `bpf_ktime_get_ns()` when the hook fired.
+    pub timestamp_ns: u64,
+    pub task: TaskInfo,
+    pub ifindex: i32,
+    /// `dev->addr_len`: how many bytes of the addresses below are meaningful.
+    pub addr_len: u32,
+    pub name: [u8; IFNAMSIZ],
+    /// `dev->perm_addr`: the burned-in address (all zero for most virtual devices).
+    pub perm_addr: [u8; MAX_ADDR_LEN],
+    /// `dev->dev_addr`: the current address.
+    pub dev_addr: [u8; MAX_ADDR_LEN],
+    /// Name of the nearest PCI ancestor device (its BDF), empty when there is none.
+    pub bus_addr: [u8; SHORT_NAME_LEN],
+    /// The parent device's driver name, or the rtnetlink link kind (`veth`) for virtual devices.
+    pub driver: [u8; SHORT_NAME_LEN],
+    /// The module that owns that driver, empty when built in.
+    pub module: [u8; MODULE_NAME_LEN],
+    /// The module being unloaded or loaded by this task, when the cause is one of those.
+    pub context_module: [u8; MODULE_NAME_LEN],
+}
+
+impl NetdevEvent {
+    pub const fn zeroed() -> Self {
+        Self {
+            kind: 0,
+            cause: 0,
+            timestamp_ns: 0,
+            task: TaskInfo {
+                pid: 0,
+                tid: 0,
+                comm: [0; TASK_COMM_LEN],
+            },
+            ifindex: 0,
+            addr_len: 0,
+            name: [0; IFNAMSIZ],
+            perm_addr: [0; MAX_ADDR_LEN],
+            dev_addr: [0; MAX_ADDR_LEN],
+            bus_addr: [0; SHORT_NAME_LEN],
+            driver: [0; SHORT_NAME_LEN],
+            module: [0; MODULE_NAME_LEN],
+            context_module: [0; MODULE_NAME_LEN],
+        }
+    }
+}
+
+/// The kernel contexts a task can be inside, indexes into [`TaskContext::depth`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ContextKind {
+    ModuleUnload = 0,
+    ModuleLoad = 1,
+    Unbind = 2,
+    Bind = 3,
+    PciRemove = 4,
+    PciAdd = 5,
+    LinkDelete = 6,
+    LinkCreate = 7,
+}
+
+pub const CONTEXT_KINDS: usize = 8;
+
+/// What a task is in the middle of, kept per thread id while it is inside one of the hooked
+/// functions or syscalls. Depths count nesting (entry adds one, exit takes one away).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TaskContext {
+    pub depth: [u8; CONTEXT_KINDS],
+    /// The module being unloaded (`delete_module`) or loaded (`module:module_load`).
+    pub module: [u8; MODULE_NAME_LEN],
+}
+
+impl TaskContext {
+    pub const fn zeroed() -> Self {
+        Self {
+            depth: [0; CONTEXT_KINDS],
+            module: [0; MODULE_NAME_LEN],
+        }
+    }
+
+    pub const fn is_idle(&self) -> bool {
+        let mut i = 0;
+        while i < CONTEXT_KINDS {
+            if self.depth[i] != 0 {
+                return false;
+            }
+            i += 1;
+        }
+        true
+    }
+
+    pub const fn inside(&self, kind: ContextKind) -> bool {
+        self.depth[kind as usize] > 0
+    }
+
+    /// The cause of a removal seen in this context. A PCI removal wins over an unbind (it
+    /// unbinds too); a module unload over everything (its exit function does the rest).
+    pub const fn removal_cause(&self) -> Cause {
+        if self.inside(ContextKind::ModuleUnload) {
+            Cause::DriverUnload
+        } else if self.inside(ContextKind::PciRemove) {
+            Cause::DeviceRemoved
+        } else if self.inside(ContextKind::Unbind) {
+            Cause::DriverUnbind
+        } else if self.inside(ContextKind::LinkDelete) {
+            Cause::LinkDeleted
+        } else {
+            Cause::Unknown
+        }
+    }
+
+    /// The cause of a registration seen in this context.
+    pub const fn registration_cause(&self) -> Cause {
+        if self.inside(ContextKind::ModuleLoad) {
+            Cause::DriverLoad
+        } else if self.inside(ContextKind::PciAdd) {
+            Cause::DeviceAdded
+        } else if self.inside(ContextKind::Bind) {
+            Cause::DriverBind
+        } else if self.inside(ContextKind::LinkCreate) {
+            Cause::LinkCreated
+        } else {
+            Cause::Unknown
+        }
+    }
+}
+
 /// Indexes into the per-CPU `COUNTERS` array the programs keep.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -92,10 +285,17 @@ pub enum Counter {
     RingReserveFailed = 0,
     /// A kernel read (`bpf_probe_read_*`) failed; the event went out with an empty field.
     KernelReadFailed = 1,
+    /// The per-task context map was full: a cause may read `unknown`.
+    ContextMapFull = 2,
+    /// An unregister batch held more devices than one program run walks.
+    BatchTruncated = 3,
 }
 
 /// Number of entries in `COUNTERS`.
-pub const COUNTER_SLOTS: u32 = 2;
+pub const COUNTER_SLOTS: u32 = 4;
+
+/// How many devices of one `unregister_netdevice_many` batch the program reports.
+pub const MAX_UNREGISTER_BATCH: u32 = 16;
 
 /// Names of the globals user space sets before loading (`EbpfLoader::override_global`): byte
 /// offsets of tracepoint fields, read from the running kernel's tracefs `format` files so that no
@@ -109,6 +309,32 @@ pub mod globals {
     pub const MODULE_LOAD_NAME: &str = "MODULE_LOAD_NAME_OFFSET";
     /// `module:module_free`: offset of the `__data_loc char[] name` descriptor.
     pub const MODULE_FREE_NAME: &str = "MODULE_FREE_NAME_OFFSET";
+
+    /// Offsets of the kernel struct members the NIC programs read, from the running kernel's
+    /// BTF: (global name, struct, member path).
+    pub const STRUCT_OFFSETS: [(&str, &str, &str); 15] = [
+        ("NETDEV_IFINDEX", "net_device", "ifindex"),
+        ("NETDEV_NAME", "net_device", "name"),
+        ("NETDEV_PERM_ADDR", "net_device", "perm_addr"),
+        ("NETDEV_ADDR_LEN", "net_device", "addr_len"),
+        ("NETDEV_DEV_ADDR", "net_device", "dev_addr"),
+        ("NETDEV_UNREG_LIST", "net_device", "unreg_list"),
+        ("NETDEV_RTNL_LINK_OPS", "net_device", "rtnl_link_ops"),
+        ("NETDEV_PARENT", "net_device", "dev.parent"),
+        ("RTNL_LINK_OPS_KIND", "rtnl_link_ops", "kind"),
+        ("DEVICE_PARENT", "device", "parent"),
+        ("DEVICE_DRIVER", "device", "driver"),
+        ("DEVICE_BUS", "device", "bus"),
+        ("DEVICE_NAME", "device", "kobj.name"),
+        ("DRIVER_NAME", "device_driver", "name"),
+        ("DRIVER_OWNER", "device_driver", "owner"),
+    ];
+    /// `module.name` offset (a `char[56]`).
+    pub const MODULE_STRUCT_NAME: &str = "MODULE_NAME";
+    /// 1 when `net_device.dev_addr` is a pointer (Linux 5.17+), 0 when it is an array.
+    pub const NETDEV_DEV_ADDR_IS_POINTER: &str = "NETDEV_DEV_ADDR_IS_POINTER";
+    /// Address of `pci_bus_type` (from /proc/kallsyms), to recognise PCI devices by their bus.
+    pub const PCI_BUS_TYPE: &str = "PCI_BUS_TYPE";
 }
 
 #[cfg(feature = "user")]
@@ -118,6 +344,8 @@ mod user {
     // valid for any bit pattern.
     unsafe impl aya::Pod for super::ModuleEvent {}
     unsafe impl aya::Pod for super::TaskInfo {}
+    unsafe impl aya::Pod for super::NetdevEvent {}
+    unsafe impl aya::Pod for super::TaskContext {}
 }
 
 #[cfg(test)]
@@ -132,12 +360,43 @@ mod tests {
     }
 
     #[test]
+    fn netdev_event_layout_is_fixed() {
+        assert_eq!(core::mem::size_of::<NetdevEvent>(), 304);
+        assert_eq!(core::mem::size_of::<TaskContext>(), 64);
+    }
+
+    #[test]
+    fn causes_follow_the_innermost_meaningful_context() {
+        let mut ctx = TaskContext::zeroed();
+        assert!(ctx.is_idle());
+        assert_eq!(ctx.removal_cause(), Cause::Unknown);
+        ctx.depth[ContextKind::Unbind as usize] = 1;
+        assert_eq!(ctx.removal_cause(), Cause::DriverUnbind);
+        ctx.depth[ContextKind::PciRemove as usize] = 1;
+        assert_eq!(ctx.removal_cause(), Cause::DeviceRemoved);
+        ctx.depth[ContextKind::ModuleUnload as usize] = 1;
+        assert_eq!(ctx.removal_cause(), Cause::DriverUnload);
+        assert_eq!(ctx.registration_cause(), Cause::Unknown);
+        ctx.depth[ContextKind::LinkCreate as usize] = 2;
+        assert_eq!(ctx.registration_cause(), Cause::LinkCreated);
+        ctx.depth[ContextKind::ModuleLoad as usize] = 1;
+        assert_eq!(ctx.registration_cause(), Cause::DriverLoad);
+        assert!(!ctx.is_idle());
+        for value in 0..12 {
+            let cause = Cause::from_u32(value);
+            assert!(value > 9 || cause as u32 == value);
+        }
+    }
+
+    #[test]
     fn event_kind_round_trips() {
         for kind in [
             EventKind::ModuleUnloadBegin,
             EventKind::ModuleUnloadEnd,
             EventKind::ModuleLoad,
             EventKind::ModuleFree,
+            EventKind::NetdevRemoval,
+            EventKind::NetdevRegistration,
         ] {
             assert_eq!(EventKind::from_u32(kind as u32), Some(kind));
         }

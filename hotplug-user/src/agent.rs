@@ -140,7 +140,8 @@ pub async fn run() -> Result<(), AgentError> {
 /// The first line of `hotplug-agent events --json`: what the stream that follows can contain.
 #[derive(Serialize)]
 struct StreamHeader<'a> {
-    source: &'static str,
+    #[serde(rename = "type")]
+    kind: &'static str,
     features: &'a KernelFeatures,
     #[serde(flatten)]
     mode: &'a Mode,
@@ -153,7 +154,7 @@ pub async fn stream_events(json: bool) -> Result<(), AgentError> {
     let mut out = std::io::stdout().lock();
     if json {
         let header = StreamHeader {
-            source: "agent",
+            kind: "agent",
             features: &startup.features,
             mode: &startup.mode,
         };
@@ -194,6 +195,26 @@ pub fn describe(event: &KernelEvent) -> String {
                 m.timestamp_ns, m.module, m.kind, m.task.comm, m.task.pid
             )
         }
+        KernelEvent::Nic(n) => {
+            let task = n
+                .task
+                .as_ref()
+                .map(|t| format!(" by {}[{}]", t.comm, t.pid))
+                .unwrap_or_default();
+            format!(
+                "{:>16} {:<12} {:<8} ifindex {:<3} {} {} bus {} driver {} cause {} ({:?}){task}",
+                n.timestamp_ns,
+                format!("{:?}", n.action).to_lowercase(),
+                n.name,
+                n.ifindex,
+                n.mac,
+                n.permanent_mac.as_deref().map_or("", |_| "(permanent)"),
+                n.bus.as_deref().unwrap_or("-"),
+                n.driver.as_deref().unwrap_or("-"),
+                n.cause.as_str(),
+                n.source,
+            )
+        }
     }
 }
 
@@ -203,7 +224,7 @@ pub fn print_features(json: bool) -> Result<(), AgentError> {
     let mut out = std::io::stdout().lock();
     if json {
         let header = StreamHeader {
-            source: "agent",
+            kind: "agent",
             features: &startup.features,
             mode: &startup.mode,
         };

@@ -4,5 +4,6 @@
 //! `agent` (the loop that moves events to decisions). Later stages — classification, per-NIC
 //! decisions, netlink reconfiguration and IMDS — get modules of their own beside these.
 pub mod agent;
+pub mod classify;
 pub mod cli;
 pub mod kernel;

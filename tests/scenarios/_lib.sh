@@ -50,7 +50,7 @@ finish() {
 start_events() {
 	hotplug-agent events --json >"$1" 2>"$1.log" &
 	AGENT_PID=$!
-	wait_for_line "$1" '"source":"agent"' 30 || { cat "$1.log" >&2; fail "the agent did not start"; }
+	wait_for_line "$1" '"type":"agent"' 30 || { cat "$1.log" >&2; fail "the agent did not start"; }
 }
 
 stop_agent() {

@@ -1,6 +1,6 @@
 //! Turns ring buffer records into typed events. The eBPF side writes fixed-size `#[repr(C)]`
 //! structs from `hotplug-common` whose first `u32` is an [`EventKind`].
-use hotplug_common::{EventKind, ModuleEvent};
+use hotplug_common::{EventKind, ModuleEvent, NetdevEvent};
 use serde::Serialize;
 use thiserror::Error;
 
@@ -50,9 +50,10 @@ pub struct ModuleLifecycle {
 
 /// Everything the kernel side reports.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(tag = "source", rename_all = "kebab-case")]
+#[serde(tag = "type", rename_all = "kebab-case")]
 pub enum KernelEvent {
     Module(ModuleLifecycle),
+    Nic(crate::classify::NicEvent),
 }
 
 /// A NUL-padded C string from a fixed-size buffer, lossily as UTF-8.
@@ -82,13 +83,19 @@ pub fn decode(record: &[u8]) -> Result<KernelEvent, DecodeError> {
         .ok_or(DecodeError::Truncated(record.len()))?;
     let raw_kind = u32::from_ne_bytes(head);
     let kind = EventKind::from_u32(raw_kind).ok_or(DecodeError::UnknownKind(raw_kind))?;
-    let event: ModuleEvent = read_pod(record, kind)?;
     let module_kind = match kind {
         EventKind::ModuleUnloadBegin => ModuleEventKind::UnloadBegin,
         EventKind::ModuleUnloadEnd => ModuleEventKind::UnloadEnd,
         EventKind::ModuleLoad => ModuleEventKind::Load,
         EventKind::ModuleFree => ModuleEventKind::Free,
+        EventKind::NetdevRemoval | EventKind::NetdevRegistration => {
+            let record: NetdevEvent = read_pod(record, kind)?;
+            return Ok(KernelEvent::Nic(crate::classify::NicEvent::from_kernel(
+                &record,
+            )));
+        }
     };
+    let event: ModuleEvent = read_pod(record, kind)?;
     Ok(KernelEvent::Module(ModuleLifecycle {
         kind: module_kind,
         module: c_string(&event.name),
@@ -164,7 +171,7 @@ mod tests {
         };
         assert_eq!(module.ret, None);
         let json = serde_json::to_value(decoded.as_ref().ok())?;
-        assert_eq!(json["source"], "module");
+        assert_eq!(json["type"], "module");
         assert_eq!(json["kind"], "load");
         assert_eq!(json["module"], "e1000e");
         assert!(json.get("ret").is_none());

@@ -1,7 +1,9 @@
 //! Kernel events in: the eBPF programs' loader, the running kernel's features and tracepoint
 //! layouts, and the decoding of ring buffer records into typed events.
+pub mod btf;
 pub mod decode;
 pub mod features;
+pub mod kallsyms;
 pub mod probes;
 pub mod source;
 pub mod tracefs;

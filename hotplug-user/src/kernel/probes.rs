@@ -1,17 +1,23 @@
-//! Loads the embedded eBPF object, fills in the field offsets the programs need from the running
-//! kernel, and attaches each program. What cannot attach is reported, not fatal: the agent then
-//! runs in degraded mode.
+//! Loads the embedded eBPF object, fills in what the programs need from the running kernel
+//! (tracepoint field offsets from tracefs, struct member offsets from BTF, attach points and
+//! `pci_bus_type` from kallsyms), and attaches each program. What cannot attach is reported,
+//! not fatal: the agent then runs in degraded mode.
 use std::path::Path;
 
 use aya::{
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::TracePoint,
+    programs::{KProbe, TracePoint},
     Ebpf, EbpfLoader,
 };
 use hotplug_common::{globals, Counter};
 use thiserror::Error;
 
-use super::{features::KernelFeatures, tracefs};
+use super::{
+    btf::{Btf, BtfError, Shape},
+    features::KernelFeatures,
+    kallsyms::Kallsyms,
+    tracefs,
+};
 
 #[derive(Debug, Error)]
 pub enum ProbeError {
@@ -32,7 +38,7 @@ pub enum ProbeError {
     },
 }
 
-/// One program of the object and whether it runs.
+/// One program of the object, where it was attached, and whether it runs.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Attachment {
     pub program: &'static str,
@@ -64,13 +70,117 @@ impl ProbeHandle {
     }
 }
 
-/// (program, tracepoint category, tracepoint name) for the module lifecycle programs.
-const MODULE_TRACEPOINTS: [(&str, &str, &str); 4] = [
-    ("delete_module_enter", "syscalls", "sys_enter_delete_module"),
-    ("delete_module_exit", "syscalls", "sys_exit_delete_module"),
-    ("module_load", "module", "module_load"),
-    ("module_free", "module", "module_free"),
+/// (program, tracepoint category, tracepoint names) of the tracepoint programs.
+const TRACEPOINTS: [(&str, &str, &[&str]); 6] = [
+    (
+        "delete_module_enter",
+        "syscalls",
+        &["sys_enter_delete_module"],
+    ),
+    (
+        "delete_module_exit",
+        "syscalls",
+        &["sys_exit_delete_module"],
+    ),
+    ("module_load", "module", &["module_load"]),
+    ("module_free", "module", &["module_free"]),
+    (
+        "module_init_enter",
+        "syscalls",
+        &["sys_enter_init_module", "sys_enter_finit_module"],
+    ),
+    (
+        "module_init_exit",
+        "syscalls",
+        &["sys_exit_init_module", "sys_exit_finit_module"],
+    ),
 ];
+
+/// How a kprobe program picks its kernel functions.
+#[derive(Clone, Copy)]
+enum Pick {
+    /// The first candidate the kernel has (the function's arguments matter).
+    First,
+    /// Every candidate the kernel has (context markers: nesting is counted).
+    All,
+}
+
+/// (program, is kretprobe, candidates, pick) of the kprobe programs. See the comments in
+/// `hotplug-ebpf/src/context.rs` and `netdev.rs` for the kernel functions.
+const KPROBES: [(&str, bool, &[&str], Pick); 17] = [
+    (
+        "netdev_unregister",
+        false,
+        &[
+            "unregister_netdevice_many_notify",
+            "unregister_netdevice_many",
+        ],
+        Pick::First,
+    ),
+    (
+        "netdev_register_enter",
+        false,
+        &["register_netdevice"],
+        Pick::First,
+    ),
+    (
+        "netdev_register_exit",
+        true,
+        &["register_netdevice"],
+        Pick::First,
+    ),
+    ("netns_move_enter", false, NETNS_MOVE, Pick::First),
+    ("netns_move_exit", true, NETNS_MOVE, Pick::First),
+    ("unbind_enter", false, &["unbind_store"], Pick::All),
+    ("unbind_exit", true, &["unbind_store"], Pick::All),
+    ("bind_enter", false, &["bind_store"], Pick::All),
+    ("bind_exit", true, &["bind_store"], Pick::All),
+    ("pci_remove_enter", false, PCI_REMOVE, Pick::All),
+    ("pci_remove_exit", true, PCI_REMOVE, Pick::All),
+    ("pci_add_enter", false, PCI_ADD, Pick::All),
+    ("pci_add_exit", true, PCI_ADD, Pick::All),
+    ("dellink_enter", false, &["rtnl_dellink"], Pick::All),
+    ("dellink_exit", true, &["rtnl_dellink"], Pick::All),
+    ("newlink_enter", false, &["rtnl_newlink"], Pick::All),
+    ("newlink_exit", true, &["rtnl_newlink"], Pick::All),
+];
+
+const NETNS_MOVE: &[&str] = &[
+    "__dev_change_net_namespace",
+    "netif_change_net_namespace",
+    "dev_change_net_namespace",
+];
+const PCI_REMOVE: &[&str] = &[
+    "pci_stop_and_remove_bus_device",
+    "pci_stop_and_remove_bus_device_locked",
+];
+const PCI_ADD: &[&str] = &["pci_bus_add_devices", "pci_bus_add_device"];
+
+/// Struct member offsets for the NIC programs, from BTF.
+struct StructLayout {
+    offsets: Vec<(&'static str, u32)>,
+    dev_addr_is_pointer: u32,
+}
+
+fn struct_layout(btf: &Btf) -> Result<StructLayout, BtfError> {
+    let mut offsets = Vec::new();
+    let mut dev_addr_is_pointer = 1;
+    for (global, strukt, path) in globals::STRUCT_OFFSETS {
+        let member = btf.member(strukt, path)?;
+        if global == "NETDEV_DEV_ADDR" {
+            dev_addr_is_pointer = u32::from(member.shape == Shape::Pointer);
+        }
+        offsets.push((global, member.offset));
+    }
+    offsets.push((
+        globals::MODULE_STRUCT_NAME,
+        btf.member("module", "name")?.offset,
+    ));
+    Ok(StructLayout {
+        offsets,
+        dev_addr_is_pointer,
+    })
+}
 
 impl KernelProbes {
     pub fn load(object: Option<&[u8]>, features: &KernelFeatures) -> Result<Self, ProbeError> {
@@ -80,7 +190,7 @@ impl KernelProbes {
         })?;
 
         // Offsets of the tracepoint fields the programs read; a tracepoint that does not exist
-        // here keeps the compiled-in default and its program will fail to attach below.
+        // here keeps the compiled-in default and its program is not attached below.
         let offset = |system: &str, event: &str, field: &str| match tracefs::field_offset(
             tracefs, system, event, field,
         ) {
@@ -88,7 +198,7 @@ impl KernelProbes {
             Err(tracefs::TracefsError::NoSuchTracepoint { .. }) => Ok(None),
             Err(error) => Err(error),
         };
-        let layout = [
+        let tracepoint_layout = [
             (
                 globals::DELETE_MODULE_ENTER_NAME,
                 offset("syscalls", "sys_enter_delete_module", "name_user")?,
@@ -106,29 +216,87 @@ impl KernelProbes {
                 offset("module", "module_free", "name")?,
             ),
         ];
+        let struct_layout = Btf::vmlinux().and_then(|btf| struct_layout(&btf));
+        let kallsyms = Kallsyms::read().unwrap_or_else(|error| {
+            tracing::warn!(%error, "cannot read /proc/kallsyms: no kprobe can be placed");
+            Kallsyms::default()
+        });
+        let pci_bus_type = kallsyms.address("pci_bus_type");
+        if pci_bus_type.is_none() {
+            tracing::warn!("no address for pci_bus_type in /proc/kallsyms: NIC events will carry no PCI address");
+        }
+
         let mut loader = EbpfLoader::new();
-        for (name, value) in &layout {
+        for (name, value) in &tracepoint_layout {
             if let Some(value) = value {
                 loader.override_global(name, value, true);
             }
         }
+        if let Ok(layout) = &struct_layout {
+            for (name, value) in &layout.offsets {
+                loader.override_global(name, value, true);
+            }
+            loader.override_global(
+                globals::NETDEV_DEV_ADDR_IS_POINTER,
+                &layout.dev_addr_is_pointer,
+                true,
+            );
+        }
+        let pci_bus_type = pci_bus_type.unwrap_or(0);
+        loader.override_global(globals::PCI_BUS_TYPE, &pci_bus_type, true);
         let mut ebpf = loader.load(object)?;
         if let Err(error) = aya_log::EbpfLogger::init(&mut ebpf) {
             tracing::debug!(%error, "no eBPF log channel");
         }
 
         let mut attachments = Vec::new();
-        for (program, category, name) in MODULE_TRACEPOINTS {
-            let error = if tracefs::has_tracepoint(tracefs, category, name) {
-                attach_tracepoint(&mut ebpf, program, category, name).err()
-            } else {
-                Some("this kernel has no such tracepoint".to_owned())
+        for (program, category, names) in TRACEPOINTS {
+            for name in names {
+                let error = if tracefs::has_tracepoint(tracefs, category, name) {
+                    attach_tracepoint(&mut ebpf, program, category, name).err()
+                } else {
+                    Some("this kernel has no such tracepoint".to_owned())
+                };
+                attachments.push(Attachment {
+                    program,
+                    hook: format!("tracepoint {category}:{name}"),
+                    error,
+                });
+            }
+        }
+        for (program, is_return, candidates, pick) in KPROBES {
+            let kind = if is_return { "kretprobe" } else { "kprobe" };
+            if let Err(error) = &struct_layout {
+                attachments.push(Attachment {
+                    program,
+                    hook: format!("{kind} {}", candidates.join("|")),
+                    error: Some(format!("not attached: no struct layout from BTF ({error})")),
+                });
+                continue;
+            }
+            let functions: Vec<&str> = match pick {
+                Pick::First => kallsyms.first_function(candidates).into_iter().collect(),
+                Pick::All => candidates
+                    .iter()
+                    .copied()
+                    .filter(|c| kallsyms.has_function(c))
+                    .collect(),
             };
-            attachments.push(Attachment {
-                program,
-                hook: format!("tracepoint {category}:{name}"),
-                error,
-            });
+            if functions.is_empty() {
+                attachments.push(Attachment {
+                    program,
+                    hook: format!("{kind} {}", candidates.join("|")),
+                    error: Some("this kernel has none of these functions".to_owned()),
+                });
+            }
+            for function in functions {
+                let error = attach_kprobe(&mut ebpf, program, function).err();
+                attachments.push(Attachment {
+                    program,
+                    hook: format!("{kind} {function}"),
+                    error,
+                });
+            }
         }
 
         let events = ebpf
@@ -155,11 +323,6 @@ impl KernelProbes {
         })
     }
 
-    /// Whether every module lifecycle program is attached.
-    pub fn module_lifecycle_attached(&self) -> bool {
-        self.attachments.iter().all(|a| a.error.is_none())
-    }
-
     /// The ring buffer to read, and what keeps the programs attached.
     pub fn split(self) -> (RingBuf<MapData>, ProbeHandle) {
         (self.events, self.handle)
@@ -177,14 +340,33 @@ fn attach_tracepoint(
         .ok_or_else(|| format!("program {program} missing from the object"))?
         .try_into()
         .map_err(|e| format!("{e}"))?;
-    prog.load()
-        .map_err(|e| format!("load: {}", error_chain(&e)))?;
+    if prog.fd().is_err() {
+        prog.load()
+            .map_err(|e| format!("load: {}", error_chain(&e)))?;
+    }
     prog.attach(category, name)
         .map_err(|e| format!("attach: {}", error_chain(&e)))?;
     Ok(())
 }
 
-/// An error and its sources, joined (aya's errors keep the OS error in the source).
+fn attach_kprobe(ebpf: &mut Ebpf, program: &str, function: &str) -> Result<(), String> {
+    let prog: &mut KProbe = ebpf
+        .program_mut(program)
+        .ok_or_else(|| format!("program {program} missing from the object"))?
+        .try_into()
+        .map_err(|e| format!("{e}"))?;
+    if prog.fd().is_err() {
+        prog.load()
+            .map_err(|e| format!("load: {}", error_chain(&e)))?;
+    }
+    prog.attach(function, 0)
+        .map_err(|e| format!("attach: {}", error_chain(&e)))?;
+    Ok(())
+}
+
+/// An error and its sources, joined (aya's errors keep the OS error in the source). A verifier
+/// log can run to thousands of lines: only its first and last lines are kept (the full log is
+/// logged at debug level).
 fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
@@ -193,5 +375,15 @@ fn error_chain(error: &dyn std::error::Error) -> String {
         text.push_str(&inner.to_string());
         source = inner.source();
     }
-    text
+    let lines: Vec<&str> = text.lines().collect();
+    if lines.len() <= 12 {
+        return text;
+    }
+    tracing::debug!("full error: {text}");
+    let head = lines[..2].join(" / ");
+    let tail = lines[lines.len() - 4..].join(" / ");
+    format!(
+        "{head} / [{} verifier lines omitted] / {tail}",
+        lines.len() - 6
+    )
 }

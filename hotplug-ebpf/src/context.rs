@@ -1,0 +1,108 @@
+//! Per-task kernel context: which of the paths that explain a NIC change the current task is
+//! inside. Each path is hooked at entry and exit; the NIC programs read the map at the moment a
+//! NIC is unregistered or registered.
+//!
+//! Kernel functions (all present on Debian's 6.1, 6.12 and 7.2):
+//! - `unbind_store` / `bind_store` (drivers/base/bus.c): sysfs driver `unbind`/`bind` writes.
+//!   Static, but referenced as sysfs callbacks, so never inlined away.
+//! - `pci_stop_and_remove_bus_device[_locked]` (drivers/pci/remove.c): every PCI removal, from
+//!   ACPI hotplug (acpiphp), native PCIe hotplug (pciehp) and sysfs `remove`.
+//! - `pci_bus_add_devices` / `pci_bus_add_device` (drivers/pci/bus.c): devices added by a hot-plug
+//!   or a rescan are bound to drivers from here.
+//! - `rtnl_dellink` / `rtnl_newlink` (net/core/rtnetlink.c): rtnetlink handlers, registered as
+//!   function pointers.
+//! - `init_module` / `finit_module` syscalls: module load (the driver probes inside its init).
+//!   `delete_module` is handled in `module_lifecycle`.
+use aya_ebpf::{
+    macros::{kprobe, kretprobe, map, tracepoint},
+    maps::HashMap,
+    programs::{ProbeContext, RetProbeContext, TracePointContext},
+};
+use hotplug_common::{ContextKind, Counter, TaskContext};
+
+use crate::{count, current_tid};
+
+/// Contexts of the tasks inside a hooked path, by thread id.
+#[map]
+pub static TASK_CONTEXT: HashMap<u32, TaskContext> = HashMap::with_max_entries(4096, 0);
+
+/// The current task's context, if it is inside any hooked path.
+#[inline(always)]
+pub fn current() -> Option<TaskContext> {
+    // SAFETY: the value is copied out at once; a concurrent delete cannot free it under us
+    // because only this thread touches its own entry.
+    unsafe { TASK_CONTEXT.get(current_tid()) }.copied()
+}
+
+/// Applies `update` to the current task's context, creating it if needed.
+#[inline(always)]
+pub fn update(update: impl FnOnce(&mut TaskContext)) {
+    let tid = current_tid();
+    if let Some(ctx) = TASK_CONTEXT.get_ptr_mut(tid) {
+        // SAFETY: the pointer comes from the lookup; only this thread writes its own entry.
+        update(unsafe { &mut *ctx });
+        return;
+    }
+    let mut ctx = TaskContext::zeroed();
+    update(&mut ctx);
+    if TASK_CONTEXT.insert(tid, ctx, 0).is_err() {
+        count(Counter::ContextMapFull);
+    }
+}
+
+#[inline(always)]
+pub fn enter(kind: ContextKind) {
+    update(|ctx| ctx.depth[kind as usize] = ctx.depth[kind as usize].saturating_add(1));
+}
+
+#[inline(always)]
+pub fn leave(kind: ContextKind) {
+    let tid = current_tid();
+    if let Some(ctx) = TASK_CONTEXT.get_ptr_mut(tid) {
+        // SAFETY: as in `update`.
+        let ctx = unsafe { &mut *ctx };
+        ctx.depth[kind as usize] = ctx.depth[kind as usize].saturating_sub(1);
+        if ctx.is_idle() {
+            let _ = TASK_CONTEXT.remove(tid);
+        }
+    }
+}
+
+/// A kprobe/kretprobe pair that marks the current task as inside `kind` while the function runs.
+macro_rules! context_probe {
+    ($enter:ident, $exit:ident, $kind:expr) => {
+        #[kprobe]
+        pub fn $enter(_ctx: ProbeContext) -> u32 {
+            enter($kind);
+            0
+        }
+
+        #[kretprobe]
+        pub fn $exit(_ctx: RetProbeContext) -> u32 {
+            leave($kind);
+            0
+        }
+    };
+}
+
+context_probe!(unbind_enter, unbind_exit, ContextKind::Unbind);
+context_probe!(bind_enter, bind_exit, ContextKind::Bind);
+context_probe!(pci_remove_enter, pci_remove_exit, ContextKind::PciRemove);
+context_probe!(pci_add_enter, pci_add_exit, ContextKind::PciAdd);
+context_probe!(dellink_enter, dellink_exit, ContextKind::LinkDelete);
+context_probe!(newlink_enter, newlink_exit, ContextKind::LinkCreate);
+
+/// `syscalls:sys_enter_{init,finit}_module`: the task is loading a module.
+#[tracepoint]
+pub fn module_init_enter(_ctx: TracePointContext) -> u32 {
+    enter(ContextKind::ModuleLoad);
+    0
+}
+
+/// `syscalls:sys_exit_{init,finit}_module`.
+#[tracepoint]
+pub fn module_init_exit(_ctx: TracePointContext) -> u32 {
+    update(|ctx| ctx.module = [0; hotplug_common::MODULE_NAME_LEN]);
+    leave(ContextKind::ModuleLoad);
+    0
+}

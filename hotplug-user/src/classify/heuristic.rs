@@ -1,0 +1,1 @@
+//! Degraded mode's classifier (placeholder until the rtnetlink watcher lands).

@@ -1,0 +1,211 @@
+//! Where a NIC removal or registration gets its cause.
+//!
+//! In full mode the kernel classifies: the eBPF programs read the task's context at the moment a
+//! NIC is unregistered or registered (`hotplug-ebpf/src/context.rs`, `netdev.rs`), and
+//! [`NicEvent::from_kernel`] turns the record into a [`NicEvent`] with `source: kernel`. In degraded
+//! mode `heuristic` infers a best-effort cause from rtnetlink, sysfs and module state, marked
+//! `source: heuristic`.
+pub mod heuristic;
+
+use hotplug_common::{Cause as RawCause, EventKind, NetdevEvent};
+use serde::Serialize;
+
+use crate::kernel::decode::{c_string, Task};
+
+/// Why a NIC went away or appeared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Cause {
+    DriverUnload,
+    DriverUnbind,
+    DeviceRemoved,
+    LinkDeleted,
+    NetnsMove,
+    DriverLoad,
+    DriverBind,
+    DeviceAdded,
+    LinkCreated,
+    Unknown,
+}
+
+impl Cause {
+    pub const fn from_raw(raw: RawCause) -> Self {
+        match raw {
+            RawCause::Unknown => Self::Unknown,
+            RawCause::DriverUnload => Self::DriverUnload,
+            RawCause::DriverUnbind => Self::DriverUnbind,
+            RawCause::DeviceRemoved => Self::DeviceRemoved,
+            RawCause::LinkDeleted => Self::LinkDeleted,
+            RawCause::NetnsMove => Self::NetnsMove,
+            RawCause::DriverLoad => Self::DriverLoad,
+            RawCause::DriverBind => Self::DriverBind,
+            RawCause::DeviceAdded => Self::DeviceAdded,
+            RawCause::LinkCreated => Self::LinkCreated,
+        }
+    }
+
+    /// The kebab-case name used in JSON and logs.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::DriverUnload => "driver-unload",
+            Self::DriverUnbind => "driver-unbind",
+            Self::DeviceRemoved => "device-removed",
+            Self::LinkDeleted => "link-deleted",
+            Self::NetnsMove => "netns-move",
+            Self::DriverLoad => "driver-load",
+            Self::DriverBind => "driver-bind",
+            Self::DeviceAdded => "device-added",
+            Self::LinkCreated => "link-created",
+            Self::Unknown => "unknown",
+        }
+    }
+
+    /// Whether the NIC is expected back (its driver went away, the device did not).
+    pub const fn expects_return(self) -> bool {
+        matches!(self, Self::DriverUnload | Self::DriverUnbind)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Action {
+    Removal,
+    Registration,
+}
+
+/// Who decided the cause.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Source {
+    /// The eBPF programs, from kernel context at the moment of the change.
+    Kernel,
+    /// Degraded mode's inference from rtnetlink, sysfs and module state after the fact.
+    Heuristic,
+}
+
+/// A NIC removal or registration with its cause.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct NicEvent {
+    pub action: Action,
+    pub cause: Cause,
+    pub source: Source,
+    pub ifindex: i32,
+    pub name: String,
+    /// The permanent (burned-in) MAC when the device has one, else the current one.
+    pub mac: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub permanent_mac: Option<String>,
+    /// PCI address of the NIC (or of the PCI device below a virtio NIC).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bus: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub driver: Option<String>,
+    /// The module that owns the driver.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub module: Option<String>,
+    /// The module being unloaded or loaded when the cause is driver-unload or driver-load.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub context_module: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub task: Option<Task>,
+    /// CLOCK_MONOTONIC nanoseconds of the kernel event (for heuristic events: when it was seen).
+    pub timestamp_ns: u64,
+}
+
+/// `aa:bb:cc:dd:ee:ff` for the first `len` bytes.
+pub fn format_mac(bytes: &[u8], len: usize) -> String {
+    let len = len.min(bytes.len());
+    bytes[..len]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+fn non_empty(s: String) -> Option<String> {
+    (!s.is_empty()).then_some(s)
+}
+
+impl NicEvent {
+    /// The classified event for a kernel record.
+    pub fn from_kernel(record: &NetdevEvent) -> Self {
+        let action = if record.kind == EventKind::NetdevRemoval as u32 {
+            Action::Removal
+        } else {
+            Action::Registration
+        };
+        let len = usize::try_from(record.addr_len)
+            .unwrap_or(0)
+            .min(record.perm_addr.len());
+        let current = format_mac(&record.dev_addr, len);
+        let permanent = (len > 0 && record.perm_addr[..len].iter().any(|&b| b != 0))
+            .then(|| format_mac(&record.perm_addr, len));
+        Self {
+            action,
+            cause: Cause::from_raw(RawCause::from_u32(record.cause)),
+            source: Source::Kernel,
+            ifindex: record.ifindex,
+            name: c_string(&record.name),
+            mac: permanent.clone().unwrap_or(current),
+            permanent_mac: permanent,
+            bus: non_empty(c_string(&record.bus_addr)),
+            driver: non_empty(c_string(&record.driver)),
+            module: non_empty(c_string(&record.module)),
+            context_module: non_empty(c_string(&record.context_module)),
+            task: Some(Task {
+                pid: record.task.pid,
+                tid: record.task.tid,
+                comm: c_string(&record.task.comm),
+            }),
+            timestamp_ns: record.timestamp_ns,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use hotplug_common::TaskInfo;
+
+    use super::*;
+
+    #[test]
+    fn kernel_records_become_nic_events() {
+        let mut record = NetdevEvent::zeroed();
+        record.kind = EventKind::NetdevRemoval as u32;
+        record.cause = RawCause::DriverUnload as u32;
+        record.ifindex = 2;
+        record.addr_len = 6;
+        record.name[..4].copy_from_slice(b"eth0");
+        record.dev_addr[..6].copy_from_slice(&[0x52, 0x54, 0, 0x12, 0x34, 0x10]);
+        record.bus_addr[..12].copy_from_slice(b"0000:01:00.0");
+        record.driver[..10].copy_from_slice(b"virtio_net");
+        record.context_module[..10].copy_from_slice(b"virtio_net");
+        record.task = TaskInfo {
+            pid: 9,
+            tid: 9,
+            comm: *b"modprobe\0\0\0\0\0\0\0\0",
+        };
+        let event = NicEvent::from_kernel(&record);
+        assert_eq!(event.action, Action::Removal);
+        assert_eq!(event.cause, Cause::DriverUnload);
+        assert_eq!(event.mac, "52:54:00:12:34:10");
+        assert_eq!(
+            event.permanent_mac, None,
+            "an all-zero perm_addr is no permanent MAC"
+        );
+        assert_eq!(event.bus.as_deref(), Some("0000:01:00.0"));
+        assert_eq!(event.module, None);
+        assert!(event.cause.expects_return());
+
+        record.perm_addr[..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 1]);
+        record.kind = EventKind::NetdevRegistration as u32;
+        record.cause = RawCause::DeviceAdded as u32;
+        let event = NicEvent::from_kernel(&record);
+        assert_eq!(event.action, Action::Registration);
+        assert_eq!(
+            event.mac, "02:00:00:00:00:01",
+            "the permanent MAC identifies the NIC"
+        );
+        assert_eq!(event.cause.as_str(), "device-added");
+    }
+}

@@ -1,0 +1,414 @@
+//! Just enough of a BTF reader to find struct member offsets in the running kernel's
+//! `/sys/kernel/btf/vmlinux`, so the eBPF programs read `struct net_device` and friends at the
+//! offsets this kernel uses (aya-ebpf has no CO-RE relocations; the offsets go in as globals).
+//!
+//! Format: `include/uapi/linux/btf.h` (stable since Linux 5.2).
+use std::{collections::HashMap, path::Path};
+
+use thiserror::Error;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum BtfError {
+    #[error("cannot read {path}: {message}. Kernel BTF (CONFIG_DEBUG_INFO_BTF) is needed to classify NIC events")]
+    Read { path: String, message: String },
+    #[error("malformed BTF: {0}")]
+    Malformed(&'static str),
+    #[error("BTF has no struct {0}")]
+    NoStruct(String),
+    #[error("struct {strukt} has no member {member}")]
+    NoMember { strukt: String, member: String },
+    #[error("{0} is a bitfield; only whole members can be read")]
+    Bitfield(String),
+}
+
+const MAGIC: u16 = 0xeb9f;
+
+const KIND_INT: u32 = 1;
+const KIND_PTR: u32 = 2;
+const KIND_ARRAY: u32 = 3;
+const KIND_STRUCT: u32 = 4;
+const KIND_UNION: u32 = 5;
+const KIND_ENUM: u32 = 6;
+const KIND_TYPEDEF: u32 = 8;
+const KIND_VOLATILE: u32 = 9;
+const KIND_CONST: u32 = 10;
+const KIND_RESTRICT: u32 = 11;
+const KIND_FUNC_PROTO: u32 = 13;
+const KIND_VAR: u32 = 14;
+const KIND_DATASEC: u32 = 15;
+const KIND_DECL_TAG: u32 = 17;
+const KIND_TYPE_TAG: u32 = 18;
+const KIND_ENUM64: u32 = 19;
+
+#[derive(Clone, Debug)]
+struct Member {
+    name: String,
+    type_id: u32,
+    bit_offset: u32,
+    bitfield: bool,
+}
+
+#[derive(Clone, Debug)]
+struct Type {
+    kind: u32,
+    name: String,
+    /// The referenced type for PTR, TYPEDEF, CONST, VOLATILE, RESTRICT, TYPE_TAG; element type for ARRAY.
+    target: u32,
+    members: Vec<Member>,
+}
+
+/// What a member is, as far as the programs care.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shape {
+    Pointer,
+    Array,
+    Other,
+}
+
+/// A member's byte offset from the start of the outermost struct, and its shape.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemberInfo {
+    pub offset: u32,
+    pub shape: Shape,
+}
+
+pub struct Btf {
+    types: Vec<Type>,
+    structs: HashMap<String, u32>,
+}
+
+fn u16_at(data: &[u8], at: usize) -> Result<u16, BtfError> {
+    data.get(at..at + 2)
+        .and_then(|b| b.try_into().ok())
+        .map(u16::from_le_bytes)
+        .ok_or(BtfError::Malformed("truncated"))
+}
+
+fn u32_at(data: &[u8], at: usize) -> Result<u32, BtfError> {
+    data.get(at..at + 4)
+        .and_then(|b| b.try_into().ok())
+        .map(u32::from_le_bytes)
+        .ok_or(BtfError::Malformed("truncated"))
+}
+
+impl Btf {
+    pub fn from_file(path: &Path) -> Result<Self, BtfError> {
+        let data = std::fs::read(path).map_err(|e| BtfError::Read {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        Self::parse(&data)
+    }
+
+    /// The running kernel's BTF.
+    pub fn vmlinux() -> Result<Self, BtfError> {
+        Self::from_file(Path::new("/sys/kernel/btf/vmlinux"))
+    }
+
+    /// Parses little-endian BTF (x86_64).
+    pub fn parse(data: &[u8]) -> Result<Self, BtfError> {
+        if u16_at(data, 0)? != MAGIC {
+            return Err(BtfError::Malformed("bad magic (not little-endian BTF)"));
+        }
+        let hdr_len = u32_at(data, 4)? as usize;
+        let type_off = u32_at(data, 8)? as usize;
+        let type_len = u32_at(data, 12)? as usize;
+        let str_off = u32_at(data, 16)? as usize;
+        let str_len = u32_at(data, 20)? as usize;
+        let types_data = data
+            .get(hdr_len + type_off..hdr_len + type_off + type_len)
+            .ok_or(BtfError::Malformed("type section out of bounds"))?;
+        let strings = data
+            .get(hdr_len + str_off..hdr_len + str_off + str_len)
+            .ok_or(BtfError::Malformed("string section out of bounds"))?;
+        let string = |offset: u32| -> String {
+            let start = offset as usize;
+            strings
+                .get(start..)
+                .map(|rest| {
+                    let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
+                    String::from_utf8_lossy(&rest[..end]).into_owned()
+                })
+                .unwrap_or_default()
+        };
+
+        // Type id 0 is `void`.
+        let mut types = vec![Type {
+            kind: 0,
+            name: String::new(),
+            target: 0,
+            members: Vec::new(),
+        }];
+        let mut structs = HashMap::new();
+        let mut at = 0;
+        while at < types_data.len() {
+            let name_off = u32_at(types_data, at)?;
+            let info = u32_at(types_data, at + 4)?;
+            let size_or_type = u32_at(types_data, at + 8)?;
+            at += 12;
+            let kind = (info >> 24) & 0x1f;
+            let vlen = (info & 0xffff) as usize;
+            let kind_flag = info >> 31 == 1;
+            let mut ty = Type {
+                kind,
+                name: string(name_off),
+                target: 0,
+                members: Vec::new(),
+            };
+            match kind {
+                KIND_INT | KIND_VAR | KIND_DECL_TAG => at += 4,
+                KIND_ARRAY => {
+                    ty.target = u32_at(types_data, at)?;
+                    at += 12;
+                }
+                KIND_STRUCT | KIND_UNION => {
+                    for _ in 0..vlen {
+                        let offset = u32_at(types_data, at + 8)?;
+                        ty.members.push(Member {
+                            name: string(u32_at(types_data, at)?),
+                            type_id: u32_at(types_data, at + 4)?,
+                            bit_offset: if kind_flag {
+                                offset & 0x00ff_ffff
+                            } else {
+                                offset
+                            },
+                            bitfield: kind_flag && offset >> 24 != 0,
+                        });
+                        at += 12;
+                    }
+                }
+                KIND_ENUM | KIND_FUNC_PROTO => at += 8 * vlen,
+                KIND_DATASEC | KIND_ENUM64 => at += 12 * vlen,
+                KIND_PTR | KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT
+                | KIND_TYPE_TAG => {
+                    ty.target = size_or_type;
+                }
+                _ => {}
+            }
+            if kind == KIND_STRUCT && !ty.name.is_empty() && !ty.members.is_empty() {
+                let id = u32::try_from(types.len())
+                    .map_err(|_| BtfError::Malformed("too many types"))?;
+                structs.entry(ty.name.clone()).or_insert(id);
+            }
+            types.push(ty);
+        }
+        Ok(Self { types, structs })
+    }
+
+    fn ty(&self, id: u32) -> Result<&Type, BtfError> {
+        self.types
+            .get(id as usize)
+            .ok_or(BtfError::Malformed("type id out of range"))
+    }
+
+    /// Follows typedefs and qualifiers.
+    fn resolve(&self, mut id: u32) -> Result<&Type, BtfError> {
+        for _ in 0..32 {
+            let ty = self.ty(id)?;
+            match ty.kind {
+                KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG => {
+                    id = ty.target
+                }
+                _ => return Ok(ty),
+            }
+        }
+        Err(BtfError::Malformed("type chain too long"))
+    }
+
+    /// Finds `member` in `ty`, looking inside anonymous struct and union members.
+    fn find_member(
+        &self,
+        ty: &Type,
+        member: &str,
+        base_bits: u32,
+    ) -> Result<Option<(u32, u32, bool)>, BtfError> {
+        for m in &ty.members {
+            if m.name == member {
+                return Ok(Some((base_bits + m.bit_offset, m.type_id, m.bitfield)));
+            }
+            if m.name.is_empty() {
+                let inner = self.resolve(m.type_id)?;
+                if let Some(found) = self.find_member(inner, member, base_bits + m.bit_offset)? {
+                    return Ok(Some(found));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// The byte offset of a member path such as `dev.kobj.name` inside `struct strukt`; every
+    /// step but the last must be an embedded struct or union.
+    pub fn member(&self, strukt: &str, path: &str) -> Result<MemberInfo, BtfError> {
+        let id = *self
+            .structs
+            .get(strukt)
+            .ok_or_else(|| BtfError::NoStruct(strukt.to_owned()))?;
+        let mut ty = self.ty(id)?;
+        let mut bits = 0;
+        let mut shape = Shape::Other;
+        let steps: Vec<&str> = path.split('.').collect();
+        for (i, step) in steps.iter().enumerate() {
+            let (offset, type_id, bitfield) =
+                self.find_member(ty, step, bits)?
+                    .ok_or_else(|| BtfError::NoMember {
+                        strukt: format!("{strukt} ({})", steps[..i].join(".")),
+                        member: (*step).to_owned(),
+                    })?;
+            if bitfield {
+                return Err(BtfError::Bitfield(format!("{strukt}.{path}")));
+            }
+            bits = offset;
+            let resolved = self.resolve(type_id)?;
+            shape = match resolved.kind {
+                KIND_PTR => Shape::Pointer,
+                KIND_ARRAY => Shape::Array,
+                _ => Shape::Other,
+            };
+            ty = resolved;
+        }
+        if bits % 8 != 0 {
+            return Err(BtfError::Bitfield(format!("{strukt}.{path}")));
+        }
+        Ok(MemberInfo {
+            offset: bits / 8,
+            shape,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Builds a tiny BTF blob: `struct inner { int a; char *p; }`,
+    /// `struct outer { int x; struct inner in; union { int u; }; char arr[4]; }`.
+    fn sample() -> Vec<u8> {
+        let strings = b"\0int\0inner\0a\0p\0outer\0x\0in\0u\0arr\0char\0";
+        let s = |name: &str| -> u32 {
+            let needle = format!("\0{name}\0");
+            let pos = strings
+                .windows(needle.len())
+                .position(|w| w == needle.as_bytes())
+                .unwrap_or(0);
+            (pos + 1) as u32
+        };
+        let mut types: Vec<u32> = Vec::new();
+        let info = |kind: u32, vlen: u32| (kind << 24) | vlen;
+        // 1: int
+        types.extend([s("int"), info(KIND_INT, 0), 4, 32]);
+        // 2: char
+        types.extend([s("char"), info(KIND_INT, 0), 1, 8]);
+        // 3: char *
+        types.extend([0, info(KIND_PTR, 0), 2]);
+        // 4: struct inner { int a @0; char *p @64 }
+        types.extend([
+            s("inner"),
+            info(KIND_STRUCT, 2),
+            16,
+            s("a"),
+            1,
+            0,
+            s("p"),
+            3,
+            64,
+        ]);
+        // 5: union { int u }
+        types.extend([0, info(KIND_UNION, 1), 4, s("u"), 1, 0]);
+        // 6: char[4]
+        types.extend([0, info(KIND_ARRAY, 0), 0, 2, 1, 4]);
+        // 7: struct outer { int x @0; struct inner in @64; union @192; char arr[4] @224 }
+        types.extend([
+            s("outer"),
+            info(KIND_STRUCT, 4),
+            32,
+            s("x"),
+            1,
+            0,
+            s("in"),
+            4,
+            64,
+            0,
+            5,
+            192,
+            s("arr"),
+            6,
+            224,
+        ]);
+        let type_bytes: Vec<u8> = types.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let mut blob = Vec::new();
+        blob.extend(MAGIC.to_le_bytes());
+        blob.extend([1u8, 0]); // version, flags
+        blob.extend(24u32.to_le_bytes()); // hdr_len
+        blob.extend(0u32.to_le_bytes()); // type_off
+        blob.extend((type_bytes.len() as u32).to_le_bytes());
+        blob.extend((type_bytes.len() as u32).to_le_bytes()); // str_off
+        blob.extend((strings.len() as u32).to_le_bytes());
+        blob.extend(type_bytes);
+        blob.extend(strings);
+        blob
+    }
+
+    #[test]
+    fn finds_nested_anonymous_and_array_members() -> Result<(), BtfError> {
+        let btf = Btf::parse(&sample())?;
+        assert_eq!(
+            btf.member("outer", "x")?,
+            MemberInfo {
+                offset: 0,
+                shape: Shape::Other
+            }
+        );
+        assert_eq!(
+            btf.member("outer", "in.p")?,
+            MemberInfo {
+                offset: 16,
+                shape: Shape::Pointer
+            }
+        );
+        assert_eq!(
+            btf.member("outer", "u")?,
+            MemberInfo {
+                offset: 24,
+                shape: Shape::Other
+            }
+        );
+        assert_eq!(
+            btf.member("outer", "arr")?,
+            MemberInfo {
+                offset: 28,
+                shape: Shape::Array
+            }
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn names_what_is_missing() -> Result<(), BtfError> {
+        let btf = Btf::parse(&sample())?;
+        assert_eq!(
+            btf.member("nope", "x"),
+            Err(BtfError::NoStruct("nope".into()))
+        );
+        assert!(
+            matches!(btf.member("outer", "in.zz"), Err(BtfError::NoMember { ref member, .. }) if member == "zz")
+        );
+        assert!(matches!(Btf::parse(b"nope"), Err(BtfError::Malformed(_))));
+        Ok(())
+    }
+
+    #[test]
+    fn reads_the_running_kernels_net_device_when_present() -> Result<(), BtfError> {
+        let path = Path::new("/sys/kernel/btf/vmlinux");
+        if !path.exists() {
+            eprintln!("SKIPPED: no /sys/kernel/btf/vmlinux on this kernel");
+            return Ok(());
+        }
+        let btf = Btf::vmlinux()?;
+        let ifindex = btf.member("net_device", "ifindex")?;
+        let name = btf.member("net_device", "name")?;
+        assert_eq!(name.shape, Shape::Array);
+        assert_ne!(ifindex.offset, name.offset);
+        assert_eq!(btf.member("device", "kobj.name")?.shape, Shape::Pointer);
+        Ok(())
+    }
+}
