@@ -35,15 +35,8 @@ fn run() -> Result<(), String> {
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").ok_or("OUT_DIR is not set")?);
     let manifest_dir =
         PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").ok_or("CARGO_MANIFEST_DIR is not set")?);
-    let workspace = manifest_dir
-        .parent()
-        .ok_or("hotplug-user has no parent directory")?;
-    for path in [
-        "hotplug-ebpf/src",
-        "hotplug-ebpf/Cargo.toml",
-        "hotplug-common/src",
-        "Cargo.lock",
-    ] {
+    let workspace = manifest_dir.parent().ok_or("hotplug-user has no parent directory")?;
+    for path in ["hotplug-ebpf/src", "hotplug-ebpf/Cargo.toml", "hotplug-common/src", "Cargo.lock"] {
         println!("cargo:rerun-if-changed={}", workspace.join(path).display());
     }
     println!("cargo:rerun-if-env-changed=CARGO_TARGET_DIR");
@@ -62,13 +55,8 @@ fn run() -> Result<(), String> {
         .join("bpf");
     let object = build_object(workspace, &target_dir)?;
     let embedded = out_dir.join("hotplug.bpf.o");
-    fs::copy(&object, &embedded).map_err(|e| {
-        format!(
-            "cannot copy {} to {}: {e}",
-            object.display(),
-            embedded.display()
-        )
-    })?;
+    fs::copy(&object, &embedded)
+        .map_err(|e| format!("cannot copy {} to {}: {e}", object.display(), embedded.display()))?;
     println!("cargo:rustc-cfg=hotplug_ebpf_object");
     Ok(())
 }
@@ -76,43 +64,17 @@ fn run() -> Result<(), String> {
 fn build_object(workspace: &Path, target_dir: &Path) -> Result<PathBuf, String> {
     let mut cmd = Command::new("rustup");
     cmd.current_dir(workspace)
-        .args([
-            "run",
-            "nightly",
-            "cargo",
-            "build",
-            "--package",
-            "hotplug-ebpf",
-            "--bin",
-            "hotplug",
-        ])
-        .args([
-            "--release",
-            "--target",
-            "bpfel-unknown-none",
-            "-Z",
-            "build-std=core",
-        ])
+        .args(["run", "nightly", "cargo", "build", "--package", "hotplug-ebpf", "--bin", "hotplug"])
+        .args(["--release", "--target", "bpfel-unknown-none", "-Z", "build-std=core"])
         .arg("--target-dir")
         .arg(target_dir);
     // The outer (stable) cargo's compiler settings must not leak into the nightly build.
-    for var in [
-        "RUSTC",
-        "RUSTC_WRAPPER",
-        "RUSTC_WORKSPACE_WRAPPER",
-        "RUSTFLAGS",
-        "RUSTUP_TOOLCHAIN",
-    ] {
+    for var in ["RUSTC", "RUSTC_WRAPPER", "RUSTC_WORKSPACE_WRAPPER", "RUSTFLAGS", "RUSTUP_TOOLCHAIN"] {
         cmd.env_remove(var);
     }
     let mut rustflags = OsString::new();
-    for (i, flag) in [
-        "--cfg=bpf_target_arch=\"x86_64\"",
-        "-Cdebuginfo=2",
-        "-Clink-arg=--btf",
-    ]
-    .iter()
-    .enumerate()
+    for (i, flag) in
+        ["--cfg=bpf_target_arch=\"x86_64\"", "-Cdebuginfo=2", "-Clink-arg=--btf"].iter().enumerate()
     {
         if i > 0 {
             rustflags.push("\x1f");

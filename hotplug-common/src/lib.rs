@@ -80,11 +80,7 @@ impl ModuleEvent {
             kind: 0,
             ret: 0,
             timestamp_ns: 0,
-            task: TaskInfo {
-                pid: 0,
-                tid: 0,
-                comm: [0; TASK_COMM_LEN],
-            },
+            task: TaskInfo { pid: 0, tid: 0, comm: [0; TASK_COMM_LEN] },
             name: [0; MODULE_NAME_LEN],
         }
     }
@@ -178,11 +174,7 @@ impl NetdevEvent {
             kind: 0,
             cause: 0,
             timestamp_ns: 0,
-            task: TaskInfo {
-                pid: 0,
-                tid: 0,
-                comm: [0; TASK_COMM_LEN],
-            },
+            task: TaskInfo { pid: 0, tid: 0, comm: [0; TASK_COMM_LEN] },
             ifindex: 0,
             addr_len: 0,
             name: [0; IFNAMSIZ],
@@ -224,10 +216,7 @@ pub struct TaskContext {
 
 impl TaskContext {
     pub const fn zeroed() -> Self {
-        Self {
-            depth: [0; CONTEXT_KINDS],
-            module: [0; MODULE_NAME_LEN],
-        }
+        Self { depth: [0; CONTEXT_KINDS], module: [0; MODULE_NAME_LEN] }
     }
 
     pub const fn is_idle(&self) -> bool {
@@ -298,13 +287,9 @@ pub const COUNTER_SLOTS: u32 = 4;
 pub const MAX_UNREGISTER_BATCH: u32 = 16;
 
 /// Names of the globals user space sets before loading (`EbpfLoader::override_global`): byte
-/// offsets of tracepoint fields, read from the running kernel's tracefs `format` files so that no
-/// layout is compiled in for one kernel.
+/// offsets of tracepoint fields (from the running kernel's tracefs `format` files) and of struct
+/// members (from its BTF), so that no layout is compiled in for one kernel.
 pub mod globals {
-    /// `syscalls:sys_enter_delete_module`: offset of `name_user` (a `const char __user *`).
-    pub const DELETE_MODULE_ENTER_NAME: &str = "DELETE_MODULE_ENTER_NAME_OFFSET";
-    /// `syscalls:sys_exit_delete_module`: offset of `ret` (a `long`).
-    pub const DELETE_MODULE_EXIT_RET: &str = "DELETE_MODULE_EXIT_RET_OFFSET";
     /// `module:module_load`: offset of the `__data_loc char[] name` descriptor.
     pub const MODULE_LOAD_NAME: &str = "MODULE_LOAD_NAME_OFFSET";
     /// `module:module_free`: offset of the `__data_loc char[] name` descriptor.
@@ -312,7 +297,8 @@ pub mod globals {
 
     /// Offsets of the kernel struct members the NIC programs read, from the running kernel's
     /// BTF: (global name, struct, member path).
-    pub const STRUCT_OFFSETS: [(&str, &str, &str); 15] = [
+    pub const STRUCT_OFFSETS: [(&str, &str, &str); 16] = [
+        ("PT_REGS_DI", "pt_regs", "di"),
         ("NETDEV_IFINDEX", "net_device", "ifindex"),
         ("NETDEV_NAME", "net_device", "name"),
         ("NETDEV_PERM_ADDR", "net_device", "perm_addr"),

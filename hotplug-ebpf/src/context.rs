@@ -11,12 +11,13 @@
 //!   or a rescan are bound to drivers from here.
 //! - `rtnl_dellink` / `rtnl_newlink` (net/core/rtnetlink.c): rtnetlink handlers, registered as
 //!   function pointers.
-//! - `init_module` / `finit_module` syscalls: module load (the driver probes inside its init).
-//!   `delete_module` is handled in `module_lifecycle`.
+//! - `__x64_sys_init_module` / `__x64_sys_finit_module`: module load (the driver probes inside its
+//!   init). kprobes rather than syscall tracepoints, see `module_lifecycle`. `delete_module` is
+//!   handled in `module_lifecycle`.
 use aya_ebpf::{
-    macros::{kprobe, kretprobe, map, tracepoint},
+    macros::{kprobe, kretprobe, map},
     maps::HashMap,
-    programs::{ProbeContext, RetProbeContext, TracePointContext},
+    programs::{ProbeContext, RetProbeContext},
 };
 use hotplug_common::{ContextKind, Counter, TaskContext};
 
@@ -92,16 +93,16 @@ context_probe!(pci_add_enter, pci_add_exit, ContextKind::PciAdd);
 context_probe!(dellink_enter, dellink_exit, ContextKind::LinkDelete);
 context_probe!(newlink_enter, newlink_exit, ContextKind::LinkCreate);
 
-/// `syscalls:sys_enter_{init,finit}_module`: the task is loading a module.
-#[tracepoint]
-pub fn module_init_enter(_ctx: TracePointContext) -> u32 {
+/// Entry of `__x64_sys_{init,finit}_module`: the task is loading a module.
+#[kprobe]
+pub fn module_init_enter(_ctx: ProbeContext) -> u32 {
     enter(ContextKind::ModuleLoad);
     0
 }
 
-/// `syscalls:sys_exit_{init,finit}_module`.
-#[tracepoint]
-pub fn module_init_exit(_ctx: TracePointContext) -> u32 {
+/// Return of `__x64_sys_{init,finit}_module`.
+#[kretprobe]
+pub fn module_init_exit(_ctx: RetProbeContext) -> u32 {
     update(|ctx| ctx.module = [0; hotplug_common::MODULE_NAME_LEN]);
     leave(ContextKind::ModuleLoad);
     0

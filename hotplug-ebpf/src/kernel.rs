@@ -1,7 +1,5 @@
 //! Reading kernel memory at offsets user space took from the running kernel's BTF.
-use aya_ebpf::helpers::{
-    bpf_probe_read_kernel, bpf_probe_read_kernel_buf, bpf_probe_read_kernel_str_bytes,
-};
+use aya_ebpf::helpers::{bpf_probe_read_kernel, bpf_probe_read_kernel_buf, bpf_probe_read_kernel_str_bytes};
 use hotplug_common::Counter;
 
 use crate::count;

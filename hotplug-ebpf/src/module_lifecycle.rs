@@ -1,6 +1,12 @@
 //! Module lifecycle: the `delete_module` syscall (entry and exit), `module:module_load` and
 //! `module:module_free`.
 //!
+//! The syscall is hooked with a kprobe/kretprobe on its x86_64 wrapper `__x64_sys_delete_module`
+//! (Linux 4.17+), not with the `syscalls:sys_{enter,exit}_delete_module` tracepoints: enabling any
+//! syscall tracepoint sends every syscall of every task through the tracing slow path, and on
+//! Linux 7.2 under QEMU TCG patching that hot path crashed the guest (an int3 oops in
+//! `trace_syscall_enter`) about one boot in five. A kprobe patches only the probed function.
+//!
 //! Kernel facts relied on (checked on Debian 6.1, 6.12 and 7.2):
 //! - `delete_module` (kernel/module/main.c) runs the module's exit function, which unregisters its
 //!   drivers and so its NICs, inside the syscall, in the task that called it; `module_free` fires
@@ -8,22 +14,23 @@
 //! - `module:module_load` fires in `load_module` before the module's init function runs, so before
 //!   the driver probes and registers any NIC.
 //! - Tracepoint record layouts differ between kernels, so every field offset is a global that user
-//!   space fills in from tracefs `events/<system>/<event>/format` before loading.
+//!   space fills in from tracefs `events/<system>/<event>/format` before loading; the offset of
+//!   `pt_regs.di` (the syscall's first argument) comes from BTF.
 use aya_ebpf::{
     helpers::{bpf_probe_read_kernel_str_bytes, bpf_probe_read_user_str_bytes},
-    macros::tracepoint,
-    programs::TracePointContext,
+    macros::{kprobe, kretprobe, tracepoint},
+    programs::{ProbeContext, RetProbeContext, TracePointContext},
     EbpfContext as _,
 };
 use hotplug_common::{ContextKind, Counter, EventKind, ModuleEvent, MODULE_NAME_LEN};
 
-use crate::{context, count, current_task, emit, global_u32, now_ns};
+use crate::{context, count, current_task, emit, global_u32, kernel::read, now_ns};
+
+/// Offset of `di` in `struct pt_regs` (x86_64): where the syscall wrapper finds argument 1.
+#[unsafe(no_mangle)]
+static PT_REGS_DI: u32 = 112;
 
 // Tracepoint field offsets, overridden by user space (see `hotplug_common::globals`).
-#[unsafe(no_mangle)]
-static DELETE_MODULE_ENTER_NAME_OFFSET: u32 = 16;
-#[unsafe(no_mangle)]
-static DELETE_MODULE_EXIT_RET_OFFSET: u32 = 16;
 #[unsafe(no_mangle)]
 static MODULE_LOAD_NAME_OFFSET: u32 = 12;
 #[unsafe(no_mangle)]
@@ -52,17 +59,16 @@ fn read_data_loc_str(ctx: &TracePointContext, offset: usize, dest: &mut [u8]) ->
         .map_err(i64::from)
 }
 
-#[tracepoint]
-pub fn delete_module_enter(ctx: TracePointContext) -> u32 {
+/// Entry of `__x64_sys_delete_module(const struct pt_regs *regs)`.
+#[kprobe]
+pub fn delete_module_enter(ctx: ProbeContext) -> u32 {
     try_delete_module_enter(&ctx).map_or(1, |()| 0)
 }
 
-fn try_delete_module_enter(ctx: &TracePointContext) -> Result<(), i64> {
+fn try_delete_module_enter(ctx: &ProbeContext) -> Result<(), i64> {
     let mut event = new_event(EventKind::ModuleUnloadBegin);
-    // SAFETY: the offset of `name_user` comes from the running kernel's format file.
-    let name_user: *const u8 =
-        unsafe { ctx.read_at(global_u32(&DELETE_MODULE_ENTER_NAME_OFFSET) as usize) }
-            .map_err(i64::from)?;
+    let regs: u64 = ctx.arg(0).ok_or(0i64)?;
+    let name_user = read::<u64>(regs, global_u32(&PT_REGS_DI)).ok_or(0i64)? as *const u8;
     // SAFETY: `name_user` is the syscall's user pointer; the helper faults safely and bounds the copy.
     if unsafe { bpf_probe_read_user_str_bytes(name_user, &mut event.name) }.is_err() {
         count(Counter::KernelReadFailed);
@@ -77,12 +83,13 @@ fn try_delete_module_enter(ctx: &TracePointContext) -> Result<(), i64> {
     Ok(())
 }
 
-#[tracepoint]
-pub fn delete_module_exit(ctx: TracePointContext) -> u32 {
+/// Return of `__x64_sys_delete_module`.
+#[kretprobe]
+pub fn delete_module_exit(ctx: RetProbeContext) -> u32 {
     try_delete_module_exit(&ctx).map_or(1, |()| 0)
 }
 
-fn try_delete_module_exit(ctx: &TracePointContext) -> Result<(), i64> {
+fn try_delete_module_exit(ctx: &RetProbeContext) -> Result<(), i64> {
     let mut event = new_event(EventKind::ModuleUnloadEnd);
     let Some(task) = context::current().filter(|t| t.inside(ContextKind::ModuleUnload)) else {
         // The entry raced with the agent's start, or the map was full: nothing to pair with.
@@ -91,9 +98,7 @@ fn try_delete_module_exit(ctx: &TracePointContext) -> Result<(), i64> {
     event.name = task.module;
     context::update(|task| task.module = [0; MODULE_NAME_LEN]);
     context::leave(ContextKind::ModuleUnload);
-    // SAFETY: the offset of `ret` (a `long`) comes from the running kernel's format file.
-    let ret: i64 = unsafe { ctx.read_at(global_u32(&DELETE_MODULE_EXIT_RET_OFFSET) as usize) }
-        .map_err(i64::from)?;
+    let ret: i64 = ctx.ret();
     event.ret = ret as i32;
     emit(&event);
     Ok(())
@@ -101,11 +106,8 @@ fn try_delete_module_exit(ctx: &TracePointContext) -> Result<(), i64> {
 
 #[tracepoint]
 pub fn module_load(ctx: TracePointContext) -> u32 {
-    let Ok(event) = module_named(
-        &ctx,
-        EventKind::ModuleLoad,
-        global_u32(&MODULE_LOAD_NAME_OFFSET) as usize,
-    ) else {
+    let Ok(event) = module_named(&ctx, EventKind::ModuleLoad, global_u32(&MODULE_LOAD_NAME_OFFSET) as usize)
+    else {
         return 1;
     };
     // NICs this task registers before its init_module returns belong to this module's load.
@@ -118,11 +120,7 @@ pub fn module_load(ctx: TracePointContext) -> u32 {
 
 #[tracepoint]
 pub fn module_free(ctx: TracePointContext) -> u32 {
-    match module_named(
-        &ctx,
-        EventKind::ModuleFree,
-        global_u32(&MODULE_FREE_NAME_OFFSET) as usize,
-    ) {
+    match module_named(&ctx, EventKind::ModuleFree, global_u32(&MODULE_FREE_NAME_OFFSET) as usize) {
         Ok(event) => {
             emit(&event);
             0
@@ -132,11 +130,7 @@ pub fn module_free(ctx: TracePointContext) -> u32 {
 }
 
 #[inline(always)]
-fn module_named(
-    ctx: &TracePointContext,
-    kind: EventKind,
-    name_offset: usize,
-) -> Result<ModuleEvent, i64> {
+fn module_named(ctx: &TracePointContext, kind: EventKind, name_offset: usize) -> Result<ModuleEvent, i64> {
     let mut event = new_event(kind);
     if read_data_loc_str(ctx, name_offset, &mut event.name).is_err() {
         count(Counter::KernelReadFailed);

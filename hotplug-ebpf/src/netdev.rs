@@ -120,10 +120,7 @@ fn describe(event: &mut NetdevEvent, dev: u64) {
     event.ifindex = read::<i32>(dev, global_u32(&NETDEV_IFINDEX)).unwrap_or(0);
     read_bytes(dev + global_u32(&NETDEV_NAME) as u64, &mut event.name);
     event.addr_len = read::<u8>(dev, global_u32(&NETDEV_ADDR_LEN)).unwrap_or(0) as u32;
-    read_bytes(
-        dev + global_u32(&NETDEV_PERM_ADDR) as u64,
-        &mut event.perm_addr,
-    );
+    read_bytes(dev + global_u32(&NETDEV_PERM_ADDR) as u64, &mut event.perm_addr);
     let dev_addr = if global_u32(&NETDEV_DEV_ADDR_IS_POINTER) != 0 {
         read::<u64>(dev, global_u32(&NETDEV_DEV_ADDR)).unwrap_or(0)
     } else {
@@ -135,10 +132,7 @@ fn describe(event: &mut NetdevEvent, dev: u64) {
     if parent != 0 {
         let driver = read::<u64>(parent, global_u32(&DEVICE_DRIVER)).unwrap_or(0);
         if driver != 0 {
-            read_str(
-                read::<u64>(driver, global_u32(&DRIVER_NAME)).unwrap_or(0),
-                &mut event.driver,
-            );
+            read_str(read::<u64>(driver, global_u32(&DRIVER_NAME)).unwrap_or(0), &mut event.driver);
             let owner = read::<u64>(driver, global_u32(&DRIVER_OWNER)).unwrap_or(0);
             if owner != 0 {
                 read_str(owner + global_u32(&MODULE_NAME) as u64, &mut event.module);
@@ -148,10 +142,7 @@ fn describe(event: &mut NetdevEvent, dev: u64) {
         // A virtual device: its rtnetlink link kind ("veth", "bridge") stands for the driver.
         let ops = read::<u64>(dev, global_u32(&NETDEV_RTNL_LINK_OPS)).unwrap_or(0);
         if ops != 0 {
-            read_str(
-                read::<u64>(ops, global_u32(&RTNL_LINK_OPS_KIND)).unwrap_or(0),
-                &mut event.driver,
-            );
+            read_str(read::<u64>(ops, global_u32(&RTNL_LINK_OPS_KIND)).unwrap_or(0), &mut event.driver);
         }
     }
 
@@ -162,10 +153,7 @@ fn describe(event: &mut NetdevEvent, dev: u64) {
             break;
         }
         if pci_bus_type != 0 && read::<u64>(device, global_u32(&DEVICE_BUS)) == Some(pci_bus_type) {
-            read_str(
-                read::<u64>(device, global_u32(&DEVICE_NAME)).unwrap_or(0),
-                &mut event.bus_addr,
-            );
+            read_str(read::<u64>(device, global_u32(&DEVICE_NAME)).unwrap_or(0), &mut event.bus_addr);
             break;
         }
         device = read::<u64>(device, global_u32(&DEVICE_PARENT)).unwrap_or(0);
@@ -245,12 +233,7 @@ pub fn netns_move_exit(ctx: RetProbeContext) -> u32 {
     let _ = MOVING.remove(tid);
     let ret: i32 = ctx.ret();
     if ret == 0 {
-        send(
-            EventKind::NetdevRemoval,
-            Cause::NetnsMove,
-            dev,
-            Some(old_ifindex),
-        );
+        send(EventKind::NetdevRemoval, Cause::NetnsMove, dev, Some(old_ifindex));
         send(EventKind::NetdevRegistration, Cause::NetnsMove, dev, None);
     }
     0

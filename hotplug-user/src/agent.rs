@@ -43,9 +43,7 @@ impl Startup {
         let mut reasons = Vec::new();
         // SAFETY: geteuid has no preconditions and cannot fail.
         if unsafe { libc::geteuid() } != 0 {
-            reasons.push(
-                "not running as root: eBPF programs and netlink changes need root".to_owned(),
-            );
+            reasons.push("not running as root: eBPF programs and netlink changes need root".to_owned());
         }
         let probes = match KernelProbes::load(kernel::embedded_object(), &features) {
             Ok(probes) => {
@@ -65,19 +63,14 @@ impl Startup {
             }
         };
         if !features.module_tracepoints {
-            reasons.push("this kernel has no module tracepoints (CONFIG_MODULES off?): driver unloads cannot be seen".to_owned());
+            reasons.push(
+                "this kernel has no module tracepoints (CONFIG_MODULES off?): driver unloads cannot be seen"
+                    .to_owned(),
+            );
         }
         reasons.dedup();
-        let mode = if reasons.is_empty() {
-            Mode::Full
-        } else {
-            Mode::Degraded(reasons)
-        };
-        Self {
-            features,
-            mode,
-            probes,
-        }
+        let mode = if reasons.is_empty() { Mode::Full } else { Mode::Degraded(reasons) };
+        Self { features, mode, probes }
     }
 
     /// Logs the kernel's features and the mode, loudly when degraded.
@@ -86,7 +79,9 @@ impl Startup {
         match &self.mode {
             Mode::Full => tracing::info!("mode: full (kernel hooks attached)"),
             Mode::Degraded(reasons) => {
-                tracing::warn!("mode: DEGRADED: driver reloads cannot be told from device removals by kernel context");
+                tracing::warn!(
+                    "mode: DEGRADED: driver reloads cannot be told from device removals by kernel context"
+                );
                 for reason in reasons {
                     tracing::warn!("degraded because: {reason}");
                 }
@@ -153,11 +148,7 @@ pub async fn stream_events(json: bool) -> Result<(), AgentError> {
     startup.announce();
     let mut out = std::io::stdout().lock();
     if json {
-        let header = StreamHeader {
-            kind: "agent",
-            features: &startup.features,
-            mode: &startup.mode,
-        };
+        let header = StreamHeader { kind: "agent", features: &startup.features, mode: &startup.mode };
         writeln!(out, "{}", serde_json::to_string(&header)?).map_err(AgentError::Output)?;
     }
     out.flush().map_err(AgentError::Output)?;
@@ -173,16 +164,28 @@ pub async fn stream_events(json: bool) -> Result<(), AgentError> {
             }
             Some(event) = events.recv() => event,
         };
-        let line = if json {
-            serde_json::to_string(&event)?
-        } else {
-            describe(&event)
-        };
+        let line = if json { serde_json::to_string(&event)? } else { describe(&event) };
         let mut out = std::io::stdout().lock();
-        writeln!(out, "{line}")
-            .and_then(|()| out.flush())
-            .map_err(AgentError::Output)?;
+        writeln!(out, "{line}").and_then(|()| out.flush()).map_err(AgentError::Output)?;
     }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` reads.
+pub fn monotonic_ns() -> u64 {
+    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `now` is a valid timespec to write to; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    u64::try_from(now.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(now.tv_nsec).unwrap_or(0)
+}
+
+/// The JSON line for an event, with `received_ns`: when user space had it (same clock as the
+/// kernel's `timestamp_ns`, so the difference is the delivery latency).
+pub fn json_line(event: &KernelEvent, received_ns: u64) -> Result<String, serde_json::Error> {
+    let mut value = serde_json::to_value(event)?;
+    if let Some(object) = value.as_object_mut() {
+        object.insert("received_ns".to_owned(), received_ns.into());
+    }
+    serde_json::to_string(&value)
 }
 
 /// One human-readable line for an event.
@@ -196,11 +199,7 @@ pub fn describe(event: &KernelEvent) -> String {
             )
         }
         KernelEvent::Nic(n) => {
-            let task = n
-                .task
-                .as_ref()
-                .map(|t| format!(" by {}[{}]", t.comm, t.pid))
-                .unwrap_or_default();
+            let task = n.task.as_ref().map(|t| format!(" by {}[{}]", t.comm, t.pid)).unwrap_or_default();
             format!(
                 "{:>16} {:<12} {:<8} ifindex {:<3} {} {} bus {} driver {} cause {} ({:?}){task}",
                 n.timestamp_ns,
@@ -223,11 +222,7 @@ pub fn print_features(json: bool) -> Result<(), AgentError> {
     let startup = Startup::probe();
     let mut out = std::io::stdout().lock();
     if json {
-        let header = StreamHeader {
-            kind: "agent",
-            features: &startup.features,
-            mode: &startup.mode,
-        };
+        let header = StreamHeader { kind: "agent", features: &startup.features, mode: &startup.mode };
         writeln!(out, "{}", serde_json::to_string_pretty(&header)?).map_err(AgentError::Output)?;
     } else {
         writeln!(out, "{}", startup.features).map_err(AgentError::Output)?;

@@ -36,35 +36,15 @@ pub fn ebpf_cargo(subcommand: &str) -> Command {
     let mut command = Command::new("rustup");
     command
         .current_dir(cmd::workspace_root())
-        .args([
-            "run",
-            "nightly",
-            "cargo",
-            subcommand,
-            "--package",
-            "hotplug-ebpf",
-            "--release",
-        ])
-        .args([
-            "--target",
-            "bpfel-unknown-none",
-            "-Z",
-            "build-std=core",
-            "--target-dir",
-        ])
+        .args(["run", "nightly", "cargo", subcommand, "--package", "hotplug-ebpf", "--release"])
+        .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core", "--target-dir"])
         .arg(cmd::target_dir().join("bpf"))
         .env(
             "CARGO_ENCODED_RUSTFLAGS",
             "--cfg=bpf_target_arch=\"x86_64\"\x1f-Cdebuginfo=2\x1f-Clink-arg=--btf",
         );
-    for var in [
-        "RUSTC",
-        "RUSTC_WRAPPER",
-        "RUSTC_WORKSPACE_WRAPPER",
-        "RUSTFLAGS",
-        "RUSTUP_TOOLCHAIN",
-        "CARGO",
-    ] {
+    for var in ["RUSTC", "RUSTC_WRAPPER", "RUSTC_WORKSPACE_WRAPPER", "RUSTFLAGS", "RUSTUP_TOOLCHAIN", "CARGO"]
+    {
         command.env_remove(var);
     }
     command

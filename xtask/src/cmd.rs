@@ -8,9 +8,7 @@ use anyhow::{bail, Context as _, Result};
 
 /// Runs `cmd`, inheriting stdio; fails with the command line if it exits non-zero.
 pub fn run(cmd: &mut Command) -> Result<()> {
-    let status = cmd
-        .status()
-        .with_context(|| format!("cannot start {}", describe(cmd)))?;
+    let status = cmd.status().with_context(|| format!("cannot start {}", describe(cmd)))?;
     if !status.success() {
         bail!("{} failed ({status})", describe(cmd));
     }
@@ -19,19 +17,10 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 
 /// Runs `cmd` and returns its stdout; fails with its stderr if it exits non-zero.
 pub fn output(cmd: &mut Command) -> Result<String> {
-    let Output {
-        status,
-        stdout,
-        stderr,
-    } = cmd
-        .output()
-        .with_context(|| format!("cannot start {}", describe(cmd)))?;
+    let Output { status, stdout, stderr } =
+        cmd.output().with_context(|| format!("cannot start {}", describe(cmd)))?;
     if !status.success() {
-        bail!(
-            "{} failed ({status}): {}",
-            describe(cmd),
-            String::from_utf8_lossy(&stderr).trim()
-        );
+        bail!("{} failed ({status}): {}", describe(cmd), String::from_utf8_lossy(&stderr).trim());
     }
     String::from_utf8(stdout).with_context(|| format!("{} printed non-UTF-8", describe(cmd)))
 }
@@ -48,16 +37,13 @@ pub fn describe(cmd: &Command) -> String {
 /// Whether `program` is an executable on PATH.
 pub fn which(program: &str) -> Option<PathBuf> {
     std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join(program))
-            .find(|path| is_executable(path))
+        std::env::split_paths(&paths).map(|dir| dir.join(program)).find(|path| is_executable(path))
     })
 }
 
 fn is_executable(path: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt as _;
-    path.metadata()
-        .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    path.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
 pub fn is_root() -> bool {
@@ -68,15 +54,12 @@ pub fn is_root() -> bool {
 /// The workspace root (the parent of xtask's manifest directory).
 pub fn workspace_root() -> PathBuf {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    manifest
-        .parent()
-        .map_or_else(|| manifest.to_path_buf(), Path::to_path_buf)
+    manifest.parent().map_or_else(|| manifest.to_path_buf(), Path::to_path_buf)
 }
 
 /// The cargo target directory (`CARGO_TARGET_DIR` or `<workspace>/target`).
 pub fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| workspace_root().join("target"), PathBuf::from)
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace_root().join("target"), PathBuf::from)
 }
 
 /// Where downloads and prepared guest kernels are kept across clones: `HOTPLUG_CACHE_DIR`,

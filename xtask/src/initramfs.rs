@@ -18,10 +18,7 @@ const S_IFCHR: u32 = 0o020_000;
 
 impl Initramfs {
     pub fn new() -> Self {
-        Self {
-            next_inode: 1,
-            ..Self::default()
-        }
+        Self { next_inode: 1, ..Self::default() }
     }
 
     fn entry(&mut self, name: &str, mode: u32, rdev: (u32, u32), body: &[u8]) {
@@ -46,8 +43,7 @@ impl Initramfs {
         ];
         self.data.extend_from_slice(b"070701");
         for field in fields {
-            self.data
-                .extend_from_slice(format!("{field:08x}").as_bytes());
+            self.data.extend_from_slice(format!("{field:08x}").as_bytes());
         }
         self.data.extend_from_slice(name.as_bytes());
         self.data.push(0);
@@ -106,11 +102,7 @@ impl Initramfs {
             .collect::<Result<_, _>>()?;
         entries.sort_by_key(fs::DirEntry::file_name);
         for entry in entries {
-            let name = format!(
-                "{}/{}",
-                path.trim_end_matches('/'),
-                entry.file_name().to_string_lossy()
-            );
+            let name = format!("{}/{}", path.trim_end_matches('/'), entry.file_name().to_string_lossy());
             if entry.file_type()?.is_dir() {
                 self.copy_tree(&name, &entry.path())?;
             } else {
@@ -157,10 +149,7 @@ mod tests {
         let ab = text.find("a/b\0").unwrap_or(usize::MAX);
         let file = text.find("a/b/c.txt\0").unwrap_or(usize::MAX);
         let trailer = text.find("TRAILER!!!").unwrap_or(usize::MAX);
-        assert!(
-            a < ab && ab < file && file < trailer,
-            "{a} {ab} {file} {trailer}"
-        );
+        assert!(a < ab && ab < file && file < trailer, "{a} {ab} {file} {trailer}");
         assert!(text.contains("hello"));
         // the file's size field (7th field, after the magic) says 5 bytes
         let header = &text[file - 110..file];

@@ -112,18 +112,11 @@ fn prepare(suite: Suite, apt: &PrivateApt, dir: &Path, release: &str) -> Result<
     // Newer kernels split the image package into binary and modules packages.
     for dep in apt.depends(&image)? {
         let split = ["linux-binary-", "linux-modules-", "linux-base-"];
-        if split
-            .iter()
-            .any(|prefix| dep == format!("{prefix}{release}"))
-        {
+        if split.iter().any(|prefix| dep == format!("{prefix}{release}")) {
             packages.push(dep);
         }
     }
-    eprintln!(
-        "setup: downloading the {} guest kernel: {}",
-        suite.name(),
-        packages.join(" ")
-    );
+    eprintln!("setup: downloading the {} guest kernel: {}", suite.name(), packages.join(" "));
     apt.download(&packages, &debs)?;
     for entry in fs::read_dir(&debs)? {
         let deb = entry?.path();
@@ -149,47 +142,23 @@ fn prepare(suite: Suite, apt: &PrivateApt, dir: &Path, release: &str) -> Result<
     fs::create_dir_all(&rel_dir)?;
     // Older packages keep the image and config in /boot, split ones beside the modules.
     let boot = unpacked.join("boot");
-    let vmlinuz = [
-        boot.join(format!("vmlinuz-{release}")),
-        modules_src.join("vmlinuz"),
-    ]
-    .into_iter()
-    .find(|p| p.exists())
-    .with_context(|| format!("{packages:?} hold no vmlinuz"))?;
+    let vmlinuz = [boot.join(format!("vmlinuz-{release}")), modules_src.join("vmlinuz")]
+        .into_iter()
+        .find(|p| p.exists())
+        .with_context(|| format!("{packages:?} hold no vmlinuz"))?;
     extract_vmlinux(&vmlinuz, &rel_dir.join("vmlinux"))?;
-    if let Some(config) = [
-        boot.join(format!("config-{release}")),
-        modules_src.join("config"),
-    ]
-    .into_iter()
-    .find(|p| p.exists())
+    if let Some(config) =
+        [boot.join(format!("config-{release}")), modules_src.join("config")].into_iter().find(|p| p.exists())
     {
         fs::copy(&config, rel_dir.join("config"))?;
     }
     let module_root = rel_dir.join("root");
-    select_modules(
-        &modules_src,
-        &module_root.join("lib/modules").join(release),
-        GUEST_MODULES,
-    )?;
-    cmd::run(
-        Command::new("depmod")
-            .arg("-b")
-            .arg(&module_root)
-            .arg(release),
-    )?;
+    select_modules(&modules_src, &module_root.join("lib/modules").join(release), GUEST_MODULES)?;
+    cmd::run(Command::new("depmod").arg("-b").arg(&module_root).arg(release))?;
     fs::remove_dir_all(&work)?;
     fs::write(rel_dir.join(".ready"), b"")?;
-    eprintln!(
-        "setup: guest kernel {release} ready in {}",
-        rel_dir.display()
-    );
-    Ok(GuestKernel {
-        suite,
-        release: release.to_owned(),
-        vmlinux: rel_dir.join("vmlinux"),
-        module_root,
-    })
+    eprintln!("setup: guest kernel {release} ready in {}", rel_dir.display());
+    Ok(GuestKernel { suite, release: release.to_owned(), vmlinux: rel_dir.join("vmlinux"), module_root })
 }
 
 /// Finds the compressed payload inside a bzImage and decompresses it to the ELF vmlinux (what the
@@ -226,10 +195,7 @@ fn extract_vmlinux(vmlinuz: &Path, out: &Path) -> Result<()> {
             }
         }
     }
-    bail!(
-        "found no compressed ELF kernel inside {}",
-        vmlinuz.display()
-    )
+    bail!("found no compressed ELF kernel inside {}", vmlinuz.display())
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
@@ -247,19 +213,14 @@ fn module_name(path: &str) -> String {
 /// decompressed, with the files depmod needs.
 fn select_modules(src: &Path, dst: &Path, wanted: &[&str]) -> Result<()> {
     let dep_file = src.join("modules.dep");
-    let dep_text = fs::read_to_string(&dep_file)
-        .with_context(|| format!("cannot read {}", dep_file.display()))?;
+    let dep_text =
+        fs::read_to_string(&dep_file).with_context(|| format!("cannot read {}", dep_file.display()))?;
     let builtin = fs::read_to_string(src.join("modules.builtin")).unwrap_or_default();
     let builtin: BTreeSet<String> = builtin.lines().map(module_name).collect();
     let deps: Vec<(String, Vec<String>)> = dep_text
         .lines()
         .filter_map(|line| line.split_once(':'))
-        .map(|(path, deps)| {
-            (
-                path.to_owned(),
-                deps.split_whitespace().map(str::to_owned).collect(),
-            )
-        })
+        .map(|(path, deps)| (path.to_owned(), deps.split_whitespace().map(str::to_owned).collect()))
         .collect();
     let mut chosen = BTreeSet::new();
     for name in wanted {
@@ -273,21 +234,14 @@ fn select_modules(src: &Path, dst: &Path, wanted: &[&str]) -> Result<()> {
         }
     }
     fs::create_dir_all(dst)?;
-    for file in [
-        "modules.builtin",
-        "modules.builtin.modinfo",
-        "modules.order",
-    ] {
+    for file in ["modules.builtin", "modules.builtin.modinfo", "modules.order"] {
         if src.join(file).exists() {
             fs::copy(src.join(file), dst.join(file))?;
         }
     }
     for path in &chosen {
         let from = src.join(path);
-        let plain = path
-            .trim_end_matches(".xz")
-            .trim_end_matches(".zst")
-            .trim_end_matches(".gz");
+        let plain = path.trim_end_matches(".xz").trim_end_matches(".zst").trim_end_matches(".gz");
         let to = dst.join(plain);
         if let Some(parent) = to.parent() {
             fs::create_dir_all(parent)?;
@@ -324,17 +278,11 @@ impl PrivateApt {
         let (archive_suites, security_suites) = suite.apt_suites();
         let mut sources = String::new();
         for s in archive_suites {
-            sources.push_str(&format!(
-                "deb [signed-by={}] {} {s} main\n",
-                mirrors.keyring, mirrors.archive
-            ));
+            sources.push_str(&format!("deb [signed-by={}] {} {s} main\n", mirrors.keyring, mirrors.archive));
         }
         if let Some(security) = &mirrors.security {
             for s in security_suites {
-                sources.push_str(&format!(
-                    "deb [signed-by={}] {security} {s} main\n",
-                    mirrors.keyring
-                ));
+                sources.push_str(&format!("deb [signed-by={}] {security} {s} main\n", mirrors.keyring));
             }
         }
         let list = dir.join("sources.list");
@@ -365,11 +313,7 @@ impl PrivateApt {
             .context("apt-get update (private lists for the guest kernels) failed")?;
         let deps = self.depends("linux-image-amd64")?;
         deps.iter()
-            .find_map(|dep| {
-                dep.strip_prefix("linux-image-")
-                    .filter(|r| *r != "amd64")
-                    .map(str::to_owned)
-            })
+            .find_map(|dep| dep.strip_prefix("linux-image-").filter(|r| *r != "amd64").map(str::to_owned))
             .context("linux-image-amd64 depends on no linux-image-<release> package")
     }
 
@@ -383,12 +327,7 @@ impl PrivateApt {
     }
 
     fn download(&self, packages: &[String], into: &Path) -> Result<()> {
-        cmd::run(
-            self.command("apt-get")
-                .current_dir(into)
-                .arg("download")
-                .args(packages),
-        )
+        cmd::run(self.command("apt-get").current_dir(into).arg("download").args(packages))
     }
 }
 
@@ -426,15 +365,13 @@ impl HostMirrors {
                 .find(|e| e.suites.iter().any(|s| !s.contains('-')))
                 .map(|e| e.uri.clone())
         });
-        let security = std::env::var("HOTPLUG_DEBIAN_SECURITY_MIRROR")
-            .ok()
-            .or_else(|| {
-                entries
-                    .iter()
-                    .filter(is_debian)
-                    .find(|e| e.suites.iter().any(|s| s.ends_with("-security")))
-                    .map(|e| e.uri.clone())
-            });
+        let security = std::env::var("HOTPLUG_DEBIAN_SECURITY_MIRROR").ok().or_else(|| {
+            entries
+                .iter()
+                .filter(is_debian)
+                .find(|e| e.suites.iter().any(|s| s.ends_with("-security")))
+                .map(|e| e.uri.clone())
+        });
         let keyring = entries
             .iter()
             .filter(is_debian)
@@ -447,11 +384,7 @@ impl HostMirrors {
                  set HOTPLUG_DEBIAN_MIRROR to a Debian mirror's URL"
             );
         };
-        Ok(Self {
-            archive,
-            security,
-            keyring,
-        })
+        Ok(Self { archive, security, keyring })
     }
 }
 
@@ -482,11 +415,8 @@ struct SourceEntry {
 fn parse_deb822(text: &str) -> Vec<SourceEntry> {
     text.split("\n\n")
         .filter_map(|stanza| {
-            let field = |name: &str| {
-                stanza
-                    .lines()
-                    .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_owned()))
-            };
+            let field =
+                |name: &str| stanza.lines().find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_owned()));
             if field("Types:").is_some_and(|t| !t.split_whitespace().any(|t| t == "deb")) {
                 return None;
             }
@@ -495,10 +425,7 @@ fn parse_deb822(text: &str) -> Vec<SourceEntry> {
             }
             Some(SourceEntry {
                 uri: field("URIs:")?.split_whitespace().next()?.to_owned(),
-                suites: field("Suites:")?
-                    .split_whitespace()
-                    .map(str::to_owned)
-                    .collect(),
+                suites: field("Suites:")?.split_whitespace().map(str::to_owned).collect(),
                 signed_by: field("Signed-By:"),
             })
         })
@@ -515,9 +442,8 @@ fn parse_one_line(text: &str) -> Vec<SourceEntry> {
                 None => ("", rest),
             };
             let mut words = rest.split_whitespace();
-            let signed_by = options
-                .split_whitespace()
-                .find_map(|o| o.strip_prefix("signed-by=").map(str::to_owned));
+            let signed_by =
+                options.split_whitespace().find_map(|o| o.strip_prefix("signed-by=").map(str::to_owned));
             Some(SourceEntry {
                 uri: words.next()?.to_owned(),
                 suites: vec![words.next()?.to_owned()],
@@ -533,14 +459,8 @@ mod tests {
 
     #[test]
     fn module_names_from_dep_paths() {
-        assert_eq!(
-            module_name("kernel/drivers/net/virtio_net.ko.xz"),
-            "virtio_net"
-        );
-        assert_eq!(
-            module_name("kernel/drivers/net/ethernet/intel/e1000e/e1000e.ko"),
-            "e1000e"
-        );
+        assert_eq!(module_name("kernel/drivers/net/virtio_net.ko.xz"), "virtio_net");
+        assert_eq!(module_name("kernel/drivers/net/ethernet/intel/e1000e/e1000e.ko"), "e1000e");
         assert_eq!(module_name("kernel/drivers/ptp/ptp-foo.ko.zst"), "ptp_foo");
     }
 

@@ -18,10 +18,7 @@ impl Qmp {
     pub fn new(stream: UnixStream) -> Result<Self> {
         stream.set_read_timeout(Some(Duration::from_secs(60)))?;
         let writer = stream.try_clone()?;
-        let mut qmp = Self {
-            reader: BufReader::new(stream),
-            writer,
-        };
+        let mut qmp = Self { reader: BufReader::new(stream), writer };
         let greeting = qmp.read()?;
         if greeting.get("QMP").is_none() {
             bail!("QMP greeting expected, got {greeting}");
@@ -48,10 +45,7 @@ impl Qmp {
                 return Ok(value.clone());
             }
             if let Some(error) = message.get("error") {
-                bail!(
-                    "QMP {command} failed: {}",
-                    error.get("desc").unwrap_or(error)
-                );
+                bail!("QMP {command} failed: {}", error.get("desc").unwrap_or(error));
             }
         }
     }
@@ -68,10 +62,7 @@ impl Qmp {
             }
             let message = self.read()?;
             if let Some(error) = message.get("error") {
-                bail!(
-                    "QMP device_del {id} failed: {}",
-                    error.get("desc").unwrap_or(error)
-                );
+                bail!("QMP device_del {id} failed: {}", error.get("desc").unwrap_or(error));
             }
             let deleted = message.get("event").and_then(Value::as_str) == Some("DEVICE_DELETED")
                 && message.pointer("/data/device").and_then(Value::as_str) == Some(id);

@@ -20,20 +20,15 @@ pub struct RunArgs {
 pub fn run(args: &RunArgs) -> Result<ExitCode> {
     setup::ensure_toolchain()?;
     let binaries = build::guest_binaries()?;
-    let Some(agent) = binaries.first() else {
-        bail!("no agent binary was built")
-    };
+    let Some(agent) = binaries.first() else { bail!("no agent binary was built") };
     if !cmd::is_root() {
         bail!(
             "hotplug-agent needs root (CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN to load its programs \
              and configure NICs): run `sudo -E cargo xtask run`"
         );
     }
-    let agent_args = if args.agent_args.is_empty() {
-        vec!["run".to_owned()]
-    } else {
-        args.agent_args.clone()
-    };
+    let agent_args =
+        if args.agent_args.is_empty() { vec!["run".to_owned()] } else { args.agent_args.clone() };
     eprintln!("xtask: exec {} {}", agent.display(), agent_args.join(" "));
     let error = Command::new(agent).args(&agent_args).exec();
     bail!("cannot exec {}: {error}", agent.display())

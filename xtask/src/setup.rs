@@ -15,16 +15,8 @@ use crate::{cmd, kernels};
 /// Debian packages the guest harness uses: QEMU, busybox for the guest's userland, cpio and kmod
 /// (depmod) for the initramfs, xz and zstd to unpack kernels and modules, socat to talk to a
 /// running guest's sockets by hand, iproute2 for the guest's `ip` (busybox's lacks most of it).
-pub const DEBIAN_PACKAGES: &[&str] = &[
-    "qemu-system-x86",
-    "busybox-static",
-    "cpio",
-    "kmod",
-    "xz-utils",
-    "zstd",
-    "socat",
-    "iproute2",
-];
+pub const DEBIAN_PACKAGES: &[&str] =
+    &["qemu-system-x86", "busybox-static", "cpio", "kmod", "xz-utils", "zstd", "socat", "iproute2"];
 
 /// The bpf-linker release that matches aya 0.14's object format.
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -50,20 +42,13 @@ pub struct Prepared {
 pub fn run(args: &SetupArgs) -> Result<Prepared> {
     let started = Instant::now();
     ensure_toolchain()?;
-    let mut prepared = Prepared {
-        kernels: Vec::new(),
-    };
+    let mut prepared = Prepared { kernels: Vec::new() };
     if !args.toolchain_only {
         ensure_debian_packages(DEBIAN_PACKAGES)?;
-        let suites = if args.kernels.is_empty() {
-            kernels::Suite::ALL.to_vec()
-        } else {
-            args.kernels.clone()
-        };
+        let suites =
+            if args.kernels.is_empty() { kernels::Suite::ALL.to_vec() } else { args.kernels.clone() };
         for suite in suites {
-            prepared
-                .kernels
-                .push(kernels::ensure(suite, args.refresh_kernels)?);
+            prepared.kernels.push(kernels::ensure(suite, args.refresh_kernels)?);
         }
     }
     eprintln!("setup: ready in {:.1} s", started.elapsed().as_secs_f64());
@@ -92,14 +77,10 @@ pub fn ensure_toolchain() -> Result<()> {
         "--installed",
     ]))?;
     if !components.lines().any(|line| line.starts_with("rust-src")) {
-        eprintln!("setup: installing rust-src for nightly (rustup component add rust-src --toolchain nightly)");
-        cmd::run(Command::new("rustup").args([
-            "component",
-            "add",
-            "rust-src",
-            "--toolchain",
-            "nightly",
-        ]))?;
+        eprintln!(
+            "setup: installing rust-src for nightly (rustup component add rust-src --toolchain nightly)"
+        );
+        cmd::run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
     }
     ensure_bpf_linker()
 }
@@ -125,19 +106,12 @@ fn nightly_llvm() -> Result<(PathBuf, u32)> {
             return Ok((path, major));
         }
     }
-    bail!(
-        "nightly's sysroot ({}) has no libLLVM.so.{major}*",
-        lib.display()
-    )
+    bail!("nightly's sysroot ({}) has no libLLVM.so.{major}*", lib.display())
 }
 
 fn ensure_bpf_linker() -> Result<()> {
     let (libllvm, major) = nightly_llvm()?;
-    let lib_name = libllvm
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or_default()
-        .to_owned();
+    let lib_name = libllvm.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
     if let Some(linker) = cmd::which("bpf-linker") {
         let version = cmd::output(Command::new(&linker).arg("--version")).unwrap_or_default();
         let links = cmd::output(Command::new("ldd").arg(&linker)).unwrap_or_default();
@@ -147,7 +121,10 @@ fn ensure_bpf_linker() -> Result<()> {
         if version.trim() == format!("bpf-linker {BPF_LINKER_VERSION}") && linked_ok {
             return Ok(());
         }
-        eprintln!("setup: {} is not bpf-linker {BPF_LINKER_VERSION} linked against {lib_name}; rebuilding it", linker.display());
+        eprintln!(
+            "setup: {} is not bpf-linker {BPF_LINKER_VERSION} linked against {lib_name}; rebuilding it",
+            linker.display()
+        );
     }
     // bpf-linker's build looks for llvm-config or LLVM_PREFIX; nightly ships only the shared
     // library, so give it a prefix whose lib/ holds that library under both names it looks for.
@@ -168,17 +145,8 @@ fn ensure_bpf_linker() -> Result<()> {
         Command::new("cargo")
             .env("LLVM_PREFIX", &prefix)
             .env_remove("RUSTUP_TOOLCHAIN")
-            .args([
-                "install",
-                &format!("bpf-linker@{BPF_LINKER_VERSION}"),
-                "--locked",
-                "--force",
-            ])
-            .args([
-                "--no-default-features",
-                "--features",
-                &format!("llvm-{major}"),
-            ]),
+            .args(["install", &format!("bpf-linker@{BPF_LINKER_VERSION}"), "--locked", "--force"])
+            .args(["--no-default-features", "--features", &format!("llvm-{major}")]),
     )
     .context("building bpf-linker failed")
 }
@@ -191,19 +159,13 @@ fn is_installed(package: &str) -> bool {
 }
 
 pub fn ensure_debian_packages(packages: &[&str]) -> Result<()> {
-    let missing: Vec<&str> = packages
-        .iter()
-        .copied()
-        .filter(|p| !is_installed(p))
-        .collect();
+    let missing: Vec<&str> = packages.iter().copied().filter(|p| !is_installed(p)).collect();
     if missing.is_empty() {
         return Ok(());
     }
     let list = missing.join(" ");
     if cmd::which("apt-get").is_none() {
-        bail!(
-            "missing packages ({list}) and no apt-get here: install them with your package manager"
-        );
+        bail!("missing packages ({list}) and no apt-get here: install them with your package manager");
     }
     if !cmd::is_root() {
         bail!("missing Debian packages: {list}. Run as root, or: sudo apt-get install {list}");

@@ -53,10 +53,7 @@ pub fn run(args: &TestArgs) -> Result<ExitCode> {
     let root = cmd::workspace_root();
 
     step("cargo fmt --check");
-    let fmt = cmd::cargo()
-        .current_dir(&root)
-        .args(["fmt", "--all", "--check"])
-        .status()?;
+    let fmt = cmd::cargo().current_dir(&root).args(["fmt", "--all", "--check"]).status()?;
     tally.record("cargo fmt --check", fmt.success());
 
     step("cargo clippy (warnings are errors)");
@@ -68,9 +65,7 @@ pub fn run(args: &TestArgs) -> Result<ExitCode> {
     tally.record("cargo clippy", clippy.success());
 
     step("cargo clippy for the eBPF programs (nightly, bpfel-unknown-none)");
-    let clippy_ebpf = build::ebpf_cargo("clippy")
-        .args(["--", "-D", "warnings"])
-        .status()?;
+    let clippy_ebpf = build::ebpf_cargo("clippy").args(["--", "-D", "warnings"]).status()?;
     tally.record("cargo clippy (eBPF)", clippy_ebpf.success());
 
     step("unit and host tests (cargo test)");
@@ -80,46 +75,22 @@ pub fn run(args: &TestArgs) -> Result<ExitCode> {
         step("VM scenarios");
         let binaries = build::guest_binaries()?;
         for scenario in vm::scenarios()? {
-            if args
-                .scenario
-                .as_deref()
-                .is_some_and(|s| !scenario.name.contains(s))
-            {
+            if args.scenario.as_deref().is_some_and(|s| !scenario.name.contains(s)) {
                 continue;
             }
-            for kernel in prepared
-                .kernels
-                .iter()
-                .filter(|k| scenario.kernels.contains(&k.suite))
-            {
-                let label = format!(
-                    "vm {} on {} ({})",
-                    scenario.name,
-                    kernel.suite.name(),
-                    kernel.release
-                );
+            for kernel in prepared.kernels.iter().filter(|k| scenario.kernels.contains(&k.suite)) {
+                let label = format!("vm {} on {} ({})", scenario.name, kernel.suite.name(), kernel.release);
                 let guest = vm::Guest {
                     kernel: kernel.clone(),
                     nics: vm::DEFAULT_NICS.to_vec(),
                     memory_mib: 1024,
                     binaries: binaries.clone(),
                 };
-                let outcome = guest.run(
-                    &scenario.path,
-                    Duration::from_secs(600),
-                    vm::Console::Capture,
-                )?;
+                let outcome = guest.run(&scenario.path, Duration::from_secs(600), vm::Console::Capture)?;
                 vm::write_result(&scenario.name, &guest, &outcome)?;
-                println!(
-                    "{label}: {} {}",
-                    if outcome.passed() { "PASS" } else { "FAIL" },
-                    outcome.summary()
-                );
+                println!("{label}: {} {}", if outcome.passed() { "PASS" } else { "FAIL" }, outcome.summary());
                 if !outcome.passed() {
-                    println!(
-                        "----- guest console ({label}) -----\n{}-----",
-                        outcome.console
-                    );
+                    println!("----- guest console ({label}) -----\n{}-----", outcome.console);
                 }
                 tally.record(&label, outcome.passed());
             }
@@ -132,11 +103,7 @@ pub fn run(args: &TestArgs) -> Result<ExitCode> {
     }
     println!("took {:.0} s", started.elapsed().as_secs_f64());
     println!("{} passed, {} failed", tally.passed, tally.failed);
-    Ok(if tally.failed == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(if tally.failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 fn step(name: &str) {

@@ -89,12 +89,7 @@ pub fn run(args: &VmArgs) -> Result<ExitCode> {
     setup::ensure_debian_packages(setup::DEBIAN_PACKAGES)?;
     let kernel = kernels::ensure(args.kernel, false)?;
     let binaries = build::guest_binaries()?;
-    let guest = Guest {
-        kernel,
-        nics: args.nics.clone(),
-        memory_mib: args.memory,
-        binaries,
-    };
+    let guest = Guest { kernel, nics: args.nics.clone(), memory_mib: args.memory, binaries };
     let outcome = guest.run(&script, Duration::from_secs(args.timeout), Console::Stream)?;
     if let Some(name) = scenario {
         let path = write_result(&name, &guest, &outcome)?;
@@ -122,23 +117,15 @@ pub fn scenarios() -> Result<Vec<Scenario>> {
     let mut found = Vec::new();
     for entry in fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))? {
         let path = entry?.path();
-        let Some(name) = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(|n| n.strip_suffix(".sh"))
-        else {
+        let Some(name) = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".sh")) else {
             continue;
         };
         if name.starts_with('_') {
             continue; // shared helpers, not a scenario
         }
         let text = fs::read_to_string(&path)?;
-        let comments: Vec<&str> = text
-            .lines()
-            .skip(1)
-            .map_while(|l| l.strip_prefix('#'))
-            .map(str::trim)
-            .collect();
+        let comments: Vec<&str> =
+            text.lines().skip(1).map_while(|l| l.strip_prefix('#')).map(str::trim).collect();
         let summary = comments.first().copied().unwrap_or_default().to_owned();
         let kernels = comments
             .iter()
@@ -150,12 +137,7 @@ pub fn scenarios() -> Result<Vec<Scenario>> {
             })
             .transpose()?
             .unwrap_or_else(|| kernels::Suite::ALL.to_vec());
-        found.push(Scenario {
-            name: name.to_owned(),
-            summary,
-            path,
-            kernels,
-        });
+        found.push(Scenario { name: name.to_owned(), summary, path, kernels });
     }
     found.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(found)
@@ -165,9 +147,7 @@ fn find_scenario(name: &str) -> Result<Scenario> {
     scenarios()?
         .into_iter()
         .find(|s| s.name == name)
-        .with_context(|| {
-            format!("no scenario {name:?} in tests/scenarios (see `cargo xtask vm --list`)")
-        })
+        .with_context(|| format!("no scenario {name:?} in tests/scenarios (see `cargo xtask vm --list`)"))
 }
 
 pub enum Console {
@@ -201,14 +181,11 @@ impl Outcome {
     }
 
     pub fn summary(&self) -> String {
-        let boot = self
-            .boot
-            .map_or_else(|| "-".to_owned(), |b| format!("{:.2} s", b.as_secs_f64()));
+        let boot = self.boot.map_or_else(|| "-".to_owned(), |b| format!("{:.2} s", b.as_secs_f64()));
         match (self.exit_status, &self.failure) {
-            (Some(code), _) => format!(
-                "script exited {code} (boot {boot}, total {:.1} s)",
-                self.duration.as_secs_f64()
-            ),
+            (Some(code), _) => {
+                format!("script exited {code} (boot {boot}, total {:.1} s)", self.duration.as_secs_f64())
+            }
             (None, Some(why)) => format!("guest failed: {why}"),
             (None, None) => "guest ended without an exit status".to_owned(),
         }
@@ -264,13 +241,7 @@ impl Guest {
             .collect()
     }
 
-    fn run_in(
-        &self,
-        dir: &Path,
-        script: &Path,
-        timeout: Duration,
-        console: Console,
-    ) -> Result<Outcome> {
+    fn run_in(&self, dir: &Path, script: &Path, timeout: Duration, console: Console) -> Result<Outcome> {
         let image = self.initramfs(script)?;
         let initrd = dir.join("initramfs.cpio");
         fs::write(&initrd, image)?;
@@ -281,40 +252,25 @@ impl Guest {
         let mut nics = self.nics();
 
         let mut qemu = Command::new("qemu-system-x86_64");
-        qemu.args([
-            "-accel", "tcg", "-cpu", "max", "-smp", "2", "-machine", "q35",
-        ])
-        .args(["-m", &self.memory_mib.to_string()])
-        .args(["-nodefaults", "-display", "none", "-no-reboot"])
-        .arg("-kernel")
-        .arg(&self.kernel.vmlinux)
-        .arg("-initrd")
-        .arg(&initrd)
-        .args([
-            "-append",
-            "console=ttyS0 panic=-1 quiet loglevel=4 rdinit=/init",
-        ])
-        .args([
-            "-chardev",
-            "stdio,id=con,signal=off",
-            "-serial",
-            "chardev:con",
-        ])
-        .arg("-chardev")
-        .arg(format!("socket,id=ctl,path={}", ctl_path.display()))
-        .args(["-serial", "chardev:ctl"])
-        .arg("-chardev")
-        .arg(format!("socket,id=qmp,path={}", qmp_path.display()))
-        .args(["-mon", "chardev=qmp,mode=control"]);
+        qemu.args(["-accel", "tcg", "-cpu", "max", "-smp", "2", "-machine", "q35"])
+            .args(["-m", &self.memory_mib.to_string()])
+            .args(["-nodefaults", "-display", "none", "-no-reboot"])
+            .arg("-kernel")
+            .arg(&self.kernel.vmlinux)
+            .arg("-initrd")
+            .arg(&initrd)
+            .args(["-append", "console=ttyS0 panic=-1 quiet loglevel=4 rdinit=/init"])
+            .args(["-chardev", "stdio,id=con,signal=off", "-serial", "chardev:con"])
+            .arg("-chardev")
+            .arg(format!("socket,id=ctl,path={}", ctl_path.display()))
+            .args(["-serial", "chardev:ctl"])
+            .arg("-chardev")
+            .arg(format!("socket,id=qmp,path={}", qmp_path.display()))
+            .args(["-mon", "chardev=qmp,mode=control"]);
         for (i, nic) in nics.iter().enumerate() {
             qemu.args([
                 "-device",
-                &format!(
-                    "pcie-root-port,id={},bus=pcie.0,chassis={},slot={}",
-                    nic.bus,
-                    i + 1,
-                    i + 1
-                ),
+                &format!("pcie-root-port,id={},bus=pcie.0,chassis={},slot={}", nic.bus, i + 1, i + 1),
                 "-netdev",
                 &format!("user,id={},restrict=on", nic.netdev),
                 "-device",
@@ -328,19 +284,13 @@ impl Guest {
                 ),
             ]);
         }
-        qemu.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        qemu.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         let started = Instant::now();
-        let mut child = qemu
-            .spawn()
-            .context("cannot start qemu-system-x86_64 (cargo xtask setup installs it)")?;
+        let mut child =
+            qemu.spawn().context("cannot start qemu-system-x86_64 (cargo xtask setup installs it)")?;
         let console_log = Arc::new(std::sync::Mutex::new(String::new()));
-        let console_thread = spawn_console(
-            &mut child,
-            matches!(console, Console::Stream),
-            Arc::clone(&console_log),
-        )?;
+        let console_thread =
+            spawn_console(&mut child, matches!(console, Console::Stream), Arc::clone(&console_log))?;
 
         let mut outcome = Outcome {
             exit_status: None,
@@ -374,10 +324,8 @@ impl Guest {
         outcome.duration = started.elapsed();
         outcome.console = console_log.lock().map(|c| c.clone()).unwrap_or_default();
         if outcome.exit_status.is_none() && outcome.failure.is_none() {
-            outcome.failure = Some(format!(
-                "QEMU exited ({status}) before the script finished: {}",
-                stderr.trim()
-            ));
+            outcome.failure =
+                Some(format!("QEMU exited ({status}) before the script finished: {}", stderr.trim()));
         }
         Ok(outcome)
     }
@@ -385,8 +333,8 @@ impl Guest {
     fn initramfs(&self, script: &Path) -> Result<Vec<u8>> {
         let mut image = Initramfs::new();
         for dir in [
-            "dev", "proc", "sys", "tmp", "run", "bin", "sbin", "usr/bin", "usr/sbin", "etc",
-            "root", "var/run",
+            "dev", "proc", "sys", "tmp", "run", "bin", "sbin", "usr/bin", "usr/sbin", "etc", "root",
+            "var/run",
         ] {
             image.dir(dir);
         }
@@ -397,33 +345,22 @@ impl Guest {
         add_binary(&mut image, "/bin/busybox", &busybox)?;
         image.symlink("/bin/sh", "busybox");
         for binary in &self.binaries {
-            let name = binary
-                .file_name()
-                .and_then(|n| n.to_str())
-                .context("binary without a name")?;
+            let name = binary.file_name().and_then(|n| n.to_str()).context("binary without a name")?;
             add_binary(&mut image, &format!("/opt/hotplug/bin/{name}"), binary)?;
         }
         // iproute2's ip: scenarios inspect addresses, routes and rules in detail.
-        let ip = cmd::which("ip")
-            .context("iproute2's ip is missing (cargo xtask setup installs iproute2)")?;
+        let ip =
+            cmd::which("ip").context("iproute2's ip is missing (cargo xtask setup installs iproute2)")?;
         add_binary(&mut image, "/opt/hotplug/bin/ip", &ip)?;
         let root = cmd::workspace_root();
         image.copy("/opt/hotplug/bin/vmctl", &root.join("tests/guest/vmctl"))?;
         image.copy_tree("/opt/hotplug/scenarios", &root.join("tests/scenarios"))?;
         image.copy("/opt/hotplug/script", script)?;
-        image.file(
-            "/opt/hotplug/profile",
-            0o644,
-            b"ip() { /opt/hotplug/bin/ip \"$@\"; }\n",
-        );
+        image.file("/opt/hotplug/profile", 0o644, b"ip() { /opt/hotplug/bin/ip \"$@\"; }\n");
         image.copy_tree("/lib/modules", &self.kernel.module_root.join("lib/modules"))?;
         image.file("/etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\n");
         image.file("/etc/group", 0o644, b"root:x:0:\n");
-        image.file(
-            "/init",
-            0o755,
-            guest_init(&kernels::GUEST_MODULES.join(" ")).as_bytes(),
-        );
+        image.file("/init", 0o755, guest_init(&kernels::GUEST_MODULES.join(" ")).as_bytes());
         Ok(image.finish())
     }
 }
@@ -469,10 +406,7 @@ fn add_binary(image: &mut Initramfs, path: &str, host: &Path) -> Result<()> {
         // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
         let lib = match line.split_once("=>") {
             Some((_, rest)) => rest.split_whitespace().next(),
-            None => line
-                .split_whitespace()
-                .next()
-                .filter(|w| w.starts_with('/')),
+            None => line.split_whitespace().next().filter(|w| w.starts_with('/')),
         };
         if let Some(lib) = lib.filter(|l| l.starts_with('/')) {
             image.copy(lib, Path::new(lib))?;
@@ -547,12 +481,7 @@ fn serve(
             Ok(0) => bail!("the guest's control channel closed"),
             Ok(_) if line.ends_with('\n') => {}
             Ok(_) => continue,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
                 continue
             }
             Err(e) => return Err(e.into()),
@@ -571,8 +500,7 @@ fn serve(
             }
             (Some("report"), Some(key), Some(_), _) => {
                 let raw = request.splitn(3, ' ').nth(2).unwrap_or_default().trim();
-                let value =
-                    serde_json::from_str(raw).unwrap_or_else(|_| Value::String(raw.to_owned()));
+                let value = serde_json::from_str(raw).unwrap_or_else(|_| Value::String(raw.to_owned()));
                 outcome.figures.insert(key.to_owned(), value);
                 "ok".to_owned()
             }

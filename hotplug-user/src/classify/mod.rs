@@ -115,11 +115,7 @@ pub struct NicEvent {
 /// `aa:bb:cc:dd:ee:ff` for the first `len` bytes.
 pub fn format_mac(bytes: &[u8], len: usize) -> String {
     let len = len.min(bytes.len());
-    bytes[..len]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
+    bytes[..len].iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }
 
 fn non_empty(s: String) -> Option<String> {
@@ -134,9 +130,7 @@ impl NicEvent {
         } else {
             Action::Registration
         };
-        let len = usize::try_from(record.addr_len)
-            .unwrap_or(0)
-            .min(record.perm_addr.len());
+        let len = usize::try_from(record.addr_len).unwrap_or(0).min(record.perm_addr.len());
         let current = format_mac(&record.dev_addr, len);
         let permanent = (len > 0 && record.perm_addr[..len].iter().any(|&b| b != 0))
             .then(|| format_mac(&record.perm_addr, len));
@@ -180,19 +174,12 @@ mod tests {
         record.bus_addr[..12].copy_from_slice(b"0000:01:00.0");
         record.driver[..10].copy_from_slice(b"virtio_net");
         record.context_module[..10].copy_from_slice(b"virtio_net");
-        record.task = TaskInfo {
-            pid: 9,
-            tid: 9,
-            comm: *b"modprobe\0\0\0\0\0\0\0\0",
-        };
+        record.task = TaskInfo { pid: 9, tid: 9, comm: *b"modprobe\0\0\0\0\0\0\0\0" };
         let event = NicEvent::from_kernel(&record);
         assert_eq!(event.action, Action::Removal);
         assert_eq!(event.cause, Cause::DriverUnload);
         assert_eq!(event.mac, "52:54:00:12:34:10");
-        assert_eq!(
-            event.permanent_mac, None,
-            "an all-zero perm_addr is no permanent MAC"
-        );
+        assert_eq!(event.permanent_mac, None, "an all-zero perm_addr is no permanent MAC");
         assert_eq!(event.bus.as_deref(), Some("0000:01:00.0"));
         assert_eq!(event.module, None);
         assert!(event.cause.expects_return());
@@ -202,10 +189,7 @@ mod tests {
         record.cause = RawCause::DeviceAdded as u32;
         let event = NicEvent::from_kernel(&record);
         assert_eq!(event.action, Action::Registration);
-        assert_eq!(
-            event.mac, "02:00:00:00:00:01",
-            "the permanent MAC identifies the NIC"
-        );
+        assert_eq!(event.mac, "02:00:00:00:00:01", "the permanent MAC identifies the NIC");
         assert_eq!(event.cause.as_str(), "device-added");
     }
 }

@@ -9,7 +9,9 @@ use thiserror::Error;
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum BtfError {
-    #[error("cannot read {path}: {message}. Kernel BTF (CONFIG_DEBUG_INFO_BTF) is needed to classify NIC events")]
+    #[error(
+        "cannot read {path}: {message}. Kernel BTF (CONFIG_DEBUG_INFO_BTF) is needed to classify NIC events"
+    )]
     Read { path: String, message: String },
     #[error("malformed BTF: {0}")]
     Malformed(&'static str),
@@ -93,10 +95,8 @@ fn u32_at(data: &[u8], at: usize) -> Result<u32, BtfError> {
 
 impl Btf {
     pub fn from_file(path: &Path) -> Result<Self, BtfError> {
-        let data = std::fs::read(path).map_err(|e| BtfError::Read {
-            path: path.display().to_string(),
-            message: e.to_string(),
-        })?;
+        let data = std::fs::read(path)
+            .map_err(|e| BtfError::Read { path: path.display().to_string(), message: e.to_string() })?;
         Self::parse(&data)
     }
 
@@ -133,12 +133,7 @@ impl Btf {
         };
 
         // Type id 0 is `void`.
-        let mut types = vec![Type {
-            kind: 0,
-            name: String::new(),
-            target: 0,
-            members: Vec::new(),
-        }];
+        let mut types = vec![Type { kind: 0, name: String::new(), target: 0, members: Vec::new() }];
         let mut structs = HashMap::new();
         let mut at = 0;
         while at < types_data.len() {
@@ -149,12 +144,7 @@ impl Btf {
             let kind = (info >> 24) & 0x1f;
             let vlen = (info & 0xffff) as usize;
             let kind_flag = info >> 31 == 1;
-            let mut ty = Type {
-                kind,
-                name: string(name_off),
-                target: 0,
-                members: Vec::new(),
-            };
+            let mut ty = Type { kind, name: string(name_off), target: 0, members: Vec::new() };
             match kind {
                 KIND_INT | KIND_VAR | KIND_DECL_TAG => at += 4,
                 KIND_ARRAY => {
@@ -167,11 +157,7 @@ impl Btf {
                         ty.members.push(Member {
                             name: string(u32_at(types_data, at)?),
                             type_id: u32_at(types_data, at + 4)?,
-                            bit_offset: if kind_flag {
-                                offset & 0x00ff_ffff
-                            } else {
-                                offset
-                            },
+                            bit_offset: if kind_flag { offset & 0x00ff_ffff } else { offset },
                             bitfield: kind_flag && offset >> 24 != 0,
                         });
                         at += 12;
@@ -179,15 +165,13 @@ impl Btf {
                 }
                 KIND_ENUM | KIND_FUNC_PROTO => at += 8 * vlen,
                 KIND_DATASEC | KIND_ENUM64 => at += 12 * vlen,
-                KIND_PTR | KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT
-                | KIND_TYPE_TAG => {
+                KIND_PTR | KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG => {
                     ty.target = size_or_type;
                 }
                 _ => {}
             }
             if kind == KIND_STRUCT && !ty.name.is_empty() && !ty.members.is_empty() {
-                let id = u32::try_from(types.len())
-                    .map_err(|_| BtfError::Malformed("too many types"))?;
+                let id = u32::try_from(types.len()).map_err(|_| BtfError::Malformed("too many types"))?;
                 structs.entry(ty.name.clone()).or_insert(id);
             }
             types.push(ty);
@@ -196,9 +180,7 @@ impl Btf {
     }
 
     fn ty(&self, id: u32) -> Result<&Type, BtfError> {
-        self.types
-            .get(id as usize)
-            .ok_or(BtfError::Malformed("type id out of range"))
+        self.types.get(id as usize).ok_or(BtfError::Malformed("type id out of range"))
     }
 
     /// Follows typedefs and qualifiers.
@@ -206,9 +188,7 @@ impl Btf {
         for _ in 0..32 {
             let ty = self.ty(id)?;
             match ty.kind {
-                KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG => {
-                    id = ty.target
-                }
+                KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG => id = ty.target,
                 _ => return Ok(ty),
             }
         }
@@ -239,21 +219,17 @@ impl Btf {
     /// The byte offset of a member path such as `dev.kobj.name` inside `struct strukt`; every
     /// step but the last must be an embedded struct or union.
     pub fn member(&self, strukt: &str, path: &str) -> Result<MemberInfo, BtfError> {
-        let id = *self
-            .structs
-            .get(strukt)
-            .ok_or_else(|| BtfError::NoStruct(strukt.to_owned()))?;
+        let id = *self.structs.get(strukt).ok_or_else(|| BtfError::NoStruct(strukt.to_owned()))?;
         let mut ty = self.ty(id)?;
         let mut bits = 0;
         let mut shape = Shape::Other;
         let steps: Vec<&str> = path.split('.').collect();
         for (i, step) in steps.iter().enumerate() {
             let (offset, type_id, bitfield) =
-                self.find_member(ty, step, bits)?
-                    .ok_or_else(|| BtfError::NoMember {
-                        strukt: format!("{strukt} ({})", steps[..i].join(".")),
-                        member: (*step).to_owned(),
-                    })?;
+                self.find_member(ty, step, bits)?.ok_or_else(|| BtfError::NoMember {
+                    strukt: format!("{strukt} ({})", steps[..i].join(".")),
+                    member: (*step).to_owned(),
+                })?;
             if bitfield {
                 return Err(BtfError::Bitfield(format!("{strukt}.{path}")));
             }
@@ -269,10 +245,7 @@ impl Btf {
         if bits % 8 != 0 {
             return Err(BtfError::Bitfield(format!("{strukt}.{path}")));
         }
-        Ok(MemberInfo {
-            offset: bits / 8,
-            shape,
-        })
+        Ok(MemberInfo { offset: bits / 8, shape })
     }
 }
 
@@ -286,10 +259,7 @@ mod tests {
         let strings = b"\0int\0inner\0a\0p\0outer\0x\0in\0u\0arr\0char\0";
         let s = |name: &str| -> u32 {
             let needle = format!("\0{name}\0");
-            let pos = strings
-                .windows(needle.len())
-                .position(|w| w == needle.as_bytes())
-                .unwrap_or(0);
+            let pos = strings.windows(needle.len()).position(|w| w == needle.as_bytes()).unwrap_or(0);
             (pos + 1) as u32
         };
         let mut types: Vec<u32> = Vec::new();
@@ -301,17 +271,7 @@ mod tests {
         // 3: char *
         types.extend([0, info(KIND_PTR, 0), 2]);
         // 4: struct inner { int a @0; char *p @64 }
-        types.extend([
-            s("inner"),
-            info(KIND_STRUCT, 2),
-            16,
-            s("a"),
-            1,
-            0,
-            s("p"),
-            3,
-            64,
-        ]);
+        types.extend([s("inner"), info(KIND_STRUCT, 2), 16, s("a"), 1, 0, s("p"), 3, 64]);
         // 5: union { int u }
         types.extend([0, info(KIND_UNION, 1), 4, s("u"), 1, 0]);
         // 6: char[4]
@@ -351,44 +311,17 @@ mod tests {
     #[test]
     fn finds_nested_anonymous_and_array_members() -> Result<(), BtfError> {
         let btf = Btf::parse(&sample())?;
-        assert_eq!(
-            btf.member("outer", "x")?,
-            MemberInfo {
-                offset: 0,
-                shape: Shape::Other
-            }
-        );
-        assert_eq!(
-            btf.member("outer", "in.p")?,
-            MemberInfo {
-                offset: 16,
-                shape: Shape::Pointer
-            }
-        );
-        assert_eq!(
-            btf.member("outer", "u")?,
-            MemberInfo {
-                offset: 24,
-                shape: Shape::Other
-            }
-        );
-        assert_eq!(
-            btf.member("outer", "arr")?,
-            MemberInfo {
-                offset: 28,
-                shape: Shape::Array
-            }
-        );
+        assert_eq!(btf.member("outer", "x")?, MemberInfo { offset: 0, shape: Shape::Other });
+        assert_eq!(btf.member("outer", "in.p")?, MemberInfo { offset: 16, shape: Shape::Pointer });
+        assert_eq!(btf.member("outer", "u")?, MemberInfo { offset: 24, shape: Shape::Other });
+        assert_eq!(btf.member("outer", "arr")?, MemberInfo { offset: 28, shape: Shape::Array });
         Ok(())
     }
 
     #[test]
     fn names_what_is_missing() -> Result<(), BtfError> {
         let btf = Btf::parse(&sample())?;
-        assert_eq!(
-            btf.member("nope", "x"),
-            Err(BtfError::NoStruct("nope".into()))
-        );
+        assert_eq!(btf.member("nope", "x"), Err(BtfError::NoStruct("nope".into())));
         assert!(
             matches!(btf.member("outer", "in.zz"), Err(BtfError::NoMember { ref member, .. }) if member == "zz")
         );

@@ -11,11 +11,7 @@ pub enum DecodeError {
     #[error("unknown event kind {0}: agent and eBPF object are out of step")]
     UnknownKind(u32),
     #[error("{kind:?} record has {got} bytes, expected {expected}")]
-    WrongSize {
-        kind: EventKind,
-        got: usize,
-        expected: usize,
-    },
+    WrongSize { kind: EventKind, got: usize, expected: usize },
 }
 
 /// The task that was running when the hook fired.
@@ -65,11 +61,7 @@ pub fn c_string(bytes: &[u8]) -> String {
 fn read_pod<T: Copy>(record: &[u8], kind: EventKind) -> Result<T, DecodeError> {
     let expected = std::mem::size_of::<T>();
     if record.len() != expected {
-        return Err(DecodeError::WrongSize {
-            kind,
-            got: record.len(),
-            expected,
-        });
+        return Err(DecodeError::WrongSize { kind, got: record.len(), expected });
     }
     // SAFETY: the length matches, `T` is a `#[repr(C)]` plain-old-data type valid for any bytes
     // (aya::Pod), and read_unaligned makes no alignment assumption about the ring buffer slot.
@@ -77,10 +69,8 @@ fn read_pod<T: Copy>(record: &[u8], kind: EventKind) -> Result<T, DecodeError> {
 }
 
 pub fn decode(record: &[u8]) -> Result<KernelEvent, DecodeError> {
-    let head: [u8; 4] = record
-        .get(..4)
-        .and_then(|h| h.try_into().ok())
-        .ok_or(DecodeError::Truncated(record.len()))?;
+    let head: [u8; 4] =
+        record.get(..4).and_then(|h| h.try_into().ok()).ok_or(DecodeError::Truncated(record.len()))?;
     let raw_kind = u32::from_ne_bytes(head);
     let kind = EventKind::from_u32(raw_kind).ok_or(DecodeError::UnknownKind(raw_kind))?;
     let module_kind = match kind {
@@ -90,20 +80,14 @@ pub fn decode(record: &[u8]) -> Result<KernelEvent, DecodeError> {
         EventKind::ModuleFree => ModuleEventKind::Free,
         EventKind::NetdevRemoval | EventKind::NetdevRegistration => {
             let record: NetdevEvent = read_pod(record, kind)?;
-            return Ok(KernelEvent::Nic(crate::classify::NicEvent::from_kernel(
-                &record,
-            )));
+            return Ok(KernelEvent::Nic(crate::classify::NicEvent::from_kernel(&record)));
         }
     };
     let event: ModuleEvent = read_pod(record, kind)?;
     Ok(KernelEvent::Module(ModuleLifecycle {
         kind: module_kind,
         module: c_string(&event.name),
-        task: Task {
-            pid: event.task.pid,
-            tid: event.task.tid,
-            comm: c_string(&event.task.comm),
-        },
+        task: Task { pid: event.task.pid, tid: event.task.tid, comm: c_string(&event.task.comm) },
         ret: (kind == EventKind::ModuleUnloadEnd).then_some(event.ret),
         timestamp_ns: event.timestamp_ns,
     }))
@@ -138,22 +122,14 @@ mod tests {
             kind: EventKind::ModuleUnloadEnd as u32,
             ret: -16,
             timestamp_ns: 42,
-            task: TaskInfo {
-                pid: 7,
-                tid: 8,
-                comm: padded::<TASK_COMM_LEN>("modprobe"),
-            },
+            task: TaskInfo { pid: 7, tid: 8, comm: padded::<TASK_COMM_LEN>("modprobe") },
             name: padded::<MODULE_NAME_LEN>("virtio_net"),
         };
         let decoded = decode(&record(&event));
         let expected = KernelEvent::Module(ModuleLifecycle {
             kind: ModuleEventKind::UnloadEnd,
             module: "virtio_net".into(),
-            task: Task {
-                pid: 7,
-                tid: 8,
-                comm: "modprobe".into(),
-            },
+            task: Task { pid: 7, tid: 8, comm: "modprobe".into() },
             ret: Some(-16),
             timestamp_ns: 42,
         });
@@ -166,9 +142,7 @@ mod tests {
         event.kind = EventKind::ModuleLoad as u32;
         event.name = padded::<MODULE_NAME_LEN>("e1000e");
         let decoded = decode(&record(&event));
-        let Ok(KernelEvent::Module(module)) = &decoded else {
-            panic!("not decoded: {decoded:?}")
-        };
+        let Ok(KernelEvent::Module(module)) = &decoded else { panic!("not decoded: {decoded:?}") };
         assert_eq!(module.ret, None);
         let json = serde_json::to_value(decoded.as_ref().ok())?;
         assert_eq!(json["type"], "module");
@@ -184,11 +158,7 @@ mod tests {
         assert_eq!(decode(&[99, 0, 0, 0]), Err(DecodeError::UnknownKind(99)));
         assert!(matches!(
             decode(&[3, 0, 0, 0, 0, 0]),
-            Err(DecodeError::WrongSize {
-                got: 6,
-                expected: 96,
-                ..
-            })
+            Err(DecodeError::WrongSize { got: 6, expected: 96, .. })
         ));
     }
 

@@ -18,8 +18,6 @@ pub struct KernelFeatures {
     pub fentry: Option<bool>,
     /// `module:module_load` and `module:module_free` exist (`CONFIG_MODULES`).
     pub module_tracepoints: bool,
-    /// `syscalls:sys_{enter,exit}_delete_module` exist (`CONFIG_FTRACE_SYSCALLS`, `CONFIG_MODULES`).
-    pub delete_module_tracepoints: bool,
     /// Where tracefs is mounted, if it could be found or mounted.
     pub tracefs: Option<String>,
 }
@@ -34,9 +32,7 @@ impl KernelFeatures {
             }
         };
         let has = |system: &str, events: &[&str]| {
-            tracefs
-                .as_deref()
-                .is_some_and(|t| events.iter().all(|e| tracefs::has_tracepoint(t, system, e)))
+            tracefs.as_deref().is_some_and(|t| events.iter().all(|e| tracefs::has_tracepoint(t, system, e)))
         };
         Self {
             release: kernel_release(),
@@ -44,10 +40,6 @@ impl KernelFeatures {
             kprobes: Path::new("/sys/bus/event_source/devices/kprobe").exists(),
             fentry: aya::sys::is_program_supported(ProgramType::Tracing).ok(),
             module_tracepoints: has("module", &["module_load", "module_free"]),
-            delete_module_tracepoints: has(
-                "syscalls",
-                &["sys_enter_delete_module", "sys_exit_delete_module"],
-            ),
             tracefs: tracefs.map(|p| p.display().to_string()),
         }
     }
@@ -63,13 +55,12 @@ impl fmt::Display for KernelFeatures {
         let yes = |b: bool| if b { "yes" } else { "no" };
         write!(
             f,
-            "kernel {}: BTF {}, kprobes {}, fentry {}, module tracepoints {}, delete_module tracepoints {}",
+            "kernel {}: BTF {}, kprobes {}, fentry {}, module tracepoints {}",
             self.release,
             yes(self.btf),
             yes(self.kprobes),
             self.fentry.map_or("unknown", yes),
             yes(self.module_tracepoints),
-            yes(self.delete_module_tracepoints),
         )
     }
 }

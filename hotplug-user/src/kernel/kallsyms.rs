@@ -21,9 +21,7 @@ impl Kallsyms {
         let mut symbols = Self::default();
         for line in text.lines() {
             let mut words = line.split_whitespace();
-            let (Some(address), Some(kind), Some(name)) =
-                (words.next(), words.next(), words.next())
-            else {
+            let (Some(address), Some(kind), Some(name)) = (words.next(), words.next(), words.next()) else {
                 continue;
             };
             match kind {
@@ -74,18 +72,11 @@ mod tests {
         assert!(!syms.has_function("pci_bus_type"));
         assert_eq!(syms.address("pci_bus_type"), Some(0xffff_ffff_82e0_0000));
         assert_eq!(
-            syms.first_function(&[
-                "unregister_netdevice_many_notify",
-                "unregister_netdevice_many"
-            ]),
+            syms.first_function(&["unregister_netdevice_many_notify", "unregister_netdevice_many"]),
             Some("unregister_netdevice_many_notify")
         );
         assert_eq!(syms.first_function(&["nope"]), None);
         let hidden = Kallsyms::parse("0000000000000000 D pci_bus_type\n");
-        assert_eq!(
-            hidden.address("pci_bus_type"),
-            None,
-            "kptr_restrict zeros are no address"
-        );
+        assert_eq!(hidden.address("pci_bus_type"), None, "kptr_restrict zeros are no address");
     }
 }

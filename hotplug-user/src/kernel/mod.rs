@@ -15,8 +15,7 @@ pub use features::KernelFeatures;
 pub fn embedded_object() -> Option<&'static [u8]> {
     #[cfg(hotplug_ebpf_object)]
     {
-        static OBJECT: &[u8] =
-            aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/hotplug.bpf.o"));
+        static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/hotplug.bpf.o"));
         Some(OBJECT)
     }
     #[cfg(not(hotplug_ebpf_object))]

@@ -32,10 +32,7 @@ pub enum ProbeError {
     #[error("the eBPF object has no {0}: agent and object are out of step")]
     Missing(&'static str),
     #[error("map {name}: {source}")]
-    Map {
-        name: &'static str,
-        source: aya::maps::MapError,
-    },
+    Map { name: &'static str, source: aya::maps::MapError },
 }
 
 /// One program of the object, where it was attached, and whether it runs.
@@ -64,37 +61,13 @@ pub struct ProbeHandle {
 impl ProbeHandle {
     /// A counter summed over all CPUs.
     pub fn counter(&self, counter: Counter) -> u64 {
-        self.counters
-            .get(&(counter as u32), 0)
-            .map_or(0, |values| values.iter().sum())
+        self.counters.get(&(counter as u32), 0).map_or(0, |values| values.iter().sum())
     }
 }
 
 /// (program, tracepoint category, tracepoint names) of the tracepoint programs.
-const TRACEPOINTS: [(&str, &str, &[&str]); 6] = [
-    (
-        "delete_module_enter",
-        "syscalls",
-        &["sys_enter_delete_module"],
-    ),
-    (
-        "delete_module_exit",
-        "syscalls",
-        &["sys_exit_delete_module"],
-    ),
-    ("module_load", "module", &["module_load"]),
-    ("module_free", "module", &["module_free"]),
-    (
-        "module_init_enter",
-        "syscalls",
-        &["sys_enter_init_module", "sys_enter_finit_module"],
-    ),
-    (
-        "module_init_exit",
-        "syscalls",
-        &["sys_exit_init_module", "sys_exit_finit_module"],
-    ),
-];
+const TRACEPOINTS: [(&str, &str, &[&str]); 2] =
+    [("module_load", "module", &["module_load"]), ("module_free", "module", &["module_free"])];
 
 /// How a kprobe program picks its kernel functions.
 #[derive(Clone, Copy)]
@@ -107,28 +80,19 @@ enum Pick {
 
 /// (program, is kretprobe, candidates, pick) of the kprobe programs. See the comments in
 /// `hotplug-ebpf/src/context.rs` and `netdev.rs` for the kernel functions.
-const KPROBES: [(&str, bool, &[&str], Pick); 17] = [
+const KPROBES: [(&str, bool, &[&str], Pick); 21] = [
+    ("delete_module_enter", false, &["__x64_sys_delete_module"], Pick::First),
+    ("delete_module_exit", true, &["__x64_sys_delete_module"], Pick::First),
+    ("module_init_enter", false, MODULE_INIT, Pick::All),
+    ("module_init_exit", true, MODULE_INIT, Pick::All),
     (
         "netdev_unregister",
         false,
-        &[
-            "unregister_netdevice_many_notify",
-            "unregister_netdevice_many",
-        ],
+        &["unregister_netdevice_many_notify", "unregister_netdevice_many"],
         Pick::First,
     ),
-    (
-        "netdev_register_enter",
-        false,
-        &["register_netdevice"],
-        Pick::First,
-    ),
-    (
-        "netdev_register_exit",
-        true,
-        &["register_netdevice"],
-        Pick::First,
-    ),
+    ("netdev_register_enter", false, &["register_netdevice"], Pick::First),
+    ("netdev_register_exit", true, &["register_netdevice"], Pick::First),
     ("netns_move_enter", false, NETNS_MOVE, Pick::First),
     ("netns_move_exit", true, NETNS_MOVE, Pick::First),
     ("unbind_enter", false, &["unbind_store"], Pick::All),
@@ -145,15 +109,10 @@ const KPROBES: [(&str, bool, &[&str], Pick); 17] = [
     ("newlink_exit", true, &["rtnl_newlink"], Pick::All),
 ];
 
-const NETNS_MOVE: &[&str] = &[
-    "__dev_change_net_namespace",
-    "netif_change_net_namespace",
-    "dev_change_net_namespace",
-];
-const PCI_REMOVE: &[&str] = &[
-    "pci_stop_and_remove_bus_device",
-    "pci_stop_and_remove_bus_device_locked",
-];
+const NETNS_MOVE: &[&str] =
+    &["__dev_change_net_namespace", "netif_change_net_namespace", "dev_change_net_namespace"];
+const MODULE_INIT: &[&str] = &["__x64_sys_init_module", "__x64_sys_finit_module"];
+const PCI_REMOVE: &[&str] = &["pci_stop_and_remove_bus_device", "pci_stop_and_remove_bus_device_locked"];
 const PCI_ADD: &[&str] = &["pci_bus_add_devices", "pci_bus_add_device"];
 
 /// Struct member offsets for the NIC programs, from BTF.
@@ -172,22 +131,18 @@ fn struct_layout(btf: &Btf) -> Result<StructLayout, BtfError> {
         }
         offsets.push((global, member.offset));
     }
-    offsets.push((
-        globals::MODULE_STRUCT_NAME,
-        btf.member("module", "name")?.offset,
-    ));
-    Ok(StructLayout {
-        offsets,
-        dev_addr_is_pointer,
-    })
+    offsets.push((globals::MODULE_STRUCT_NAME, btf.member("module", "name")?.offset));
+    Ok(StructLayout { offsets, dev_addr_is_pointer })
 }
 
 impl KernelProbes {
     pub fn load(object: Option<&[u8]>, features: &KernelFeatures) -> Result<Self, ProbeError> {
         let object = object.ok_or(ProbeError::NoObject)?;
-        let tracefs = features.tracefs.as_deref().map(Path::new).ok_or_else(|| {
-            ProbeError::NoTracefs("tracefs is neither mounted nor mountable".into())
-        })?;
+        let tracefs = features
+            .tracefs
+            .as_deref()
+            .map(Path::new)
+            .ok_or_else(|| ProbeError::NoTracefs("tracefs is neither mounted nor mountable".into()))?;
 
         // Offsets of the tracepoint fields the programs read; a tracepoint that does not exist
         // here keeps the compiled-in default and its program is not attached below.
@@ -199,22 +154,8 @@ impl KernelProbes {
             Err(error) => Err(error),
         };
         let tracepoint_layout = [
-            (
-                globals::DELETE_MODULE_ENTER_NAME,
-                offset("syscalls", "sys_enter_delete_module", "name_user")?,
-            ),
-            (
-                globals::DELETE_MODULE_EXIT_RET,
-                offset("syscalls", "sys_exit_delete_module", "ret")?,
-            ),
-            (
-                globals::MODULE_LOAD_NAME,
-                offset("module", "module_load", "name")?,
-            ),
-            (
-                globals::MODULE_FREE_NAME,
-                offset("module", "module_free", "name")?,
-            ),
+            (globals::MODULE_LOAD_NAME, offset("module", "module_load", "name")?),
+            (globals::MODULE_FREE_NAME, offset("module", "module_free", "name")?),
         ];
         let struct_layout = Btf::vmlinux().and_then(|btf| struct_layout(&btf));
         let kallsyms = Kallsyms::read().unwrap_or_else(|error| {
@@ -223,7 +164,9 @@ impl KernelProbes {
         });
         let pci_bus_type = kallsyms.address("pci_bus_type");
         if pci_bus_type.is_none() {
-            tracing::warn!("no address for pci_bus_type in /proc/kallsyms: NIC events will carry no PCI address");
+            tracing::warn!(
+                "no address for pci_bus_type in /proc/kallsyms: NIC events will carry no PCI address"
+            );
         }
 
         let mut loader = EbpfLoader::new();
@@ -236,11 +179,7 @@ impl KernelProbes {
             for (name, value) in &layout.offsets {
                 loader.override_global(name, value, true);
             }
-            loader.override_global(
-                globals::NETDEV_DEV_ADDR_IS_POINTER,
-                &layout.dev_addr_is_pointer,
-                true,
-            );
+            loader.override_global(globals::NETDEV_DEV_ADDR_IS_POINTER, &layout.dev_addr_is_pointer, true);
         }
         let pci_bus_type = pci_bus_type.unwrap_or(0);
         loader.override_global(globals::PCI_BUS_TYPE, &pci_bus_type, true);
@@ -276,11 +215,7 @@ impl KernelProbes {
             }
             let functions: Vec<&str> = match pick {
                 Pick::First => kallsyms.first_function(candidates).into_iter().collect(),
-                Pick::All => candidates
-                    .iter()
-                    .copied()
-                    .filter(|c| kallsyms.has_function(c))
-                    .collect(),
+                Pick::All => candidates.iter().copied().filter(|c| kallsyms.has_function(c)).collect(),
             };
             if functions.is_empty() {
                 attachments.push(Attachment {
@@ -291,36 +226,17 @@ impl KernelProbes {
             }
             for function in functions {
                 let error = attach_kprobe(&mut ebpf, program, function).err();
-                attachments.push(Attachment {
-                    program,
-                    hook: format!("{kind} {function}"),
-                    error,
-                });
+                attachments.push(Attachment { program, hook: format!("{kind} {function}"), error });
             }
         }
 
-        let events = ebpf
-            .take_map("EVENTS")
-            .ok_or(ProbeError::Missing("EVENTS map"))?;
-        let events = RingBuf::try_from(events).map_err(|source| ProbeError::Map {
-            name: "EVENTS",
-            source,
-        })?;
-        let counters = ebpf
-            .take_map("COUNTERS")
-            .ok_or(ProbeError::Missing("COUNTERS map"))?;
-        let counters = PerCpuArray::try_from(counters).map_err(|source| ProbeError::Map {
-            name: "COUNTERS",
-            source,
-        })?;
-        Ok(Self {
-            events,
-            handle: ProbeHandle {
-                _ebpf: ebpf,
-                counters,
-            },
-            attachments,
-        })
+        let events = ebpf.take_map("EVENTS").ok_or(ProbeError::Missing("EVENTS map"))?;
+        let events =
+            RingBuf::try_from(events).map_err(|source| ProbeError::Map { name: "EVENTS", source })?;
+        let counters = ebpf.take_map("COUNTERS").ok_or(ProbeError::Missing("COUNTERS map"))?;
+        let counters =
+            PerCpuArray::try_from(counters).map_err(|source| ProbeError::Map { name: "COUNTERS", source })?;
+        Ok(Self { events, handle: ProbeHandle { _ebpf: ebpf, counters }, attachments })
     }
 
     /// The ring buffer to read, and what keeps the programs attached.
@@ -329,23 +245,16 @@ impl KernelProbes {
     }
 }
 
-fn attach_tracepoint(
-    ebpf: &mut Ebpf,
-    program: &str,
-    category: &str,
-    name: &str,
-) -> Result<(), String> {
+fn attach_tracepoint(ebpf: &mut Ebpf, program: &str, category: &str, name: &str) -> Result<(), String> {
     let prog: &mut TracePoint = ebpf
         .program_mut(program)
         .ok_or_else(|| format!("program {program} missing from the object"))?
         .try_into()
         .map_err(|e| format!("{e}"))?;
     if prog.fd().is_err() {
-        prog.load()
-            .map_err(|e| format!("load: {}", error_chain(&e)))?;
+        prog.load().map_err(|e| format!("load: {}", error_chain(&e)))?;
     }
-    prog.attach(category, name)
-        .map_err(|e| format!("attach: {}", error_chain(&e)))?;
+    prog.attach(category, name).map_err(|e| format!("attach: {}", error_chain(&e)))?;
     Ok(())
 }
 
@@ -356,11 +265,9 @@ fn attach_kprobe(ebpf: &mut Ebpf, program: &str, function: &str) -> Result<(), S
         .try_into()
         .map_err(|e| format!("{e}"))?;
     if prog.fd().is_err() {
-        prog.load()
-            .map_err(|e| format!("load: {}", error_chain(&e)))?;
+        prog.load().map_err(|e| format!("load: {}", error_chain(&e)))?;
     }
-    prog.attach(function, 0)
-        .map_err(|e| format!("attach: {}", error_chain(&e)))?;
+    prog.attach(function, 0).map_err(|e| format!("attach: {}", error_chain(&e)))?;
     Ok(())
 }
 
@@ -382,8 +289,5 @@ fn error_chain(error: &dyn std::error::Error) -> String {
     tracing::debug!("full error: {text}");
     let head = lines[..2].join(" / ");
     let tail = lines[lines.len() - 4..].join(" / ");
-    format!(
-        "{head} / [{} verifier lines omitted] / {tail}",
-        lines.len() - 6
-    )
+    format!("{head} / [{} verifier lines omitted] / {tail}", lines.len() - 6)
 }

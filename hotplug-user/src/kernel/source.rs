@@ -28,10 +28,7 @@ pub async fn forward(probes: KernelProbes, tx: mpsc::Sender<KernelEvent>) -> std
         guard.clear_ready();
         let lost = probes.counter(Counter::RingReserveFailed);
         if lost > lost_seen {
-            tracing::warn!(
-                lost = lost - lost_seen,
-                "kernel events lost: the ring buffer was full"
-            );
+            tracing::warn!(lost = lost - lost_seen, "kernel events lost: the ring buffer was full");
             lost_seen = lost;
         }
     }

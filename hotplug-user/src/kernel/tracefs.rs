@@ -16,17 +16,9 @@ pub enum TracefsError {
     #[error("tracepoint {system}:{event} does not exist on this kernel")]
     NoSuchTracepoint { system: String, event: String },
     #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("tracepoint {system}:{event} has no field {field:?} (its format file lists: {known})")]
-    NoSuchField {
-        system: String,
-        event: String,
-        field: String,
-        known: String,
-    },
+    NoSuchField { system: String, event: String, field: String, known: String },
 }
 
 /// One field of a tracepoint record, from its `format` file.
@@ -70,15 +62,7 @@ fn mount_tracefs(target: &Path) -> std::io::Result<()> {
     let target = CString::new(target.as_os_str().as_bytes())?;
     let fstype = c"tracefs";
     // SAFETY: every pointer is a valid NUL-terminated string that outlives the call; data is NULL.
-    let rc = unsafe {
-        libc::mount(
-            fstype.as_ptr(),
-            target.as_ptr(),
-            fstype.as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
+    let rc = unsafe { libc::mount(fstype.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
     if rc == 0 {
         Ok(())
     } else {
@@ -92,36 +76,20 @@ pub fn has_tracepoint(tracefs: &Path, system: &str, event: &str) -> bool {
 }
 
 /// The offset of `field` in `system:event` records on the running kernel.
-pub fn field_offset(
-    tracefs: &Path,
-    system: &str,
-    event: &str,
-    field: &str,
-) -> Result<u32, TracefsError> {
+pub fn field_offset(tracefs: &Path, system: &str, event: &str, field: &str) -> Result<u32, TracefsError> {
     let dir = tracefs.join("events").join(system).join(event);
     if !dir.is_dir() {
-        return Err(TracefsError::NoSuchTracepoint {
-            system: system.into(),
-            event: event.into(),
-        });
+        return Err(TracefsError::NoSuchTracepoint { system: system.into(), event: event.into() });
     }
     let path = dir.join("format");
     let text = fs::read_to_string(&path).map_err(|source| TracefsError::Read { path, source })?;
     let fields = parse_format(&text);
-    fields
-        .iter()
-        .find(|f| f.name == field)
-        .map(|f| f.offset)
-        .ok_or_else(|| TracefsError::NoSuchField {
-            system: system.into(),
-            event: event.into(),
-            field: field.into(),
-            known: fields
-                .iter()
-                .map(|f| f.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", "),
-        })
+    fields.iter().find(|f| f.name == field).map(|f| f.offset).ok_or_else(|| TracefsError::NoSuchField {
+        system: system.into(),
+        event: event.into(),
+        field: field.into(),
+        known: fields.iter().map(|f| f.name.as_str()).collect::<Vec<_>>().join(", "),
+    })
 }
 
 /// Parses the `field:` lines of a tracepoint `format` file, e.g.
@@ -143,11 +111,7 @@ pub fn parse_format(text: &str) -> Vec<Field> {
                     size = v.parse().ok();
                 }
             }
-            Some(Field {
-                name: name?,
-                offset: offset?,
-                size: size?,
-            })
+            Some(Field { name: name?, offset: offset?, size: size? })
         })
         .collect()
 }
@@ -188,31 +152,16 @@ format:
     fn parses_data_loc_and_pointer_fields() {
         let fields = parse_format(MODULE_LOAD);
         assert_eq!(fields.len(), 6);
-        assert_eq!(
-            fields[5],
-            Field {
-                name: "name".into(),
-                offset: 12,
-                size: 4
-            }
-        );
+        assert_eq!(fields[5], Field { name: "name".into(), offset: 12, size: 4 });
         let fields = parse_format(SYS_ENTER_DELETE_MODULE);
         let name = fields.iter().find(|f| f.name == "name_user");
-        assert_eq!(
-            name,
-            Some(&Field {
-                name: "name_user".into(),
-                offset: 16,
-                size: 8
-            })
-        );
+        assert_eq!(name, Some(&Field { name: "name_user".into(), offset: 16, size: 8 }));
     }
 
     #[test]
-    fn field_offset_reads_a_tracefs_tree_and_names_missing_fields(
-    ) -> Result<(), Box<dyn std::error::Error>> {
-        let root =
-            std::env::temp_dir().join(format!("hotplug-tracefs-test-{}", std::process::id()));
+    fn field_offset_reads_a_tracefs_tree_and_names_missing_fields() -> Result<(), Box<dyn std::error::Error>>
+    {
+        let root = std::env::temp_dir().join(format!("hotplug-tracefs-test-{}", std::process::id()));
         let dir = root.join("events/module/module_load");
         fs::create_dir_all(&dir)?;
         fs::write(dir.join("format"), MODULE_LOAD)?;

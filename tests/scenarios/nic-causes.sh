@@ -1,0 +1,95 @@
+#!/bin/sh
+# Every NIC removal and registration carries its true cause: reloads, rebinds, hot-plug, links, netns.
+# kernels: bookworm trixie sid
+. /opt/hotplug/scenarios/_lib.sh
+
+EVENTS=/tmp/events.jsonl
+start_events "$EVENTS"
+mode=$(json_str "$(head -n 1 "$EVENTS")" mode)
+[ "$mode" = full ] || { head -n 1 "$EVENTS"; fail "the agent runs in mode '$mode', not full"; }
+
+iface_of() { for d in /sys/class/net/*; do [ "$(cat "$d/address")" = "$1" ] && { basename "$d"; return; }; done; }
+
+# expect OP MAC ACTION CAUSE [FROM_LINE]: the first ACTION event for MAC after FROM_LINE has CAUSE.
+expect() {
+	op=$1 mac=$2 action=$3 cause=$4 from=$5
+	line=$(tail -n +"$((from + 1))" "$EVENTS" | grep "\"type\":\"nic\",\"action\":\"$action\"" | grep "\"mac\":\"$mac\"" | head -n 1)
+	seen=$(json_str "$line" cause)
+	source=$(json_str "$line" source)
+	check "$op: $action" "$cause/kernel" "${seen:-none}/${source:-none}"
+}
+
+# wait_registration MAC FROM_LINE: until a registration of MAC shows up after FROM_LINE.
+wait_registration() {
+	i=0
+	while [ $i -lt 200 ]; do
+		tail -n +"$(($2 + 1))" "$EVENTS" | grep "\"action\":\"registration\"" | grep -q "\"mac\":\"$1\"" && return 0
+		sleep 0.05
+		i=$((i + 1))
+	done
+	return 1
+}
+
+mark() { wc -l <"$EVENTS"; }
+
+echo "--- expected against seen:"
+check_header
+for mac in 52:54:00:12:34:10 52:54:00:12:34:11 52:54:00:12:34:12; do
+	iface=$(iface_of "$mac")
+	[ -n "$iface" ] || fail "no NIC with MAC $mac"
+	module=$(basename "$(readlink -f "/sys/class/net/$iface/device/driver/module")")
+	ko=$(find /lib/modules/"$(uname -r)" -name "$module.ko" | head -n 1)
+
+	from=$(mark)
+	modprobe -r "$module"; modprobe "$module"
+	wait_registration "$mac" "$from"
+	expect "$module modprobe -r/modprobe" "$mac" removal driver-unload "$from"
+	expect "$module modprobe -r/modprobe" "$mac" registration driver-load "$from"
+
+	from=$(mark)
+	rmmod "$module"; insmod "$ko"
+	wait_registration "$mac" "$from"
+	expect "$module rmmod/insmod" "$mac" removal driver-unload "$from"
+	expect "$module rmmod/insmod" "$mac" registration driver-load "$from"
+
+	iface=$(iface_of "$mac")
+	dev=$(readlink -f "/sys/class/net/$iface/device")
+	drv=$(readlink -f "$dev/driver")
+	from=$(mark)
+	basename "$dev" >"$drv/unbind"; basename "$dev" >"$drv/bind"
+	wait_registration "$mac" "$from"
+	expect "$module sysfs unbind/bind" "$mac" removal driver-unbind "$from"
+	expect "$module sysfs unbind/bind" "$mac" registration driver-bind "$from"
+
+	iface=$(iface_of "$mac")
+	from=$(mark)
+	vmctl unplug "$iface" && vmctl plug "$iface"
+	wait_registration "$mac" "$from"
+	expect "$module PCI hot-unplug/plug" "$mac" removal device-removed "$from"
+	expect "$module PCI hot-unplug/plug" "$mac" registration device-added "$from"
+done
+
+from=$(mark)
+ip link add va type veth peer name vb
+ip link set va address 02:00:00:00:0a:01
+ip link set vb address 02:00:00:00:0a:02
+ip link del va
+sleep 0.5
+line=$(tail -n +"$((from + 1))" "$EVENTS" | grep '"action":"registration"' | grep '"name":"va"' | head -n 1)
+check "veth ip link add: registration" link-created/kernel "$(json_str "$line" cause)/$(json_str "$line" source)"
+expect "veth ip link del" 02:00:00:00:0a:01 removal link-deleted "$from"
+expect "veth ip link del (peer)" 02:00:00:00:0a:02 removal link-deleted "$from"
+
+ip netns add other
+ip link add vc address 02:00:00:00:0c:01 type veth peer name vd address 02:00:00:00:0c:02
+from=$(mark)
+ip link set vd netns other
+sleep 0.5
+expect "netns move" 02:00:00:00:0c:02 removal netns-move "$from"
+expect "netns move" 02:00:00:00:0c:02 registration netns-move "$from"
+stop_agent
+
+lost=$(grep -c '"lost"' "$EVENTS")
+check "events lost" 0 "$lost"
+vmctl report nic_events "$(grep -c '"type":"nic"' "$EVENTS")"
+finish
