@@ -6,7 +6,10 @@ use serde::Serialize;
 use thiserror::Error;
 use tokio::sync::mpsc;
 
-use crate::kernel::{self, probes::KernelProbes, KernelEvent, KernelFeatures};
+use crate::{
+    classify,
+    kernel::{self, probes::KernelProbes, KernelEvent, KernelFeatures},
+};
 
 #[derive(Debug, Error)]
 pub enum AgentError {
@@ -38,14 +41,14 @@ pub struct Startup {
 impl Startup {
     /// Probes the kernel and attaches the eBPF programs. Never fails: whatever cannot be attached
     /// becomes a reason for degraded mode.
-    pub fn probe() -> Self {
+    pub fn probe(ring_bytes: u32) -> Self {
         let features = KernelFeatures::probe();
         let mut reasons = Vec::new();
         // SAFETY: geteuid has no preconditions and cannot fail.
         if unsafe { libc::geteuid() } != 0 {
             reasons.push("not running as root: eBPF programs and netlink changes need root".to_owned());
         }
-        let probes = match KernelProbes::load(kernel::embedded_object(), &features) {
+        let probes = match KernelProbes::load(kernel::embedded_object(), &features, ring_bytes) {
             Ok(probes) => {
                 for attachment in &probes.attachments {
                     if let Some(error) = &attachment.error {
@@ -90,8 +93,20 @@ impl Startup {
     }
 
     /// Starts forwarding kernel events; the receiver yields them until the probes are dropped.
+    /// When the NIC hooks are not attached, degraded mode's heuristic classifier reports NIC
+    /// changes instead (module events still come from whatever programs did attach).
     fn events(&mut self) -> mpsc::Receiver<KernelEvent> {
         let (tx, rx) = mpsc::channel(4096);
+        let nic_hooks = self.probes.as_ref().is_some_and(KernelProbes::nic_hooks_attached);
+        if !nic_hooks {
+            tracing::warn!("NIC hooks not attached: NIC causes come from rtnetlink, uevents and sysfs (source: heuristic)");
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                if let Err(error) = classify::heuristic::run(tx).await {
+                    tracing::error!(%error, "degraded NIC classification stopped");
+                }
+            });
+        }
         if let Some(probes) = self.probes.take() {
             tokio::spawn(async move {
                 if let Err(error) = kernel::source::forward(probes, tx).await {
@@ -114,9 +129,32 @@ async fn shutdown_signal() -> Result<&'static str, AgentError> {
     })
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernel::{decode::Task, ModuleEventKind, ModuleLifecycle};
+
+    #[test]
+    fn json_lines_keep_field_order_and_carry_the_receive_time() -> Result<(), serde_json::Error> {
+        let event = KernelEvent::Module(ModuleLifecycle {
+            kind: ModuleEventKind::Load,
+            module: "e1000".into(),
+            task: Task { pid: 1, tid: 1, comm: "modprobe".into() },
+            ret: None,
+            timestamp_ns: 5,
+        });
+        let line = json_line(&event, 9)?;
+        assert!(line.starts_with(r#"{"type":"module","kind":"load","module":"e1000""#), "{line}");
+        assert!(line.ends_with(r#""timestamp_ns":5,"received_ns":9}"#), "{line}");
+        let value: serde_json::Value = serde_json::from_str(&line)?;
+        assert_eq!(value["received_ns"], 9);
+        Ok(())
+    }
+}
+
 /// `hotplug-agent run`: the agent proper.
-pub async fn run() -> Result<(), AgentError> {
-    let mut startup = Startup::probe();
+pub async fn run(ring_bytes: u32) -> Result<(), AgentError> {
+    let mut startup = Startup::probe(ring_bytes);
     startup.announce();
     let mut events = startup.events();
     let shutdown = shutdown_signal();
@@ -143,8 +181,8 @@ struct StreamHeader<'a> {
 }
 
 /// `hotplug-agent events`: prints every kernel event as it happens until SIGINT/SIGTERM.
-pub async fn stream_events(json: bool) -> Result<(), AgentError> {
-    let mut startup = Startup::probe();
+pub async fn stream_events(json: bool, ring_bytes: u32) -> Result<(), AgentError> {
+    let mut startup = Startup::probe(ring_bytes);
     startup.announce();
     let mut out = std::io::stdout().lock();
     if json {
@@ -164,7 +202,7 @@ pub async fn stream_events(json: bool) -> Result<(), AgentError> {
             }
             Some(event) = events.recv() => event,
         };
-        let line = if json { serde_json::to_string(&event)? } else { describe(&event) };
+        let line = if json { json_line(&event, monotonic_ns())? } else { describe(&event) };
         let mut out = std::io::stdout().lock();
         writeln!(out, "{line}").and_then(|()| out.flush()).map_err(AgentError::Output)?;
     }
@@ -181,11 +219,13 @@ pub fn monotonic_ns() -> u64 {
 /// The JSON line for an event, with `received_ns`: when user space had it (same clock as the
 /// kernel's `timestamp_ns`, so the difference is the delivery latency).
 pub fn json_line(event: &KernelEvent, received_ns: u64) -> Result<String, serde_json::Error> {
-    let mut value = serde_json::to_value(event)?;
-    if let Some(object) = value.as_object_mut() {
-        object.insert("received_ns".to_owned(), received_ns.into());
+    // Appended to the serialized object rather than through a `Value`, which would sort the keys.
+    let mut line = serde_json::to_string(event)?;
+    if line.ends_with('}') {
+        line.pop();
+        line.push_str(&format!(",\"received_ns\":{received_ns}}}"));
     }
-    serde_json::to_string(&value)
+    Ok(line)
 }
 
 /// One human-readable line for an event.
@@ -197,6 +237,13 @@ pub fn describe(event: &KernelEvent) -> String {
                 "{:>16} module {:<20} {:?} by {}[{}]{ret}",
                 m.timestamp_ns, m.module, m.kind, m.task.comm, m.task.pid
             )
+        }
+        KernelEvent::Lost { events } => {
+            format!("LOST {events} kernel events (ring buffer full); resynchronising")
+        }
+        KernelEvent::Resync { links } => {
+            let names: Vec<&str> = links.iter().map(|l| l.name.as_str()).collect();
+            format!("resync: links now {}", names.join(" "))
         }
         KernelEvent::Nic(n) => {
             let task = n.task.as_ref().map(|t| format!(" by {}[{}]", t.comm, t.pid)).unwrap_or_default();
@@ -219,7 +266,7 @@ pub fn describe(event: &KernelEvent) -> String {
 
 /// `hotplug-agent features`: the probe result and the mode, then exit.
 pub fn print_features(json: bool) -> Result<(), AgentError> {
-    let startup = Startup::probe();
+    let startup = Startup::probe(hotplug_common::EVENT_RING_BYTES);
     let mut out = std::io::stdout().lock();
     if json {
         let header = StreamHeader { kind: "agent", features: &startup.features, mode: &startup.mode };
@@ -232,6 +279,49 @@ pub fn print_features(json: bool) -> Result<(), AgentError> {
                 .and_then(|()| reasons.iter().try_for_each(|r| writeln!(out, "  - {r}"))),
         }
         .map_err(AgentError::Output)?;
+    }
+    Ok(())
+}
+
+/// Run statistics of one of hotplug's programs.
+#[derive(Debug, Serialize)]
+pub struct ProgramStats {
+    pub id: u32,
+    pub name: String,
+    pub run_count: u64,
+    pub run_time_ns: u64,
+}
+
+/// `hotplug-agent bpf-stats`: the run counts and times the kernel keeps for hotplug's programs
+/// (loaded by a running agent). Program names are truncated to 15 bytes by the kernel.
+pub fn print_bpf_stats(json: bool) -> Result<(), AgentError> {
+    let ours = kernel::probes::program_names();
+    let mut stats = Vec::new();
+    for info in aya::programs::loaded_programs().flatten() {
+        let Some(name) = info.name_as_str() else { continue };
+        if !ours.iter().any(|p| p.starts_with(name) && !name.is_empty()) {
+            continue;
+        }
+        stats.push(ProgramStats {
+            id: info.id(),
+            name: name.to_owned(),
+            run_count: info.run_count(),
+            run_time_ns: u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX),
+        });
+    }
+    let mut out = std::io::stdout().lock();
+    if json {
+        writeln!(out, "{}", serde_json::to_string(&stats)?).map_err(AgentError::Output)?;
+    } else {
+        for s in &stats {
+            let avg = if s.run_count == 0 { 0 } else { s.run_time_ns / s.run_count };
+            writeln!(
+                out,
+                "{:>6} {:<16} runs {:>8} total {:>10} ns avg {:>6} ns",
+                s.id, s.name, s.run_count, s.run_time_ns, avg
+            )
+            .map_err(AgentError::Output)?;
+        }
     }
     Ok(())
 }

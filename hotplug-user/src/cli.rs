@@ -11,8 +11,19 @@ pub struct Cli {
     /// Log filter (tracing's EnvFilter syntax), e.g. `debug` or `hotplug=trace`. RUST_LOG also works.
     #[arg(long, global = true, default_value = "info")]
     pub log: String,
+    /// Size of the kernel-to-agent ring buffer in bytes: a power of two, at least one page.
+    #[arg(long, global = true, default_value_t = hotplug_common::EVENT_RING_BYTES, value_parser = parse_ring_bytes)]
+    pub ring_bytes: u32,
     #[command(subcommand)]
     pub command: Option<Command>,
+}
+
+fn parse_ring_bytes(value: &str) -> Result<u32, String> {
+    let bytes: u32 = value.parse().map_err(|e| format!("{value:?} is not a byte count: {e}"))?;
+    if bytes < 4096 || !bytes.is_power_of_two() {
+        return Err(format!("{bytes} is not a power of two of at least 4096 (the kernel requires it)"));
+    }
+    Ok(bytes)
 }
 
 #[derive(Subcommand, Debug, Clone, Copy)]
@@ -27,6 +38,12 @@ pub enum Command {
     },
     /// Print what the running kernel offers and which mode the agent would run in.
     Features {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run counts and run time of hotplug's loaded eBPF programs (needs
+    /// `sysctl kernel.bpf_stats_enabled=1` for run time).
+    BpfStats {
         #[arg(long)]
         json: bool,
     },

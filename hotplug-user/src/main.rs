@@ -32,9 +32,10 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command.unwrap_or(Command::Run) {
-            Command::Run => agent::run().await,
-            Command::Events { json } => agent::stream_events(json).await,
+            Command::Run => agent::run(cli.ring_bytes).await,
+            Command::Events { json } => agent::stream_events(json, cli.ring_bytes).await,
             Command::Features { json } => agent::print_features(json),
+            Command::BpfStats { json } => agent::print_bpf_stats(json),
         }
     });
     match result {

@@ -50,6 +50,15 @@ pub struct ModuleLifecycle {
 pub enum KernelEvent {
     Module(ModuleLifecycle),
     Nic(crate::classify::NicEvent),
+    /// The ring buffer was full and `events` records were dropped in the kernel: whatever state a
+    /// consumer built from the stream is incomplete until the `resync` that follows.
+    Lost {
+        events: u64,
+    },
+    /// Every link that exists now (an rtnetlink dump), sent after a loss.
+    Resync {
+        links: Vec<crate::kernel::rtnl::LinkSnapshot>,
+    },
 }
 
 /// A NUL-padded C string from a fixed-size buffer, lossily as UTF-8.

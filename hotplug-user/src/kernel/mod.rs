@@ -1,12 +1,15 @@
-//! Kernel events in: the eBPF programs' loader, the running kernel's features and tracepoint
-//! layouts, and the decoding of ring buffer records into typed events.
+//! Kernel events in: the eBPF programs' loader, the running kernel's features, tracepoint and
+//! struct layouts, the decoding of ring buffer records into typed events, and the rtnetlink and
+//! uevent sources degraded mode uses instead.
 pub mod btf;
 pub mod decode;
 pub mod features;
 pub mod kallsyms;
 pub mod probes;
+pub mod rtnl;
 pub mod source;
 pub mod tracefs;
+pub mod uevent;
 
 pub use decode::{KernelEvent, ModuleEventKind, ModuleLifecycle};
 pub use features::KernelFeatures;

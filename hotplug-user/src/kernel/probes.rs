@@ -136,7 +136,11 @@ fn struct_layout(btf: &Btf) -> Result<StructLayout, BtfError> {
 }
 
 impl KernelProbes {
-    pub fn load(object: Option<&[u8]>, features: &KernelFeatures) -> Result<Self, ProbeError> {
+    pub fn load(
+        object: Option<&[u8]>,
+        features: &KernelFeatures,
+        ring_bytes: u32,
+    ) -> Result<Self, ProbeError> {
         let object = object.ok_or(ProbeError::NoObject)?;
         let tracefs = features
             .tracefs
@@ -170,6 +174,7 @@ impl KernelProbes {
         }
 
         let mut loader = EbpfLoader::new();
+        loader.map_max_entries("EVENTS", ring_bytes);
         for (name, value) in &tracepoint_layout {
             if let Some(value) = value {
                 loader.override_global(name, value, true);
@@ -217,6 +222,14 @@ impl KernelProbes {
                 Pick::First => kallsyms.first_function(candidates).into_iter().collect(),
                 Pick::All => candidates.iter().copied().filter(|c| kallsyms.has_function(c)).collect(),
             };
+            if !features.kprobes {
+                attachments.push(Attachment {
+                    program,
+                    hook: format!("{kind} {}", candidates.join("|")),
+                    error: Some("this kernel has no kprobes (CONFIG_KPROBES off)".to_owned()),
+                });
+                continue;
+            }
             if functions.is_empty() {
                 attachments.push(Attachment {
                     program,
@@ -239,10 +252,24 @@ impl KernelProbes {
         Ok(Self { events, handle: ProbeHandle { _ebpf: ebpf, counters }, attachments })
     }
 
+    /// Whether the NIC unregister and register hooks run (else degraded mode classifies NICs).
+    pub fn nic_hooks_attached(&self) -> bool {
+        let nic = ["netdev_unregister", "netdev_register_enter", "netdev_register_exit"];
+        nic.iter().all(|program| {
+            let mine: Vec<_> = self.attachments.iter().filter(|a| a.program == *program).collect();
+            !mine.is_empty() && mine.iter().all(|a| a.error.is_none())
+        })
+    }
+
     /// The ring buffer to read, and what keeps the programs attached.
     pub fn split(self) -> (RingBuf<MapData>, ProbeHandle) {
         (self.events, self.handle)
     }
+}
+
+/// The names of every program in the object.
+pub fn program_names() -> Vec<&'static str> {
+    TRACEPOINTS.iter().map(|t| t.0).chain(KPROBES.iter().map(|k| k.0)).collect()
 }
 
 fn attach_tracepoint(ebpf: &mut Ebpf, program: &str, category: &str, name: &str) -> Result<(), String> {

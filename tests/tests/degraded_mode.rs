@@ -1,0 +1,108 @@
+//! Degraded mode on the host: the heuristic classifier watches rtnetlink and uevents in a private
+//! network namespace while real veth and bridge links come and go.
+use std::{process::Command, time::Duration};
+
+use hotplug::classify::{heuristic, Action, Cause, NicEvent, Source};
+use hotplug::kernel::KernelEvent;
+use tokio::sync::mpsc;
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn ip(args: &str) -> Result<(), String> {
+    let status =
+        Command::new("ip").args(args.split_whitespace()).status().map_err(|e| format!("ip {args}: {e}"))?;
+    status.success().then_some(()).ok_or_else(|| format!("ip {args} failed: {status}"))
+}
+
+/// Runs `scenario` on a thread of its own inside a new network namespace and returns the NIC
+/// events the heuristic classifier reported.
+fn in_private_netns(expected: usize, scenario: fn() -> Result<(), String>) -> Result<Vec<NicEvent>, String> {
+    std::thread::spawn(move || {
+        // SAFETY: unshare affects only this thread's namespaces; nothing else runs on it.
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            return Err(format!("unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error()));
+        }
+        let runtime =
+            tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+        runtime.block_on(async move {
+            let (tx, mut rx) = mpsc::channel(64);
+            let watcher = tokio::spawn(heuristic::run(tx));
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            scenario()?;
+            let mut events = Vec::new();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            while events.len() < expected {
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some(KernelEvent::Nic(event))) => events.push(event),
+                    Ok(Some(_)) => {}
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            watcher.abort();
+            Ok(events)
+        })
+    })
+    .join()
+    .map_err(|_| "the namespace thread panicked".to_owned())?
+}
+
+fn find<'a>(events: &'a [NicEvent], action: Action, name: &str) -> Option<&'a NicEvent> {
+    events.iter().find(|e| e.action == action && e.name == name)
+}
+
+#[test]
+fn veth_and_bridge_changes_are_classified_by_the_heuristics() -> Result<(), String> {
+    if !is_root() {
+        eprintln!("SKIPPED veth_and_bridge_changes_are_classified_by_the_heuristics: needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN) to create links in a private network namespace");
+        return Ok(());
+    }
+    let events = in_private_netns(6, || {
+        ip("link add hpt0 type veth peer name hpt1")?;
+        ip("link add hptbr type bridge")?;
+        std::thread::sleep(Duration::from_millis(100));
+        ip("link del hpt0")?;
+        ip("link del hptbr")
+    })?;
+    for e in &events {
+        assert_eq!(e.source, Source::Heuristic, "{e:?}");
+    }
+    let cause = |action, name| find(&events, action, name).map(|e| e.cause);
+    assert_eq!(cause(Action::Registration, "hpt0"), Some(Cause::LinkCreated), "{events:#?}");
+    assert_eq!(cause(Action::Registration, "hpt1"), Some(Cause::LinkCreated), "{events:#?}");
+    assert_eq!(cause(Action::Registration, "hptbr"), Some(Cause::LinkCreated), "{events:#?}");
+    assert_eq!(cause(Action::Removal, "hpt0"), Some(Cause::LinkDeleted), "{events:#?}");
+    assert_eq!(cause(Action::Removal, "hpt1"), Some(Cause::LinkDeleted), "{events:#?}");
+    assert_eq!(cause(Action::Removal, "hptbr"), Some(Cause::LinkDeleted), "{events:#?}");
+    let bridge = find(&events, Action::Registration, "hptbr").and_then(|e| e.driver.clone());
+    assert_eq!(bridge.as_deref(), Some("bridge"));
+    Ok(())
+}
+
+#[test]
+fn a_move_to_another_namespace_is_a_netns_move() -> Result<(), String> {
+    if !is_root() {
+        eprintln!(
+            "SKIPPED a_move_to_another_namespace_is_a_netns_move: needs root to create namespaces and links"
+        );
+        return Ok(());
+    }
+    let events = in_private_netns(3, || {
+        // A process in yet another namespace to move the link to, by pid.
+        let mut other = Command::new("unshare")
+            .args(["--net", "sleep", "10"])
+            .spawn()
+            .map_err(|e| format!("unshare: {e}"))?;
+        std::thread::sleep(Duration::from_millis(200));
+        let moved = ip("link add hpm0 type veth peer name hpm1")
+            .and_then(|()| ip(&format!("link set hpm1 netns {}", other.id())));
+        let _ = other.kill();
+        let _ = other.wait();
+        moved
+    })?;
+    let removal = find(&events, Action::Removal, "hpm1").map(|e| e.cause);
+    assert_eq!(removal, Some(Cause::NetnsMove), "{events:#?}");
+    Ok(())
+}
