@@ -314,7 +314,7 @@ pub fn print_bpf_stats(json: bool) -> Result<(), AgentError> {
         writeln!(out, "{}", serde_json::to_string(&stats)?).map_err(AgentError::Output)?;
     } else {
         for s in &stats {
-            let avg = if s.run_count == 0 { 0 } else { s.run_time_ns / s.run_count };
+            let avg = s.run_time_ns.checked_div(s.run_count).unwrap_or(0);
             writeln!(
                 out,
                 "{:>6} {:<16} runs {:>8} total {:>10} ns avg {:>6} ns",
