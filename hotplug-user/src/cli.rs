@@ -11,6 +11,9 @@ pub struct Cli {
     /// Log filter (tracing's EnvFilter syntax), e.g. `debug` or `hotplug=trace`. RUST_LOG also works.
     #[arg(long, global = true, default_value = "info")]
     pub log: String,
+    /// Configuration file (TOML); without one, defaults apply.
+    #[arg(long, global = true)]
+    pub config: Option<std::path::PathBuf>,
     /// Size of the kernel-to-agent ring buffer in bytes: a power of two, at least one page.
     #[arg(long, global = true, default_value_t = hotplug_common::EVENT_RING_BYTES, value_parser = parse_ring_bytes)]
     pub ring_bytes: u32,
@@ -38,6 +41,11 @@ pub enum Command {
     },
     /// Print what the running kernel offers and which mode the agent would run in.
     Features {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask the running agent for each NIC's state, snapshot, last event and last restore.
+    Status {
         #[arg(long)]
         json: bool,
     },

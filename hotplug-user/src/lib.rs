@@ -6,4 +6,8 @@
 pub mod agent;
 pub mod classify;
 pub mod cli;
+pub mod config;
+pub mod decide;
 pub mod kernel;
+pub mod reconfigure;
+pub mod snapshot;

@@ -5,6 +5,7 @@ use clap::Parser as _;
 use hotplug::{
     agent,
     cli::{Cli, Command},
+    config::Config,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -30,9 +31,17 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let config = match Config::load(cli.config.as_deref()) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("hotplug-agent: {error}");
+            return ExitCode::from(2);
+        }
+    };
     let result = runtime.block_on(async {
         match cli.command.unwrap_or(Command::Run) {
-            Command::Run => agent::run(cli.ring_bytes).await,
+            Command::Run => agent::run(config, cli.ring_bytes).await,
+            Command::Status { json } => agent::control::print_status(&config.socket, json).map_err(Into::into),
             Command::Events { json } => agent::stream_events(json, cli.ring_bytes).await,
             Command::Features { json } => agent::print_features(json),
             Command::BpfStats { json } => agent::print_bpf_stats(json),

@@ -8,12 +8,12 @@
 pub mod heuristic;
 
 use hotplug_common::{Cause as RawCause, EventKind, NetdevEvent};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::kernel::decode::{c_string, Task};
 
 /// Why a NIC went away or appeared.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Cause {
     DriverUnload,
@@ -66,7 +66,7 @@ impl Cause {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Action {
     Removal,
@@ -74,7 +74,7 @@ pub enum Action {
 }
 
 /// Who decided the cause.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Source {
     /// The eBPF programs, from kernel context at the moment of the change.
@@ -84,7 +84,7 @@ pub enum Source {
 }
 
 /// A NIC removal or registration with its cause.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NicEvent {
     pub action: Action,
     pub cause: Cause,

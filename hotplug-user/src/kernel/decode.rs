@@ -1,7 +1,7 @@
 //! Turns ring buffer records into typed events. The eBPF side writes fixed-size `#[repr(C)]`
 //! structs from `hotplug-common` whose first `u32` is an [`EventKind`].
 use hotplug_common::{EventKind, ModuleEvent, NetdevEvent};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -15,7 +15,7 @@ pub enum DecodeError {
 }
 
 /// The task that was running when the hook fired.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Task {
     pub pid: u32,
     pub tid: u32,

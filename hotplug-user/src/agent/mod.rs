@@ -6,13 +6,25 @@ use serde::Serialize;
 use thiserror::Error;
 use tokio::sync::mpsc;
 
+pub mod control;
+pub mod nics;
+
+use futures::StreamExt as _;
+
 use crate::{
     classify,
+    config::{Config, ConfigError},
     kernel::{self, probes::KernelProbes, KernelEvent, KernelFeatures},
 };
 
 #[derive(Debug, Error)]
 pub enum AgentError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Nics(#[from] nics::ManagerError),
+    #[error(transparent)]
+    Control(#[from] control::ControlError),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
     #[error("writing events: {0}")]
@@ -152,21 +164,47 @@ mod tests {
     }
 }
 
-/// `hotplug-agent run`: the agent proper.
-pub async fn run(ring_bytes: u32) -> Result<(), AgentError> {
+/// `hotplug-agent run`: the agent proper. Kernel events go through the NIC manager, which holds
+/// a NIC's snapshot when its driver leaves and restores it when the driver registers it again.
+pub async fn run(config: Config, ring_bytes: u32) -> Result<(), AgentError> {
     let mut startup = Startup::probe(ring_bytes);
     startup.announce();
+    // Watch configuration changes before reading the NICs, so that no change falls between.
+    let changes = nics::config_changes()?;
+    tokio::pin!(changes);
+    let mut manager = nics::NicManager::start(config.clone()).await?;
+    let listener = control::bind(&config.socket)?;
+    tracing::info!(socket = %config.socket.display(), state = %config.state_dir.display(), "agent ready");
     let mut events = startup.events();
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
     loop {
+        let wakeup = manager.next_wakeup();
         tokio::select! {
             signal = &mut shutdown => {
                 tracing::info!("{}: stopping", signal?);
+                let _ = std::fs::remove_file(&config.socket);
                 return Ok(());
             }
-            Some(event) = events.recv() => tracing::info!(?event, "kernel event"),
+            Some(event) = events.recv() => match event {
+                KernelEvent::Nic(nic) => {
+                    tracing::info!("{}", describe(&KernelEvent::Nic(nic.clone())));
+                    manager.on_event(&nic).await;
+                }
+                KernelEvent::Resync { .. } => manager.note_change(None),
+                other => tracing::info!("{}", describe(&other)),
+            },
+            Some(change) = changes.next() => manager.note_change(change),
+            () = sleep_until(wakeup) => manager.wake().await,
+            Ok((stream, _)) = listener.accept() => control::respond(stream, &manager.status()).await,
         }
+    }
+}
+
+async fn sleep_until(when: Option<tokio::time::Instant>) {
+    match when {
+        Some(when) => tokio::time::sleep_until(when).await,
+        None => std::future::pending().await,
     }
 }
 

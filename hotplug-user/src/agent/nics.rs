@@ -1,0 +1,452 @@
+//! The NIC manager: keeps each NIC's live snapshot current from rtnetlink notifications, feeds
+//! classified events through the per-NIC state machine (`decide`), carries out its actions
+//! (hold a snapshot, restore it, run a command, hand the NIC to the detach path), and persists
+//! every NIC's state so that a restarted agent still knows what to restore.
+use std::{
+    collections::{HashMap, HashSet, VecDeque},
+    time::Duration,
+};
+
+use futures::{Stream, StreamExt as _};
+use rtnetlink::{
+    packet_core::NetlinkPayload,
+    packet_route::{route::RouteAttribute, RouteNetlinkMessage},
+    Handle, MulticastGroup,
+};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use super::monotonic_ns;
+use crate::{
+    classify::{Cause, NicEvent, Source},
+    config::Config,
+    decide::{self, Action, Input, NicState},
+    kernel::rtnl::{self, RtnlError},
+    reconfigure::{command, restore},
+    snapshot::{
+        self,
+        store::{Store, StoreError},
+        NicSnapshot,
+    },
+};
+
+/// How long configuration changes settle before the NIC is read again.
+const DEBOUNCE: Duration = Duration::from_millis(50);
+/// Snapshots kept per NIC (the one to restore is chosen by time among them).
+const HISTORY: usize = 8;
+/// A notification more than this long after the previous one starts a new burst (degraded mode
+/// holds the snapshot from before the burst that ended in the NIC's removal).
+const BURST_GAP_NS: u64 = 1_000_000_000;
+
+#[derive(Debug, Error)]
+pub enum ManagerError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Rtnl(#[from] RtnlError),
+    #[error("cannot open an rtnetlink socket: {0}")]
+    Socket(#[from] std::io::Error),
+}
+
+/// The outcome of the last restore of a NIC.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RestoreOutcome {
+    /// From the kernel's registration timestamp to the last netlink acknowledgement.
+    pub latency_us: u64,
+    pub requests: u32,
+    pub errors: Vec<String>,
+    pub differences: Vec<String>,
+}
+
+/// One NIC as the agent manages and persists it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Managed {
+    pub mac: String,
+    pub state: NicState,
+    /// While present: the latest snapshot; after the driver left: the one to restore.
+    pub snapshot: Option<NicSnapshot>,
+    pub last_event: Option<NicEvent>,
+    pub last_restore: Option<RestoreOutcome>,
+    #[serde(skip)]
+    history: VecDeque<NicSnapshot>,
+}
+
+/// What `hotplug-agent status` shows for a NIC.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct NicStatus {
+    pub mac: String,
+    #[serde(flatten)]
+    pub state: NicState,
+    pub snapshot: Option<String>,
+    pub last_event: Option<String>,
+    pub last_restore: Option<RestoreOutcome>,
+}
+
+pub struct NicManager {
+    config: Config,
+    store: Store,
+    handle: Handle,
+    nics: HashMap<String, Managed>,
+    by_ifindex: HashMap<u32, String>,
+    dirty: HashSet<u32>,
+    dirty_due: Option<tokio::time::Instant>,
+    bursts: HashMap<u32, (u64, u64)>,
+}
+
+fn key(mac: &str) -> String {
+    mac.to_ascii_lowercase()
+}
+
+impl NicManager {
+    /// Loads persisted state, reads every NIC present now, and reconciles the two.
+    pub async fn start(config: Config) -> Result<Self, ManagerError> {
+        let store = Store::open(&config.state_dir)?;
+        let (connection, handle, _) = rtnetlink::new_connection()?;
+        tokio::spawn(connection);
+        let mut manager = Self {
+            config,
+            store,
+            handle,
+            nics: HashMap::new(),
+            by_ifindex: HashMap::new(),
+            dirty: HashSet::new(),
+            dirty_due: None,
+            bursts: HashMap::new(),
+        };
+        let (persisted, problems): (Vec<Managed>, _) = manager.store.load_all()?;
+        for problem in problems {
+            tracing::warn!("{problem}");
+        }
+        for nic in persisted {
+            manager.nics.insert(key(&nic.mac), nic);
+        }
+        let now = monotonic_ns();
+        let mut present = HashSet::new();
+        for link in rtnl::dump_links().await? {
+            if link.name == "lo" {
+                continue;
+            }
+            match snapshot::capture(&manager.handle, link.ifindex).await {
+                Ok(snapshot) if !snapshot.mac.is_empty() => {
+                    let mac = key(&snapshot.mac);
+                    present.insert(mac.clone());
+                    let restore_due = matches!(manager.nics.get(&mac).map(|n| &n.state), Some(NicState::DriverGone { .. }));
+                    if restore_due {
+                        // It came back while the agent was not running: restore now.
+                        let event = synthetic_return(&snapshot);
+                        manager.on_event(&event).await;
+                    } else {
+                        let nic = manager.nics.entry(mac.clone()).or_insert_with(|| Managed {
+                            mac: mac.clone(),
+                            state: NicState::Present { ifindex: link.ifindex, name: snapshot.name.clone() },
+                            snapshot: None,
+                            last_event: None,
+                            last_restore: None,
+                            history: VecDeque::new(),
+                        });
+                        nic.state = NicState::Present { ifindex: link.ifindex, name: snapshot.name.clone() };
+                        nic.history.push_back(snapshot.clone());
+                        nic.snapshot = Some(snapshot);
+                        manager.by_ifindex.insert(link.ifindex, mac.clone());
+                        manager.persist(&mac);
+                    }
+                }
+                Ok(_) => {}
+                Err(error) => tracing::warn!(ifindex = link.ifindex, %error, "cannot read a NIC's configuration"),
+            }
+        }
+        let timeout = u64::try_from(manager.config.return_timeout().as_nanos()).unwrap_or(u64::MAX);
+        let absent: Vec<String> = manager.nics.keys().filter(|m| !present.contains(*m)).cloned().collect();
+        for mac in absent {
+            let Some(nic) = manager.nics.get_mut(&mac) else { continue };
+            match &nic.state {
+                NicState::Present { .. } | NicState::DriverGone { .. } => {
+                    let name = match &nic.state {
+                        NicState::Present { name, .. } => name.clone(),
+                        _ => nic.snapshot.as_ref().map(|s| s.name.clone()).unwrap_or_default(),
+                    };
+                    tracing::warn!(%mac, %name, "NIC absent at start-up: expecting it back within {} s", timeout / 1_000_000_000);
+                    let cause = match nic.state {
+                        NicState::DriverGone { cause, .. } => cause,
+                        _ => Cause::Unknown,
+                    };
+                    nic.state = NicState::DriverGone { cause, since_ns: now, deadline_ns: now.saturating_add(timeout) };
+                    manager.persist(&mac);
+                }
+                NicState::Removed { .. } => {}
+            }
+        }
+        Ok(manager)
+    }
+
+    fn persist(&self, mac: &str) {
+        if let Some(nic) = self.nics.get(mac) {
+            if let Err(error) = self.store.save(mac, nic) {
+                tracing::error!(%error, "cannot persist NIC state");
+            }
+        }
+    }
+
+    /// Notes a configuration change of `ifindex` (`None`: could concern any NIC, e.g. a rule).
+    pub fn note_change(&mut self, ifindex: Option<u32>) {
+        let now = monotonic_ns();
+        match ifindex {
+            Some(ifindex) => {
+                let burst = self.bursts.entry(ifindex).or_insert((now, now));
+                if now.saturating_sub(burst.1) > BURST_GAP_NS {
+                    burst.0 = now;
+                }
+                burst.1 = now;
+                if self.by_ifindex.contains_key(&ifindex) {
+                    self.dirty.insert(ifindex);
+                }
+            }
+            None => self.dirty.extend(self.by_ifindex.keys().copied()),
+        }
+        if !self.dirty.is_empty() && self.dirty_due.is_none() {
+            self.dirty_due = Some(tokio::time::Instant::now() + DEBOUNCE);
+        }
+    }
+
+    /// When the manager next has something to do on its own.
+    pub fn next_wakeup(&self) -> Option<tokio::time::Instant> {
+        let now_ns = monotonic_ns();
+        let deadline = self
+            .nics
+            .values()
+            .filter_map(|n| match n.state {
+                NicState::DriverGone { deadline_ns, .. } => Some(deadline_ns),
+                _ => None,
+            })
+            .min()
+            .map(|d| tokio::time::Instant::now() + Duration::from_nanos(d.saturating_sub(now_ns)));
+        match (self.dirty_due, deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Re-reads NICs whose configuration changed and checks return deadlines.
+    pub async fn wake(&mut self) {
+        if self.dirty_due.is_some_and(|due| due <= tokio::time::Instant::now()) {
+            self.dirty_due = None;
+            let dirty: Vec<u32> = self.dirty.drain().collect();
+            for ifindex in dirty {
+                self.refresh(ifindex).await;
+            }
+        }
+        let now_ns = monotonic_ns();
+        let macs: Vec<String> = self.nics.keys().cloned().collect();
+        for mac in macs {
+            self.apply(&mac, &Input::Tick { now_ns }, None).await;
+        }
+    }
+
+    async fn refresh(&mut self, ifindex: u32) {
+        let Some(mac) = self.by_ifindex.get(&ifindex).cloned() else { return };
+        let present = matches!(self.nics.get(&mac).map(|n| &n.state), Some(NicState::Present { ifindex: i, .. }) if *i == ifindex);
+        if !present {
+            return;
+        }
+        match snapshot::capture(&self.handle, ifindex).await {
+            Ok(snapshot) if key(&snapshot.mac) == mac => {
+                if let Some(nic) = self.nics.get_mut(&mac) {
+                    if let NicState::Present { name, .. } = &mut nic.state {
+                        name.clone_from(&snapshot.name);
+                    }
+                    nic.history.push_back(snapshot.clone());
+                    while nic.history.len() > HISTORY {
+                        nic.history.pop_front();
+                    }
+                    nic.snapshot = Some(snapshot);
+                }
+                self.persist(&mac);
+            }
+            Ok(_) | Err(_) => {} // gone or replaced meanwhile: the kernel events will say why
+        }
+    }
+
+    /// Feeds one classified NIC event through the state machine.
+    pub async fn on_event(&mut self, event: &NicEvent) {
+        let mac = key(&event.mac);
+        if mac.is_empty() || event.name == "lo" {
+            return;
+        }
+        self.apply(&mac, &Input::Event(event), Some(event)).await;
+    }
+
+    async fn apply(&mut self, mac: &str, input: &Input<'_>, event: Option<&NicEvent>) {
+        let name = event.map(|e| e.name.clone()).unwrap_or_default();
+        let policy = self.config.policy_for(mac, &name).policy;
+        let timeout = u64::try_from(self.config.return_timeout().as_nanos()).unwrap_or(u64::MAX);
+        let state = self.nics.get(mac).map(|n| n.state.clone());
+        let transition = decide::decide(state.as_ref(), input, policy, timeout);
+        if transition.next == state && transition.actions.is_empty() {
+            return;
+        }
+        let Some(next) = transition.next else { return };
+        let nic = self.nics.entry(mac.to_owned()).or_insert_with(|| Managed {
+            mac: mac.to_owned(),
+            state: next.clone(),
+            snapshot: None,
+            last_event: None,
+            last_restore: None,
+            history: VecDeque::new(),
+        });
+        if let Some(NicState::Present { ifindex, .. }) = &state {
+            if !matches!(next, NicState::Present { .. }) {
+                self.by_ifindex.remove(ifindex);
+                self.dirty.remove(ifindex);
+            }
+        }
+        nic.state = next;
+        if let Some(event) = event {
+            nic.last_event = Some(event.clone());
+        }
+        for action in transition.actions {
+            self.act(mac, action, event).await;
+        }
+        self.persist(mac);
+    }
+
+    async fn act(&mut self, mac: &str, action: Action, event: Option<&NicEvent>) {
+        match action {
+            Action::HoldSnapshot { before_ns } => {
+                // Degraded mode sees a removal after the teardown notifications: hold what the
+                // NIC looked like before the burst of changes that ended in its removal.
+                let before_ns = match event {
+                    Some(e) if e.source == Source::Heuristic => {
+                        let ifindex = u32::try_from(e.ifindex).unwrap_or(0);
+                        self.bursts.get(&ifindex).map_or(before_ns, |b| b.0.min(before_ns))
+                    }
+                    _ => before_ns,
+                };
+                let Some(nic) = self.nics.get_mut(mac) else { return };
+                let candidate = nic
+                    .history
+                    .iter()
+                    .chain(nic.snapshot.iter())
+                    .filter(|s| s.taken_ns < before_ns)
+                    .max_by_key(|s| s.taken_ns)
+                    .cloned();
+                match candidate {
+                    Some(snapshot) => {
+                        tracing::info!(%mac, "driver left: holding {}", snapshot.summary_line());
+                        nic.snapshot = Some(snapshot);
+                    }
+                    None => tracing::warn!(%mac, "driver left, but no snapshot from before it: nothing to restore"),
+                }
+                nic.history.clear();
+            }
+            Action::Restore { ifindex } => {
+                let Some(want) = self.nics.get(mac).and_then(|n| n.snapshot.clone()) else {
+                    tracing::warn!(%mac, "NIC is back but there is no snapshot to restore");
+                    return;
+                };
+                let report = restore::restore(&self.handle, &want, ifindex).await;
+                let registered_ns = event.map_or(report.last_ack_ns, |e| e.timestamp_ns);
+                let latency_us = report.last_ack_ns.saturating_sub(registered_ns) / 1000;
+                if report.errors.is_empty() && report.differences.is_empty() {
+                    tracing::info!(%mac, ifindex, latency_us, requests = report.requests, "restored {}", want.summary_line());
+                } else {
+                    tracing::warn!(%mac, ifindex, latency_us, errors = ?report.errors, differences = ?report.differences, "restore incomplete");
+                }
+                if let Some(nic) = self.nics.get_mut(mac) {
+                    nic.last_restore = Some(RestoreOutcome {
+                        latency_us,
+                        requests: report.requests,
+                        errors: report.errors,
+                        differences: report.differences,
+                    });
+                }
+            }
+            Action::RunCommand { phase } => {
+                let command = self.config.policy_for(mac, event.map_or("", |e| e.name.as_str())).command;
+                if let (Some(event), false) = (event, command.is_empty()) {
+                    match command::run(&command, event, phase).await {
+                        Ok(status) => tracing::info!(%mac, phase, %status, "policy command ran"),
+                        Err(error) => tracing::error!(%mac, phase, %error, "policy command failed to start"),
+                    }
+                }
+            }
+            Action::HandToDetach { reason } => {
+                tracing::warn!(%mac, "NIC left for good: {reason}; its configuration is the detach path's to clean up");
+            }
+            Action::Track { ifindex } => {
+                self.by_ifindex.insert(ifindex, mac.to_owned());
+                self.dirty.insert(ifindex);
+                if self.dirty_due.is_none() {
+                    self.dirty_due = Some(tokio::time::Instant::now() + DEBOUNCE);
+                }
+            }
+        }
+    }
+
+    pub fn status(&self) -> Vec<NicStatus> {
+        let mut nics: Vec<NicStatus> = self
+            .nics
+            .values()
+            .map(|n| NicStatus {
+                mac: n.mac.clone(),
+                state: n.state.clone(),
+                snapshot: n.snapshot.as_ref().map(NicSnapshot::summary_line),
+                last_event: n.last_event.as_ref().map(|e| {
+                    format!("{:?} {} ({:?}) ifindex {}", e.action, e.cause.as_str(), e.source, e.ifindex).to_lowercase()
+                }),
+                last_restore: n.last_restore.clone(),
+            })
+            .collect();
+        nics.sort_by(|a, b| a.mac.cmp(&b.mac));
+        nics
+    }
+}
+
+/// A registration event for a NIC found present at start-up while its state said its driver was
+/// gone (it came back while the agent was not running).
+fn synthetic_return(snapshot: &NicSnapshot) -> NicEvent {
+    NicEvent {
+        action: crate::classify::Action::Registration,
+        cause: Cause::Unknown,
+        source: Source::Heuristic,
+        ifindex: i32::try_from(snapshot.ifindex).unwrap_or(0),
+        name: snapshot.name.clone(),
+        mac: snapshot.mac.clone(),
+        permanent_mac: None,
+        bus: None,
+        driver: None,
+        module: None,
+        context_module: None,
+        task: None,
+        timestamp_ns: monotonic_ns(),
+    }
+}
+
+/// rtnetlink notifications that can change a NIC's configuration: the ifindex they concern, or
+/// `None` for rules (not bound to one NIC).
+pub fn config_changes() -> Result<impl Stream<Item = Option<u32>>, ManagerError> {
+    let groups = [
+        MulticastGroup::Link,
+        MulticastGroup::Ipv4Ifaddr,
+        MulticastGroup::Ipv6Ifaddr,
+        MulticastGroup::Ipv4Route,
+        MulticastGroup::Ipv6Route,
+        MulticastGroup::Ipv4Rule,
+        MulticastGroup::Ipv6Rule,
+    ];
+    let (connection, _handle, messages) = rtnetlink::new_multicast_connection(&groups)?;
+    tokio::spawn(connection);
+    Ok(messages.filter_map(|(message, _)| async move {
+        match message.payload {
+            NetlinkPayload::InnerMessage(message) => match message {
+                RouteNetlinkMessage::NewLink(l) | RouteNetlinkMessage::DelLink(l) => Some(Some(l.header.index)),
+                RouteNetlinkMessage::NewAddress(a) | RouteNetlinkMessage::DelAddress(a) => Some(Some(a.header.index)),
+                RouteNetlinkMessage::NewRoute(r) | RouteNetlinkMessage::DelRoute(r) => {
+                    Some(r.attributes.iter().find_map(|a| if let RouteAttribute::Oif(i) = a { Some(*i) } else { None }))
+                }
+                RouteNetlinkMessage::NewRule(_) | RouteNetlinkMessage::DelRule(_) => Some(None),
+                _ => None,
+            },
+            _ => None,
+        }
+    }))
+}

@@ -1,0 +1,232 @@
+//! The agent's configuration: a TOML file (`--config`), sensible defaults without one. Every error
+//! names the bad key and value; a broken file stops the agent before it touches anything.
+//!
+//! ```toml
+//! state_dir = "/var/lib/hotplug"          # snapshots and per-NIC state
+//! socket = "/run/hotplug/agent.sock"      # root-only status socket
+//! return_timeout_seconds = 60             # how long a NIC whose driver left may take to come back
+//!
+//! [interfaces.default]
+//! policy = "restore"                      # restore | ignore | command
+//!
+//! [interfaces."52:54:00:12:34:11"]        # by permanent MAC, or by interface name
+//! policy = "command"
+//! command = ["/usr/local/sbin/nic-hook", "--quiet"]   # run with HOTPLUG_* variables, no shell
+//! ```
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config file {path}: `{key}` = {value}: {problem}")]
+    Invalid { path: PathBuf, key: String, value: String, problem: String },
+}
+
+/// What the agent does with a NIC whose driver left and came back.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PolicyKind {
+    /// Put its configuration back (the default).
+    #[default]
+    Restore,
+    /// Leave it alone: another network manager owns it.
+    Ignore,
+    /// Run `command` with the NIC's facts in `HOTPLUG_*` environment variables.
+    Command,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    #[serde(default)]
+    pub policy: PolicyKind,
+    /// Program and arguments, for `policy = "command"`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    #[serde(default = "default_socket")]
+    pub socket: PathBuf,
+    #[serde(default = "default_return_timeout")]
+    pub return_timeout_seconds: u64,
+    /// Policies by interface name or MAC; `default` applies to the rest.
+    #[serde(default)]
+    pub interfaces: BTreeMap<String, Policy>,
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/hotplug")
+}
+
+fn default_socket() -> PathBuf {
+    PathBuf::from("/run/hotplug/agent.sock")
+}
+
+const fn default_return_timeout() -> u64 {
+    60
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            state_dir: default_state_dir(),
+            socket: default_socket(),
+            return_timeout_seconds: default_return_timeout(),
+            interfaces: BTreeMap::new(),
+        }
+    }
+}
+
+fn is_mac(key: &str) -> bool {
+    let parts: Vec<&str> = key.split(':').collect();
+    parts.len() == 6 && parts.iter().all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()))
+}
+
+impl Config {
+    /// Loads `path`, or the defaults when `path` is `None`.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let Some(path) = path else { return Ok(Self::default()) };
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        Self::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let config: Self = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string().trim().to_owned() })?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |key: &str, value: String, problem: &str| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key: key.to_owned(),
+            value,
+            problem: problem.to_owned(),
+        };
+        for (key, dir) in [("state_dir", &self.state_dir), ("socket", &self.socket)] {
+            if !dir.is_absolute() {
+                return Err(invalid(key, format!("{:?}", dir.display().to_string()), "must be an absolute path"));
+            }
+        }
+        if self.return_timeout_seconds == 0 || self.return_timeout_seconds > 86_400 {
+            return Err(invalid(
+                "return_timeout_seconds",
+                self.return_timeout_seconds.to_string(),
+                "must be between 1 and 86400",
+            ));
+        }
+        for (name, policy) in &self.interfaces {
+            let key = format!("interfaces.\"{name}\"");
+            let looks_like_mac = name.contains(':');
+            if looks_like_mac && !is_mac(name) {
+                return Err(invalid(&key, format!("{name:?}"), "is neither an interface name nor a MAC like 52:54:00:12:34:56"));
+            }
+            if !looks_like_mac && (name.is_empty() || name.len() > 15 || name.contains('/') || name.contains(char::is_whitespace)) {
+                return Err(invalid(&key, format!("{name:?}"), "is not a valid interface name (1-15 bytes, no '/' or spaces)"));
+            }
+            match (policy.policy, policy.command.is_empty()) {
+                (PolicyKind::Command, true) => {
+                    return Err(invalid(&format!("{key}.command"), "[]".into(), "policy \"command\" needs a program to run"));
+                }
+                (PolicyKind::Command, false) if !Path::new(&policy.command[0]).is_absolute() => {
+                    return Err(invalid(
+                        &format!("{key}.command"),
+                        format!("{:?}", policy.command[0]),
+                        "the program must be an absolute path (no PATH lookup for a root agent)",
+                    ));
+                }
+                (PolicyKind::Restore | PolicyKind::Ignore, false) => {
+                    return Err(invalid(&format!("{key}.command"), format!("{:?}", policy.command), "only policy \"command\" runs a command"));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    pub fn return_timeout(&self) -> Duration {
+        Duration::from_secs(self.return_timeout_seconds)
+    }
+
+    /// The policy for a NIC: by MAC, then by name, then `default`, then restore.
+    pub fn policy_for(&self, mac: &str, name: &str) -> Policy {
+        let mac = mac.to_ascii_lowercase();
+        self.interfaces
+            .iter()
+            .find(|(k, _)| k.to_ascii_lowercase() == mac)
+            .or_else(|| self.interfaces.iter().find(|(k, _)| k.as_str() == name))
+            .or_else(|| self.interfaces.iter().find(|(k, _)| k.as_str() == "default"))
+            .map(|(_, p)| p.clone())
+            .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/etc/hotplug.toml"))
+    }
+
+    #[test]
+    fn defaults_without_a_file_and_policies_by_mac_then_name() -> Result<(), ConfigError> {
+        assert_eq!(Config::load(None)?, Config::default());
+        let config = parse(
+            r#"
+            return_timeout_seconds = 30
+            [interfaces.default]
+            policy = "ignore"
+            [interfaces."52:54:00:12:34:11"]
+            policy = "restore"
+            [interfaces.eth2]
+            policy = "command"
+            command = ["/usr/local/sbin/hook", "--quiet"]
+            "#,
+        )?;
+        assert_eq!(config.return_timeout(), Duration::from_secs(30));
+        assert_eq!(config.policy_for("52:54:00:12:34:11", "eth1").policy, PolicyKind::Restore);
+        assert_eq!(config.policy_for("52:54:00:12:34:12", "eth2").policy, PolicyKind::Command);
+        assert_eq!(config.policy_for("52:54:00:12:34:13", "eth3").policy, PolicyKind::Ignore);
+        Ok(())
+    }
+
+    #[test]
+    fn errors_name_the_key_and_value() {
+        let cases = [
+            ("stat_dir = \"/x\"", "stat_dir"),
+            ("return_timeout_seconds = 0", "return_timeout_seconds` = 0"),
+            ("return_timeout_seconds = \"soon\"", "return_timeout_seconds"),
+            ("state_dir = \"relative\"", "`state_dir` = \"relative\""),
+            ("[interfaces.\"52:54:zz:12:34:11\"]\npolicy = \"ignore\"", "52:54:zz:12:34:11"),
+            ("[interfaces.eth1]\npolicy = \"command\"", "interfaces.\"eth1\".command"),
+            ("[interfaces.eth1]\npolicy = \"command\"\ncommand = [\"hook\"]", "absolute path"),
+            ("[interfaces.eth1]\npolicy = \"reboot\"", "reboot"),
+            ("[interfaces.eth1]\npolicy = \"ignore\"\ncommand = [\"/bin/true\"]", "only policy"),
+            ("state_dir = ", "/etc/hotplug.toml"),
+        ];
+        for (text, expected) in cases {
+            match parse(text) {
+                Ok(config) => panic!("{text:?} was accepted: {config:?}"),
+                Err(error) => assert!(error.to_string().contains(expected), "{text:?}: {error}"),
+            }
+        }
+    }
+}

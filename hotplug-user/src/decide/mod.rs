@@ -1,0 +1,190 @@
+//! Where a decision is made: one state machine per NIC, keyed by its permanent MAC (names and
+//! ifindexes change across a reload; the MAC does not). Decisions are pure functions of the
+//! current state and one input, so they are tested without a kernel.
+//!
+//! ```text
+//!   present ──removal: driver-unload | driver-unbind──▶ driver-gone ──registration──▶ present
+//!      │                                                   │           (restore / command / ignore)
+//!      └──removal: any other cause──▶ removed ◀──return timeout──┘     (handed to the detach path)
+//! ```
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    classify::{Action as NicAction, Cause, NicEvent},
+    config::PolicyKind,
+};
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "kebab-case")]
+pub enum NicState {
+    /// The NIC is registered.
+    Present { ifindex: u32, name: String },
+    /// Its driver left; it is expected back by `deadline_ns` (CLOCK_MONOTONIC).
+    DriverGone { cause: Cause, since_ns: u64, deadline_ns: u64 },
+    /// It left for good (or did not come back in time).
+    Removed { cause: Cause, since_ns: u64 },
+}
+
+#[derive(Clone, Debug)]
+pub enum Input<'a> {
+    Event(&'a NicEvent),
+    /// The clock passed a deadline.
+    Tick { now_ns: u64 },
+}
+
+/// What the agent must do after a transition.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Keep the last snapshot taken before this moment: it is what the NIC looked like.
+    HoldSnapshot { before_ns: u64 },
+    /// Put the held snapshot back on the NIC that registered with `ifindex`.
+    Restore { ifindex: u32 },
+    /// Run the configured command (`phase` says why).
+    RunCommand { phase: &'static str },
+    /// The NIC is not coming back: its configuration is the detach path's to clean up.
+    HandToDetach { reason: String },
+    /// Keep the NIC's live snapshot current.
+    Track { ifindex: u32 },
+}
+
+pub struct Transition {
+    pub next: Option<NicState>,
+    pub actions: Vec<Action>,
+}
+
+fn no_change(state: Option<&NicState>) -> Transition {
+    Transition { next: state.cloned(), actions: Vec::new() }
+}
+
+/// The next state and the actions for one input.
+pub fn decide(state: Option<&NicState>, input: &Input<'_>, policy: PolicyKind, return_timeout_ns: u64) -> Transition {
+    match input {
+        Input::Tick { now_ns } => match state {
+            Some(NicState::DriverGone { cause, deadline_ns, .. }) if now_ns >= deadline_ns => Transition {
+                next: Some(NicState::Removed { cause: *cause, since_ns: *now_ns }),
+                actions: vec![Action::HandToDetach {
+                    reason: format!(
+                        "its driver left ({}) and it did not come back within {} s",
+                        cause.as_str(),
+                        return_timeout_ns / 1_000_000_000
+                    ),
+                }],
+            },
+            _ => no_change(state),
+        },
+        Input::Event(event) => match event.action {
+            NicAction::Removal if event.cause.expects_return() => {
+                let mut actions = vec![Action::HoldSnapshot { before_ns: event.timestamp_ns }];
+                if policy == PolicyKind::Command {
+                    actions.push(Action::RunCommand { phase: "driver-gone" });
+                }
+                Transition {
+                    next: Some(NicState::DriverGone {
+                        cause: event.cause,
+                        since_ns: event.timestamp_ns,
+                        deadline_ns: event.timestamp_ns.saturating_add(return_timeout_ns),
+                    }),
+                    actions,
+                }
+            }
+            NicAction::Removal => Transition {
+                next: Some(NicState::Removed { cause: event.cause, since_ns: event.timestamp_ns }),
+                actions: vec![Action::HandToDetach { reason: format!("removed ({})", event.cause.as_str()) }],
+            },
+            NicAction::Registration => {
+                let ifindex = u32::try_from(event.ifindex).unwrap_or(0);
+                let next = Some(NicState::Present { ifindex, name: event.name.clone() });
+                let mut actions = Vec::new();
+                if matches!(state, Some(NicState::DriverGone { .. })) {
+                    match policy {
+                        PolicyKind::Restore => actions.push(Action::Restore { ifindex }),
+                        PolicyKind::Command => actions.push(Action::RunCommand { phase: "returned" }),
+                        PolicyKind::Ignore => {}
+                    }
+                }
+                actions.push(Action::Track { ifindex });
+                Transition { next, actions }
+            }
+        },
+    }
+}
+
+/// Whether `cause` names a NIC leaving for good (kept for the status output).
+pub const fn is_final(cause: Cause) -> bool {
+    !cause.expects_return()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::classify::Source;
+
+    const TIMEOUT: u64 = 60_000_000_000;
+
+    fn event(action: NicAction, cause: Cause, ifindex: i32, ts: u64) -> NicEvent {
+        NicEvent {
+            action,
+            cause,
+            source: Source::Kernel,
+            ifindex,
+            name: "eth1".into(),
+            mac: "52:54:00:12:34:11".into(),
+            permanent_mac: Some("52:54:00:12:34:11".into()),
+            bus: None,
+            driver: None,
+            module: None,
+            context_module: None,
+            task: None,
+            timestamp_ns: ts,
+        }
+    }
+
+    #[test]
+    fn a_driver_reload_holds_then_restores() {
+        let present = NicState::Present { ifindex: 3, name: "eth1".into() };
+        let gone = decide(Some(&present), &Input::Event(&event(NicAction::Removal, Cause::DriverUnload, 3, 100)), PolicyKind::Restore, TIMEOUT);
+        assert_eq!(gone.actions, vec![Action::HoldSnapshot { before_ns: 100 }]);
+        let Some(state) = gone.next else { panic!("no state") };
+        assert_eq!(state, NicState::DriverGone { cause: Cause::DriverUnload, since_ns: 100, deadline_ns: 100 + TIMEOUT });
+        let back = decide(Some(&state), &Input::Event(&event(NicAction::Registration, Cause::DriverLoad, 7, 200)), PolicyKind::Restore, TIMEOUT);
+        assert_eq!(back.actions, vec![Action::Restore { ifindex: 7 }, Action::Track { ifindex: 7 }]);
+        assert_eq!(back.next, Some(NicState::Present { ifindex: 7, name: "eth1".into() }));
+    }
+
+    #[test]
+    fn policies_choose_what_happens_on_return() {
+        let gone = NicState::DriverGone { cause: Cause::DriverUnbind, since_ns: 1, deadline_ns: 2 };
+        let back = event(NicAction::Registration, Cause::DriverBind, 9, 5);
+        let ignore = decide(Some(&gone), &Input::Event(&back), PolicyKind::Ignore, TIMEOUT);
+        assert_eq!(ignore.actions, vec![Action::Track { ifindex: 9 }]);
+        let command = decide(Some(&gone), &Input::Event(&back), PolicyKind::Command, TIMEOUT);
+        assert_eq!(command.actions, vec![Action::RunCommand { phase: "returned" }, Action::Track { ifindex: 9 }]);
+        let leave = decide(None, &Input::Event(&event(NicAction::Removal, Cause::DriverUnload, 9, 5)), PolicyKind::Command, TIMEOUT);
+        assert_eq!(leave.actions, vec![Action::HoldSnapshot { before_ns: 5 }, Action::RunCommand { phase: "driver-gone" }]);
+    }
+
+    #[test]
+    fn real_removals_and_timeouts_go_to_the_detach_path() {
+        let present = NicState::Present { ifindex: 3, name: "eth1".into() };
+        for cause in [Cause::DeviceRemoved, Cause::LinkDeleted, Cause::NetnsMove, Cause::Unknown] {
+            let t = decide(Some(&present), &Input::Event(&event(NicAction::Removal, cause, 3, 10)), PolicyKind::Restore, TIMEOUT);
+            assert_eq!(t.next, Some(NicState::Removed { cause, since_ns: 10 }));
+            assert!(matches!(t.actions.as_slice(), [Action::HandToDetach { .. }]));
+            assert!(is_final(cause));
+        }
+        let gone = NicState::DriverGone { cause: Cause::DriverUnload, since_ns: 0, deadline_ns: 50 };
+        assert_eq!(decide(Some(&gone), &Input::Tick { now_ns: 49 }, PolicyKind::Restore, TIMEOUT).next, Some(gone.clone()));
+        let late = decide(Some(&gone), &Input::Tick { now_ns: 50 }, PolicyKind::Restore, TIMEOUT);
+        assert_eq!(late.next, Some(NicState::Removed { cause: Cause::DriverUnload, since_ns: 50 }));
+        assert!(matches!(late.actions.as_slice(), [Action::HandToDetach { reason }] if reason.contains("60 s")));
+    }
+
+    #[test]
+    fn a_new_or_returning_nic_after_removal_is_only_tracked() {
+        let removed = NicState::Removed { cause: Cause::DeviceRemoved, since_ns: 1 };
+        let t = decide(Some(&removed), &Input::Event(&event(NicAction::Registration, Cause::DeviceAdded, 4, 2)), PolicyKind::Restore, TIMEOUT);
+        assert_eq!(t.actions, vec![Action::Track { ifindex: 4 }]);
+        let t = decide(None, &Input::Event(&event(NicAction::Registration, Cause::DriverLoad, 4, 2)), PolicyKind::Restore, TIMEOUT);
+        assert_eq!(t.actions, vec![Action::Track { ifindex: 4 }], "no snapshot to restore for a NIC never seen");
+    }
+}

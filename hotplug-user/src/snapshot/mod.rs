@@ -1,0 +1,456 @@
+//! A NIC's configuration as rtnetlink reports it: link settings, addresses, the routes whose output
+//! device is the NIC (every table), and the ip rules that refer to its addresses or its tables.
+//!
+//! Each address, route and rule is kept twice: as the kernel's own netlink message (so a restore
+//! re-sends exactly what the kernel had, every attribute included) and as a one-line summary
+//! without ifindex or transient state (what is compared after a restore and shown to people).
+pub mod store;
+
+use std::net::IpAddr;
+
+use futures::TryStreamExt as _;
+use rtnetlink::{
+    packet_core::{Emitable, Parseable},
+    packet_route::{
+        address::{AddressAttribute, AddressFlags, AddressMessage},
+        link::{LinkAttribute, LinkFlags, LinkMessage, Prop},
+        route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol},
+        rule::{RuleAttribute, RuleMessage},
+        AddressFamily,
+    },
+    Handle, IpVersion, RouteMessageBuilder,
+};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum SnapshotError {
+    #[error("rtnetlink: {0}")]
+    Netlink(#[from] rtnetlink::Error),
+    #[error("no link with ifindex {0}")]
+    NoSuchLink(u32),
+    #[error("stored netlink message is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// The routing tables the kernel manages itself (`local`) or that mean "none" (`unspec`).
+const TABLE_UNSPEC: u32 = 0;
+const TABLE_DEFAULT: u32 = 253;
+const TABLE_MAIN: u32 = 254;
+const TABLE_LOCAL: u32 = 255;
+
+/// One address, route or rule.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// Human-readable, ifindex-free, compared after a restore.
+    pub summary: String,
+    /// The kernel's netlink message, hex-encoded.
+    pub message: String,
+}
+
+/// A NIC's configuration at one moment.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NicSnapshot {
+    /// The NIC's identity: its permanent MAC, else its current one.
+    pub mac: String,
+    pub ifindex: u32,
+    pub name: String,
+    pub mtu: Option<u32>,
+    pub up: bool,
+    pub altnames: Vec<String>,
+    pub addresses: Vec<Entry>,
+    pub routes: Vec<Entry>,
+    pub rules: Vec<Entry>,
+    /// CLOCK_MONOTONIC ns when the dump that produced this snapshot had finished.
+    pub taken_ns: u64,
+}
+
+impl NicSnapshot {
+    /// The differences between `self` (what should be) and `other` (what is), ignoring ifindex
+    /// and time: one line per difference, empty when they match.
+    pub fn differences(&self, other: &Self) -> Vec<String> {
+        let mut diffs = Vec::new();
+        if self.name != other.name {
+            diffs.push(format!("name: want {}, have {}", self.name, other.name));
+        }
+        if self.mtu != other.mtu {
+            diffs.push(format!("mtu: want {:?}, have {:?}", self.mtu, other.mtu));
+        }
+        if self.up != other.up {
+            diffs.push(format!("admin state: want {}, have {}", updown(self.up), updown(other.up)));
+        }
+        for (what, want, have) in [
+            ("altname", summaries_of(&self.altnames), summaries_of(&other.altnames)),
+            ("address", entry_summaries(&self.addresses), entry_summaries(&other.addresses)),
+            ("route", entry_summaries(&self.routes), entry_summaries(&other.routes)),
+            ("rule", entry_summaries(&self.rules), entry_summaries(&other.rules)),
+        ] {
+            for missing in want.iter().filter(|w| !have.contains(w)) {
+                diffs.push(format!("{what} missing: {missing}"));
+            }
+            for extra in have.iter().filter(|h| !want.contains(h)) {
+                diffs.push(format!("{what} extra: {extra}"));
+            }
+        }
+        diffs
+    }
+
+    pub fn summary_line(&self) -> String {
+        format!(
+            "{} mtu {} {}, {} addresses, {} routes, {} rules",
+            self.name,
+            self.mtu.map_or_else(|| "-".to_owned(), |m| m.to_string()),
+            updown(self.up),
+            self.addresses.len(),
+            self.routes.len(),
+            self.rules.len()
+        )
+    }
+}
+
+fn updown(up: bool) -> &'static str {
+    if up {
+        "up"
+    } else {
+        "down"
+    }
+}
+
+fn summaries_of(names: &[String]) -> Vec<String> {
+    names.to_vec()
+}
+
+fn entry_summaries(entries: &[Entry]) -> Vec<String> {
+    entries.iter().map(|e| e.summary.clone()).collect()
+}
+
+pub fn to_hex<M: Emitable>(message: &M) -> String {
+    let mut bytes = vec![0; message.buffer_len()];
+    message.emit(&mut bytes);
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn from_hex(text: &str) -> Result<Vec<u8>, SnapshotError> {
+    if text.len() % 2 != 0 {
+        return Err(SnapshotError::Corrupt("odd hex length".into()));
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).map_err(|e| SnapshotError::Corrupt(e.to_string())))
+        .collect()
+}
+
+pub fn address_message(entry: &Entry) -> Result<AddressMessage, SnapshotError> {
+    let bytes = from_hex(&entry.message)?;
+    AddressMessage::parse(bytes.as_slice()).map_err(|e| SnapshotError::Corrupt(e.to_string()))
+}
+
+pub fn route_message(entry: &Entry) -> Result<RouteMessage, SnapshotError> {
+    let bytes = from_hex(&entry.message)?;
+    RouteMessage::parse(bytes.as_slice()).map_err(|e| SnapshotError::Corrupt(e.to_string()))
+}
+
+pub fn rule_message(entry: &Entry) -> Result<RuleMessage, SnapshotError> {
+    let bytes = from_hex(&entry.message)?;
+    RuleMessage::parse(bytes.as_slice()).map_err(|e| SnapshotError::Corrupt(e.to_string()))
+}
+
+/// Address flags that describe the address's configuration (the rest is transient state).
+fn lasting_address_flags(flags: AddressFlags) -> AddressFlags {
+    flags
+        & (AddressFlags::Secondary
+            | AddressFlags::Nodad
+            | AddressFlags::Homeaddress
+            | AddressFlags::Managetempaddr
+            | AddressFlags::Noprefixroute
+            | AddressFlags::Mcautojoin)
+}
+
+pub fn address_summary(message: &AddressMessage) -> String {
+    let mut address = None;
+    let mut local = None;
+    let mut label = None;
+    let mut flags = AddressFlags::empty();
+    for attribute in &message.attributes {
+        match attribute {
+            AddressAttribute::Address(a) => address = Some(*a),
+            AddressAttribute::Local(a) => local = Some(*a),
+            AddressAttribute::Label(l) => label = Some(l.clone()),
+            AddressAttribute::Flags(f) => flags = *f,
+            _ => {}
+        }
+    }
+    let shown = local.or(address).map_or_else(|| "?".to_owned(), |a| a.to_string());
+    let mut text = format!("{shown}/{}", message.header.prefix_len);
+    if let (Some(peer), Some(local)) = (address, local) {
+        if peer != local {
+            text.push_str(&format!(" peer {peer}"));
+        }
+    }
+    let lasting = lasting_address_flags(flags);
+    if !lasting.is_empty() {
+        text.push_str(&format!(" flags {lasting:?}"));
+    }
+    if let Some(label) = label {
+        text.push_str(&format!(" label {label}"));
+    }
+    text
+}
+
+fn route_address(address: &RouteAddress) -> String {
+    match address {
+        RouteAddress::Inet(a) => a.to_string(),
+        RouteAddress::Inet6(a) => a.to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+/// The route's table (the 32-bit attribute wins over the 8-bit header field).
+pub fn route_table(message: &RouteMessage) -> u32 {
+    message
+        .attributes
+        .iter()
+        .find_map(|a| if let RouteAttribute::Table(t) = a { Some(*t) } else { None })
+        .unwrap_or(u32::from(message.header.table))
+}
+
+pub fn route_oif(message: &RouteMessage) -> Option<u32> {
+    message.attributes.iter().find_map(|a| if let RouteAttribute::Oif(i) = a { Some(*i) } else { None })
+}
+
+pub fn route_summary(message: &RouteMessage) -> String {
+    let h = &message.header;
+    let mut destination = None;
+    let mut gateway = None;
+    let mut metric = None;
+    let mut source = None;
+    for attribute in &message.attributes {
+        match attribute {
+            RouteAttribute::Destination(d) => destination = Some(route_address(d)),
+            RouteAttribute::Gateway(g) => gateway = Some(route_address(g)),
+            RouteAttribute::Priority(p) => metric = Some(*p),
+            RouteAttribute::PrefSource(s) => source = Some(route_address(s)),
+            _ => {}
+        }
+    }
+    let family = if h.address_family == AddressFamily::Inet6 { "inet6" } else { "inet" };
+    let destination = match destination {
+        Some(d) => format!("{d}/{}", h.destination_prefix_length),
+        None => "default".to_owned(),
+    };
+    let mut text = format!("{family} table {} {destination}", route_table(message));
+    if let Some(gateway) = gateway {
+        text.push_str(&format!(" via {gateway}"));
+    }
+    text.push_str(&format!(" proto {:?} scope {:?} type {:?}", h.protocol, h.scope, h.kind));
+    if let Some(source) = source {
+        text.push_str(&format!(" src {source}"));
+    }
+    if let Some(metric) = metric {
+        text.push_str(&format!(" metric {metric}"));
+    }
+    text
+}
+
+pub fn rule_table(message: &RuleMessage) -> u32 {
+    message
+        .attributes
+        .iter()
+        .find_map(|a| if let RuleAttribute::Table(t) = a { Some(*t) } else { None })
+        .unwrap_or(u32::from(message.header.table))
+}
+
+fn rule_addresses(message: &RuleMessage) -> (Option<IpAddr>, Option<IpAddr>) {
+    let mut source = None;
+    let mut destination = None;
+    for attribute in &message.attributes {
+        match attribute {
+            RuleAttribute::Source(a) => source = Some(*a),
+            RuleAttribute::Destination(a) => destination = Some(*a),
+            _ => {}
+        }
+    }
+    (source, destination)
+}
+
+pub fn rule_summary(message: &RuleMessage) -> String {
+    let h = &message.header;
+    let priority = message
+        .attributes
+        .iter()
+        .find_map(|a| if let RuleAttribute::Priority(p) = a { Some(*p) } else { None })
+        .unwrap_or(0);
+    let (source, destination) = rule_addresses(message);
+    let mut text = format!("pref {priority}");
+    match source {
+        Some(s) => text.push_str(&format!(" from {s}/{}", h.src_len)),
+        None => text.push_str(" from all"),
+    }
+    if let Some(d) = destination {
+        text.push_str(&format!(" to {d}/{}", h.dst_len));
+    }
+    for attribute in &message.attributes {
+        match attribute {
+            RuleAttribute::Iifname(n) => text.push_str(&format!(" iif {n}")),
+            RuleAttribute::Oifname(n) => text.push_str(&format!(" oif {n}")),
+            RuleAttribute::FwMark(m) => text.push_str(&format!(" fwmark {m:#x}")),
+            _ => {}
+        }
+    }
+    text.push_str(&format!(" lookup {} action {:?}", rule_table(message), h.action));
+    text
+}
+
+/// The link's settings: (name, mtu, up, altnames, permanent/current MAC).
+fn link_settings(link: &LinkMessage) -> (String, Option<u32>, bool, Vec<String>, Option<String>) {
+    let mut name = String::new();
+    let mut mtu = None;
+    let mut altnames = Vec::new();
+    let mut permanent = None;
+    let mut current = None;
+    for attribute in &link.attributes {
+        match attribute {
+            LinkAttribute::IfName(n) => name.clone_from(n),
+            LinkAttribute::Mtu(m) => mtu = Some(*m),
+            LinkAttribute::PropList(props) => {
+                altnames.extend(props.iter().filter_map(|p| match p {
+                    Prop::AltIfName(n) => Some(n.clone()),
+                    _ => None,
+                }));
+            }
+            LinkAttribute::PermAddress(a) if a.iter().any(|&b| b != 0) => {
+                permanent = Some(crate::classify::format_mac(a, a.len()));
+            }
+            LinkAttribute::Address(a) => current = Some(crate::classify::format_mac(a, a.len())),
+            _ => {}
+        }
+    }
+    let up = link.header.flags.contains(LinkFlags::Up);
+    (name, mtu, up, altnames, permanent.or(current))
+}
+
+/// Reads the NIC with `ifindex` from the kernel. `tables_of_interest` are extra routing tables
+/// whose rules count as the NIC's even without routes in them right now.
+pub async fn capture(handle: &Handle, ifindex: u32) -> Result<NicSnapshot, SnapshotError> {
+    let links: Vec<LinkMessage> = handle.link().get().match_index(ifindex).execute().try_collect().await?;
+    let link = links.first().ok_or(SnapshotError::NoSuchLink(ifindex))?;
+    let (name, mtu, up, altnames, mac) = link_settings(link);
+
+    let mut addresses = Vec::new();
+    let mut own_addresses = Vec::new();
+    let found: Vec<AddressMessage> =
+        handle.address().get().set_link_index_filter(ifindex).execute().try_collect().await?;
+    for message in found.iter().filter(|m| m.header.index == ifindex) {
+        for attribute in &message.attributes {
+            if let AddressAttribute::Local(a) | AddressAttribute::Address(a) = attribute {
+                own_addresses.push(*a);
+            }
+        }
+        addresses.push(Entry { summary: address_summary(message), message: to_hex(message) });
+    }
+
+    let mut routes = Vec::new();
+    let mut tables = Vec::new();
+    for family in [RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(), RouteMessageBuilder::<std::net::Ipv6Addr>::new().build()] {
+        let found: Vec<RouteMessage> = handle.route().get(family).execute().try_collect().await?;
+        for message in found.iter().filter(|m| route_oif(m) == Some(ifindex)) {
+            let table = route_table(message);
+            // Routes the kernel makes for addresses and the link itself come back on their own.
+            let kernel_made = matches!(message.header.protocol, RouteProtocol::Kernel | RouteProtocol::Ra)
+                || table == TABLE_LOCAL
+                || message.header.address_family == AddressFamily::Inet6
+                    && message.header.kind == rtnetlink::packet_route::route::RouteType::Multicast;
+            if kernel_made {
+                continue;
+            }
+            if ![TABLE_UNSPEC, TABLE_DEFAULT, TABLE_MAIN, TABLE_LOCAL].contains(&table) && !tables.contains(&table) {
+                tables.push(table);
+            }
+            routes.push(Entry { summary: route_summary(message), message: to_hex(message) });
+        }
+    }
+
+    let mut rules = Vec::new();
+    for version in [IpVersion::V4, IpVersion::V6] {
+        let found: Vec<RuleMessage> = handle.rule().get(version).execute().try_collect().await?;
+        for message in &found {
+            let (source, destination) = rule_addresses(message);
+            let mine = tables.contains(&rule_table(message))
+                || source.is_some_and(|s| own_addresses.contains(&s))
+                || destination.is_some_and(|d| own_addresses.contains(&d));
+            if mine {
+                rules.push(Entry { summary: rule_summary(message), message: to_hex(message) });
+            }
+        }
+    }
+    Ok(NicSnapshot {
+        mac: mac.unwrap_or_default(),
+        ifindex,
+        name,
+        mtu,
+        up,
+        altnames,
+        addresses,
+        routes,
+        rules,
+        taken_ns: crate::agent::monotonic_ns(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(summary: &str) -> Entry {
+        Entry { summary: summary.into(), message: String::new() }
+    }
+
+    fn snapshot() -> NicSnapshot {
+        NicSnapshot {
+            mac: "52:54:00:12:34:11".into(),
+            ifindex: 3,
+            name: "eth1".into(),
+            mtu: Some(9000),
+            up: true,
+            altnames: vec!["eni-1".into()],
+            addresses: vec![entry("10.0.1.5/24"), entry("10.0.1.6/24 flags Secondary")],
+            routes: vec![entry("inet table 10001 default via 10.0.1.1 proto Static scope Universe type Unicast")],
+            rules: vec![entry("pref 10001 from 10.0.1.5/32 lookup 10001 action ToTable")],
+            taken_ns: 1,
+        }
+    }
+
+    #[test]
+    fn differences_ignore_ifindex_and_time_and_name_each_change() {
+        let want = snapshot();
+        let mut have = want.clone();
+        have.ifindex = 8;
+        have.taken_ns = 99;
+        assert!(want.differences(&have).is_empty());
+        have.mtu = Some(1500);
+        have.up = false;
+        have.addresses.pop();
+        have.rules.push(entry("pref 5 from all lookup 7 action ToTable"));
+        let diffs = want.differences(&have);
+        assert_eq!(diffs.len(), 4, "{diffs:?}");
+        assert!(diffs.iter().any(|d| d == "mtu: want Some(9000), have Some(1500)"));
+        assert!(diffs.iter().any(|d| d == "admin state: want up, have down"));
+        assert!(diffs.iter().any(|d| d == "address missing: 10.0.1.6/24 flags Secondary"));
+        assert!(diffs.iter().any(|d| d.starts_with("rule extra: pref 5")));
+    }
+
+    #[test]
+    fn netlink_messages_round_trip_through_hex() -> Result<(), SnapshotError> {
+        let mut message = AddressMessage::default();
+        message.header.family = AddressFamily::Inet;
+        message.header.prefix_len = 24;
+        message.header.index = 3;
+        message.attributes.push(AddressAttribute::Local("10.0.1.5".parse().map_err(|_| SnapshotError::Corrupt("ip".into()))?));
+        message.attributes.push(AddressAttribute::Flags(AddressFlags::Permanent | AddressFlags::Secondary));
+        let entry = Entry { summary: address_summary(&message), message: to_hex(&message) };
+        assert_eq!(entry.summary, "10.0.1.5/24 flags Secondary", "permanent is state, secondary is configuration");
+        assert_eq!(address_message(&entry)?, message);
+        assert!(address_message(&Entry { summary: String::new(), message: "zz".into() }).is_err());
+        Ok(())
+    }
+}

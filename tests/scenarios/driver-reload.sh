@@ -1,0 +1,131 @@
+#!/bin/sh
+# Driver reloads restore each NIC's configuration at once; also across an agent SIGKILL and 20 reloads.
+# kernels: bookworm trixie sid
+. /opt/hotplug/scenarios/_lib.sh
+
+cat >/tmp/hotplug.toml <<'TOML'
+state_dir = "/tmp/hotplug-state"
+socket = "/run/hotplug/agent.sock"
+return_timeout_seconds = 120
+TOML
+
+# QEMU's user-mode network sends IPv6 router advertisements; their routes and SLAAC addresses come
+# and go on their own clock. This scenario is about configuration an operator made: turn RA off.
+sysctl -qw net.ipv6.conf.all.accept_ra=0 net.ipv6.conf.default.accept_ra=0
+for d in /proc/sys/net/ipv6/conf/eth*; do echo 0 >"$d/accept_ra"; done
+
+iface_of() { for d in /sys/class/net/*; do [ "$(cat "$d/address")" = "$1" ] && { basename "$d"; return; }; done; }
+MACS="52:54:00:12:34:10 52:54:00:12:34:11 52:54:00:12:34:12"
+
+n=0
+for mac in $MACS; do
+	i=$(iface_of "$mac")
+	ip link set "$i" mtu $((1400 + n * 100)) up
+	ip addr add 10.0.$n.5/24 dev "$i"
+	ip addr add 10.0.$n.6/24 dev "$i"
+	ip -6 addr add fd00:$n::5/64 dev "$i" nodad
+	ip route add default via 10.0.$n.1 dev "$i" metric $((100 + n))
+	ip route add 192.168.5$n.0/24 via 10.0.$n.254 dev "$i"
+	n=$((n + 1))
+done
+eth1=$(iface_of 52:54:00:12:34:11)
+ip route add default via 10.0.1.1 dev "$eth1" table 10001
+ip rule add from 10.0.1.5 lookup 10001 pref 10001
+ip rule add from 10.0.1.6 lookup 10001 pref 10002
+ip link property add dev "$eth1" altname eni-test-1
+
+# The whole network configuration without ifindexes, once every NIC has carrier.
+config() {
+	for cm in $MACS; do
+		j=0
+		while [ "$(cat "/sys/class/net/$(iface_of "$cm")/carrier" 2>/dev/null)" != 1 ] && [ $j -lt 100 ]; do
+			sleep 0.1
+			j=$((j + 1))
+		done
+	done
+	{
+		# Link: name, admin flags, MTU (carrier and operational state are the wire's, not config).
+		ip -o link show | sed 's/^[0-9]*: //; s/NO-CARRIER,//; s/,LOWER_UP//; s/ state [A-Z]*//; s/ qlen.*//; s/link\/ether.*//'
+		ip -o addr show | sed 's/^[0-9]*: //; s/ tentative//; s/valid_lft.*//'
+		ip route show table all | grep -v '^local \|^broadcast \|^multicast \|table local'
+		ip -6 route show table all | grep -v '^local \|^multicast \|table local\|^anycast'
+		ip rule show
+		ip -d link show | grep altname
+	} | sort
+}
+
+start_agent() {
+	hotplug-agent --config /tmp/hotplug.toml run 2>>/tmp/agent.log &
+	AGENT_PID=$!
+	wait_for_line /tmp/agent.log "agent ready" 60 || { cat /tmp/agent.log; fail "the agent did not start"; }
+}
+
+# wait_restored MAC COUNT: until the agent reports at least COUNT restores... via the address.
+wait_back() {
+	j=0
+	while [ $j -lt 200 ]; do
+		i=$(iface_of "$1")
+		[ -n "$i" ] && ip addr show dev "$i" | grep -q "10.0.$2.6/24" && ip route show dev "$i" | grep -q "192.168.5$2.0" && return 0
+		sleep 0.05
+		j=$((j + 1))
+	done
+	return 1
+}
+
+before=$(config)
+echo "$before" >/tmp/before.txt
+start_agent
+check_header
+
+n=0
+for mac in $MACS; do
+	i=$(iface_of "$mac")
+	module=$(basename "$(readlink -f "/sys/class/net/$i/device/driver/module")")
+	modprobe -r "$module"
+	modprobe "$module"
+	wait_back "$mac" "$n" || echo "NIC $mac not restored within 10 s"
+	config >/tmp/after.txt
+	diff /tmp/before.txt /tmp/after.txt >/tmp/diff.txt
+	check "$module reload: config diff lines" 0 "$(wc -l </tmp/diff.txt)"
+	[ -s /tmp/diff.txt ] && cat /tmp/diff.txt
+	latency=$(hotplug-agent --config /tmp/hotplug.toml status |
+		awk -v m="$mac" '$1 == m { f = 1; next } /^[0-9a-f][0-9a-f]:/ { f = 0 } f && /last restore:/ { print $3 }')
+	vmctl report "restore_latency_us_$module" "${latency:-null}"
+	echo "  $module: restore latency ${latency:-?} us"
+	n=$((n + 1))
+done
+
+# SIGKILL while the driver is away, restart, then bring the driver back.
+modprobe -r e1000e
+sleep 0.5
+kill -9 "$AGENT_PID"
+wait "$AGENT_PID" 2>/dev/null
+start_agent
+modprobe e1000e
+wait_back 52:54:00:12:34:11 1 || echo "e1000e NIC not restored after the agent restart"
+config >/tmp/after.txt
+diff /tmp/before.txt /tmp/after.txt >/tmp/diff.txt
+check "restored across an agent SIGKILL: diff lines" 0 "$(wc -l </tmp/diff.txt)"
+[ -s /tmp/diff.txt ] && cat /tmp/diff.txt
+
+# Twenty reloads back to back: configuration still equal, memory flat.
+rss() { sed -n 's/^VmRSS:[[:space:]]*\([0-9]*\).*/\1/p' "/proc/$AGENT_PID/status"; }
+rss_before=$(rss)
+k=0
+while [ $k -lt 20 ]; do
+	modprobe -r virtio_net
+	modprobe virtio_net
+	wait_back 52:54:00:12:34:10 0 || echo "reload $k: not restored in time"
+	k=$((k + 1))
+done
+rss_after=$(rss)
+config >/tmp/after.txt
+diff /tmp/before.txt /tmp/after.txt >/tmp/diff.txt
+check "20 reloads: diff lines" 0 "$(wc -l </tmp/diff.txt)"
+check "20 reloads: agent RSS growth under 2 MiB" yes "$([ $((rss_after - rss_before)) -lt 2048 ] && echo yes || echo no)"
+vmctl report agent_rss_kib_before "$rss_before"
+vmctl report agent_rss_kib_after_20_reloads "$rss_after"
+echo "  agent RSS: $rss_before kB before, $rss_after kB after 20 reloads"
+grep -E "WARN|ERROR" /tmp/agent.log | grep -v "DEGRADED\|degraded" | head -20
+stop_agent
+finish
