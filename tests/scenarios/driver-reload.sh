@@ -72,10 +72,23 @@ wait_back() {
 	return 1
 }
 
+# A stand-in for IMDS on the guest's loopback that counts connections: a driver reload must not
+# make the agent ask the metadata service anything.
+ip addr add 169.254.169.254/32 dev lo
+printf '#!/bin/sh\necho connection >>/tmp/imds.count\n' >/tmp/imds-count
+chmod +x /tmp/imds-count
+nc -ll -p 80 -e /tmp/imds-count &
+IMDS_LOOP=$!
+sleep 0.2
+echo probe | nc -w 1 169.254.169.254 80 >/dev/null 2>&1
+sleep 0.2
+imds_count() { wc -l </tmp/imds.count 2>/dev/null || echo 0; }
+check_header
+check "the IMDS stand-in counts connections (self-test)" 1 "$(imds_count)"
+
 before=$(config)
 echo "$before" >/tmp/before.txt
 start_agent
-check_header
 
 n=0
 for mac in $MACS; do
@@ -126,6 +139,9 @@ check "20 reloads: agent RSS growth under 2 MiB" yes "$([ $((rss_after - rss_bef
 vmctl report agent_rss_kib_before "$rss_before"
 vmctl report agent_rss_kib_after_20_reloads "$rss_after"
 echo "  agent RSS: $rss_before kB before, $rss_after kB after 20 reloads"
+check "connections from the agent to IMDS" 0 "$(($(imds_count) - 1))"
+vmctl report imds_connections "$(($(imds_count) - 1))"
+kill "$IMDS_LOOP" 2>/dev/null
 grep -E "WARN|ERROR" /tmp/agent.log | grep -v "DEGRADED\|degraded" | head -20
 stop_agent
 finish

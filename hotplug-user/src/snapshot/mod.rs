@@ -189,7 +189,8 @@ pub fn address_summary(message: &AddressMessage) -> String {
     }
     let lasting = lasting_address_flags(flags);
     if !lasting.is_empty() {
-        text.push_str(&format!(" flags {lasting:?}"));
+        let names: Vec<&str> = lasting.iter_names().map(|(name, _)| name).collect();
+        text.push_str(&format!(" flags {}", names.join(",")));
     }
     if let Some(label) = label {
         text.push_str(&format!(" label {label}"));

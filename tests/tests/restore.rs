@@ -1,0 +1,130 @@
+//! Restore on the host: a veth in a private network namespace is configured, "unloaded" (deleted)
+//! and "loaded" again (re-created with the same MAC), with synthetic cause events standing in for
+//! the kernel's; the NIC manager must put its configuration back, idempotently.
+use std::{process::Command, time::Duration};
+
+use hotplug::{
+    agent::{monotonic_ns, nics::NicManager},
+    classify::{Action, Cause, NicEvent, Source},
+    config::Config,
+    reconfigure::restore,
+    snapshot,
+};
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn ip(args: &str) -> Result<(), String> {
+    let status = Command::new("ip").args(args.split_whitespace()).status().map_err(|e| format!("ip {args}: {e}"))?;
+    status.success().then_some(()).ok_or_else(|| format!("ip {args} failed: {status}"))
+}
+
+/// The ifindex of `name` in this thread's namespace (sysfs shows the namespace that mounted it).
+async fn ifindex(name: &str) -> Result<u32, String> {
+    let links = hotplug::kernel::rtnl::dump_links().await.map_err(|e| e.to_string())?;
+    links.iter().find(|l| l.name == name).map(|l| l.ifindex).ok_or_else(|| format!("no link {name}"))
+}
+
+const MAC: &str = "02:00:00:00:aa:01";
+
+async fn event(action: Action, cause: Cause, name: &str) -> Result<NicEvent, String> {
+    Ok(NicEvent {
+        action,
+        cause,
+        source: Source::Kernel,
+        ifindex: i32::try_from(ifindex(name).await?).map_err(|e| e.to_string())?,
+        name: name.into(),
+        mac: MAC.into(),
+        permanent_mac: None,
+        bus: None,
+        driver: Some("veth".into()),
+        module: None,
+        context_module: None,
+        task: None,
+        timestamp_ns: monotonic_ns(),
+    })
+}
+
+fn create_veth() -> Result<(), String> {
+    ip(&format!("link add hr0 address {MAC} type veth peer name hr1"))?;
+    ip("link set hr1 up")
+}
+
+fn configure() -> Result<(), String> {
+    for args in [
+        "link set hr0 mtu 1400 up",
+        "addr add 10.9.0.5/24 dev hr0",
+        "addr add 10.9.0.6/24 dev hr0",
+        "-6 addr add fd09::5/64 dev hr0 nodad",
+        "route add 192.168.90.0/24 via 10.9.0.254 dev hr0",
+        "route add default via 10.9.0.1 dev hr0 table 10009",
+        "rule add from 10.9.0.5 lookup 10009 pref 10009",
+        "link property add dev hr0 altname hotplug-test-alt",
+    ] {
+        ip(args)?;
+    }
+    Ok(())
+}
+
+async fn scenario(state_dir: std::path::PathBuf) -> Result<(), String> {
+    create_veth()?;
+    configure()?;
+    let config = Config { state_dir, socket: "/nonexistent/hotplug.sock".into(), ..Config::default() };
+    let mut manager = NicManager::start(config).await.map_err(|e| e.to_string())?;
+    let (connection, handle, _) = rtnetlink::new_connection().map_err(|e| e.to_string())?;
+    tokio::spawn(connection);
+    let before = snapshot::capture(&handle, ifindex("hr0").await?).await.map_err(|e| e.to_string())?;
+    assert_eq!(before.addresses.len(), 4, "two IPv4, one IPv6, the link-local: {before:#?}");
+    assert_eq!(before.routes.len(), 2, "{before:#?}");
+    assert_eq!(before.rules.len(), 1, "{before:#?}");
+
+    // The driver "leaves": the removal event comes first (as from the kernel), then the link goes.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    manager.on_event(&event(Action::Removal, Cause::DriverUnload, "hr0").await?).await;
+    ip("link del hr0")?;
+    let gone = manager.status();
+    assert!(gone.iter().any(|n| n.mac == MAC && serde_json::to_string(&n.state).is_ok_and(|s| s.contains("driver-gone"))));
+
+    // ... and comes back with the same MAC and a new ifindex.
+    create_veth()?;
+    let back = event(Action::Registration, Cause::DriverLoad, "hr0").await?;
+    assert_ne!(u32::try_from(back.ifindex).ok(), Some(before.ifindex));
+    manager.on_event(&back).await;
+    let after = snapshot::capture(&handle, ifindex("hr0").await?).await.map_err(|e| e.to_string())?;
+    assert_eq!(before.differences(&after), Vec::<String>::new());
+    let status = manager.status();
+    let restored = status.iter().find(|n| n.mac == MAC).and_then(|n| n.last_restore.clone());
+    let Some(restored) = restored else { return Err(format!("no restore recorded: {status:#?}")) };
+    assert!(restored.errors.is_empty() && restored.differences.is_empty(), "{restored:#?}");
+
+    // Idempotent: again changes nothing and fails nothing; what the snapshot does not name stays.
+    ip("addr add 10.9.0.99/24 dev hr0")?;
+    let report = restore::restore(&handle, &before, ifindex("hr0").await?).await;
+    assert!(report.errors.is_empty(), "{report:#?}");
+    assert_eq!(report.differences, vec!["address extra: 10.9.0.99/24 flags Secondary label hr0".to_owned()]);
+    Ok(())
+}
+
+#[test]
+fn a_reloaded_nic_gets_its_configuration_back() -> Result<(), String> {
+    if !is_root() {
+        eprintln!("SKIPPED a_reloaded_nic_gets_its_configuration_back: needs root to create a network namespace and links");
+        return Ok(());
+    }
+    let state_dir = std::env::temp_dir().join(format!("hotplug-restore-test-{}", std::process::id()));
+    let dir = state_dir.clone();
+    let result = std::thread::spawn(move || {
+        // SAFETY: unshare affects only this thread's namespaces.
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            return Err(format!("unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error()));
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+        runtime.block_on(scenario(dir))
+    })
+    .join()
+    .map_err(|_| "the namespace thread panicked".to_owned())?;
+    let _ = std::fs::remove_dir_all(&state_dir);
+    result
+}
