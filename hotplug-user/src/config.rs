@@ -107,8 +107,10 @@ impl Config {
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let config: Self = toml::from_str(text)
-            .map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string().trim().to_owned() })?;
+        let config: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim().to_owned(),
+        })?;
         config.validate(path)?;
         Ok(config)
     }
@@ -122,7 +124,11 @@ impl Config {
         };
         for (key, dir) in [("state_dir", &self.state_dir), ("socket", &self.socket)] {
             if !dir.is_absolute() {
-                return Err(invalid(key, format!("{:?}", dir.display().to_string()), "must be an absolute path"));
+                return Err(invalid(
+                    key,
+                    format!("{:?}", dir.display().to_string()),
+                    "must be an absolute path",
+                ));
             }
         }
         if self.return_timeout_seconds == 0 || self.return_timeout_seconds > 86_400 {
@@ -136,14 +142,31 @@ impl Config {
             let key = format!("interfaces.\"{name}\"");
             let looks_like_mac = name.contains(':');
             if looks_like_mac && !is_mac(name) {
-                return Err(invalid(&key, format!("{name:?}"), "is neither an interface name nor a MAC like 52:54:00:12:34:56"));
+                return Err(invalid(
+                    &key,
+                    format!("{name:?}"),
+                    "is neither an interface name nor a MAC like 52:54:00:12:34:56",
+                ));
             }
-            if !looks_like_mac && (name.is_empty() || name.len() > 15 || name.contains('/') || name.contains(char::is_whitespace)) {
-                return Err(invalid(&key, format!("{name:?}"), "is not a valid interface name (1-15 bytes, no '/' or spaces)"));
+            if !looks_like_mac
+                && (name.is_empty()
+                    || name.len() > 15
+                    || name.contains('/')
+                    || name.contains(char::is_whitespace))
+            {
+                return Err(invalid(
+                    &key,
+                    format!("{name:?}"),
+                    "is not a valid interface name (1-15 bytes, no '/' or spaces)",
+                ));
             }
             match (policy.policy, policy.command.is_empty()) {
                 (PolicyKind::Command, true) => {
-                    return Err(invalid(&format!("{key}.command"), "[]".into(), "policy \"command\" needs a program to run"));
+                    return Err(invalid(
+                        &format!("{key}.command"),
+                        "[]".into(),
+                        "policy \"command\" needs a program to run",
+                    ));
                 }
                 (PolicyKind::Command, false) if !Path::new(&policy.command[0]).is_absolute() => {
                     return Err(invalid(
@@ -153,7 +176,11 @@ impl Config {
                     ));
                 }
                 (PolicyKind::Restore | PolicyKind::Ignore, false) => {
-                    return Err(invalid(&format!("{key}.command"), format!("{:?}", policy.command), "only policy \"command\" runs a command"));
+                    return Err(invalid(
+                        &format!("{key}.command"),
+                        format!("{:?}", policy.command),
+                        "only policy \"command\" runs a command",
+                    ));
                 }
                 _ => {}
             }

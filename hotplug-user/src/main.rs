@@ -41,7 +41,9 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command.unwrap_or(Command::Run) {
             Command::Run => agent::run(config, cli.ring_bytes).await,
-            Command::Status { json } => agent::control::print_status(&config.socket, json).map_err(Into::into),
+            Command::Status { json } => {
+                agent::control::print_status(&config.socket, json).map_err(Into::into)
+            }
             Command::Events { json } => agent::stream_events(json, cli.ring_bytes).await,
             Command::Features { json } => agent::print_features(json),
             Command::BpfStats { json } => agent::print_bpf_stats(json),

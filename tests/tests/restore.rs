@@ -17,7 +17,8 @@ fn is_root() -> bool {
 }
 
 fn ip(args: &str) -> Result<(), String> {
-    let status = Command::new("ip").args(args.split_whitespace()).status().map_err(|e| format!("ip {args}: {e}"))?;
+    let status =
+        Command::new("ip").args(args.split_whitespace()).status().map_err(|e| format!("ip {args}: {e}"))?;
     status.success().then_some(()).ok_or_else(|| format!("ip {args} failed: {status}"))
 }
 
@@ -85,7 +86,9 @@ async fn scenario(state_dir: std::path::PathBuf) -> Result<(), String> {
     manager.on_event(&event(Action::Removal, Cause::DriverUnload, "hr0").await?).await;
     ip("link del hr0")?;
     let gone = manager.status();
-    assert!(gone.iter().any(|n| n.mac == MAC && serde_json::to_string(&n.state).is_ok_and(|s| s.contains("driver-gone"))));
+    assert!(gone
+        .iter()
+        .any(|n| n.mac == MAC && serde_json::to_string(&n.state).is_ok_and(|s| s.contains("driver-gone"))));
 
     // ... and comes back with the same MAC and a new ifindex.
     create_veth()?;
@@ -120,7 +123,8 @@ fn a_reloaded_nic_gets_its_configuration_back() -> Result<(), String> {
         if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
             return Err(format!("unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error()));
         }
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+        let runtime =
+            tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
         runtime.block_on(scenario(dir))
     })
     .join()

@@ -24,10 +24,18 @@ pub fn guest_binaries() -> Result<Vec<PathBuf>> {
             .current_dir(cmd::workspace_root())
             .env_remove("HOTPLUG_SKIP_EBPF")
             .env_remove("AYA_BUILD_SKIP")
-            .args(["build", "--release", "--package", "hotplug-user", "--bins"]),
+            .args([
+                "build",
+                "--release",
+                "--package",
+                "hotplug-user",
+                "--package",
+                "hotplug-tests",
+                "--bins",
+            ]),
     )?;
     let release = cmd::target_dir().join("release");
-    Ok(vec![release.join("hotplug-agent")])
+    Ok(vec![release.join("hotplug-agent"), release.join("hotplug-bench")])
 }
 
 /// `cargo <subcommand>` for the eBPF crate with the flags hotplug-user's build script uses (same

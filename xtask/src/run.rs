@@ -20,7 +20,9 @@ pub struct RunArgs {
 pub fn run(args: &RunArgs) -> Result<ExitCode> {
     setup::ensure_toolchain()?;
     let binaries = build::guest_binaries()?;
-    let Some(agent) = binaries.first() else { bail!("no agent binary was built") };
+    let Some(agent) = binaries.iter().find(|b| b.ends_with("hotplug-agent")) else {
+        bail!("no agent binary was built")
+    };
     if !cmd::is_root() {
         bail!(
             "hotplug-agent needs root (CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN to load its programs \

@@ -15,7 +15,9 @@ use super::nics::NicStatus;
 pub enum ControlError {
     #[error("status socket {path}: {source}")]
     Socket { path: String, source: std::io::Error },
-    #[error("no agent answers on {path} ({source}): is `hotplug-agent run` running, with the same --config?")]
+    #[error(
+        "no agent answers on {path} ({source}): is `hotplug-agent run` running, with the same --config?"
+    )]
     NoAgent { path: String, source: std::io::Error },
     #[error("the agent's answer is not valid JSON: {0}")]
     Answer(#[from] serde_json::Error),

@@ -130,7 +130,8 @@ impl NicManager {
                 Ok(snapshot) if !snapshot.mac.is_empty() => {
                     let mac = key(&snapshot.mac);
                     present.insert(mac.clone());
-                    let restore_due = matches!(manager.nics.get(&mac).map(|n| &n.state), Some(NicState::DriverGone { .. }));
+                    let restore_due =
+                        matches!(manager.nics.get(&mac).map(|n| &n.state), Some(NicState::DriverGone { .. }));
                     if restore_due {
                         // It came back while the agent was not running: restore now.
                         let event = synthetic_return(&snapshot);
@@ -152,7 +153,9 @@ impl NicManager {
                     }
                 }
                 Ok(_) => {}
-                Err(error) => tracing::warn!(ifindex = link.ifindex, %error, "cannot read a NIC's configuration"),
+                Err(error) => {
+                    tracing::warn!(ifindex = link.ifindex, %error, "cannot read a NIC's configuration")
+                }
             }
         }
         let timeout = u64::try_from(manager.config.return_timeout().as_nanos()).unwrap_or(u64::MAX);
@@ -170,7 +173,11 @@ impl NicManager {
                         NicState::DriverGone { cause, .. } => cause,
                         _ => Cause::Unknown,
                     };
-                    nic.state = NicState::DriverGone { cause, since_ns: now, deadline_ns: now.saturating_add(timeout) };
+                    nic.state = NicState::DriverGone {
+                        cause,
+                        since_ns: now,
+                        deadline_ns: now.saturating_add(timeout),
+                    };
                     manager.persist(&mac);
                 }
                 NicState::Removed { .. } => {}
@@ -334,7 +341,9 @@ impl NicManager {
                         tracing::info!(%mac, "driver left: holding {}", snapshot.summary_line());
                         nic.snapshot = Some(snapshot);
                     }
-                    None => tracing::warn!(%mac, "driver left, but no snapshot from before it: nothing to restore"),
+                    None => {
+                        tracing::warn!(%mac, "driver left, but no snapshot from before it: nothing to restore")
+                    }
                 }
                 nic.history.clear();
             }
@@ -391,7 +400,8 @@ impl NicManager {
                 state: n.state.clone(),
                 snapshot: n.snapshot.as_ref().map(NicSnapshot::summary_line),
                 last_event: n.last_event.as_ref().map(|e| {
-                    format!("{:?} {} ({:?}) ifindex {}", e.action, e.cause.as_str(), e.source, e.ifindex).to_lowercase()
+                    format!("{:?} {} ({:?}) ifindex {}", e.action, e.cause.as_str(), e.source, e.ifindex)
+                        .to_lowercase()
                 }),
                 last_restore: n.last_restore.clone(),
             })
@@ -438,10 +448,20 @@ pub fn config_changes() -> Result<impl Stream<Item = Option<u32>>, ManagerError>
     Ok(messages.filter_map(|(message, _)| async move {
         match message.payload {
             NetlinkPayload::InnerMessage(message) => match message {
-                RouteNetlinkMessage::NewLink(l) | RouteNetlinkMessage::DelLink(l) => Some(Some(l.header.index)),
-                RouteNetlinkMessage::NewAddress(a) | RouteNetlinkMessage::DelAddress(a) => Some(Some(a.header.index)),
+                RouteNetlinkMessage::NewLink(l) | RouteNetlinkMessage::DelLink(l) => {
+                    Some(Some(l.header.index))
+                }
+                RouteNetlinkMessage::NewAddress(a) | RouteNetlinkMessage::DelAddress(a) => {
+                    Some(Some(a.header.index))
+                }
                 RouteNetlinkMessage::NewRoute(r) | RouteNetlinkMessage::DelRoute(r) => {
-                    Some(r.attributes.iter().find_map(|a| if let RouteAttribute::Oif(i) = a { Some(*i) } else { None }))
+                    Some(r.attributes.iter().find_map(|a| {
+                        if let RouteAttribute::Oif(i) = a {
+                            Some(*i)
+                        } else {
+                            None
+                        }
+                    }))
                 }
                 RouteNetlinkMessage::NewRule(_) | RouteNetlinkMessage::DelRule(_) => Some(None),
                 _ => None,

@@ -29,7 +29,9 @@ pub enum NicState {
 pub enum Input<'a> {
     Event(&'a NicEvent),
     /// The clock passed a deadline.
-    Tick { now_ns: u64 },
+    Tick {
+        now_ns: u64,
+    },
 }
 
 /// What the agent must do after a transition.
@@ -57,7 +59,12 @@ fn no_change(state: Option<&NicState>) -> Transition {
 }
 
 /// The next state and the actions for one input.
-pub fn decide(state: Option<&NicState>, input: &Input<'_>, policy: PolicyKind, return_timeout_ns: u64) -> Transition {
+pub fn decide(
+    state: Option<&NicState>,
+    input: &Input<'_>,
+    policy: PolicyKind,
+    return_timeout_ns: u64,
+) -> Transition {
     match input {
         Input::Tick { now_ns } => match state {
             Some(NicState::DriverGone { cause, deadline_ns, .. }) if now_ns >= deadline_ns => Transition {
@@ -142,11 +149,24 @@ mod tests {
     #[test]
     fn a_driver_reload_holds_then_restores() {
         let present = NicState::Present { ifindex: 3, name: "eth1".into() };
-        let gone = decide(Some(&present), &Input::Event(&event(NicAction::Removal, Cause::DriverUnload, 3, 100)), PolicyKind::Restore, TIMEOUT);
+        let gone = decide(
+            Some(&present),
+            &Input::Event(&event(NicAction::Removal, Cause::DriverUnload, 3, 100)),
+            PolicyKind::Restore,
+            TIMEOUT,
+        );
         assert_eq!(gone.actions, vec![Action::HoldSnapshot { before_ns: 100 }]);
         let Some(state) = gone.next else { panic!("no state") };
-        assert_eq!(state, NicState::DriverGone { cause: Cause::DriverUnload, since_ns: 100, deadline_ns: 100 + TIMEOUT });
-        let back = decide(Some(&state), &Input::Event(&event(NicAction::Registration, Cause::DriverLoad, 7, 200)), PolicyKind::Restore, TIMEOUT);
+        assert_eq!(
+            state,
+            NicState::DriverGone { cause: Cause::DriverUnload, since_ns: 100, deadline_ns: 100 + TIMEOUT }
+        );
+        let back = decide(
+            Some(&state),
+            &Input::Event(&event(NicAction::Registration, Cause::DriverLoad, 7, 200)),
+            PolicyKind::Restore,
+            TIMEOUT,
+        );
         assert_eq!(back.actions, vec![Action::Restore { ifindex: 7 }, Action::Track { ifindex: 7 }]);
         assert_eq!(back.next, Some(NicState::Present { ifindex: 7, name: "eth1".into() }));
     }
@@ -158,33 +178,68 @@ mod tests {
         let ignore = decide(Some(&gone), &Input::Event(&back), PolicyKind::Ignore, TIMEOUT);
         assert_eq!(ignore.actions, vec![Action::Track { ifindex: 9 }]);
         let command = decide(Some(&gone), &Input::Event(&back), PolicyKind::Command, TIMEOUT);
-        assert_eq!(command.actions, vec![Action::RunCommand { phase: "returned" }, Action::Track { ifindex: 9 }]);
-        let leave = decide(None, &Input::Event(&event(NicAction::Removal, Cause::DriverUnload, 9, 5)), PolicyKind::Command, TIMEOUT);
-        assert_eq!(leave.actions, vec![Action::HoldSnapshot { before_ns: 5 }, Action::RunCommand { phase: "driver-gone" }]);
+        assert_eq!(
+            command.actions,
+            vec![Action::RunCommand { phase: "returned" }, Action::Track { ifindex: 9 }]
+        );
+        let leave = decide(
+            None,
+            &Input::Event(&event(NicAction::Removal, Cause::DriverUnload, 9, 5)),
+            PolicyKind::Command,
+            TIMEOUT,
+        );
+        assert_eq!(
+            leave.actions,
+            vec![Action::HoldSnapshot { before_ns: 5 }, Action::RunCommand { phase: "driver-gone" }]
+        );
     }
 
     #[test]
     fn real_removals_and_timeouts_go_to_the_detach_path() {
         let present = NicState::Present { ifindex: 3, name: "eth1".into() };
         for cause in [Cause::DeviceRemoved, Cause::LinkDeleted, Cause::NetnsMove, Cause::Unknown] {
-            let t = decide(Some(&present), &Input::Event(&event(NicAction::Removal, cause, 3, 10)), PolicyKind::Restore, TIMEOUT);
+            let t = decide(
+                Some(&present),
+                &Input::Event(&event(NicAction::Removal, cause, 3, 10)),
+                PolicyKind::Restore,
+                TIMEOUT,
+            );
             assert_eq!(t.next, Some(NicState::Removed { cause, since_ns: 10 }));
             assert!(matches!(t.actions.as_slice(), [Action::HandToDetach { .. }]));
             assert!(is_final(cause));
         }
         let gone = NicState::DriverGone { cause: Cause::DriverUnload, since_ns: 0, deadline_ns: 50 };
-        assert_eq!(decide(Some(&gone), &Input::Tick { now_ns: 49 }, PolicyKind::Restore, TIMEOUT).next, Some(gone.clone()));
+        assert_eq!(
+            decide(Some(&gone), &Input::Tick { now_ns: 49 }, PolicyKind::Restore, TIMEOUT).next,
+            Some(gone.clone())
+        );
         let late = decide(Some(&gone), &Input::Tick { now_ns: 50 }, PolicyKind::Restore, TIMEOUT);
         assert_eq!(late.next, Some(NicState::Removed { cause: Cause::DriverUnload, since_ns: 50 }));
-        assert!(matches!(late.actions.as_slice(), [Action::HandToDetach { reason }] if reason.contains("60 s")));
+        assert!(
+            matches!(late.actions.as_slice(), [Action::HandToDetach { reason }] if reason.contains("60 s"))
+        );
     }
 
     #[test]
     fn a_new_or_returning_nic_after_removal_is_only_tracked() {
         let removed = NicState::Removed { cause: Cause::DeviceRemoved, since_ns: 1 };
-        let t = decide(Some(&removed), &Input::Event(&event(NicAction::Registration, Cause::DeviceAdded, 4, 2)), PolicyKind::Restore, TIMEOUT);
+        let t = decide(
+            Some(&removed),
+            &Input::Event(&event(NicAction::Registration, Cause::DeviceAdded, 4, 2)),
+            PolicyKind::Restore,
+            TIMEOUT,
+        );
         assert_eq!(t.actions, vec![Action::Track { ifindex: 4 }]);
-        let t = decide(None, &Input::Event(&event(NicAction::Registration, Cause::DriverLoad, 4, 2)), PolicyKind::Restore, TIMEOUT);
-        assert_eq!(t.actions, vec![Action::Track { ifindex: 4 }], "no snapshot to restore for a NIC never seen");
+        let t = decide(
+            None,
+            &Input::Event(&event(NicAction::Registration, Cause::DriverLoad, 4, 2)),
+            PolicyKind::Restore,
+            TIMEOUT,
+        );
+        assert_eq!(
+            t.actions,
+            vec![Action::Track { ifindex: 4 }],
+            "no snapshot to restore for a NIC never seen"
+        );
     }
 }

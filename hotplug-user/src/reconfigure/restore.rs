@@ -96,7 +96,12 @@ pub async fn restore(handle: &Handle, want: &NicSnapshot, ifindex: u32) -> Resto
         for attribute in &mut message.attributes {
             if let AddressAttribute::Flags(flags) = attribute {
                 // Transient state is the kernel's to set again.
-                flags.remove(AddressFlags::Tentative | AddressFlags::Dadfailed | AddressFlags::Deprecated | AddressFlags::Optimistic);
+                flags.remove(
+                    AddressFlags::Tentative
+                        | AddressFlags::Dadfailed
+                        | AddressFlags::Deprecated
+                        | AddressFlags::Optimistic,
+                );
             }
         }
         let mut request = handle.address().add(ifindex, std::net::IpAddr::from([0, 0, 0, 0]), 0).replace();
@@ -130,7 +135,8 @@ pub async fn restore(handle: &Handle, want: &NicSnapshot, ifindex: u32) -> Resto
         tx.outcome(&format!("route {}", entry.summary), result);
     }
 
-    let have_rules: Vec<String> = have.as_ref().map(|h| h.rules.iter().map(|r| r.summary.clone()).collect()).unwrap_or_default();
+    let have_rules: Vec<String> =
+        have.as_ref().map(|h| h.rules.iter().map(|r| r.summary.clone()).collect()).unwrap_or_default();
     for entry in want.rules.iter().filter(|r| !have_rules.contains(&r.summary)) {
         let message = match snapshot::rule_message(entry) {
             Ok(m) => m,

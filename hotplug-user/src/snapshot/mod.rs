@@ -131,7 +131,7 @@ pub fn to_hex<M: Emitable>(message: &M) -> String {
 }
 
 fn from_hex(text: &str) -> Result<Vec<u8>, SnapshotError> {
-    if text.len() % 2 != 0 {
+    if !text.len().is_multiple_of(2) {
         return Err(SnapshotError::Corrupt("odd hex length".into()));
     }
     (0..text.len())
@@ -352,7 +352,10 @@ pub async fn capture(handle: &Handle, ifindex: u32) -> Result<NicSnapshot, Snaps
 
     let mut routes = Vec::new();
     let mut tables = Vec::new();
-    for family in [RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(), RouteMessageBuilder::<std::net::Ipv6Addr>::new().build()] {
+    for family in [
+        RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
+        RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
+    ] {
         let found: Vec<RouteMessage> = handle.route().get(family).execute().try_collect().await?;
         for message in found.iter().filter(|m| route_oif(m) == Some(ifindex)) {
             let table = route_table(message);
@@ -364,7 +367,9 @@ pub async fn capture(handle: &Handle, ifindex: u32) -> Result<NicSnapshot, Snaps
             if kernel_made {
                 continue;
             }
-            if ![TABLE_UNSPEC, TABLE_DEFAULT, TABLE_MAIN, TABLE_LOCAL].contains(&table) && !tables.contains(&table) {
+            if ![TABLE_UNSPEC, TABLE_DEFAULT, TABLE_MAIN, TABLE_LOCAL].contains(&table)
+                && !tables.contains(&table)
+            {
                 tables.push(table);
             }
             routes.push(Entry { summary: route_summary(message), message: to_hex(message) });
@@ -415,7 +420,9 @@ mod tests {
             up: true,
             altnames: vec!["eni-1".into()],
             addresses: vec![entry("10.0.1.5/24"), entry("10.0.1.6/24 flags Secondary")],
-            routes: vec![entry("inet table 10001 default via 10.0.1.1 proto Static scope Universe type Unicast")],
+            routes: vec![entry(
+                "inet table 10001 default via 10.0.1.1 proto Static scope Universe type Unicast",
+            )],
             rules: vec![entry("pref 10001 from 10.0.1.5/32 lookup 10001 action ToTable")],
             taken_ns: 1,
         }
@@ -446,10 +453,15 @@ mod tests {
         message.header.family = AddressFamily::Inet;
         message.header.prefix_len = 24;
         message.header.index = 3;
-        message.attributes.push(AddressAttribute::Local("10.0.1.5".parse().map_err(|_| SnapshotError::Corrupt("ip".into()))?));
+        message.attributes.push(AddressAttribute::Local(
+            "10.0.1.5".parse().map_err(|_| SnapshotError::Corrupt("ip".into()))?,
+        ));
         message.attributes.push(AddressAttribute::Flags(AddressFlags::Permanent | AddressFlags::Secondary));
         let entry = Entry { summary: address_summary(&message), message: to_hex(&message) };
-        assert_eq!(entry.summary, "10.0.1.5/24 flags Secondary", "permanent is state, secondary is configuration");
+        assert_eq!(
+            entry.summary, "10.0.1.5/24 flags Secondary",
+            "permanent is state, secondary is configuration"
+        );
         assert_eq!(address_message(&entry)?, message);
         assert!(address_message(&Entry { summary: String::new(), message: "zz".into() }).is_err());
         Ok(())

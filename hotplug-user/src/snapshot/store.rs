@@ -43,7 +43,8 @@ impl Store {
     pub fn save<T: Serialize>(&self, key: &str, value: &T) -> Result<(), StoreError> {
         let path = self.path(key);
         let tmp = path.with_extension("json.tmp");
-        let bytes = serde_json::to_vec_pretty(value).map_err(|source| StoreError::Corrupt { path: path.clone(), source })?;
+        let bytes = serde_json::to_vec_pretty(value)
+            .map_err(|source| StoreError::Corrupt { path: path.clone(), source })?;
         let mut file = fs::File::create(&tmp).map_err(io(&tmp))?;
         file.write_all(&bytes).map_err(io(&tmp))?;
         file.sync_all().map_err(io(&tmp))?;
@@ -66,7 +67,10 @@ impl Store {
         let mut problems = Vec::new();
         for entry in fs::read_dir(&self.dir).map_err(io(&self.dir))? {
             let path = entry.map_err(io(&self.dir))?.path();
-            let is_state = path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("nic-") && n.ends_with(".json"));
+            let is_state = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("nic-") && n.ends_with(".json"));
             if !is_state {
                 continue;
             }

@@ -1,0 +1,32 @@
+#!/bin/sh
+# Benchmark (figures only): restore latency for 1/10/100 addresses+routes vs the netlink floor; agent idle cost.
+# kernels: bookworm
+. /opt/hotplug/scenarios/_lib.sh
+
+hotplug-bench restore 10 | tee /tmp/bench.txt || fail "hotplug-bench failed"
+for n in 1 10 100; do
+	line=$(grep "^BENCH restore n=$n " /tmp/bench.txt)
+	for key in p50_us p99_us floor_p50_us floor_p99_us; do
+		vmctl report "restore_n${n}_$key" "$(echo "$line" | sed -n "s/.* $key=\([0-9]*\).*/\1/p")"
+	done
+done
+
+# Idle cost of the running agent: resident memory and wake-ups per second over 10 s.
+printf 'state_dir = "/tmp/hotplug-state"\nsocket = "/run/hotplug/agent.sock"\n' >/tmp/hotplug.toml
+hotplug-agent --config /tmp/hotplug.toml run 2>/tmp/agent.log &
+AGENT_PID=$!
+wait_for_line /tmp/agent.log "agent ready" 60 || { cat /tmp/agent.log; fail "the agent did not start"; }
+sleep 2
+switches() { awk '/ctxt_switches/ { s += $2 } END { print s }' /proc/$AGENT_PID/task/*/status; }
+s0=$(switches)
+sleep 10
+s1=$(switches)
+rss=$(sed -n 's/^VmRSS:[[:space:]]*\([0-9]*\).*/\1/p' /proc/$AGENT_PID/status)
+stop_agent
+wakeups=$(awk -v a="$s0" -v b="$s1" 'BEGIN { printf "%.1f", (b - a) / 10 }')
+echo "agent idle: RSS $rss kB, $wakeups wake-ups/s"
+vmctl report agent_idle_rss_kib "$rss"
+vmctl report agent_idle_wakeups_per_second "$wakeups"
+check_header
+check "restore benchmark produced figures for n=100" yes "$(grep -q '^BENCH restore n=100 ' /tmp/bench.txt && echo yes || echo no)"
+finish

@@ -1,0 +1,136 @@
+//! `hotplug-bench restore`: restore latency for a NIC with 1, 10 and 100 addresses and routes,
+//! beside the floor — the same netlink requests sent back to back by a minimal loop. Runs in a
+//! private network namespace (needs root); prints figures, asserts nothing about speed.
+use std::{net::Ipv4Addr, process::Command};
+
+use anyhow::{bail, Context as _, Result};
+use hotplug::{agent::monotonic_ns, reconfigure::restore, snapshot};
+use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
+
+const MAC: &str = "02:00:00:00:bb:01";
+
+fn ip(args: &str) -> Result<()> {
+    let status =
+        Command::new("ip").args(args.split_whitespace()).status().with_context(|| format!("ip {args}"))?;
+    if !status.success() {
+        bail!("ip {args} failed: {status}");
+    }
+    Ok(())
+}
+
+async fn ifindex(name: &str) -> Result<u32> {
+    let links = hotplug::kernel::rtnl::dump_links().await?;
+    links.iter().find(|l| l.name == name).map(|l| l.ifindex).context("no such link")
+}
+
+async fn fresh_link() -> Result<u32> {
+    if ifindex("hb0").await.is_ok() {
+        ip("link del hb0")?;
+    }
+    ip(&format!("link add hb0 address {MAC} type veth peer name hb1"))?;
+    ip("link set hb1 up")?;
+    ifindex("hb0").await
+}
+
+fn address(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 20, u8::try_from(i / 250).unwrap_or(0), u8::try_from(i % 250 + 1).unwrap_or(1))
+}
+
+fn network(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, u8::try_from(i).unwrap_or(0), 0)
+}
+
+/// The configuration under test, with `ip` (not timed).
+async fn configure(n: usize) -> Result<u32> {
+    let index = fresh_link().await?;
+    ip("link set hb0 up")?;
+    for i in 0..n {
+        ip(&format!("addr add {}/16 dev hb0", address(i)))?;
+        ip(&format!("route add {}/24 via 10.20.255.254 dev hb0", network(i)))?;
+    }
+    Ok(index)
+}
+
+/// The floor: the same requests, back to back, no reading before or after.
+async fn floor(handle: &Handle, n: usize, index: u32) -> Result<u64> {
+    let start = monotonic_ns();
+    for i in 0..n {
+        handle.address().add(index, address(i).into(), 16).execute().await?;
+    }
+    handle.link().set(LinkUnspec::new_with_index(index).up().build()).execute().await?;
+    for i in 0..n {
+        let route = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(network(i), 24)
+            .gateway(Ipv4Addr::new(10, 20, 255, 254))
+            .output_interface(index)
+            .build();
+        handle.route().add(route).execute().await?;
+    }
+    Ok(monotonic_ns() - start)
+}
+
+fn percentile(sorted: &[u64], p: usize) -> u64 {
+    sorted.get((sorted.len() * p).div_ceil(100).saturating_sub(1)).copied().unwrap_or(0)
+}
+
+async fn bench(rounds: usize) -> Result<()> {
+    let (connection, handle, _) = rtnetlink::new_connection()?;
+    tokio::spawn(connection);
+    println!(
+        "{:>5} {:>7} {:>12} {:>12} {:>12} {:>12}",
+        "n", "rounds", "restore p50", "restore p99", "floor p50", "floor p99"
+    );
+    for n in [1usize, 10, 100] {
+        let rounds = if n == 100 { rounds.div_ceil(2) } else { rounds };
+        let mut restores = Vec::new();
+        let mut floors = Vec::new();
+        for _ in 0..rounds {
+            let index = configure(n).await?;
+            let want = snapshot::capture(&handle, index).await?;
+            let index = fresh_link().await?;
+            let start = monotonic_ns();
+            let report = restore::restore(&handle, &want, index).await;
+            if !report.errors.is_empty() || !report.differences.is_empty() {
+                bail!("restore of {n} was incomplete: {report:?}");
+            }
+            restores.push(report.last_ack_ns - start);
+            let index = fresh_link().await?;
+            floors.push(floor(&handle, n, index).await?);
+        }
+        restores.sort_unstable();
+        floors.sort_unstable();
+        let us = |ns: u64| format!("{:.0} us", ns as f64 / 1000.0);
+        println!(
+            "{n:>5} {rounds:>7} {:>12} {:>12} {:>12} {:>12}",
+            us(percentile(&restores, 50)),
+            us(percentile(&restores, 99)),
+            us(percentile(&floors, 50)),
+            us(percentile(&floors, 99))
+        );
+        println!(
+            "BENCH restore n={n} p50_us={} p99_us={} floor_p50_us={} floor_p99_us={}",
+            percentile(&restores, 50) / 1000,
+            percentile(&restores, 99) / 1000,
+            percentile(&floors, 50) / 1000,
+            percentile(&floors, 99) / 1000
+        );
+    }
+    ip("link del hb0")?;
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let mut args = std::env::args().skip(1);
+    if args.next().as_deref() != Some("restore") {
+        bail!("usage: hotplug-bench restore [ROUNDS]   (as root; runs in a private network namespace)");
+    }
+    let rounds: usize =
+        args.next().map(|r| r.parse()).transpose().context("ROUNDS must be a number")?.unwrap_or(20);
+    // SAFETY: called before any other thread exists; only this process's namespace changes.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        bail!("unshare(CLONE_NEWNET) failed ({}): run as root", std::io::Error::last_os_error());
+    }
+    ip("link set lo up")?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(bench(rounds))
+}
