@@ -84,6 +84,10 @@ impl Startup {
             );
         }
         reasons.dedup();
+        // Parsing the kernel's BTF (several MiB on recent kernels) leaves freed heap behind; hand it
+        // back to the system rather than carry it for the agent's lifetime.
+        // SAFETY: malloc_trim only releases free memory at the top of glibc's heaps.
+        unsafe { libc::malloc_trim(0) };
         let mode = if reasons.is_empty() { Mode::Full } else { Mode::Degraded(reasons) };
         Self { features, mode, probes }
     }

@@ -45,7 +45,16 @@ impl Store {
         let tmp = path.with_extension("json.tmp");
         let bytes = serde_json::to_vec_pretty(value)
             .map_err(|source| StoreError::Corrupt { path: path.clone(), source })?;
-        let mut file = fs::File::create(&tmp).map_err(io(&tmp))?;
+        let mut file = {
+            use std::os::unix::fs::OpenOptionsExt as _;
+            fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(io(&tmp))?
+        };
         file.write_all(&bytes).map_err(io(&tmp))?;
         file.sync_all().map_err(io(&tmp))?;
         fs::rename(&tmp, &path).map_err(io(&path))?;
