@@ -12,6 +12,14 @@
 //! [interfaces."52:54:00:12:34:11"]        # by permanent MAC, or by interface name
 //! policy = "command"
 //! command = ["/usr/local/sbin/nic-hook", "--quiet"]   # run with HOTPLUG_* variables, no shell
+//!
+//! [imds]                                  # asked only when a NIC is really attached
+//! enabled = true
+//! endpoint = "http://169.254.169.254"     # link-local or loopback unless allow_any_endpoint
+//! token_ttl_seconds = 21600
+//! request_timeout_ms = 2000
+//! requests_per_second = 20
+//! attach_deadline_seconds = 120
 //! ```
 use std::{
     collections::BTreeMap,
@@ -21,6 +29,8 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
+
+use crate::imds::{ImdsClient, ImdsConfig};
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -67,6 +77,9 @@ pub struct Config {
     /// Policies by interface name or MAC; `default` applies to the rest.
     #[serde(default)]
     pub interfaces: BTreeMap<String, Policy>,
+    /// The instance metadata service, asked only for real attaches.
+    #[serde(default)]
+    pub imds: ImdsConfig,
 }
 
 fn default_state_dir() -> PathBuf {
@@ -88,6 +101,7 @@ impl Default for Config {
             socket: default_socket(),
             return_timeout_seconds: default_return_timeout(),
             interfaces: BTreeMap::new(),
+            imds: ImdsConfig::default(),
         }
     }
 }
@@ -136,6 +150,29 @@ impl Config {
                 "return_timeout_seconds",
                 self.return_timeout_seconds.to_string(),
                 "must be between 1 and 86400",
+            ));
+        }
+        if self.imds.enabled {
+            if let Err(error) = ImdsClient::new(&self.imds) {
+                return Err(invalid(
+                    "imds.endpoint",
+                    format!("{:?}", self.imds.endpoint),
+                    &error.to_string(),
+                ));
+            }
+        }
+        if !(1..=21_600).contains(&self.imds.token_ttl_seconds) {
+            return Err(invalid(
+                "imds.token_ttl_seconds",
+                self.imds.token_ttl_seconds.to_string(),
+                "must be between 1 and 21600",
+            ));
+        }
+        if !(1..=500).contains(&self.imds.requests_per_second) {
+            return Err(invalid(
+                "imds.requests_per_second",
+                self.imds.requests_per_second.to_string(),
+                "must be between 1 and 500 (IMDS drops traffic above ~1024 packets/s per ENI)",
             ));
         }
         for (name, policy) in &self.interfaces {
@@ -248,6 +285,9 @@ mod tests {
             ("[interfaces.eth1]\npolicy = \"reboot\"", "reboot"),
             ("[interfaces.eth1]\npolicy = \"ignore\"\ncommand = [\"/bin/true\"]", "only policy"),
             ("state_dir = ", "/etc/hotplug.toml"),
+            ("[imds]\nendpoint = \"http://10.0.0.1\"", "imds.endpoint"),
+            ("[imds]\nrequests_per_second = 2000", "imds.requests_per_second"),
+            ("[imds]\nendpont = \"x\"", "endpont"),
         ];
         for (text, expected) in cases {
             match parse(text) {

@@ -8,6 +8,7 @@ pub mod classify;
 pub mod cli;
 pub mod config;
 pub mod decide;
+pub mod imds;
 pub mod kernel;
 pub mod reconfigure;
 pub mod snapshot;

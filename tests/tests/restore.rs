@@ -72,8 +72,9 @@ fn configure() -> Result<(), String> {
 async fn scenario(state_dir: std::path::PathBuf) -> Result<(), String> {
     create_veth()?;
     configure()?;
-    let config = Config { state_dir, socket: "/nonexistent/hotplug.sock".into(), ..Config::default() };
-    let mut manager = NicManager::start(config).await.map_err(|e| e.to_string())?;
+    let imds = hotplug::imds::ImdsConfig { enabled: false, ..Default::default() };
+    let config = Config { state_dir, socket: "/nonexistent/hotplug.sock".into(), imds, ..Config::default() };
+    let (mut manager, _attach_results) = NicManager::start(config).await.map_err(|e| e.to_string())?;
     let (connection, handle, _) = rtnetlink::new_connection().map_err(|e| e.to_string())?;
     tokio::spawn(connection);
     let before = snapshot::capture(&handle, ifindex("hr0").await?).await.map_err(|e| e.to_string())?;

@@ -68,6 +68,16 @@ pub fn print_status(socket: &Path, json: bool) -> Result<(), ControlError> {
         if let Some(event) = &nic.last_event {
             let _ = writeln!(out, "    last event: {event}");
         }
+        if let Some(attach) = &nic.attach {
+            let _ = writeln!(
+                out,
+                "    attach: {}, {} IMDS requests{}{}",
+                attach.status,
+                attach.imds_requests,
+                attach.latency_ms.map(|l| format!(", {l} ms")).unwrap_or_default(),
+                attach.table.map(|t| format!(", table {t}")).unwrap_or_default()
+            );
+        }
         if let Some(restore) = &nic.last_restore {
             let _ = writeln!(
                 out,

@@ -176,7 +176,7 @@ pub async fn run(config: Config, ring_bytes: u32) -> Result<(), AgentError> {
     // Watch configuration changes before reading the NICs, so that no change falls between.
     let changes = nics::config_changes()?;
     tokio::pin!(changes);
-    let mut manager = nics::NicManager::start(config.clone()).await?;
+    let (mut manager, mut attach_results) = nics::NicManager::start(config.clone()).await?;
     let listener = control::bind(&config.socket)?;
     tracing::info!(socket = %config.socket.display(), state = %config.state_dir.display(), "agent ready");
     let mut events = startup.events();
@@ -199,6 +199,7 @@ pub async fn run(config: Config, ring_bytes: u32) -> Result<(), AgentError> {
                 other => tracing::info!("{}", describe(&other)),
             },
             Some(change) = changes.next() => manager.note_change(change),
+            Some(result) = attach_results.recv() => manager.on_attach_result(result).await,
             () = sleep_until(wakeup) => manager.wake().await,
             Ok((stream, _)) = listener.accept() => control::respond(stream, &manager.status()).await,
         }

@@ -4,6 +4,7 @@
 //! every NIC's state so that a restarted agent still knows what to restore.
 use std::{
     collections::{HashMap, HashSet, VecDeque},
+    sync::Arc,
     time::Duration,
 };
 
@@ -15,14 +16,16 @@ use rtnetlink::{
 };
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
+use tokio::sync::mpsc;
 
 use super::monotonic_ns;
 use crate::{
     classify::{Cause, NicEvent, Source},
     config::Config,
     decide::{self, Action, Input, NicState},
+    imds::{ImdsClient, ImdsError, NicMetadata},
     kernel::rtnl::{self, RtnlError},
-    reconfigure::{command, restore},
+    reconfigure::{attach, command, restore},
     snapshot::{
         self,
         store::{Store, StoreError},
@@ -48,6 +51,28 @@ pub enum ManagerError {
     Socket(#[from] std::io::Error),
 }
 
+/// Where an attach stands.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AttachOutcome {
+    /// `waiting-for-imds`, `configured` or `failed`.
+    pub status: String,
+    /// From the kernel's device-added timestamp to the end of the configuration.
+    pub latency_ms: Option<u64>,
+    /// IMDS requests this attach made (token requests included).
+    pub imds_requests: u64,
+    pub table: Option<u32>,
+    pub errors: Vec<String>,
+}
+
+/// An attach's IMDS answer, back in the agent's loop.
+pub struct AttachResult {
+    mac: String,
+    ifindex: u32,
+    started_ns: u64,
+    requests: u64,
+    result: Result<NicMetadata, ImdsError>,
+}
+
 /// The outcome of the last restore of a NIC.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RestoreOutcome {
@@ -67,6 +92,11 @@ pub struct Managed {
     pub snapshot: Option<NicSnapshot>,
     pub last_event: Option<NicEvent>,
     pub last_restore: Option<RestoreOutcome>,
+    #[serde(default)]
+    pub attach: Option<AttachOutcome>,
+    /// Rules the agent added on attach (the detach path removes exactly these).
+    #[serde(default)]
+    pub configured_rules: Vec<snapshot::Entry>,
     #[serde(skip)]
     history: VecDeque<NicSnapshot>,
 }
@@ -80,6 +110,8 @@ pub struct NicStatus {
     pub snapshot: Option<String>,
     pub last_event: Option<String>,
     pub last_restore: Option<RestoreOutcome>,
+    #[serde(default)]
+    pub attach: Option<AttachOutcome>,
 }
 
 pub struct NicManager {
@@ -91,6 +123,8 @@ pub struct NicManager {
     dirty: HashSet<u32>,
     dirty_due: Option<tokio::time::Instant>,
     bursts: HashMap<u32, (u64, u64)>,
+    imds: Option<Arc<ImdsClient>>,
+    attach_tx: mpsc::Sender<AttachResult>,
 }
 
 fn key(mac: &str) -> String {
@@ -98,12 +132,27 @@ fn key(mac: &str) -> String {
 }
 
 impl NicManager {
-    /// Loads persisted state, reads every NIC present now, and reconciles the two.
-    pub async fn start(config: Config) -> Result<Self, ManagerError> {
+    /// Loads persisted state, reads every NIC present now, and reconciles the two. The receiver
+    /// yields attach results for [`NicManager::on_attach_result`].
+    pub async fn start(config: Config) -> Result<(Self, mpsc::Receiver<AttachResult>), ManagerError> {
         let store = Store::open(&config.state_dir)?;
         let (connection, handle, _) = rtnetlink::new_connection()?;
         tokio::spawn(connection);
+        let imds = if config.imds.enabled {
+            match ImdsClient::new(&config.imds) {
+                Ok(client) => Some(Arc::new(client)),
+                Err(error) => {
+                    tracing::error!(%error, "IMDS unusable: real attaches will not be configured");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let (attach_tx, attach_rx) = mpsc::channel(64);
         let mut manager = Self {
+            imds,
+            attach_tx,
             config,
             store,
             handle,
@@ -114,6 +163,7 @@ impl NicManager {
             bursts: HashMap::new(),
         };
         let (persisted, problems): (Vec<Managed>, _) = manager.store.load_all()?;
+        let known: HashSet<String> = persisted.iter().map(|n| key(&n.mac)).collect();
         for problem in problems {
             tracing::warn!("{problem}");
         }
@@ -143,6 +193,8 @@ impl NicManager {
                             snapshot: None,
                             last_event: None,
                             last_restore: None,
+                            attach: None,
+                            configured_rules: Vec::new(),
                             history: VecDeque::new(),
                         });
                         nic.state = NicState::Present { ifindex: link.ifindex, name: snapshot.name.clone() };
@@ -183,14 +235,36 @@ impl NicManager {
                 NicState::Removed { .. } => {}
             }
         }
-        Ok(manager)
+        // NICs the agent has never seen and that nobody configured yet are learned the way an attach
+        // is, in one pass: one IMDS look-up each, no retries (a NIC IMDS does not list is left alone).
+        let unconfigured: Vec<(String, u32)> = manager
+            .nics
+            .iter()
+            .filter(|(mac, _)| !known.contains(*mac))
+            .filter_map(|(mac, nic)| match (&nic.state, &nic.snapshot) {
+                (NicState::Present { ifindex, .. }, Some(s))
+                    if !s.addresses.iter().any(|a| is_configured_address(&a.summary)) =>
+                {
+                    Some((mac.clone(), *ifindex))
+                }
+                _ => None,
+            })
+            .collect();
+        for (mac, ifindex) in unconfigured {
+            manager.start_attach(&mac, ifindex, None, Duration::ZERO);
+        }
+        Ok((manager, attach_rx))
     }
 
+    /// Saves a NIC's state; a NIC that left for good leaves no state file behind.
     fn persist(&self, mac: &str) {
-        if let Some(nic) = self.nics.get(mac) {
-            if let Err(error) = self.store.save(mac, nic) {
-                tracing::error!(%error, "cannot persist NIC state");
-            }
+        let Some(nic) = self.nics.get(mac) else { return };
+        let result = match nic.state {
+            NicState::Removed { .. } => self.store.remove(mac),
+            _ => self.store.save(mac, nic),
+        };
+        if let Err(error) = result {
+            tracing::error!(%error, "cannot persist NIC state");
         }
     }
 
@@ -298,6 +372,8 @@ impl NicManager {
             snapshot: None,
             last_event: None,
             last_restore: None,
+            attach: None,
+            configured_rules: Vec::new(),
             history: VecDeque::new(),
         });
         if let Some(NicState::Present { ifindex, .. }) = &state {
@@ -379,7 +455,21 @@ impl NicManager {
                 }
             }
             Action::HandToDetach { reason } => {
-                tracing::warn!(%mac, "NIC left for good: {reason}; its configuration is the detach path's to clean up");
+                // The kernel is authoritative: clean up at once, no IMDS round trip.
+                let Some(nic) = self.nics.get_mut(mac) else { return };
+                let rules = std::mem::take(&mut nic.configured_rules);
+                nic.snapshot = None;
+                nic.history.clear();
+                let errors = attach::detach(&self.handle, &rules).await;
+                if errors.is_empty() {
+                    tracing::info!(%mac, rules = rules.len(), "NIC left for good: {reason}; removed the rules the agent had added");
+                } else {
+                    tracing::warn!(%mac, ?errors, "NIC left for good: {reason}; cleanup incomplete");
+                }
+            }
+            Action::Attach { ifindex } => {
+                let deadline = self.imds.as_ref().map_or(Duration::ZERO, |i| i.attach_deadline());
+                self.start_attach(mac, ifindex, event, deadline);
             }
             Action::Track { ifindex } => {
                 self.by_ifindex.insert(ifindex, mac.to_owned());
@@ -389,6 +479,83 @@ impl NicManager {
                 }
             }
         }
+    }
+
+    /// Asks IMDS for a really attached NIC in the background; the answer comes back through the
+    /// attach channel so the agent keeps handling other NICs meanwhile.
+    /// `deadline` zero: a single look-up (the start-up pass).
+    fn start_attach(&mut self, mac: &str, ifindex: u32, event: Option<&NicEvent>, deadline: Duration) {
+        let Some(nic) = self.nics.get_mut(mac) else { return };
+        let Some(imds) = self.imds.clone() else {
+            tracing::warn!(%mac, "NIC attached, but IMDS is disabled or unusable: not configuring it");
+            nic.attach = Some(AttachOutcome {
+                status: "failed".into(),
+                latency_ms: None,
+                imds_requests: 0,
+                table: None,
+                errors: vec!["IMDS disabled".into()],
+            });
+            return;
+        };
+        nic.attach = Some(AttachOutcome {
+            status: "waiting-for-imds".into(),
+            latency_ms: None,
+            imds_requests: 0,
+            table: None,
+            errors: Vec::new(),
+        });
+        tracing::info!(%mac, ifindex, "NIC attached: asking IMDS for it");
+        let started_ns = event.map_or_else(monotonic_ns, |e| e.timestamp_ns);
+        let tx = self.attach_tx.clone();
+        let mac = mac.to_owned();
+        tokio::spawn(async move {
+            let before = imds.requests();
+            let result = imds.nic_until_published(&mac, deadline).await;
+            let requests = imds.requests().saturating_sub(before);
+            let _ = tx.send(AttachResult { mac, ifindex, started_ns, requests, result }).await;
+        });
+    }
+
+    /// Configures an attached NIC once IMDS answered (if it is still there).
+    pub async fn on_attach_result(&mut self, result: AttachResult) {
+        let AttachResult { mac, ifindex, started_ns, requests, result } = result;
+        let still_there = matches!(self.nics.get(&mac).map(|n| &n.state), Some(NicState::Present { ifindex: i, .. }) if *i == ifindex);
+        if !still_there {
+            tracing::info!(%mac, "IMDS answered for a NIC that is gone again: nothing to configure");
+            return;
+        }
+        let outcome = match result {
+            Ok(metadata) => {
+                let report = attach::configure(&self.handle, ifindex, &metadata).await;
+                let latency_ms = monotonic_ns().saturating_sub(started_ns) / 1_000_000;
+                tracing::info!(%mac, ifindex, latency_ms, imds_requests = requests, table = ?report.table, errors = ?report.errors, "attached NIC configured from IMDS");
+                if let Some(nic) = self.nics.get_mut(&mac) {
+                    nic.configured_rules = report.rules;
+                }
+                AttachOutcome {
+                    status: if report.errors.is_empty() { "configured".into() } else { "failed".into() },
+                    latency_ms: Some(latency_ms),
+                    imds_requests: requests,
+                    table: report.table,
+                    errors: report.errors,
+                }
+            }
+            Err(error) => {
+                tracing::error!(%mac, %error, "attached NIC not configured");
+                AttachOutcome {
+                    status: "failed".into(),
+                    latency_ms: None,
+                    imds_requests: requests,
+                    table: None,
+                    errors: vec![error.to_string()],
+                }
+            }
+        };
+        if let Some(nic) = self.nics.get_mut(&mac) {
+            nic.attach = Some(outcome);
+        }
+        self.persist(&mac);
+        self.note_change(Some(ifindex));
     }
 
     pub fn status(&self) -> Vec<NicStatus> {
@@ -404,11 +571,17 @@ impl NicManager {
                         .to_lowercase()
                 }),
                 last_restore: n.last_restore.clone(),
+                attach: n.attach.clone(),
             })
             .collect();
         nics.sort_by(|a, b| a.mac.cmp(&b.mac));
         nics
     }
+}
+
+/// Whether an address summary is one somebody configured (not IPv6 link-local).
+fn is_configured_address(summary: &str) -> bool {
+    !summary.starts_with("fe80:")
 }
 
 /// A registration event for a NIC found present at start-up while its state said its driver was

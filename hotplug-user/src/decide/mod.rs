@@ -47,6 +47,8 @@ pub enum Action {
     HandToDetach { reason: String },
     /// Keep the NIC's live snapshot current.
     Track { ifindex: u32 },
+    /// A NIC really attached: ask IMDS for it (it lags an attach) and configure it.
+    Attach { ifindex: u32 },
 }
 
 pub struct Transition {
@@ -102,12 +104,18 @@ pub fn decide(
                 let ifindex = u32::try_from(event.ifindex).unwrap_or(0);
                 let next = Some(NicState::Present { ifindex, name: event.name.clone() });
                 let mut actions = Vec::new();
-                if matches!(state, Some(NicState::DriverGone { .. })) {
-                    match policy {
+                match state {
+                    Some(NicState::DriverGone { .. }) => match policy {
                         PolicyKind::Restore => actions.push(Action::Restore { ifindex }),
                         PolicyKind::Command => actions.push(Action::RunCommand { phase: "returned" }),
                         PolicyKind::Ignore => {}
+                    },
+                    None | Some(NicState::Removed { .. })
+                        if event.cause == Cause::DeviceAdded && policy != PolicyKind::Ignore =>
+                    {
+                        actions.push(Action::Attach { ifindex });
                     }
+                    _ => {}
                 }
                 actions.push(Action::Track { ifindex });
                 Transition { next, actions }
@@ -221,23 +229,24 @@ mod tests {
     }
 
     #[test]
-    fn a_new_or_returning_nic_after_removal_is_only_tracked() {
+    fn a_real_attach_asks_imds_and_anything_else_is_only_tracked() {
         let removed = NicState::Removed { cause: Cause::DeviceRemoved, since_ns: 1 };
-        let t = decide(
-            Some(&removed),
-            &Input::Event(&event(NicAction::Registration, Cause::DeviceAdded, 4, 2)),
-            PolicyKind::Restore,
-            TIMEOUT,
-        );
-        assert_eq!(t.actions, vec![Action::Track { ifindex: 4 }]);
-        let t = decide(
-            None,
-            &Input::Event(&event(NicAction::Registration, Cause::DriverLoad, 4, 2)),
-            PolicyKind::Restore,
-            TIMEOUT,
-        );
+        let added = event(NicAction::Registration, Cause::DeviceAdded, 4, 2);
+        let attach = vec![Action::Attach { ifindex: 4 }, Action::Track { ifindex: 4 }];
         assert_eq!(
-            t.actions,
+            decide(Some(&removed), &Input::Event(&added), PolicyKind::Restore, TIMEOUT).actions,
+            attach
+        );
+        assert_eq!(decide(None, &Input::Event(&added), PolicyKind::Restore, TIMEOUT).actions, attach);
+        let ignored = decide(None, &Input::Event(&added), PolicyKind::Ignore, TIMEOUT);
+        assert_eq!(ignored.actions, vec![Action::Track { ifindex: 4 }], "ignore: another manager owns it");
+        let present = NicState::Present { ifindex: 4, name: "eth1".into() };
+        let again = decide(Some(&present), &Input::Event(&added), PolicyKind::Restore, TIMEOUT);
+        assert_eq!(again.actions, vec![Action::Track { ifindex: 4 }]);
+        let loaded = event(NicAction::Registration, Cause::DriverLoad, 4, 2);
+        let unseen = decide(None, &Input::Event(&loaded), PolicyKind::Restore, TIMEOUT);
+        assert_eq!(
+            unseen.actions,
             vec![Action::Track { ifindex: 4 }],
             "no snapshot to restore for a NIC never seen"
         );

@@ -1,0 +1,362 @@
+//! The IMDS client (IMDSv2): a session token cached and renewed before it expires, a 401 renews it
+//! once, a 403 means IMDS is disabled (a clear error; the agent goes on with kernel data alone).
+//! Only the network keys of one MAC are read, never the whole tree. Requests are bounded by a
+//! per-request timeout, a global rate budget and, for retries, a per-event deadline. The token
+//! never appears in logs or errors.
+pub mod budget;
+pub mod parse;
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use tokio::{sync::Mutex, time::Instant};
+
+use self::{
+    budget::{Backoff, Budget},
+    parse::{Ipv4Net, Ipv6Net, Malformed},
+};
+
+#[derive(Debug, Error)]
+pub enum ImdsError {
+    #[error("IMDS endpoint {0:?} is not a URL like http://169.254.169.254")]
+    BadEndpoint(String),
+    #[error("IMDS endpoint {0} is neither link-local nor loopback; set imds.allow_any_endpoint = true to use it anyway")]
+    EndpointRefused(String),
+    #[error("IMDS is disabled on this instance (HTTP 403): enable the metadata service (http-endpoint enabled) or set imds.enabled = false; the agent goes on with kernel data alone")]
+    Disabled,
+    #[error("IMDS request {path}: {message}")]
+    Transport { path: String, message: String },
+    #[error("IMDS answered {status} for {path}")]
+    Status { path: String, status: u16 },
+    #[error(transparent)]
+    Malformed(#[from] Malformed),
+    #[error("gave up on IMDS after {attempts} requests in {elapsed_ms} ms: {last}")]
+    Deadline { attempts: u32, elapsed_ms: u128, last: String },
+}
+
+/// `[imds]` in the configuration.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ImdsConfig {
+    /// Ask IMDS at all (attach needs it; driver reloads never do).
+    pub enabled: bool,
+    pub endpoint: String,
+    pub token_ttl_seconds: u32,
+    pub request_timeout_ms: u64,
+    /// Global budget, far below the ~1024 packets/s link-local limit per ENI.
+    pub requests_per_second: u32,
+    /// How long an attach waits for IMDS to publish a new NIC.
+    pub attach_deadline_seconds: u64,
+    pub allow_any_endpoint: bool,
+}
+
+impl Default for ImdsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            endpoint: "http://169.254.169.254".into(),
+            token_ttl_seconds: 21_600,
+            request_timeout_ms: 2_000,
+            requests_per_second: 20,
+            attach_deadline_seconds: 120,
+            allow_any_endpoint: false,
+        }
+    }
+}
+
+/// What IMDS says about one NIC.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NicMetadata {
+    pub mac: String,
+    pub device_number: u32,
+    pub local_ipv4s: Vec<Ipv4Addr>,
+    pub subnet_ipv4: Ipv4Net,
+    pub ipv6s: Vec<Ipv6Addr>,
+    pub subnet_ipv6: Vec<Ipv6Net>,
+}
+
+/// The session token; its Debug output is redacted so it cannot reach a log by accident.
+struct Token {
+    value: String,
+    renew_at: Instant,
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(<redacted>)")
+    }
+}
+
+enum Fetched {
+    Value(String),
+    NotFound,
+}
+
+pub struct ImdsClient {
+    http: reqwest::Client,
+    base: String,
+    ttl: u32,
+    token: Mutex<Option<Token>>,
+    budget: Budget,
+    deadline: Duration,
+    requests: AtomicU64,
+}
+
+/// Link-local, loopback, or the documented IMDS IPv6 address.
+fn endpoint_allowed(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    match host.parse::<IpAddr>() {
+        Ok(IpAddr::V4(a)) => a.is_link_local() || a.is_loopback(),
+        Ok(IpAddr::V6(a)) => {
+            a.is_loopback()
+                || (a.segments()[0] & 0xffc0) == 0xfe80
+                || a == Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)
+        }
+        Err(_) => host == "localhost",
+    }
+}
+
+fn host_of(endpoint: &str) -> Option<&str> {
+    let rest = endpoint.strip_prefix("http://")?;
+    let authority = rest.split('/').next()?;
+    if let Some(v6) = authority.strip_prefix('[') {
+        return v6.split(']').next();
+    }
+    Some(authority.rsplit_once(':').map_or(authority, |(h, _)| h))
+}
+
+impl ImdsClient {
+    pub fn new(config: &ImdsConfig) -> Result<Self, ImdsError> {
+        let endpoint = config.endpoint.trim_end_matches('/');
+        let host = host_of(endpoint).ok_or_else(|| ImdsError::BadEndpoint(config.endpoint.clone()))?;
+        if !config.allow_any_endpoint && !endpoint_allowed(host) {
+            return Err(ImdsError::EndpointRefused(config.endpoint.clone()));
+        }
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_millis(config.request_timeout_ms.max(1)))
+            .connect_timeout(Duration::from_millis(config.request_timeout_ms.max(1)))
+            .build()
+            .map_err(|e| ImdsError::Transport { path: String::new(), message: e.to_string() })?;
+        Ok(Self {
+            http,
+            base: endpoint.to_owned(),
+            ttl: config.token_ttl_seconds.clamp(1, 21_600),
+            token: Mutex::new(None),
+            budget: Budget::new(config.requests_per_second),
+            deadline: Duration::from_secs(config.attach_deadline_seconds.max(1)),
+            requests: AtomicU64::new(0),
+        })
+    }
+
+    /// HTTP requests sent so far (token requests included).
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    pub fn attach_deadline(&self) -> Duration {
+        self.deadline
+    }
+
+    async fn send(
+        &self,
+        request: reqwest::RequestBuilder,
+        path: &str,
+    ) -> Result<reqwest::Response, ImdsError> {
+        self.budget.acquire().await;
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        request
+            .send()
+            .await
+            .map_err(|e| ImdsError::Transport { path: path.to_owned(), message: without_url(&e) })
+    }
+
+    async fn token(&self, renew: bool) -> Result<String, ImdsError> {
+        let mut token = self.token.lock().await;
+        if let Some(t) = token.as_ref().filter(|t| !renew && Instant::now() < t.renew_at) {
+            return Ok(t.value.clone());
+        }
+        let path = "/latest/api/token";
+        let request = self
+            .http
+            .put(format!("{}{path}", self.base))
+            .header("X-aws-ec2-metadata-token-ttl-seconds", self.ttl.to_string());
+        let response = self.send(request, path).await?;
+        match response.status().as_u16() {
+            200 => {}
+            403 => return Err(ImdsError::Disabled),
+            status => return Err(ImdsError::Status { path: path.into(), status }),
+        }
+        let body = read_limited(response, path).await?;
+        let value = parse::text(path, &body)?.trim().to_owned();
+        if value.is_empty() || value.len() > 512 || !value.chars().all(|c| c.is_ascii_graphic()) {
+            return Err(Malformed { key: path.into(), problem: "not a token".into() }.into());
+        }
+        // Renew well before expiry: at 80 % of the TTL.
+        let renew_at = Instant::now() + Duration::from_secs(u64::from(self.ttl)) * 4 / 5;
+        *token = Some(Token { value: value.clone(), renew_at });
+        Ok(value)
+    }
+
+    /// One GET of a metadata key; a 401 renews the token once.
+    async fn get(&self, key: &str) -> Result<Fetched, ImdsError> {
+        let path = format!("/latest/meta-data/{key}");
+        for renew in [false, true] {
+            let token = self.token(renew).await?;
+            let request =
+                self.http.get(format!("{}{path}", self.base)).header("X-aws-ec2-metadata-token", token);
+            let response = self.send(request, &path).await?;
+            match response.status().as_u16() {
+                200 => {
+                    let body = read_limited(response, &path).await?;
+                    return Ok(Fetched::Value(parse::text(key, &body)?.to_owned()));
+                }
+                404 => return Ok(Fetched::NotFound),
+                401 if !renew => continue,
+                403 => return Err(ImdsError::Disabled),
+                status => return Err(ImdsError::Status { path, status }),
+            }
+        }
+        Err(ImdsError::Status { path, status: 401 })
+    }
+
+    /// The NIC's network keys, or `None` while IMDS does not list the MAC.
+    pub async fn nic(&self, mac: &str) -> Result<Option<NicMetadata>, ImdsError> {
+        let mac = parse::mac("mac", mac)?;
+        let base = format!("network/interfaces/macs/{mac}");
+        let value = |fetched: Fetched| match fetched {
+            Fetched::Value(v) => Some(v),
+            Fetched::NotFound => None,
+        };
+        let Some(device) = value(self.get(&format!("{base}/device-number")).await?) else { return Ok(None) };
+        let device_number = parse::device_number("device-number", &device)?;
+        let Some(ipv4s) = value(self.get(&format!("{base}/local-ipv4s")).await?) else { return Ok(None) };
+        let local_ipv4s = parse::ipv4_list("local-ipv4s", &ipv4s)?;
+        let Some(cidr) = value(self.get(&format!("{base}/subnet-ipv4-cidr-block")).await?) else {
+            return Ok(None);
+        };
+        let subnet_ipv4 = parse::ipv4_cidr("subnet-ipv4-cidr-block", &cidr)?;
+        let ipv6s = match value(self.get(&format!("{base}/ipv6s")).await?) {
+            Some(v) => parse::ipv6_list("ipv6s", &v)?,
+            None => Vec::new(),
+        };
+        let subnet_ipv6 = if ipv6s.is_empty() {
+            Vec::new()
+        } else {
+            match value(self.get(&format!("{base}/subnet-ipv6-cidr-blocks")).await?) {
+                Some(v) => parse::ipv6_cidrs("subnet-ipv6-cidr-blocks", &v)?,
+                None => Vec::new(),
+            }
+        };
+        Ok(Some(NicMetadata { mac, device_number, local_ipv4s, subnet_ipv4, ipv6s, subnet_ipv6 }))
+    }
+
+    /// Asks until IMDS lists the NIC (it lags an attach), retrying transport errors and 5xx, with
+    /// backoff, within the deadline. A 403 or a malformed value stops at once.
+    pub async fn nic_until_published(&self, mac: &str, deadline: Duration) -> Result<NicMetadata, ImdsError> {
+        let started = Instant::now();
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let last = match self.nic(mac).await {
+                Ok(Some(metadata)) => return Ok(metadata),
+                Ok(None) => "not published yet".to_owned(),
+                Err(
+                    error @ (ImdsError::Disabled | ImdsError::Malformed(_) | ImdsError::EndpointRefused(_)),
+                ) => {
+                    return Err(error);
+                }
+                Err(error) => error.to_string(),
+            };
+            let delay = backoff.next_delay();
+            if started.elapsed() + delay >= deadline {
+                return Err(ImdsError::Deadline {
+                    attempts,
+                    elapsed_ms: started.elapsed().as_millis(),
+                    last,
+                });
+            }
+            tracing::debug!(%mac, attempts, ?delay, "IMDS: {last}; retrying");
+            tokio::time::sleep(delay).await;
+        }
+    }
+}
+
+/// reqwest's error with its sources (the URL holds no secret; the token is a header).
+fn without_url(error: &reqwest::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(inner) = source {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    text
+}
+
+async fn read_limited(mut response: reqwest::Response, path: &str) -> Result<Vec<u8>, ImdsError> {
+    if response.content_length().is_some_and(|l| l > parse::MAX_VALUE_BYTES as u64) {
+        return Err(Malformed { key: path.into(), problem: "response larger than accepted".into() }.into());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| ImdsError::Transport { path: path.into(), message: without_url(&e) })?
+    {
+        body.extend_from_slice(&chunk);
+        if body.len() > parse::MAX_VALUE_BYTES {
+            return Err(
+                Malformed { key: path.into(), problem: "response larger than accepted".into() }.into()
+            );
+        }
+    }
+    Ok(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_link_local_and_loopback_endpoints_by_default() {
+        let config = |endpoint: &str| ImdsConfig { endpoint: endpoint.into(), ..ImdsConfig::default() };
+        for ok in [
+            "http://169.254.169.254",
+            "http://[fd00:ec2::254]",
+            "http://127.0.0.1:8169",
+            "http://[::1]:80",
+            "http://localhost:1",
+        ] {
+            assert!(ImdsClient::new(&config(ok)).is_ok(), "{ok}");
+        }
+        for refused in ["http://10.0.0.1", "http://[2001:db8::1]", "http://example.invalid"] {
+            assert!(
+                matches!(ImdsClient::new(&config(refused)), Err(ImdsError::EndpointRefused(_))),
+                "{refused}"
+            );
+        }
+        assert!(matches!(
+            ImdsClient::new(&config("https://169.254.169.254")),
+            Err(ImdsError::BadEndpoint(_))
+        ));
+        let any = ImdsConfig {
+            endpoint: "http://10.0.0.1".into(),
+            allow_any_endpoint: true,
+            ..ImdsConfig::default()
+        };
+        assert!(ImdsClient::new(&any).is_ok());
+    }
+
+    #[test]
+    fn the_token_is_never_printed() {
+        let token = Token { value: "AQAEAsecret".into(), renew_at: Instant::now() };
+        assert_eq!(format!("{token:?}"), "Token(<redacted>)");
+    }
+}
