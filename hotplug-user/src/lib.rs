@@ -12,3 +12,16 @@ pub mod imds;
 pub mod kernel;
 pub mod reconfigure;
 pub mod snapshot;
+
+/// An error and all its sources, joined with ": " (many library errors keep the cause, such as
+/// the OS error, only in their source).
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(inner) = source {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    text
+}

@@ -1,6 +1,6 @@
 #!/bin/sh
 # Real attach and detach against a mock IMDS: lag, faults, IMDS down; detach cleans up without IMDS.
-# kernels: bookworm
+# kernels: bookworm trixie sid
 . /opt/hotplug/scenarios/_lib.sh
 
 # The mock IMDS on the guest's loopback; the agent is pointed at it.

@@ -5,3 +5,22 @@
 //! - `guest/vmctl`: the guest side of the harness's control channel.
 //! - `tests/*.rs`: host integration tests (`cargo test`), some needing root, which they check for
 //!   and report loudly when skipped.
+
+/// Helpers for host tests that need root.
+pub mod host {
+    use std::process::Command;
+
+    pub fn is_root() -> bool {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        unsafe { libc::geteuid() == 0 }
+    }
+
+    /// Runs iproute2's `ip` with whitespace-separated `args` (in the calling thread's namespace).
+    pub fn ip(args: &str) -> Result<(), String> {
+        let status = Command::new("ip")
+            .args(args.split_whitespace())
+            .status()
+            .map_err(|e| format!("ip {args}: {e}"))?;
+        status.success().then_some(()).ok_or_else(|| format!("ip {args} failed: {status}"))
+    }
+}

@@ -2,20 +2,11 @@
 //! network namespace while real veth and bridge links come and go.
 use std::{process::Command, time::Duration};
 
+use hotplug_tests::host::{ip, is_root};
+
 use hotplug::classify::{heuristic, Action, Cause, NicEvent, Source};
 use hotplug::kernel::KernelEvent;
 use tokio::sync::mpsc;
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
-fn ip(args: &str) -> Result<(), String> {
-    let status =
-        Command::new("ip").args(args.split_whitespace()).status().map_err(|e| format!("ip {args}: {e}"))?;
-    status.success().then_some(()).ok_or_else(|| format!("ip {args} failed: {status}"))
-}
 
 /// Runs `scenario` on a thread of its own inside a new network namespace and returns the NIC
 /// events the heuristic classifier reported.

@@ -1,7 +1,9 @@
 //! Restore on the host: a veth in a private network namespace is configured, "unloaded" (deleted)
 //! and "loaded" again (re-created with the same MAC), with synthetic cause events standing in for
 //! the kernel's; the NIC manager must put its configuration back, idempotently.
-use std::{process::Command, time::Duration};
+use std::time::Duration;
+
+use hotplug_tests::host::{ip, is_root};
 
 use hotplug::{
     agent::{monotonic_ns, nics::NicManager},
@@ -10,17 +12,6 @@ use hotplug::{
     reconfigure::restore,
     snapshot,
 };
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
-fn ip(args: &str) -> Result<(), String> {
-    let status =
-        Command::new("ip").args(args.split_whitespace()).status().map_err(|e| format!("ip {args}: {e}"))?;
-    status.success().then_some(()).ok_or_else(|| format!("ip {args} failed: {status}"))
-}
 
 /// The ifindex of `name` in this thread's namespace (sysfs shows the namespace that mounted it).
 async fn ifindex(name: &str) -> Result<u32, String> {

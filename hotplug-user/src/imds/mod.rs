@@ -173,7 +173,7 @@ impl ImdsClient {
         request
             .send()
             .await
-            .map_err(|e| ImdsError::Transport { path: path.to_owned(), message: without_url(&e) })
+            .map_err(|e| ImdsError::Transport { path: path.to_owned(), message: crate::error_chain(&e) })
     }
 
     async fn token(&self, renew: bool) -> Result<String, ImdsError> {
@@ -288,18 +288,6 @@ impl ImdsClient {
     }
 }
 
-/// reqwest's error with its sources (the URL holds no secret; the token is a header).
-fn without_url(error: &reqwest::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = std::error::Error::source(error);
-    while let Some(inner) = source {
-        text.push_str(": ");
-        text.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    text
-}
-
 async fn read_limited(mut response: reqwest::Response, path: &str) -> Result<Vec<u8>, ImdsError> {
     if response.content_length().is_some_and(|l| l > parse::MAX_VALUE_BYTES as u64) {
         return Err(Malformed { key: path.into(), problem: "response larger than accepted".into() }.into());
@@ -308,7 +296,7 @@ async fn read_limited(mut response: reqwest::Response, path: &str) -> Result<Vec
     while let Some(chunk) = response
         .chunk()
         .await
-        .map_err(|e| ImdsError::Transport { path: path.into(), message: without_url(&e) })?
+        .map_err(|e| ImdsError::Transport { path: path.into(), message: crate::error_chain(&e) })?
     {
         body.extend_from_slice(&chunk);
         if body.len() > parse::MAX_VALUE_BYTES {

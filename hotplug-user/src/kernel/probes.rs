@@ -302,13 +302,7 @@ fn attach_kprobe(ebpf: &mut Ebpf, program: &str, function: &str) -> Result<(), S
 /// log can run to thousands of lines: only its first and last lines are kept (the full log is
 /// logged at debug level).
 fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(inner) = source {
-        text.push_str(": ");
-        text.push_str(&inner.to_string());
-        source = inner.source();
-    }
+    let text = crate::error_chain(error);
     let lines: Vec<&str> = text.lines().collect();
     if lines.len() <= 12 {
         return text;

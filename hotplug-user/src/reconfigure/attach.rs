@@ -24,13 +24,9 @@ pub struct AttachReport {
     pub errors: Vec<String>,
 }
 
-fn already_there(error: &rtnetlink::Error) -> bool {
-    matches!(error, rtnetlink::Error::NetlinkError(m) if m.raw_code() == -libc::EEXIST)
-}
-
 fn note(report: &mut AttachReport, what: String, result: Result<(), rtnetlink::Error>) {
     if let Err(error) = result {
-        if !already_there(&error) {
+        if !super::failed_with(&error, libc::EEXIST) {
             report.errors.push(format!("{what}: {error}"));
         }
     }

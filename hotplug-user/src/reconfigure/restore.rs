@@ -31,11 +31,6 @@ pub struct RestoreReport {
     pub last_ack_ns: u64,
 }
 
-/// EEXIST: the kernel already has it, which is what we wanted.
-fn already_there(error: &rtnetlink::Error) -> bool {
-    matches!(error, rtnetlink::Error::NetlinkError(message) if message.raw_code() == -libc::EEXIST)
-}
-
 struct Sender<'a> {
     handle: &'a Handle,
     report: RestoreReport,
@@ -46,7 +41,7 @@ impl Sender<'_> {
         self.report.requests += 1;
         self.report.last_ack_ns = crate::agent::monotonic_ns();
         if let Err(error) = result {
-            if !already_there(&error) {
+            if !super::failed_with(&error, libc::EEXIST) {
                 self.report.errors.push(format!("{what}: {error}"));
             }
         }
