@@ -166,6 +166,10 @@ pub struct NetdevEvent {
     pub module: [u8; MODULE_NAME_LEN],
     /// The module being unloaded or loaded by this task, when the cause is one of those.
     pub context_module: [u8; MODULE_NAME_LEN],
+    /// Inode number of the device's network namespace (0: unknown); ifindexes and names are only
+    /// unique within one namespace. For a namespace move's removal: the namespace it left.
+    pub netns: u32,
+    pub _reserved: u32,
 }
 
 impl NetdevEvent {
@@ -184,6 +188,8 @@ impl NetdevEvent {
             driver: [0; SHORT_NAME_LEN],
             module: [0; MODULE_NAME_LEN],
             context_module: [0; MODULE_NAME_LEN],
+            netns: 0,
+            _reserved: 0,
         }
     }
 }
@@ -321,6 +327,11 @@ pub mod globals {
     pub const NETDEV_DEV_ADDR_IS_POINTER: &str = "NETDEV_DEV_ADDR_IS_POINTER";
     /// Address of `pci_bus_type` (from /proc/kallsyms), to recognise PCI devices by their bus.
     pub const PCI_BUS_TYPE: &str = "PCI_BUS_TYPE";
+    /// Optional offsets (a kernel without them still gets every other field): the device's
+    /// namespace, `net_device.nd_net.net` then `net.ns.inum`; `NETNS_KNOWN` is 1 when both are set.
+    pub const NETNS_OFFSETS: [(&str, &str, &str); 2] =
+        [("NETDEV_NET", "net_device", "nd_net.net"), ("NET_NS_INUM", "net", "ns.inum")];
+    pub const NETNS_KNOWN: &str = "NETNS_KNOWN";
 }
 
 #[cfg(feature = "user")]
@@ -347,7 +358,7 @@ mod tests {
 
     #[test]
     fn netdev_event_layout_is_fixed() {
-        assert_eq!(core::mem::size_of::<NetdevEvent>(), 304);
+        assert_eq!(core::mem::size_of::<NetdevEvent>(), 312);
         assert_eq!(core::mem::size_of::<TaskContext>(), 64);
     }
 

@@ -16,16 +16,18 @@
 //!   handled in `module_lifecycle`.
 use aya_ebpf::{
     macros::{kprobe, kretprobe, map},
-    maps::HashMap,
+    maps::LruHashMap,
     programs::{ProbeContext, RetProbeContext},
 };
 use hotplug_common::{ContextKind, Counter, TaskContext};
 
 use crate::{count, current_tid};
 
-/// Contexts of the tasks inside a hooked path, by thread id.
+/// Contexts of the tasks inside a hooked path, by thread id. LRU: a kretprobe can be missed (the
+/// kernel keeps a bounded number of return instances per probe), and a context that never saw
+/// its exit must age out rather than fill the map.
 #[map]
-pub static TASK_CONTEXT: HashMap<u32, TaskContext> = HashMap::with_max_entries(4096, 0);
+pub static TASK_CONTEXT: LruHashMap<u32, TaskContext> = LruHashMap::with_max_entries(4096, 0);
 
 /// The current task's context, if it is inside any hooked path.
 #[inline(always)]

@@ -60,6 +60,12 @@ static DRIVER_OWNER: u32 = 0;
 static MODULE_NAME: u32 = 0;
 #[unsafe(no_mangle)]
 static PCI_BUS_TYPE: u64 = 0;
+#[unsafe(no_mangle)]
+static NETDEV_NET: u32 = 0;
+#[unsafe(no_mangle)]
+static NET_NS_INUM: u32 = 0;
+#[unsafe(no_mangle)]
+static NETNS_KNOWN: u32 = 0;
 
 /// How far up the device tree to look for the PCI device (virtio NICs sit one level below it).
 const MAX_PARENT_DEPTH: u32 = 4;
@@ -72,13 +78,24 @@ static SCRATCH: PerCpuArray<NetdevEvent> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static REGISTERING: HashMap<u32, u64> = HashMap::with_max_entries(1024, 0);
 
-/// Namespace moves in flight: thread id → (`struct net_device *`, ifindex before the move).
+/// Namespace moves in flight: thread id → (`struct net_device *`, ifindex and namespace inode
+/// before the move).
 #[map]
-static MOVING: HashMap<u32, (u64, i32)> = HashMap::with_max_entries(1024, 0);
+static MOVING: HashMap<u32, (u64, i32, u32)> = HashMap::with_max_entries(1024, 0);
+
+/// The inode number of `dev`'s network namespace (`dev_net(dev)->ns.inum`), 0 when unknown.
+#[inline(always)]
+fn netns_of(dev: u64) -> u32 {
+    if global_u32(&NETNS_KNOWN) == 0 {
+        return 0;
+    }
+    let net = read::<u64>(dev, global_u32(&NETDEV_NET)).unwrap_or(0);
+    read::<u32>(net, global_u32(&NET_NS_INUM)).unwrap_or(0)
+}
 
 /// Fills the scratch event for `dev` and sends it.
 #[inline(always)]
-fn send(kind: EventKind, cause: Cause, dev: u64, ifindex_override: Option<i32>) {
+fn send(kind: EventKind, cause: Cause, dev: u64, before_move: Option<(i32, u32)>) {
     let Some(event) = SCRATCH.get_ptr_mut(0) else {
         return;
     };
@@ -96,8 +113,10 @@ fn send(kind: EventKind, cause: Cause, dev: u64, ifindex_override: Option<i32>) 
         }
     }
     describe(event, dev);
-    if let Some(ifindex) = ifindex_override {
+    event.netns = netns_of(dev);
+    if let Some((ifindex, netns)) = before_move {
         event.ifindex = ifindex;
+        event.netns = netns;
     }
     emit(event);
 }
@@ -217,7 +236,7 @@ pub fn netns_move_enter(ctx: ProbeContext) -> u32 {
         return 1;
     };
     let ifindex = read::<i32>(dev, global_u32(&NETDEV_IFINDEX)).unwrap_or(0);
-    if MOVING.insert(current_tid(), (dev, ifindex), 0).is_err() {
+    if MOVING.insert(current_tid(), (dev, ifindex, netns_of(dev)), 0).is_err() {
         count(Counter::ContextMapFull);
     }
     0
@@ -227,13 +246,13 @@ pub fn netns_move_enter(ctx: ProbeContext) -> u32 {
 pub fn netns_move_exit(ctx: RetProbeContext) -> u32 {
     let tid = current_tid();
     // SAFETY: the value is copied out before the entry is removed.
-    let Some((dev, old_ifindex)) = (unsafe { MOVING.get(tid) }).copied() else {
+    let Some((dev, old_ifindex, old_netns)) = (unsafe { MOVING.get(tid) }).copied() else {
         return 0;
     };
     let _ = MOVING.remove(tid);
     let ret: i32 = ctx.ret();
     if ret == 0 {
-        send(EventKind::NetdevRemoval, Cause::NetnsMove, dev, Some(old_ifindex));
+        send(EventKind::NetdevRemoval, Cause::NetnsMove, dev, Some((old_ifindex, old_netns)));
         send(EventKind::NetdevRegistration, Cause::NetnsMove, dev, None);
     }
     0

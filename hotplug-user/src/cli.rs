@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
     about = "Keeps NIC configuration right across driver reloads and real attach/detach"
 )]
 pub struct Cli {
-    /// Log filter (tracing's EnvFilter syntax), e.g. `debug` or `hotplug=trace`. RUST_LOG also works.
+    /// Log filter (tracing's EnvFilter syntax), e.g. `debug` or `hotplug=trace`. RUST_LOG, when set, wins.
     #[arg(long, global = true, default_value = "info")]
     pub log: String,
     /// Configuration file (TOML); without one, defaults apply.

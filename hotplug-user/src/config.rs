@@ -231,7 +231,8 @@ impl Config {
 
     /// The policy for a NIC: by MAC, then by name, then `default`, then restore.
     pub fn policy_for(&self, mac: &str, name: &str) -> Policy {
-        let mac = mac.to_ascii_lowercase();
+        // A virtual link's key is `mac@name`: match its MAC part.
+        let mac = mac.split('@').next().unwrap_or(mac).to_ascii_lowercase();
         self.interfaces
             .iter()
             .find(|(k, _)| k.to_ascii_lowercase() == mac)

@@ -1,8 +1,9 @@
 //! hotplug's agent library.
 //!
-//! Layout follows the flow: `kernel` (events in: eBPF programs, their loader, decoding) →
-//! `agent` (the loop that moves events to decisions). Later stages — classification, per-NIC
-//! decisions, netlink reconfiguration and IMDS — get modules of their own beside these.
+//! Layout follows the flow: `kernel` (events in: the eBPF programs' loader, decoding, rtnetlink
+//! and uevents) → `classify` (why a NIC came or went) → `decide` (per-NIC state machine) →
+//! `reconfigure` (netlink restore, attach, detach) with `snapshot` (a NIC's configuration) and
+//! `imds` (the metadata service); `agent` runs the loop, `config` reads the TOML file.
 pub mod agent;
 pub mod classify;
 pub mod cli;

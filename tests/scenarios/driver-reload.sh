@@ -121,7 +121,7 @@ diff /tmp/before.txt /tmp/after.txt >/tmp/diff.txt
 check "restored across an agent SIGKILL: diff lines" 0 "$(wc -l </tmp/diff.txt)"
 [ -s /tmp/diff.txt ] && cat /tmp/diff.txt
 
-# Twenty reloads back to back: configuration still equal, memory flat (measured after five
+# Twenty reloads back to back: configuration still equal, memory flat (measured after ten
 # warm-up reloads, so that the allocator's first growth is not counted as a leak).
 rss() { sed -n 's/^VmRSS:[[:space:]]*\([0-9]*\).*/\1/p' "/proc/$AGENT_PID/status"; }
 reload_virtio() {
@@ -130,7 +130,7 @@ reload_virtio() {
 	wait_back 52:54:00:12:34:10 0 || echo "reload: not restored in time"
 }
 k=0
-while [ $k -lt 5 ]; do reload_virtio; k=$((k + 1)); done
+while [ $k -lt 10 ]; do reload_virtio; k=$((k + 1)); done
 rss_before=$(rss)
 k=0
 while [ $k -lt 20 ]; do

@@ -87,6 +87,12 @@ ip link set vd netns other
 sleep 0.5
 expect "netns move" 02:00:00:00:0c:02 removal netns-move "$from"
 expect "netns move" 02:00:00:00:0c:02 registration netns-move "$from"
+moved=$(tail -n +"$((from + 1))" "$EVENTS" | grep '"mac":"02:00:00:00:0c:02"')
+left=$(echo "$moved" | grep '"action":"removal"' | head -n 1)
+arrived=$(echo "$moved" | grep '"action":"registration"' | head -n 1)
+here=$(stat -L -c %i /proc/self/ns/net)
+check "netns move: removal in this namespace" "$here" "$(json_num "$left" netns)"
+check "netns move: registration in another one" yes "$([ -n "$(json_num "$arrived" netns)" ] && [ "$(json_num "$arrived" netns)" != "$here" ] && echo yes || echo no)"
 stop_agent
 
 lost=$(grep -c '"lost"' "$EVENTS")

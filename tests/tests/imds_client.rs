@@ -94,12 +94,26 @@ fn reads_the_nic_and_recovers_from_transient_faults() -> Result<(), String> {
     assert_eq!(clean, 6, "1 token + 5 keys: only this MAC's network keys are read");
 
     // Each transient fault: retried within the deadline, then the NIC is read.
-    for (kind, count) in [("500", 2), ("503", 3), ("drop", 1), ("delay", 1), ("expire-tokens", 1)] {
+    // (fault, count, the status the mock logs for it: 0 = dropped, 401 = expired token)
+    for (kind, count, logged) in [
+        ("500", 2, "500"),
+        ("503", 3, "503"),
+        ("drop", 1, "0"),
+        ("delay", 1, "200"),
+        ("expire-tokens", 1, "401"),
+    ] {
+        mock.control("POST", "/_mock/reset", "{}")?;
         mock.fault(kind, count)?;
         let before = client.requests();
         let nic = rt.block_on(client.nic_until_published(MAC, Duration::from_secs(20)));
         assert!(nic.is_ok(), "{kind}: {nic:?}");
-        eprintln!("fault {kind} x{count}: {} requests", client.requests() - before);
+        let spent = client.requests() - before;
+        eprintln!("fault {kind} x{count}: {spent} requests");
+        let stats: serde_json::Value =
+            serde_json::from_str(&mock.control("GET", "/_mock/stats", "")?).map_err(|e| e.to_string())?;
+        let hits = stats["by_status"][logged].as_u64().unwrap_or(0);
+        assert!(hits >= u64::from(count.min(1)), "{kind}: the mock logged no {logged}: {stats}");
+        assert!(spent >= clean, "{kind}: {spent} requests, fewer than a clean read");
     }
 
     // A MAC IMDS does not list yet: retried until the deadline, bounded.

@@ -20,6 +20,8 @@ async fn ifindex(name: &str) -> Result<u32, String> {
 }
 
 const MAC: &str = "02:00:00:00:aa:01";
+/// A veth has no permanent MAC and is virtual: the agent keys it by MAC and name.
+const KEY: &str = "02:00:00:00:aa:01@hr0";
 
 async fn event(action: Action, cause: Cause, name: &str) -> Result<NicEvent, String> {
     Ok(NicEvent {
@@ -36,6 +38,7 @@ async fn event(action: Action, cause: Cause, name: &str) -> Result<NicEvent, Str
         context_module: None,
         task: None,
         timestamp_ns: monotonic_ns(),
+        netns: None,
     })
 }
 
@@ -80,7 +83,7 @@ async fn scenario(state_dir: std::path::PathBuf) -> Result<(), String> {
     let gone = manager.status();
     assert!(gone
         .iter()
-        .any(|n| n.mac == MAC && serde_json::to_string(&n.state).is_ok_and(|s| s.contains("driver-gone"))));
+        .any(|n| n.mac == KEY && serde_json::to_string(&n.state).is_ok_and(|s| s.contains("driver-gone"))));
 
     // ... and comes back with the same MAC and a new ifindex.
     create_veth()?;
@@ -90,7 +93,7 @@ async fn scenario(state_dir: std::path::PathBuf) -> Result<(), String> {
     let after = snapshot::capture(&handle, ifindex("hr0").await?).await.map_err(|e| e.to_string())?;
     assert_eq!(before.differences(&after), Vec::<String>::new());
     let status = manager.status();
-    let restored = status.iter().find(|n| n.mac == MAC).and_then(|n| n.last_restore.clone());
+    let restored = status.iter().find(|n| n.mac == KEY).and_then(|n| n.last_restore.clone());
     let Some(restored) = restored else { return Err(format!("no restore recorded: {status:#?}")) };
     assert!(restored.errors.is_empty() && restored.differences.is_empty(), "{restored:#?}");
 

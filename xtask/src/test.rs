@@ -119,6 +119,7 @@ fn cargo_test(tally: &mut Tally) -> Result<()> {
         .stdout(Stdio::piped())
         .spawn()?;
     let stdout = child.stdout.take().context("cargo test has no stdout")?;
+    let failed_before = tally.failed;
     let mut saw_results = false;
     for line in BufReader::new(stdout).lines() {
         let line = line?;
@@ -136,8 +137,11 @@ fn cargo_test(tally: &mut Tally) -> Result<()> {
         saw_results |= line.starts_with("test result:");
     }
     let status = child.wait()?;
-    if !status.success() && !saw_results {
-        tally.record("cargo test (did not build)", false);
+    // A test binary that crashed (abort, signal) prints no FAILED line for the test it was in.
+    if !status.success() && tally.failed == failed_before {
+        let what =
+            if saw_results { "cargo test (a test binary crashed)" } else { "cargo test (did not build)" };
+        tally.record(what, false);
     }
     Ok(())
 }

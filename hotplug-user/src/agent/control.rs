@@ -29,9 +29,16 @@ pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
     if let Some(dir) = path.parent() {
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(err)?;
     }
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(err(e)),
-        _ => {}
+    // Replace a stale socket, but never another kind of file.
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) => {
+            std::fs::remove_file(path).map_err(err)?;
+        }
+        Ok(_) => {
+            return Err(err(std::io::Error::other("exists and is not a socket; refusing to replace it")));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
     }
     let listener = UnixListener::bind(path).map_err(err)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
@@ -39,8 +46,8 @@ pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
 }
 
 /// Answers one client with the status document.
-pub async fn respond(mut stream: tokio::net::UnixStream, status: &[NicStatus]) {
-    let body = serde_json::to_vec_pretty(status).unwrap_or_default();
+pub async fn respond(mut stream: tokio::net::UnixStream, status: Vec<NicStatus>) {
+    let body = serde_json::to_vec_pretty(&status).unwrap_or_default();
     let _ = stream.write_all(&body).await;
     let _ = stream.shutdown().await;
 }

@@ -201,7 +201,10 @@ pub async fn run(config: Config, ring_bytes: u32) -> Result<(), AgentError> {
             Some(change) = changes.next() => manager.note_change(change),
             Some(result) = attach_results.recv() => manager.on_attach_result(result).await,
             () = sleep_until(wakeup) => manager.wake().await,
-            Ok((stream, _)) = listener.accept() => control::respond(stream, &manager.status()).await,
+            Ok((stream, _)) = listener.accept() => {
+                // Written by a task of its own: a stalled client cannot stall the agent.
+                tokio::spawn(control::respond(stream, manager.status()));
+            }
         }
     }
 }

@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 use super::monotonic_ns;
 use crate::{
     classify::{Cause, NicEvent, Source},
-    config::Config,
+    config::{Config, PolicyKind},
     decide::{self, Action, Input, NicState},
     imds::{ImdsClient, ImdsError, NicMetadata},
     kernel::rtnl::{self, RtnlError},
@@ -125,6 +125,8 @@ pub struct NicManager {
     bursts: HashMap<u32, (u64, u64)>,
     imds: Option<Arc<ImdsClient>>,
     attach_tx: mpsc::Sender<AttachResult>,
+    /// Inode of the agent's own network namespace.
+    own_netns: Option<u32>,
 }
 
 fn key(mac: &str) -> String {
@@ -150,7 +152,11 @@ impl NicManager {
             None
         };
         let (attach_tx, attach_rx) = mpsc::channel(64);
+        let own_netns = std::fs::metadata("/proc/self/ns/net")
+            .ok()
+            .and_then(|m| u32::try_from(std::os::unix::fs::MetadataExt::ino(&m)).ok());
         let mut manager = Self {
+            own_netns,
             imds,
             attach_tx,
             config,
@@ -240,7 +246,7 @@ impl NicManager {
         let unconfigured: Vec<(String, u32)> = manager
             .nics
             .iter()
-            .filter(|(mac, _)| !known.contains(*mac))
+            .filter(|(mac, _)| !known.contains(*mac) && !mac.contains('@'))
             .filter_map(|(mac, nic)| match (&nic.state, &nic.snapshot) {
                 (NicState::Present { ifindex, .. }, Some(s))
                     if !s.addresses.iter().any(|a| is_configured_address(&a.summary)) =>
@@ -251,7 +257,15 @@ impl NicManager {
             })
             .collect();
         for (mac, ifindex) in unconfigured {
-            manager.start_attach(&mac, ifindex, None, Duration::ZERO);
+            let name = manager
+                .nics
+                .get(&mac)
+                .and_then(|n| n.snapshot.as_ref())
+                .map(|s| s.name.clone())
+                .unwrap_or_default();
+            if manager.config.policy_for(&mac, &name).policy != PolicyKind::Ignore {
+                manager.start_attach(&mac, ifindex, None, Duration::ZERO);
+            }
         }
         Ok((manager, attach_rx))
     }
@@ -349,7 +363,14 @@ impl NicManager {
 
     /// Feeds one classified NIC event through the state machine.
     pub async fn on_event(&mut self, event: &NicEvent) {
-        let mac = key(&event.mac);
+        if let (Some(theirs), Some(ours)) = (event.netns, self.own_netns) {
+            if theirs != ours {
+                // Another namespace's NIC (a container's): its ifindex means nothing here.
+                tracing::debug!(name = %event.name, netns = theirs, "NIC event in another network namespace: ignored");
+                return;
+            }
+        }
+        let mac = event.key();
         if mac.is_empty() || event.name == "lo" {
             return;
         }
@@ -357,7 +378,10 @@ impl NicManager {
     }
 
     async fn apply(&mut self, mac: &str, input: &Input<'_>, event: Option<&NicEvent>) {
-        let name = event.map(|e| e.name.clone()).unwrap_or_default();
+        // A name-keyed policy means the name the NIC had (a returning NIC first registers under
+        // the kernel's fresh ethN, before anything renames it).
+        let known_name = self.nics.get(mac).and_then(|n| n.snapshot.as_ref()).map(|s| s.name.clone());
+        let name = known_name.or_else(|| event.map(|e| e.name.clone())).unwrap_or_default();
         let policy = self.config.policy_for(mac, &name).policy;
         let timeout = u64::try_from(self.config.return_timeout().as_nanos()).unwrap_or(u64::MAX);
         let state = self.nics.get(mac).map(|n| n.state.clone());
@@ -521,7 +545,11 @@ impl NicManager {
         let AttachResult { mac, ifindex, started_ns, requests, result } = result;
         let still_there = matches!(self.nics.get(&mac).map(|n| &n.state), Some(NicState::Present { ifindex: i, .. }) if *i == ifindex);
         if !still_there {
-            tracing::info!(%mac, "IMDS answered for a NIC that is gone again: nothing to configure");
+            tracing::info!(%mac, "IMDS answered for a NIC that is gone or was re-registered: not configuring it");
+            if let Some(attach) = self.nics.get_mut(&mac).and_then(|n| n.attach.as_mut()) {
+                attach.status = "abandoned".into();
+                attach.imds_requests = requests;
+            }
             return;
         }
         let outcome = match result {
@@ -587,6 +615,7 @@ fn is_configured_address(summary: &str) -> bool {
 /// A registration event for a NIC found present at start-up while its state said its driver was
 /// gone (it came back while the agent was not running).
 fn synthetic_return(snapshot: &NicSnapshot) -> NicEvent {
+    // `permanent_mac` carries the snapshot's key so that `NicEvent::key` gives it back.
     NicEvent {
         action: crate::classify::Action::Registration,
         cause: Cause::Unknown,
@@ -594,13 +623,14 @@ fn synthetic_return(snapshot: &NicSnapshot) -> NicEvent {
         ifindex: i32::try_from(snapshot.ifindex).unwrap_or(0),
         name: snapshot.name.clone(),
         mac: snapshot.mac.clone(),
-        permanent_mac: None,
+        permanent_mac: Some(snapshot.mac.clone()),
         bus: None,
         driver: None,
         module: None,
         context_module: None,
         task: None,
         timestamp_ns: monotonic_ns(),
+        netns: None,
     }
 }
 
@@ -639,6 +669,11 @@ pub fn config_changes() -> Result<impl Stream<Item = Option<u32>>, ManagerError>
                 RouteNetlinkMessage::NewRule(_) | RouteNetlinkMessage::DelRule(_) => Some(None),
                 _ => None,
             },
+            // The socket's buffer overflowed: notifications were lost, re-read every NIC.
+            NetlinkPayload::Overrun(_) => {
+                tracing::warn!("rtnetlink notifications lost (buffer overrun): re-reading every NIC");
+                Some(None)
+            }
             _ => None,
         }
     }))

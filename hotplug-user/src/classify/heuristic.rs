@@ -271,6 +271,7 @@ fn event(p: &Pending, cause: Cause, timestamp_ns: u64) -> NicEvent {
         context_module: None,
         task: None,
         timestamp_ns,
+        netns: None,
     }
 }
 

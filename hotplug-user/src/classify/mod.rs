@@ -110,6 +110,21 @@ pub struct NicEvent {
     pub task: Option<Task>,
     /// CLOCK_MONOTONIC nanoseconds of the kernel event (for heuristic events: when it was seen).
     pub timestamp_ns: u64,
+    /// Inode number of the NIC's network namespace, when the kernel reported it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<u32>,
+}
+
+/// The identity the agent keys a NIC by: its permanent MAC; without one, its current MAC for a
+/// device on a bus (drivers keep it across a reload); for a virtual link (VLAN, bond, bridge,
+/// veth: they borrow or invent MACs) its current MAC and name, so that it never takes a
+/// physical NIC's place.
+pub fn nic_key(permanent: Option<&str>, current: &str, name: &str, is_virtual: bool) -> String {
+    match permanent {
+        Some(permanent) => permanent.to_ascii_lowercase(),
+        None if is_virtual => format!("{}@{name}", current.to_ascii_lowercase()),
+        None => current.to_ascii_lowercase(),
+    }
 }
 
 /// `aa:bb:cc:dd:ee:ff` for the first `len` bytes.
@@ -123,6 +138,12 @@ fn non_empty(s: String) -> Option<String> {
 }
 
 impl NicEvent {
+    /// See [`nic_key`]. A device without bus and module whose "driver" is a link kind is virtual.
+    pub fn key(&self) -> String {
+        let is_virtual = self.bus.is_none() && self.module.is_none() && self.driver.is_some();
+        nic_key(self.permanent_mac.as_deref(), &self.mac, &self.name, is_virtual)
+    }
+
     /// The classified event for a kernel record.
     pub fn from_kernel(record: &NetdevEvent) -> Self {
         let action = if record.kind == EventKind::NetdevRemoval as u32 {
@@ -152,6 +173,7 @@ impl NicEvent {
                 comm: c_string(&record.task.comm),
             }),
             timestamp_ns: record.timestamp_ns,
+            netns: (record.netns != 0).then_some(record.netns),
         }
     }
 }
@@ -191,5 +213,16 @@ mod tests {
         assert_eq!(event.action, Action::Registration);
         assert_eq!(event.mac, "02:00:00:00:00:01", "the permanent MAC identifies the NIC");
         assert_eq!(event.cause.as_str(), "device-added");
+        assert_eq!(event.key(), "02:00:00:00:00:01");
+    }
+
+    #[test]
+    fn virtual_links_never_share_a_physical_nics_key() {
+        assert_eq!(
+            nic_key(Some("52:54:00:12:34:11"), "52:54:00:12:34:11", "eth1", false),
+            "52:54:00:12:34:11"
+        );
+        assert_eq!(nic_key(None, "52:54:00:12:34:11", "eth1", false), "52:54:00:12:34:11");
+        assert_eq!(nic_key(None, "52:54:00:12:34:11", "eth1.100", true), "52:54:00:12:34:11@eth1.100");
     }
 }

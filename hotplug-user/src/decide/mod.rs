@@ -151,6 +151,7 @@ mod tests {
             context_module: None,
             task: None,
             timestamp_ns: ts,
+            netns: None,
         }
     }
 

@@ -7,7 +7,7 @@ use std::{collections::HashMap, path::Path};
 
 use thiserror::Error;
 
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
 pub enum BtfError {
     #[error(
         "cannot read {path}: {message}. Kernel BTF (CONFIG_DEBUG_INFO_BTF) is needed to classify NIC events"

@@ -121,6 +121,14 @@ struct StructLayout {
     dev_addr_is_pointer: u32,
 }
 
+/// The offsets for the device's namespace, if this kernel's BTF has them.
+fn netns_layout(btf: &Btf) -> Option<Vec<(&'static str, u32)>> {
+    globals::NETNS_OFFSETS
+        .iter()
+        .map(|(global, strukt, path)| btf.member(strukt, path).ok().map(|m| (*global, m.offset)))
+        .collect()
+}
+
 fn struct_layout(btf: &Btf) -> Result<StructLayout, BtfError> {
     let mut offsets = Vec::new();
     let mut dev_addr_is_pointer = 1;
@@ -161,7 +169,13 @@ impl KernelProbes {
             (globals::MODULE_LOAD_NAME, offset("module", "module_load", "name")?),
             (globals::MODULE_FREE_NAME, offset("module", "module_free", "name")?),
         ];
-        let struct_layout = Btf::vmlinux().and_then(|btf| struct_layout(&btf));
+        let btf = Btf::vmlinux();
+        let struct_layout = btf.as_ref().map_err(Clone::clone).and_then(struct_layout);
+        let netns_layout = btf.as_ref().ok().and_then(netns_layout);
+        drop(btf);
+        if netns_layout.is_none() {
+            tracing::warn!("no namespace offsets in BTF: NIC events carry no namespace, other namespaces' NICs cannot be told apart");
+        }
         let kallsyms = Kallsyms::read().unwrap_or_else(|error| {
             tracing::warn!(%error, "cannot read /proc/kallsyms: no kprobe can be placed");
             Kallsyms::default()
@@ -186,6 +200,11 @@ impl KernelProbes {
             }
             loader.override_global(globals::NETDEV_DEV_ADDR_IS_POINTER, &layout.dev_addr_is_pointer, true);
         }
+        let netns_known = u32::from(netns_layout.is_some());
+        for (name, value) in netns_layout.iter().flatten() {
+            loader.override_global(name, value, true);
+        }
+        loader.override_global(globals::NETNS_KNOWN, &netns_known, true);
         let pci_bus_type = pci_bus_type.unwrap_or(0);
         loader.override_global(globals::PCI_BUS_TYPE, &pci_bus_type, true);
         let mut ebpf = loader.load(object)?;

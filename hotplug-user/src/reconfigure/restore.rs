@@ -47,9 +47,14 @@ impl Sender<'_> {
         }
     }
 
+    /// Link changes count every error, EEXIST included (a rename onto a taken name fails so).
     async fn set_link(&mut self, what: &str, message: LinkMessage) {
         let result = self.handle.link().set(message).execute().await;
-        self.outcome(what, result);
+        self.report.requests += 1;
+        self.report.last_ack_ns = crate::agent::monotonic_ns();
+        if let Err(error) = result {
+            self.report.errors.push(format!("{what}: {error}"));
+        }
     }
 }
 

@@ -51,7 +51,8 @@ pub struct Entry {
 /// A NIC's configuration at one moment.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NicSnapshot {
-    /// The NIC's identity: its permanent MAC, else its current one.
+    /// The NIC's identity (`classify::nic_key`): its permanent MAC; else its current one, with
+    /// its name for a virtual link.
     pub mac: String,
     pub ifindex: u32,
     pub name: String,
@@ -131,7 +132,7 @@ pub fn to_hex<M: Emitable>(message: &M) -> String {
 }
 
 fn from_hex(text: &str) -> Result<Vec<u8>, SnapshotError> {
-    if !text.len().is_multiple_of(2) {
+    if !text.is_ascii() || !text.len().is_multiple_of(2) {
         return Err(SnapshotError::Corrupt("odd hex length".into()));
     }
     (0..text.len())
@@ -303,12 +304,13 @@ pub fn rule_summary(message: &RuleMessage) -> String {
 }
 
 /// The link's settings: (name, mtu, up, altnames, permanent/current MAC).
-fn link_settings(link: &LinkMessage) -> (String, Option<u32>, bool, Vec<String>, Option<String>) {
+fn link_settings(link: &LinkMessage) -> (String, Option<u32>, bool, Vec<String>, String) {
     let mut name = String::new();
     let mut mtu = None;
     let mut altnames = Vec::new();
     let mut permanent = None;
-    let mut current = None;
+    let mut current = String::new();
+    let mut is_virtual = false;
     for attribute in &link.attributes {
         match attribute {
             LinkAttribute::IfName(n) => name.clone_from(n),
@@ -322,12 +324,21 @@ fn link_settings(link: &LinkMessage) -> (String, Option<u32>, bool, Vec<String>,
             LinkAttribute::PermAddress(a) if a.iter().any(|&b| b != 0) => {
                 permanent = Some(crate::classify::format_mac(a, a.len()));
             }
-            LinkAttribute::Address(a) => current = Some(crate::classify::format_mac(a, a.len())),
+            LinkAttribute::Address(a) => current = crate::classify::format_mac(a, a.len()),
+            LinkAttribute::LinkInfo(infos) => {
+                is_virtual |=
+                    infos.iter().any(|i| matches!(i, rtnetlink::packet_route::link::LinkInfo::Kind(_)));
+            }
             _ => {}
         }
     }
     let up = link.header.flags.contains(LinkFlags::Up);
-    (name, mtu, up, altnames, permanent.or(current))
+    let key = if current.is_empty() && permanent.is_none() {
+        String::new()
+    } else {
+        crate::classify::nic_key(permanent.as_deref(), &current, &name, is_virtual)
+    };
+    (name, mtu, up, altnames, key)
 }
 
 /// Reads the NIC with `ifindex` from the kernel. `tables_of_interest` are extra routing tables
@@ -390,7 +401,7 @@ pub async fn capture(handle: &Handle, ifindex: u32) -> Result<NicSnapshot, Snaps
         }
     }
     Ok(NicSnapshot {
-        mac: mac.unwrap_or_default(),
+        mac,
         ifindex,
         name,
         mtu,
@@ -464,6 +475,10 @@ mod tests {
         );
         assert_eq!(address_message(&entry)?, message);
         assert!(address_message(&Entry { summary: String::new(), message: "zz".into() }).is_err());
+        assert!(
+            address_message(&Entry { summary: String::new(), message: "aé".into() }).is_err(),
+            "no panic on non-ASCII"
+        );
         Ok(())
     }
 }

@@ -27,11 +27,18 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
 }
 
 impl Store {
-    /// Opens (creating, mode 0700) the state directory.
+    /// Opens the state directory, creating it with mode 0700 if missing. An existing directory's
+    /// mode is left as it is (it may be shared), but one that others may write to is refused.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
         fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io(dir))?;
-        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io(dir))?;
+        let mode = fs::metadata(dir).map_err(io(dir))?.permissions().mode();
+        if mode & 0o022 != 0 {
+            let source = std::io::Error::other(format!(
+                "mode {mode:o} lets other users write there; choose a root-only state_dir (e.g. /var/lib/hotplug)"
+            ));
+            return Err(StoreError::Io { path: dir.to_path_buf(), source });
+        }
         Ok(Self { dir: dir.to_path_buf() })
     }
 
