@@ -106,11 +106,6 @@ impl Default for Config {
     }
 }
 
-fn is_mac(key: &str) -> bool {
-    let parts: Vec<&str> = key.split(':').collect();
-    parts.len() == 6 && parts.iter().all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()))
-}
-
 impl Config {
     /// Loads `path`, or the defaults when `path` is `None`.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
@@ -178,7 +173,7 @@ impl Config {
         for (name, policy) in &self.interfaces {
             let key = format!("interfaces.\"{name}\"");
             let looks_like_mac = name.contains(':');
-            if looks_like_mac && !is_mac(name) {
+            if looks_like_mac && crate::imds::parse::mac("", name).is_err() {
                 return Err(invalid(
                     &key,
                     format!("{name:?}"),

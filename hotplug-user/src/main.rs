@@ -31,19 +31,13 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let config = match Config::load(cli.config.as_deref()) {
-        Ok(config) => config,
-        Err(error) => {
-            eprintln!("hotplug-agent: {error}");
-            return ExitCode::from(2);
-        }
-    };
+    // Only the commands that use the configuration read it: a broken file must not stop
+    // `events` or `features`, which an operator may need to diagnose the host.
+    let config = || Config::load(cli.config.as_deref());
     let result = runtime.block_on(async {
         match cli.command.unwrap_or(Command::Run) {
-            Command::Run => agent::run(config, cli.ring_bytes).await,
-            Command::Status { json } => {
-                agent::control::print_status(&config.socket, json).map_err(Into::into)
-            }
+            Command::Run => agent::run(config()?, cli.ring_bytes).await,
+            Command::Status { json } => Ok(agent::control::print_status(&config()?.socket, json)?),
             Command::Events { json } => agent::stream_events(json, cli.ring_bytes).await,
             Command::Features { json } => agent::print_features(json),
             Command::BpfStats { json } => agent::print_bpf_stats(json),

@@ -1,5 +1,5 @@
 #!/bin/sh
-# Lost kernel events are never silent: a stalled agent with a tiny ring reports the loss and resyncs.
+# Lost kernel events are never silent: a stalled reader reports the loss and resyncs; the agent restores.
 # kernels: bookworm
 . /opt/hotplug/scenarios/_lib.sh
 
@@ -27,4 +27,26 @@ check "resync lists the last link created" yes "$(echo "$resync" | grep -q '"nam
 check "resync lists the first link created" yes "$(echo "$resync" | grep -q '"name":"lo0"' && echo yes || echo no)"
 vmctl report delivered "$seen"
 vmctl report lost "$lost"
+# The agent proper, stalled while a driver reload's registration is lost in the overflow: after
+# the loss it resynchronises and still restores the NIC.
+for l in $(ip -o link show | sed -n 's/^[0-9]*: \(lo[0-9]*\)@.*/\1/p'); do ip link del "$l"; done
+printf 'state_dir = "/tmp/hotplug-state"\nsocket = "/run/hotplug/agent.sock"\n[imds]\nenabled = false\n' >/tmp/hotplug.toml
+ip link set eth0 up
+ip addr add 10.0.9.5/24 dev eth0
+hotplug-agent --config /tmp/hotplug.toml --ring-bytes 4096 run 2>/tmp/agent.log &
+AGENT_PID=$!
+wait_for_line /tmp/agent.log "agent ready" 60 || { cat /tmp/agent.log; fail "the agent did not start"; }
+sleep 0.5
+kill -STOP "$AGENT_PID"
+modprobe -r virtio_net
+i=0
+while [ $i -lt 20 ]; do ip link add lq$i type veth peer name lr$i; i=$((i + 1)); done
+modprobe virtio_net
+kill -CONT "$AGENT_PID"
+j=0
+while ! ip addr show dev eth0 2>/dev/null | grep -q 10.0.9.5 && [ $j -lt 100 ]; do sleep 0.1; j=$((j + 1)); done
+check "lost registration: restored after the resync" yes "$(ip addr show dev eth0 | grep -q 10.0.9.5 && echo yes || echo no)"
+check "the agent saw the loss" yes "$(grep -q 'kernel events lost' /tmp/agent.log && echo yes || echo no)"
+grep -E "registration lost|restored" /tmp/agent.log | tail -2
+stop_agent
 finish

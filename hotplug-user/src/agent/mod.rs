@@ -195,7 +195,7 @@ pub async fn run(config: Config, ring_bytes: u32) -> Result<(), AgentError> {
                     tracing::info!("{}", describe(&KernelEvent::Nic(nic.clone())));
                     manager.on_event(&nic).await;
                 }
-                KernelEvent::Resync { .. } => manager.note_change(None),
+                KernelEvent::Resync { links } => manager.resync(&links).await,
                 other => tracing::info!("{}", describe(&other)),
             },
             Some(change) = changes.next() => manager.note_change(change),

@@ -101,6 +101,21 @@ pub struct Managed {
     history: VecDeque<NicSnapshot>,
 }
 
+impl Managed {
+    fn new(mac: &str, state: NicState) -> Self {
+        Self {
+            mac: mac.to_owned(),
+            state,
+            snapshot: None,
+            last_event: None,
+            last_restore: None,
+            attach: None,
+            configured_rules: Vec::new(),
+            history: VecDeque::new(),
+        }
+    }
+}
+
 /// What `hotplug-agent status` shows for a NIC.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct NicStatus {
@@ -193,15 +208,11 @@ impl NicManager {
                         let event = synthetic_return(&snapshot);
                         manager.on_event(&event).await;
                     } else {
-                        let nic = manager.nics.entry(mac.clone()).or_insert_with(|| Managed {
-                            mac: mac.clone(),
-                            state: NicState::Present { ifindex: link.ifindex, name: snapshot.name.clone() },
-                            snapshot: None,
-                            last_event: None,
-                            last_restore: None,
-                            attach: None,
-                            configured_rules: Vec::new(),
-                            history: VecDeque::new(),
+                        let nic = manager.nics.entry(mac.clone()).or_insert_with(|| {
+                            Managed::new(
+                                &mac,
+                                NicState::Present { ifindex: link.ifindex, name: snapshot.name.clone() },
+                            )
                         });
                         nic.state = NicState::Present { ifindex: link.ifindex, name: snapshot.name.clone() };
                         nic.history.push_back(snapshot.clone());
@@ -280,6 +291,42 @@ impl NicManager {
         if let Err(error) = result {
             tracing::error!(%error, "cannot persist NIC state");
         }
+    }
+
+    /// After lost kernel events: a NIC whose driver had left and that is registered again by now
+    /// lost its registration event; restore it as if it had come. Every NIC is re-read.
+    /// (A lost removal cannot be told apart from a NIC that is still there: it stays `present`.)
+    pub async fn resync(&mut self, links: &[rtnl::LinkSnapshot]) {
+        for link in links {
+            let key = crate::classify::nic_key(
+                link.permanent_mac.as_deref(),
+                link.mac.as_deref().unwrap_or_default(),
+                &link.name,
+                link.kind.is_some(),
+            );
+            let waiting = matches!(self.nics.get(&key).map(|n| &n.state), Some(NicState::DriverGone { .. }));
+            if waiting {
+                tracing::warn!(mac = %key, ifindex = link.ifindex, "registration lost with the kernel events: restoring now");
+                let event = NicEvent {
+                    action: crate::classify::Action::Registration,
+                    cause: Cause::Unknown,
+                    source: Source::Heuristic,
+                    ifindex: i32::try_from(link.ifindex).unwrap_or(0),
+                    name: link.name.clone(),
+                    mac: key.clone(),
+                    permanent_mac: Some(key.clone()),
+                    bus: None,
+                    driver: None,
+                    module: None,
+                    context_module: None,
+                    task: None,
+                    timestamp_ns: monotonic_ns(),
+                    netns: None,
+                };
+                self.on_event(&event).await;
+            }
+        }
+        self.note_change(None);
     }
 
     /// Notes a configuration change of `ifindex` (`None`: could concern any NIC, e.g. a rule).
@@ -390,16 +437,7 @@ impl NicManager {
             return;
         }
         let Some(next) = transition.next else { return };
-        let nic = self.nics.entry(mac.to_owned()).or_insert_with(|| Managed {
-            mac: mac.to_owned(),
-            state: next.clone(),
-            snapshot: None,
-            last_event: None,
-            last_restore: None,
-            attach: None,
-            configured_rules: Vec::new(),
-            history: VecDeque::new(),
-        });
+        let nic = self.nics.entry(mac.to_owned()).or_insert_with(|| Managed::new(mac, next.clone()));
         if let Some(NicState::Present { ifindex, .. }) = &state {
             if !matches!(next, NicState::Present { .. }) {
                 self.by_ifindex.remove(ifindex);
