@@ -37,6 +37,8 @@ use crate::{
 const DEBOUNCE: Duration = Duration::from_millis(50);
 /// Snapshots kept per NIC (the one to restore is chosen by time among them).
 const HISTORY: usize = 8;
+/// NICs that left for good kept in memory for `status`.
+const REMOVED_KEPT: usize = 64;
 /// A notification more than this long after the previous one starts a new burst (degraded mode
 /// holds the snapshot from before the burst that ended in the NIC's removal).
 const BURST_GAP_NS: u64 = 1_000_000_000;
@@ -452,6 +454,30 @@ impl NicManager {
             self.act(mac, action, event).await;
         }
         self.persist(mac);
+        self.forget_old_removals();
+    }
+
+    /// Keeps the memory of NICs that left for good bounded (hosts that churn links, containers):
+    /// the newest [`REMOVED_KEPT`] stay visible in `status`, older ones are forgotten.
+    fn forget_old_removals(&mut self) {
+        let mut removed: Vec<(u64, String)> = self
+            .nics
+            .iter()
+            .filter_map(|(mac, n)| match n.state {
+                NicState::Removed { since_ns, .. } => Some((since_ns, mac.clone())),
+                _ => None,
+            })
+            .collect();
+        if removed.len() <= REMOVED_KEPT {
+            return;
+        }
+        removed.sort_unstable();
+        for (_, mac) in &removed[..removed.len() - REMOVED_KEPT] {
+            self.nics.remove(mac);
+        }
+        // Burst records only matter for links that still exist.
+        let live: HashSet<u32> = self.by_ifindex.keys().copied().collect();
+        self.bursts.retain(|ifindex, _| live.contains(ifindex));
     }
 
     async fn act(&mut self, mac: &str, action: Action, event: Option<&NicEvent>) {
