@@ -134,6 +134,13 @@ impl Startup {
     }
 }
 
+impl Startup {
+    /// The first line of `events --json` and the body of `features --json`.
+    fn header(&self) -> StreamHeader<'_> {
+        StreamHeader { kind: "agent", features: &self.features, mode: &self.mode }
+    }
+}
+
 /// Resolves when SIGINT or SIGTERM arrives.
 async fn shutdown_signal() -> Result<&'static str, AgentError> {
     use tokio::signal::unix::{signal, SignalKind};
@@ -209,7 +216,8 @@ pub async fn run(config: Config, ring_bytes: u32) -> Result<(), AgentError> {
     }
 }
 
-async fn sleep_until(when: Option<tokio::time::Instant>) {
+/// Sleeps until `when`, or forever when there is nothing to wait for (a `select!` arm).
+pub(crate) async fn sleep_until(when: Option<tokio::time::Instant>) {
     match when {
         Some(when) => tokio::time::sleep_until(when).await,
         None => std::future::pending().await,
@@ -232,7 +240,7 @@ pub async fn stream_events(json: bool, ring_bytes: u32) -> Result<(), AgentError
     startup.announce();
     let mut out = std::io::stdout().lock();
     if json {
-        let header = StreamHeader { kind: "agent", features: &startup.features, mode: &startup.mode };
+        let header = startup.header();
         writeln!(out, "{}", serde_json::to_string(&header)?).map_err(AgentError::Output)?;
     }
     out.flush().map_err(AgentError::Output)?;
@@ -315,7 +323,7 @@ pub fn print_features(json: bool) -> Result<(), AgentError> {
     let startup = Startup::probe(hotplug_common::EVENT_RING_BYTES);
     let mut out = std::io::stdout().lock();
     if json {
-        let header = StreamHeader { kind: "agent", features: &startup.features, mode: &startup.mode };
+        let header = startup.header();
         writeln!(out, "{}", serde_json::to_string_pretty(&header)?).map_err(AgentError::Output)?;
     } else {
         writeln!(out, "{}", startup.features).map_err(AgentError::Output)?;

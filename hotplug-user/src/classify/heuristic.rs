@@ -298,20 +298,13 @@ pub async fn run(tx: mpsc::Sender<KernelEvent>) -> Result<(), RtnlError> {
         tokio::select! {
             Some(change) = links.next() => heuristic.on_link(change, &view, Instant::now()),
             Some(event) = uevents.next() => heuristic.on_uevent(event, Instant::now()),
-            () = sleep_until(next_due) => {}
+            () = crate::agent::sleep_until(next_due.map(Into::into)) => {}
         }
         for event in heuristic.take_due(&view, Instant::now(), crate::agent::monotonic_ns()) {
             if tx.send(KernelEvent::Nic(event)).await.is_err() {
                 return Ok(());
             }
         }
-    }
-}
-
-async fn sleep_until(due: Option<Instant>) {
-    match due {
-        Some(due) => tokio::time::sleep_until(due.into()).await,
-        None => std::future::pending().await,
     }
 }
 
