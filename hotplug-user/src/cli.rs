@@ -1,5 +1,8 @@
 //! Command-line interface of `hotplug-agent`.
-use clap::{Parser, Subcommand};
+//!
+//! Self-contained (clap and `hotplug-common` only): `cargo xtask package` includes this file to
+//! generate the man page and shell completions from the same definitions.
+use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -11,7 +14,12 @@ pub struct Cli {
     /// Log filter (tracing's EnvFilter syntax), e.g. `debug` or `hotplug=trace`. RUST_LOG, when set, wins.
     #[arg(long, global = true, default_value = "info")]
     pub log: String,
-    /// Configuration file (TOML); without one, defaults apply.
+    /// How logs are written: `journald` (native journal entries with structured fields, e.g.
+    /// `HOTPLUG_MAC`), `json` (one object per line on stderr, for log shippers), `text` (stderr),
+    /// or `auto`: journald when stderr is connected to the journal (a systemd service), else text.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Auto)]
+    pub log_format: LogFormat,
+    /// Configuration file (TOML); without one, defaults apply. `run` re-reads it on SIGHUP.
     #[arg(long, global = true)]
     pub config: Option<std::path::PathBuf>,
     /// Size of the kernel-to-agent ring buffer in bytes: a power of two, at least one page.
@@ -19,6 +27,14 @@ pub struct Cli {
     pub ring_bytes: u32,
     #[command(subcommand)]
     pub command: Option<Command>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Auto,
+    Text,
+    Json,
+    Journald,
 }
 
 fn parse_ring_bytes(value: &str) -> Result<u32, String> {
@@ -31,7 +47,7 @@ fn parse_ring_bytes(value: &str) -> Result<u32, String> {
 
 #[derive(Subcommand, Debug, Clone, Copy)]
 pub enum Command {
-    /// Run the agent (the default).
+    /// Run the agent (the default). SIGHUP re-reads the configuration; SIGTERM stops it.
     Run,
     /// Stream kernel events as they happen, one per line.
     Events {

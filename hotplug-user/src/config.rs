@@ -292,4 +292,27 @@ mod tests {
             }
         }
     }
+
+    /// The file the packages install and the hotplug.toml(5) page describe the configuration the
+    /// code reads: the file (all commented out) gives the defaults, and both name every key.
+    #[test]
+    fn the_packaged_file_and_the_man_page_name_every_key() -> Result<(), Box<dyn std::error::Error>> {
+        let packaged = include_str!("../packaging/hotplug.toml");
+        let man = include_str!("../../docs/hotplug.toml.5");
+        assert_eq!(parse(packaged)?, Config::default());
+        let defaults: toml::Table = toml::from_str(&toml::to_string(&Config::default())?)?;
+        let mut keys: Vec<String> = Vec::new();
+        for (key, value) in &defaults {
+            match value.as_table() {
+                Some(table) => keys.extend(table.keys().cloned()),
+                None => keys.push(key.clone()),
+            }
+        }
+        keys.extend(["policy".to_owned(), "command".to_owned()]);
+        for key in keys {
+            assert!(packaged.contains(&format!("#{key} = ")), "{key} is not in packaging/hotplug.toml");
+            assert!(man.contains(&format!(".BR {key} ")), "{key} is not in docs/hotplug.toml.5");
+        }
+        Ok(())
+    }
 }

@@ -4,26 +4,19 @@ use std::process::ExitCode;
 use clap::Parser as _;
 use hotplug::{
     agent,
-    cli::{Cli, Command},
+    cli::{Cli, Command, LogFormat},
     config::Config,
 };
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::{layer::SubscriberExt as _, util::SubscriberInitExt as _, EnvFilter};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = EnvFilter::try_from_default_env().or_else(|_| EnvFilter::try_new(&cli.log));
-    let filter = match filter {
-        Ok(filter) => filter,
-        Err(error) => {
-            eprintln!("hotplug-agent: bad --log filter {:?}: {error}", cli.log);
-            return ExitCode::from(2);
-        }
-    };
-    // Logs go to stderr so that `events` output on stdout stays machine-readable.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
-    // aya and aya-log log through the `log` crate; `init` bridges it (feature `tracing-log`).
-
+    if let Err(message) = init_logging(&cli) {
+        eprintln!("hotplug-agent: {message}");
+        return ExitCode::from(2);
+    }
+    // Before the runtime: the notify protocol's environment is read while no other thread exists.
+    let notifier = agent::service::Notifier::from_env();
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -36,7 +29,7 @@ fn main() -> ExitCode {
     let config = || Config::load(cli.config.as_deref());
     let result = runtime.block_on(async {
         match cli.command.unwrap_or(Command::Run) {
-            Command::Run => agent::run(config()?, cli.ring_bytes).await,
+            Command::Run => agent::run(cli.config.clone(), config()?, cli.ring_bytes, notifier).await,
             Command::Status { json } => Ok(agent::control::print_status(&config()?.socket, json)?),
             Command::Events { json } => agent::stream_events(json, cli.ring_bytes).await,
             Command::Features { json } => agent::print_features(json),
@@ -46,8 +39,77 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("hotplug-agent: {error}");
+            // As a plain line for people at a terminal; as a log entry where logs are structured.
+            match effective_format(cli.log_format) {
+                LogFormat::Text | LogFormat::Auto => eprintln!("hotplug-agent: {error}"),
+                LogFormat::Json | LogFormat::Journald => tracing::error!("{error}"),
+            }
             ExitCode::FAILURE
         }
     }
+}
+
+/// `auto` means journald when stderr is the journal (systemd sets `JOURNAL_STREAM` to the
+/// device and inode of the stream it connected), else text.
+fn effective_format(format: LogFormat) -> LogFormat {
+    match format {
+        LogFormat::Auto if stderr_is_journal() => LogFormat::Journald,
+        LogFormat::Auto => LogFormat::Text,
+        other => other,
+    }
+}
+
+fn stderr_is_journal() -> bool {
+    use std::os::{fd::AsFd as _, unix::fs::MetadataExt as _};
+    let Some(stream) = std::env::var_os("JOURNAL_STREAM") else { return false };
+    let Ok(fd) = std::io::stderr().as_fd().try_clone_to_owned() else { return false };
+    let Ok(meta) = std::fs::File::from(fd).metadata() else { return false };
+    stream.to_string_lossy() == format!("{}:{}", meta.dev(), meta.ino())
+}
+
+fn init_logging(cli: &Cli) -> Result<(), String> {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&cli.log))
+        .map_err(|error| format!("bad --log filter {:?}: {error}", cli.log))?;
+    // Logs go to stderr so that `events` output on stdout stays machine-readable. aya and aya-log
+    // log through the `log` crate; `init` bridges it (feature `tracing-log`).
+    let registry = tracing_subscriber::registry().with(filter);
+    match effective_format(cli.log_format) {
+        LogFormat::Journald => {
+            let layer = tracing_journald::layer()
+                .map_err(|error| format!("--log-format journald: cannot reach journald ({error})"))?
+                .with_field_prefix(Some("HOTPLUG".into()))
+                .with_syslog_identifier("hotplug-agent".into())
+                .with_priority_mappings(priorities());
+            registry.with(layer).try_init()
+        }
+        LogFormat::Json => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_current_span(false)
+                    .with_span_list(false)
+                    .with_writer(std::io::stderr),
+            )
+            .try_init(),
+        LogFormat::Text | LogFormat::Auto => {
+            let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            registry
+                .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi))
+                .try_init()
+        }
+    }
+    .map_err(|error| format!("cannot set up logging: {error}"))
+}
+
+/// syslog priorities: errors 3, warnings 4, the agent's normal account of events 6 (info), debug
+/// and trace 7 (tracing-journald's default would put every info line at notice).
+fn priorities() -> tracing_journald::PriorityMappings {
+    use tracing_journald::Priority;
+    let mut mappings = tracing_journald::PriorityMappings::new();
+    mappings.info = Priority::Informational;
+    mappings.debug = Priority::Debug;
+    mappings.trace = Priority::Debug;
+    mappings
 }

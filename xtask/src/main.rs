@@ -7,6 +7,7 @@ mod build;
 mod cmd;
 mod initramfs;
 mod kernels;
+mod package;
 mod qmp;
 mod run;
 mod setup;
@@ -30,6 +31,8 @@ enum Command {
     Setup(setup::SetupArgs),
     /// Build the agent with its eBPF object (and the guest-side tools).
     Build(build::BuildArgs),
+    /// Write the .deb and .rpm (with man pages and completions) under target/package/.
+    Package(package::PackageArgs),
     /// Build and start the agent on this host, as root. Ctrl-C stops it.
     Run(run::RunArgs),
     /// Everything CI checks: fmt, clippy, unit and host tests, every VM scenario.
@@ -43,6 +46,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Setup(args) => setup::run(&args).map(|_| ExitCode::SUCCESS),
         Command::Build(args) => build::run(&args).map(|_| ExitCode::SUCCESS),
+        Command::Package(args) => package::run(&args).map(|()| ExitCode::SUCCESS),
         Command::Run(args) => run::run(&args),
         Command::Test(args) => test::run(&args),
         Command::Vm(args) => vm::run(&args),

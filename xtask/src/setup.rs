@@ -18,6 +18,14 @@ use crate::{cmd, kernels};
 pub const DEBIAN_PACKAGES: &[&str] =
     &["qemu-system-x86", "busybox-static", "cpio", "kmod", "xz-utils", "zstd", "socat", "iproute2"];
 
+/// Debian packages for `cargo xtask package` and its checks: lintian for the .deb, rpm for
+/// `rpm -qlp`, binutils for what the binary links against.
+pub const PACKAGING_PACKAGES: &[&str] = &["lintian", "rpm", "binutils", "gzip"];
+
+/// Cargo subcommands that write the packages (versions pinned: both build with this toolchain).
+const CARGO_TOOLS: &[(&str, &str, &str)] =
+    &[("cargo-deb", "3.8.0", "cargo-deb"), ("cargo-generate-rpm", "0.21.1", "cargo-generate-rpm")];
+
 /// The bpf-linker release that matches aya 0.14's object format.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -149,6 +157,29 @@ fn ensure_bpf_linker() -> Result<()> {
             .args(["--no-default-features", "--features", &format!("llvm-{major}")]),
     )
     .context("building bpf-linker failed")
+}
+
+/// cargo-deb and cargo-generate-rpm at their pinned versions, and the Debian tools the package
+/// checks use.
+pub fn ensure_packaging_tools() -> Result<()> {
+    ensure_debian_packages(PACKAGING_PACKAGES)?;
+    for (crate_name, version, binary) in CARGO_TOOLS {
+        let installed = cmd::which(binary)
+            .and_then(|path| cmd::output(Command::new(path).arg("--version")).ok())
+            .is_some_and(|v| v.split_whitespace().any(|w| w == *version));
+        if installed {
+            continue;
+        }
+        eprintln!("setup: installing {crate_name} {version} (cargo install --locked, about a minute)");
+        cmd::run(Command::new("cargo").env_remove("RUSTUP_TOOLCHAIN").args([
+            "install",
+            "--locked",
+            "--force",
+            &format!("{crate_name}@{version}"),
+        ]))
+        .with_context(|| format!("cargo install {crate_name} failed"))?;
+    }
+    Ok(())
 }
 
 fn is_installed(package: &str) -> bool {

@@ -1,6 +1,9 @@
 //! The running agent: probes the kernel, attaches what it can, says which mode it runs in, and
 //! moves kernel events to their consumers until it is told to stop.
-use std::io::Write as _;
+use std::{
+    io::Write as _,
+    path::{Path, PathBuf},
+};
 
 use serde::Serialize;
 use thiserror::Error;
@@ -8,6 +11,7 @@ use tokio::sync::mpsc;
 
 pub mod control;
 pub mod nics;
+pub mod service;
 
 use futures::StreamExt as _;
 
@@ -152,6 +156,16 @@ async fn shutdown_signal() -> Result<&'static str, AgentError> {
     })
 }
 
+/// Ticks every `period`, or never (a `select!` arm for the watchdog).
+async fn tick(interval: Option<&mut tokio::time::Interval>) {
+    match interval {
+        Some(interval) => {
+            interval.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -177,7 +191,16 @@ mod tests {
 
 /// `hotplug-agent run`: the agent proper. Kernel events go through the NIC manager, which holds
 /// a NIC's snapshot when its driver leaves and restores it when the driver registers it again.
-pub async fn run(config: Config, ring_bytes: u32) -> Result<(), AgentError> {
+/// SIGHUP re-reads `config_path`; a file that does not validate is refused and the running
+/// configuration kept.
+pub async fn run(
+    config_path: Option<PathBuf>,
+    config: Config,
+    ring_bytes: u32,
+    notifier: service::Notifier,
+) -> Result<(), AgentError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangup = signal(SignalKind::hangup()).map_err(AgentError::Signals)?;
     let mut startup = Startup::probe(ring_bytes);
     startup.announce();
     // Watch configuration changes before reading the NICs, so that no change falls between.
@@ -185,8 +208,16 @@ pub async fn run(config: Config, ring_bytes: u32) -> Result<(), AgentError> {
     tokio::pin!(changes);
     let (mut manager, mut attach_results) = nics::NicManager::start(config.clone()).await?;
     let listener = control::bind(&config.socket)?;
-    tracing::info!(socket = %config.socket.display(), state = %config.state_dir.display(), "agent ready");
     let mut events = startup.events();
+    let status = service_status(&startup.mode, manager.nic_count());
+    tracing::info!(socket = %config.socket.display(), state = %config.state_dir.display(), "agent ready: {status}");
+    notifier.ready(&status);
+    // The watchdog is fed from this loop: if the loop stops turning, systemd restarts the agent.
+    let mut watchdog = notifier.watchdog_period().map(|period| {
+        let mut interval = tokio::time::interval(period);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        interval
+    });
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
     loop {
@@ -194,12 +225,29 @@ pub async fn run(config: Config, ring_bytes: u32) -> Result<(), AgentError> {
         tokio::select! {
             signal = &mut shutdown => {
                 tracing::info!("{}: stopping", signal?);
+                notifier.stopping();
                 let _ = std::fs::remove_file(&config.socket);
                 return Ok(());
             }
+            () = tick(watchdog.as_mut()) => notifier.watchdog(),
+            Some(()) = hangup.recv() => {
+                notifier.reloading();
+                reload(config_path.as_deref(), &mut manager);
+                notifier.ready(&service_status(&startup.mode, manager.nic_count()));
+            }
             Some(event) = events.recv() => match event {
                 KernelEvent::Nic(nic) => {
-                    tracing::info!("{}", describe(&KernelEvent::Nic(nic.clone())));
+                    let key = nic.key();
+                    tracing::info!(
+                        mac = %key,
+                        interface = %nic.name,
+                        ifindex = nic.ifindex,
+                        cause = nic.cause.as_str(),
+                        action = nic.action.as_str(),
+                        source = nic.source.as_str(),
+                        "{}",
+                        describe(&KernelEvent::Nic(nic.clone()))
+                    );
                     manager.on_event(&nic).await;
                 }
                 KernelEvent::Resync { links } => manager.resync(&links).await,
@@ -212,6 +260,37 @@ pub async fn run(config: Config, ring_bytes: u32) -> Result<(), AgentError> {
                 // Written by a task of its own: a stalled client cannot stall the agent.
                 tokio::spawn(control::respond(stream, manager.status()));
             }
+        }
+    }
+}
+
+/// `STATUS=` for the service manager: the mode, and how many NICs are managed.
+fn service_status(mode: &Mode, nics: usize) -> String {
+    match mode {
+        Mode::Full => format!("full mode (kernel hooks attached), {nics} NICs"),
+        Mode::Degraded(reasons) => format!(
+            "DEGRADED mode ({} reasons, first: {}), {nics} NICs",
+            reasons.len(),
+            reasons.first().map_or("", String::as_str)
+        ),
+    }
+}
+
+/// SIGHUP: re-reads the configuration file. Nothing changes unless the whole file validates.
+fn reload(path: Option<&Path>, manager: &mut nics::NicManager) {
+    let Some(path) = path else {
+        tracing::warn!("SIGHUP: the agent was started without --config; nothing to re-read");
+        return;
+    };
+    match Config::load(Some(path)) {
+        Ok(config) => {
+            for kept in manager.reconfigure(config) {
+                tracing::warn!("configuration reloaded, but {kept}");
+            }
+            tracing::info!(config = %path.display(), "configuration reloaded");
+        }
+        Err(error) => {
+            tracing::error!(config = %path.display(), "configuration reload refused, the running configuration stays: {error}");
         }
     }
 }

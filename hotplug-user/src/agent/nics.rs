@@ -157,17 +157,7 @@ impl NicManager {
         let store = Store::open(&config.state_dir)?;
         let (connection, handle, _) = rtnetlink::new_connection()?;
         tokio::spawn(connection);
-        let imds = if config.imds.enabled {
-            match ImdsClient::new(&config.imds) {
-                Ok(client) => Some(Arc::new(client)),
-                Err(error) => {
-                    tracing::error!(%error, "IMDS unusable: real attaches will not be configured");
-                    None
-                }
-            }
-        } else {
-            None
-        };
+        let imds = imds_client(&config);
         let (attach_tx, attach_rx) = mpsc::channel(64);
         let own_netns = std::fs::metadata("/proc/self/ns/net")
             .ok()
@@ -281,6 +271,40 @@ impl NicManager {
             }
         }
         Ok((manager, attach_rx))
+    }
+
+    /// How many NICs the agent manages (present or expected back).
+    pub fn nic_count(&self) -> usize {
+        self.nics.values().filter(|n| !matches!(n.state, NicState::Removed { .. })).count()
+    }
+
+    /// Takes a reloaded configuration (already validated). Where the state directory and the
+    /// socket live cannot change under a running agent: those keep their values, and the returned
+    /// lines say so.
+    pub fn reconfigure(&mut self, mut config: Config) -> Vec<String> {
+        let mut kept = Vec::new();
+        if config.state_dir != self.config.state_dir {
+            kept.push(format!(
+                "state_dir stays {} until the agent restarts (the file says {})",
+                self.config.state_dir.display(),
+                config.state_dir.display()
+            ));
+            config.state_dir.clone_from(&self.config.state_dir);
+        }
+        if config.socket != self.config.socket {
+            kept.push(format!(
+                "socket stays {} until the agent restarts (the file says {})",
+                self.config.socket.display(),
+                config.socket.display()
+            ));
+            config.socket.clone_from(&self.config.socket);
+        }
+        if config.imds != self.config.imds {
+            // Attaches under way keep the client they started with.
+            self.imds = imds_client(&config);
+        }
+        self.config = config;
+        kept
     }
 
     /// Saves a NIC's state; a NIC that left for good leaves no state file behind.
@@ -502,27 +526,27 @@ impl NicManager {
                     .cloned();
                 match candidate {
                     Some(snapshot) => {
-                        tracing::info!(%mac, "driver left: holding {}", snapshot.summary_line());
+                        tracing::info!(%mac, interface = %snapshot.name, action = "hold", "driver left: holding {}", snapshot.summary_line());
                         nic.snapshot = Some(snapshot);
                     }
                     None => {
-                        tracing::warn!(%mac, "driver left, but no snapshot from before it: nothing to restore")
+                        tracing::warn!(%mac, action = "hold", "driver left, but no snapshot from before it: nothing to restore")
                     }
                 }
                 nic.history.clear();
             }
             Action::Restore { ifindex } => {
                 let Some(want) = self.nics.get(mac).and_then(|n| n.snapshot.clone()) else {
-                    tracing::warn!(%mac, "NIC is back but there is no snapshot to restore");
+                    tracing::warn!(%mac, ifindex, action = "restore", "NIC is back but there is no snapshot to restore");
                     return;
                 };
                 let report = restore::restore(&self.handle, &want, ifindex).await;
                 let registered_ns = event.map_or(report.last_ack_ns, |e| e.timestamp_ns);
                 let latency_us = report.last_ack_ns.saturating_sub(registered_ns) / 1000;
                 if report.errors.is_empty() && report.differences.is_empty() {
-                    tracing::info!(%mac, ifindex, latency_us, requests = report.requests, "restored {}", want.summary_line());
+                    tracing::info!(%mac, interface = %want.name, ifindex, action = "restore", latency_us, requests = report.requests, "restored {}", want.summary_line());
                 } else {
-                    tracing::warn!(%mac, ifindex, latency_us, errors = ?report.errors, differences = ?report.differences, "restore incomplete");
+                    tracing::warn!(%mac, interface = %want.name, ifindex, action = "restore", latency_us, errors = ?report.errors, differences = ?report.differences, "restore incomplete");
                 }
                 if let Some(nic) = self.nics.get_mut(mac) {
                     nic.last_restore = Some(RestoreOutcome {
@@ -537,8 +561,12 @@ impl NicManager {
                 let command = self.config.policy_for(mac, event.map_or("", |e| e.name.as_str())).command;
                 if let (Some(event), false) = (event, command.is_empty()) {
                     match command::run(&command, event, phase).await {
-                        Ok(status) => tracing::info!(%mac, phase, %status, "policy command ran"),
-                        Err(error) => tracing::error!(%mac, phase, %error, "policy command failed to start"),
+                        Ok(status) => {
+                            tracing::info!(%mac, action = "command", phase, %status, "policy command ran")
+                        }
+                        Err(error) => {
+                            tracing::error!(%mac, action = "command", phase, %error, "policy command failed to start")
+                        }
                     }
                 }
             }
@@ -550,9 +578,9 @@ impl NicManager {
                 nic.history.clear();
                 let errors = attach::detach(&self.handle, &rules).await;
                 if errors.is_empty() {
-                    tracing::info!(%mac, rules = rules.len(), "NIC left for good: {reason}; removed the rules the agent had added");
+                    tracing::info!(%mac, action = "detach", rules = rules.len(), "NIC left for good: {reason}; removed the rules the agent had added");
                 } else {
-                    tracing::warn!(%mac, ?errors, "NIC left for good: {reason}; cleanup incomplete");
+                    tracing::warn!(%mac, action = "detach", ?errors, "NIC left for good: {reason}; cleanup incomplete");
                 }
             }
             Action::Attach { ifindex } => {
@@ -575,7 +603,7 @@ impl NicManager {
     fn start_attach(&mut self, mac: &str, ifindex: u32, event: Option<&NicEvent>, deadline: Duration) {
         let Some(nic) = self.nics.get_mut(mac) else { return };
         let Some(imds) = self.imds.clone() else {
-            tracing::warn!(%mac, "NIC attached, but IMDS is disabled or unusable: not configuring it");
+            tracing::warn!(%mac, action = "attach", "NIC attached, but IMDS is disabled or unusable: not configuring it");
             nic.attach = Some(AttachOutcome {
                 status: "failed".into(),
                 latency_ms: None,
@@ -592,7 +620,7 @@ impl NicManager {
             table: None,
             errors: Vec::new(),
         });
-        tracing::info!(%mac, ifindex, "NIC attached: asking IMDS for it");
+        tracing::info!(%mac, ifindex, action = "attach", "NIC attached: asking IMDS for it");
         let started_ns = event.map_or_else(monotonic_ns, |e| e.timestamp_ns);
         let tx = self.attach_tx.clone();
         let mac = mac.to_owned();
@@ -609,7 +637,7 @@ impl NicManager {
         let AttachResult { mac, ifindex, started_ns, requests, result } = result;
         let still_there = matches!(self.nics.get(&mac).map(|n| &n.state), Some(NicState::Present { ifindex: i, .. }) if *i == ifindex);
         if !still_there {
-            tracing::info!(%mac, "IMDS answered for a NIC that is gone or was re-registered: not configuring it");
+            tracing::info!(%mac, action = "attach", "IMDS answered for a NIC that is gone or was re-registered: not configuring it");
             if let Some(attach) = self.nics.get_mut(&mac).and_then(|n| n.attach.as_mut()) {
                 attach.status = "abandoned".into();
                 attach.imds_requests = requests;
@@ -620,7 +648,7 @@ impl NicManager {
             Ok(metadata) => {
                 let report = attach::configure(&self.handle, ifindex, &metadata).await;
                 let latency_ms = monotonic_ns().saturating_sub(started_ns) / 1_000_000;
-                tracing::info!(%mac, ifindex, latency_ms, imds_requests = requests, table = ?report.table, errors = ?report.errors, "attached NIC configured from IMDS");
+                tracing::info!(%mac, ifindex, action = "attach", latency_ms, imds_requests = requests, table = ?report.table, errors = ?report.errors, "attached NIC configured from IMDS");
                 if let Some(nic) = self.nics.get_mut(&mac) {
                     nic.configured_rules = report.rules;
                 }
@@ -633,7 +661,7 @@ impl NicManager {
                 }
             }
             Err(error) => {
-                tracing::error!(%mac, %error, "attached NIC not configured");
+                tracing::error!(%mac, action = "attach", %error, "attached NIC not configured");
                 AttachOutcome {
                     status: "failed".into(),
                     latency_ms: None,
@@ -668,6 +696,20 @@ impl NicManager {
             .collect();
         nics.sort_by(|a, b| a.mac.cmp(&b.mac));
         nics
+    }
+}
+
+/// The IMDS client the configuration asks for, if any.
+fn imds_client(config: &Config) -> Option<Arc<ImdsClient>> {
+    if !config.imds.enabled {
+        return None;
+    }
+    match ImdsClient::new(&config.imds) {
+        Ok(client) => Some(Arc::new(client)),
+        Err(error) => {
+            tracing::error!(%error, "IMDS unusable: real attaches will not be configured");
+            None
+        }
     }
 }
 

@@ -73,6 +73,15 @@ pub enum Action {
     Registration,
 }
 
+impl Action {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Removal => "removal",
+            Self::Registration => "registration",
+        }
+    }
+}
+
 /// Who decided the cause.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -81,6 +90,15 @@ pub enum Source {
     Kernel,
     /// Degraded mode's inference from rtnetlink, sysfs and module state after the fact.
     Heuristic,
+}
+
+impl Source {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Kernel => "kernel",
+            Self::Heuristic => "heuristic",
+        }
+    }
 }
 
 /// A NIC removal or registration with its cause.

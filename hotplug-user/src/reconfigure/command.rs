@@ -10,7 +10,10 @@ pub async fn run(argv: &[String], event: &NicEvent, phase: &str) -> Result<Strin
         return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "empty command"));
     };
     let mut command = tokio::process::Command::new(program);
+    // Nothing of the agent's environment (systemd's notify socket, credentials) reaches the hook.
     command
+        .env_clear()
+        .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
         .args(args)
         .env("HOTPLUG_PHASE", phase)
         .env("HOTPLUG_ACTION", format!("{:?}", event.action).to_lowercase())
