@@ -315,6 +315,8 @@ fn mock_imds_speaks_imdsv2_with_lag_faults_and_stats() {
         "token_requests": count(&|p| p == TOKEN_PATH),
         "metadata_requests": count(&|p| p.starts_with("/latest/meta-data/")),
         "by_status": by_status,
+        // This test's client sends no User-Agent.
+        "by_client": { "(none)": mock.sent.len() },
         "connections": mock.connections,
     });
     assert_eq!(stats, expected);
@@ -339,7 +341,7 @@ fn mock_imds_speaks_imdsv2_with_lag_faults_and_stats() {
     let stats = mock.control_ok("GET", "/_mock/stats", Value::Null);
     assert_eq!(
         stats,
-        json!({ "requests": 0, "token_requests": 0, "metadata_requests": 0, "by_status": {}, "connections": 1 })
+        json!({ "requests": 0, "token_requests": 0, "metadata_requests": 0, "by_status": {}, "by_client": {}, "connections": 1 })
     );
     assert_eq!(mock.control_ok("GET", "/_mock/log", Value::Null), json!([]));
 }

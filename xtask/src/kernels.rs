@@ -22,6 +22,17 @@ use crate::cmd;
 /// PCI transport, and veth for link-deletion and namespace scenarios.
 pub const GUEST_MODULES: &[&str] = &["virtio_pci", "virtio_net", "e1000e", "e1000", "veth"];
 
+/// What the distro guest needs besides: its root disk (virtio_blk, ext4) and systemd's autofs.
+pub const DISTRO_MODULES: &[&str] = &["virtio_blk", "ext4", "autofs4"];
+
+/// Every module a prepared kernel keeps; written into its `.ready` marker, so that a kernel
+/// prepared with another list is prepared again.
+fn module_list() -> String {
+    // The suffix names how the list is completed (soft dependencies): a change re-prepares.
+    let list: Vec<&str> = GUEST_MODULES.iter().chain(DISTRO_MODULES).copied().collect();
+    format!("{} +softdeps", list.join(" "))
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Suite {
     /// Debian 12, Linux 6.1 (the default guest kernel).
@@ -90,7 +101,8 @@ pub fn ensure(suite: Suite, refresh: bool) -> Result<GuestKernel> {
 
 fn prepared(suite: Suite, dir: &Path, release: &str) -> Option<GuestKernel> {
     let rel_dir = dir.join(release);
-    rel_dir.join(".ready").exists().then(|| GuestKernel {
+    let ready = fs::read_to_string(rel_dir.join(".ready")).ok()?;
+    (ready.trim() == module_list()).then(|| GuestKernel {
         suite,
         release: release.to_owned(),
         vmlinux: rel_dir.join("vmlinux"),
@@ -153,10 +165,12 @@ fn prepare(suite: Suite, apt: &PrivateApt, dir: &Path, release: &str) -> Result<
         fs::copy(&config, rel_dir.join("config"))?;
     }
     let module_root = rel_dir.join("root");
-    select_modules(&modules_src, &module_root.join("lib/modules").join(release), GUEST_MODULES)?;
+    let modules = module_list();
+    let wanted: Vec<&str> = GUEST_MODULES.iter().chain(DISTRO_MODULES).copied().collect();
+    select_modules(&modules_src, &module_root.join("lib/modules").join(release), &wanted)?;
     cmd::run(Command::new("depmod").arg("-b").arg(&module_root).arg(release))?;
     fs::remove_dir_all(&work)?;
-    fs::write(rel_dir.join(".ready"), b"")?;
+    fs::write(rel_dir.join(".ready"), modules)?;
     eprintln!("setup: guest kernel {release} ready in {}", rel_dir.display());
     Ok(GuestKernel { suite, release: release.to_owned(), vmlinux: rel_dir.join("vmlinux"), module_root })
 }
@@ -222,16 +236,48 @@ fn select_modules(src: &Path, dst: &Path, wanted: &[&str]) -> Result<()> {
         .filter_map(|line| line.split_once(':'))
         .map(|(path, deps)| (path.to_owned(), deps.split_whitespace().map(str::to_owned).collect()))
         .collect();
+    // Soft dependencies (ext4 wants "crc32c" before it, through the crypto API) are resolved
+    // through modules.alias, so that the module the kernel will ask for at run time is there.
+    let softdeps = fs::read_to_string(src.join("modules.softdep")).unwrap_or_default();
+    let aliases = fs::read_to_string(src.join("modules.alias")).unwrap_or_default();
+    let soft_of = |name: &str| -> Vec<String> {
+        softdeps
+            .lines()
+            .filter_map(|l| l.strip_prefix("softdep "))
+            .filter_map(|l| l.split_once(' '))
+            .filter(|(module, _)| module_name(module) == name)
+            .flat_map(|(_, rest)| rest.split_whitespace().filter(|w| !w.ends_with(':')).map(str::to_owned))
+            .flat_map(|dep| {
+                let via_alias: Vec<String> = aliases
+                    .lines()
+                    .filter_map(|l| l.strip_prefix("alias "))
+                    .filter_map(|l| l.split_once(' '))
+                    .filter(|(alias, _)| *alias == dep || *alias == format!("crypto-{dep}"))
+                    .map(|(_, module)| module_name(module))
+                    .collect();
+                std::iter::once(module_name(&dep)).chain(via_alias)
+            })
+            .collect()
+    };
     let mut chosen = BTreeSet::new();
-    for name in wanted {
-        match deps.iter().find(|(path, _)| module_name(path) == *name) {
+    let mut queue: Vec<(String, bool)> = wanted.iter().map(|w| ((*w).to_owned(), true)).collect();
+    let mut seen = BTreeSet::new();
+    while let Some((name, required)) = queue.pop() {
+        if !seen.insert(name.clone()) {
+            continue;
+        }
+        match deps.iter().find(|(path, _)| module_name(path) == name) {
             Some((path, needs)) => {
                 chosen.insert(path.clone());
-                chosen.extend(needs.iter().cloned());
+                for need in needs {
+                    chosen.insert(need.clone());
+                    queue.push((module_name(need), false));
+                }
             }
-            None if builtin.contains(*name) => {}
+            None if builtin.contains(&name) || !required => {}
             None => bail!("module {name} is neither built into nor shipped with this kernel"),
         }
+        queue.extend(soft_of(&name).into_iter().map(|n| (n, false)));
     }
     fs::create_dir_all(dst)?;
     for file in ["modules.builtin", "modules.builtin.modinfo", "modules.order"] {
@@ -332,16 +378,16 @@ impl PrivateApt {
 }
 
 /// The Debian archive and security mirrors the host's apt already uses, and their keyring.
-struct HostMirrors {
-    archive: String,
-    security: Option<String>,
-    keyring: String,
+pub struct HostMirrors {
+    pub archive: String,
+    pub security: Option<String>,
+    pub keyring: String,
 }
 
 impl HostMirrors {
     const DEFAULT_KEYRING: &'static str = "/usr/share/keyrings/debian-archive-keyring.gpg";
 
-    fn read() -> Result<Self> {
+    pub fn read() -> Result<Self> {
         let mut entries = Vec::new();
         let mut files = vec![PathBuf::from("/etc/apt/sources.list")];
         if let Ok(dir) = fs::read_dir("/etc/apt/sources.list.d") {

@@ -3,8 +3,10 @@
 //! Everything a fresh machine needs is installed from here (`setup`), and every other command runs
 //! it first, so the README's two commands (`cargo xtask run`, `cargo xtask test`) are all a user
 //! needs.
+mod bench;
 mod build;
 mod cmd;
+mod distro;
 mod initramfs;
 mod kernels;
 mod package;
@@ -27,7 +29,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Install what is missing: nightly rust-src, bpf-linker, Debian packages, guest kernels.
+    /// Install what is missing: nightly rust-src, bpf-linker, Debian packages, packaging tools,
+    /// guest kernels, the distro guest's image.
     Setup(setup::SetupArgs),
     /// Build the agent with its eBPF object (and the guest-side tools).
     Build(build::BuildArgs),
@@ -35,6 +38,8 @@ enum Command {
     Package(package::PackageArgs),
     /// Build and start the agent on this host, as root. Ctrl-C stops it.
     Run(run::RunArgs),
+    /// Benchmarks that print figures (not part of `test`).
+    Bench(bench::BenchArgs),
     /// Everything CI checks: fmt, clippy, unit and host tests, every VM scenario.
     Test(test::TestArgs),
     /// Boot a QEMU guest with a Debian kernel and run a script or scenario in it.
@@ -49,6 +54,7 @@ fn main() -> ExitCode {
         Command::Package(args) => package::run(&args).map(|()| ExitCode::SUCCESS),
         Command::Run(args) => run::run(&args),
         Command::Test(args) => test::run(&args),
+        Command::Bench(args) => bench::run(&args),
         Command::Vm(args) => vm::run(&args),
     };
     match result {

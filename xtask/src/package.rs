@@ -38,6 +38,8 @@ const INSTALLED: &[&str] = &[
     "/usr/share/man/man5/hotplug.toml.5.gz",
     "/usr/share/bash-completion/completions/hotplug-agent",
     "/usr/share/fish/vendor_completions.d/hotplug-agent.fish",
+    "/usr/lib/systemd/system/cloud-init-hotplugd.service.d/hotplug-agent.conf",
+    "/usr/lib/systemd/networkd.conf.d/80-hotplug-agent.conf",
 ];
 
 #[derive(Args, Debug, Default)]

@@ -10,7 +10,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use clap::Args;
 
-use crate::{cmd, kernels};
+use crate::{cmd, distro, kernels};
 
 /// Debian packages the guest harness uses: QEMU, busybox for the guest's userland, cpio and kmod
 /// (depmod) for the initramfs, xz and zstd to unpack kernels and modules, socat to talk to a
@@ -26,6 +26,9 @@ pub const PACKAGING_PACKAGES: &[&str] = &["lintian", "rpm", "binutils", "gzip"];
 const CARGO_TOOLS: &[(&str, &str, &str)] =
     &[("cargo-deb", "3.8.0", "cargo-deb"), ("cargo-generate-rpm", "0.21.1", "cargo-generate-rpm")];
 
+/// Debian packages for the distro guest's root file system: mmdebstrap and mke2fs.
+pub const DISTRO_PACKAGES: &[&str] = &["mmdebstrap", "e2fsprogs"];
+
 /// The bpf-linker release that matches aya 0.14's object format.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -40,24 +43,32 @@ pub struct SetupArgs {
     /// Resolve the guest kernels' package names again and fetch newer ones if the archive moved.
     #[arg(long)]
     pub refresh_kernels: bool,
+    /// Build the distro guest's image again (its packages moved on in the archive).
+    #[arg(long)]
+    pub rebuild_distro: bool,
 }
 
 /// What `setup` prepared, for the commands that run after it.
 pub struct Prepared {
     pub kernels: Vec<kernels::GuestKernel>,
+    pub distros: Vec<distro::DistroImage>,
 }
 
 pub fn run(args: &SetupArgs) -> Result<Prepared> {
     let started = Instant::now();
     ensure_toolchain()?;
-    let mut prepared = Prepared { kernels: Vec::new() };
+    let mut prepared = Prepared { kernels: Vec::new(), distros: Vec::new() };
     if !args.toolchain_only {
-        ensure_debian_packages(DEBIAN_PACKAGES)?;
+        let packages: Vec<&str> =
+            DEBIAN_PACKAGES.iter().chain(PACKAGING_PACKAGES).chain(DISTRO_PACKAGES).copied().collect();
+        ensure_debian_packages(&packages)?;
+        ensure_packaging_tools()?;
         let suites =
             if args.kernels.is_empty() { kernels::Suite::ALL.to_vec() } else { args.kernels.clone() };
         for suite in suites {
             prepared.kernels.push(kernels::ensure(suite, args.refresh_kernels)?);
         }
+        prepared.distros.push(distro::ensure(distro::Distro::Trixie, args.rebuild_distro)?);
     }
     eprintln!("setup: ready in {:.1} s", started.elapsed().as_secs_f64());
     Ok(prepared)

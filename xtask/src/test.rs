@@ -9,7 +9,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use clap::Args;
 
-use crate::{build, cmd, kernels, setup, vm};
+use crate::{build, cmd, kernels, package, setup, vm};
 
 #[derive(Args, Debug)]
 pub struct TestArgs {
@@ -48,6 +48,7 @@ pub fn run(args: &TestArgs) -> Result<ExitCode> {
         kernels: args.kernels.clone(),
         toolchain_only: false,
         refresh_kernels: false,
+        rebuild_distro: false,
     })?;
     let mut tally = Tally::default();
     let root = cmd::workspace_root();
@@ -71,20 +72,44 @@ pub fn run(args: &TestArgs) -> Result<ExitCode> {
     step("unit and host tests (cargo test)");
     cargo_test(&mut tally)?;
 
+    step("packages (.deb, .rpm) and their checks");
+    let packages = package::build_packages()?;
+    let problems = package::check(&packages)?;
+    for problem in &problems {
+        println!("package: {problem}");
+    }
+    tally.record("packages: lintian, file lists, linked libraries", problems.is_empty());
+
     if !args.no_vm {
         step("VM scenarios");
         let binaries = build::guest_binaries()?;
-        for scenario in vm::scenarios()? {
-            if args.scenario.as_deref().is_some_and(|s| !scenario.name.contains(s)) {
-                continue;
-            }
+        let scenarios: Vec<vm::Scenario> = vm::scenarios()?
+            .into_iter()
+            .filter(|s| args.scenario.as_deref().is_none_or(|name| s.name.contains(name)))
+            .collect();
+        for scenario in &scenarios {
             for kernel in prepared.kernels.iter().filter(|k| scenario.kernels.contains(&k.suite)) {
-                let label = format!("vm {} on {} ({})", scenario.name, kernel.suite.name(), kernel.release);
+                let label = format!(
+                    "vm {} on {} ({}){}",
+                    scenario.name,
+                    kernel.suite.name(),
+                    kernel.release,
+                    scenario.distro.map(|d| format!(", {} guest", d.name())).unwrap_or_default()
+                );
+                let image = scenario.distro.and_then(|d| prepared.distros.iter().find(|i| i.distro == d));
+                let distro = image.map(|image| vm::DistroBoot {
+                    image: image.clone(),
+                    managers: scenario.managers.clone(),
+                    packages: packages.clone(),
+                    preinstall: scenario.preinstall,
+                    imds_nics: !scenario.imds_no_nics,
+                });
                 let guest = vm::Guest {
                     kernel: kernel.clone(),
                     nics: vm::DEFAULT_NICS.to_vec(),
                     memory_mib: 1024,
                     binaries: binaries.clone(),
+                    distro,
                 };
                 let outcome = guest.run(&scenario.path, Duration::from_secs(600), vm::Console::Capture)?;
                 vm::write_result(&scenario.name, &guest, &outcome)?;

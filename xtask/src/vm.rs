@@ -2,6 +2,12 @@
 //! and the project's binaries, runs one script as root in it, streams the console, and serves the
 //! guest's requests for PCI hot-unplug / hot-plug over a second serial port.
 //!
+//! Two kinds of guest: the busybox one runs the script from the initramfs (no init system); the
+//! distro one (`--distro trixie`) mounts a Debian root file system (`distro.rs`, `snapshot=on`),
+//! hands over to systemd, and runs the script once `multi-user.target` is reached, with the
+//! project's packages in `/opt/hotplug/pkg/` to install as an operator would, an EC2-like SMBIOS
+//! identity, and the guest's journal saved beside the result.
+//!
 //! Sockets: QEMU connects out to two Unix sockets the harness listens on first (so nothing the
 //! guest says is lost): the control channel (guest `/dev/ttyS1`, the `vmctl` protocol) and QMP.
 //! Every guest NIC is `-netdev user,restrict=on`: no guest traffic leaves the machine.
@@ -24,7 +30,14 @@ use anyhow::{bail, Context as _, Result};
 use clap::{Args, ValueEnum};
 use serde_json::{json, Value};
 
-use crate::{build, cmd, initramfs::Initramfs, kernels, qmp::Qmp, setup};
+use crate::{
+    build, cmd,
+    distro::{self, Distro, DistroImage},
+    initramfs::Initramfs,
+    kernels, package,
+    qmp::Qmp,
+    setup,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum NicModel {
@@ -47,6 +60,51 @@ impl NicModel {
 }
 
 pub const DEFAULT_NICS: [NicModel; 3] = [NicModel::Virtio, NicModel::E1000e, NicModel::E1000];
+
+/// systemd-networkd and its helpers on at boot (as the image's packages had them).
+const NETWORKD_ON: &str = "w=/newroot/etc/systemd/system; u=/usr/lib/systemd/system
+ln -sf $u/systemd-networkd.service $w/multi-user.target.wants/systemd-networkd.service
+ln -sf $u/systemd-networkd.socket $w/sockets.target.wants/systemd-networkd.socket
+ln -sf $u/systemd-networkd-wait-online.service $w/network-online.target.wants/systemd-networkd-wait-online.service
+ln -sf $u/systemd-network-generator.service $w/sysinit.target.wants/systemd-network-generator.service";
+
+/// A network manager the distro guest turns on at boot (all are installed, all off by default).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Manager {
+    /// cloud-init with its Ec2 datasource (and its hotplug hook, as Debian ships it).
+    CloudInit,
+    /// systemd-networkd (and its wait-online and network-generator units).
+    Networkd,
+    /// amazon-ec2-net-utils' udev rule (`policy-routes@IFACE`, with networkd).
+    Ec2NetUtils,
+}
+
+impl Manager {
+    /// Shell commands for the distro guest's /init, run against the new root at `/newroot`
+    /// before systemd starts: undo what the image's customization did for this manager.
+    fn enable(self) -> Vec<&'static str> {
+        match self {
+            Self::CloudInit => vec!["rm -f /newroot/etc/cloud/cloud-init.disabled"],
+            Self::Networkd => vec![NETWORKD_ON],
+            // It runs on networkd, and matches EC2's NIC drivers only (its udev rule, its
+            // 80-ec2.network): the harness's virtio_net, e1000e and e1000 are added to both.
+            Self::Ec2NetUtils => vec![
+                NETWORKD_ON,
+                "rm -f /newroot/etc/udev/rules.d/99-vpc-policy-routes.rules
+sed 's/vif|ena|ixgbevf/vif|ena|ixgbevf|virtio_net|e1000e|e1000/' /newroot/usr/lib/udev/rules.d/99-vpc-policy-routes.rules >/newroot/etc/udev/rules.d/99-vpc-policy-routes.rules
+sed -i 's/^Driver=.*/& virtio_net e1000e e1000/' /newroot/usr/lib/systemd/network/80-ec2.network",
+            ],
+        }
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::CloudInit => "cloud-init",
+            Self::Networkd => "networkd",
+            Self::Ec2NetUtils => "ec2-net-utils",
+        }
+    }
+}
 
 #[derive(Args, Debug)]
 pub struct VmArgs {
@@ -71,6 +129,22 @@ pub struct VmArgs {
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 1024)]
     pub memory: u32,
+    /// Boot this Debian root file system with systemd instead of the busybox initramfs (a
+    /// scenario's `# guest:` line sets it too). The project's packages are in /opt/hotplug/pkg/.
+    #[arg(long, value_enum)]
+    pub distro: Option<Distro>,
+    /// Network managers the distro guest turns on at boot (a scenario's `# managers:` line sets
+    /// them too).
+    #[arg(long, value_enum, value_delimiter = ',', requires = "distro")]
+    pub managers: Vec<Manager>,
+    /// Install the project's .deb into the distro guest before it boots, as in an image built with
+    /// it: the service starts with the system (a scenario's `# preinstall: hotplug-agent` too).
+    #[arg(long, requires = "distro")]
+    pub preinstall: bool,
+    /// The distro guest's mock IMDS publishes no NIC at boot (`# imds: no-nics`): nothing for the
+    /// agent's start-up pass to configure.
+    #[arg(long, requires = "distro")]
+    pub imds_no_nics: bool,
 }
 
 pub fn run(args: &VmArgs) -> Result<ExitCode> {
@@ -82,17 +156,42 @@ pub fn run(args: &VmArgs) -> Result<ExitCode> {
     }
     let (script, scenario) = match (&args.script, &args.scenario) {
         (Some(path), None) => (path.clone(), None),
-        (None, Some(name)) => (find_scenario(name)?.path, Some(name.clone())),
+        (None, Some(name)) => {
+            let found = find_scenario(name)?;
+            (found.path.clone(), Some(found))
+        }
         _ => bail!("say what to run: --script FILE, --scenario NAME (see --list)"),
     };
+    let distro = args.distro.or(scenario.as_ref().and_then(|s| s.distro));
+    let mut managers = args.managers.clone();
+    if managers.is_empty() {
+        managers = scenario.as_ref().map(|s| s.managers.clone()).unwrap_or_default();
+    }
     setup::ensure_toolchain()?;
     setup::ensure_debian_packages(setup::DEBIAN_PACKAGES)?;
     let kernel = kernels::ensure(args.kernel, false)?;
     let binaries = build::guest_binaries()?;
-    let guest = Guest { kernel, nics: args.nics.clone(), memory_mib: args.memory, binaries };
+    let distro = match distro {
+        Some(distro) => {
+            setup::ensure_debian_packages(setup::DISTRO_PACKAGES)?;
+            setup::ensure_packaging_tools()?;
+            let packages = package::build_packages()?;
+            let preinstall = args.preinstall || scenario.as_ref().is_some_and(|s| s.preinstall);
+            let imds_nics = !(args.imds_no_nics || scenario.as_ref().is_some_and(|s| s.imds_no_nics));
+            Some(DistroBoot {
+                image: distro::ensure(distro, false)?,
+                managers,
+                packages,
+                preinstall,
+                imds_nics,
+            })
+        }
+        None => None,
+    };
+    let guest = Guest { kernel, nics: args.nics.clone(), memory_mib: args.memory, binaries, distro };
     let outcome = guest.run(&script, Duration::from_secs(args.timeout), Console::Stream)?;
-    if let Some(name) = scenario {
-        let path = write_result(&name, &guest, &outcome)?;
+    if let Some(scenario) = scenario {
+        let path = write_result(&scenario.name, &guest, &outcome)?;
         eprintln!("vm: result written to {}", path.display());
     }
     eprintln!("vm: {}", outcome.summary());
@@ -110,6 +209,14 @@ pub struct Scenario {
     pub path: PathBuf,
     /// Kernels it runs on (`# kernels:` header line), all by default.
     pub kernels: Vec<kernels::Suite>,
+    /// The distro guest it needs (`# guest: trixie`), or the busybox guest.
+    pub distro: Option<Distro>,
+    /// Network managers the distro guest turns on (`# managers: networkd cloud-init`).
+    pub managers: Vec<Manager>,
+    /// The package is installed before the guest boots (`# preinstall: hotplug-agent`).
+    pub preinstall: bool,
+    /// The mock IMDS publishes no NIC at boot (`# imds: no-nics`).
+    pub imds_no_nics: bool,
 }
 
 pub fn scenarios() -> Result<Vec<Scenario>> {
@@ -127,17 +234,47 @@ pub fn scenarios() -> Result<Vec<Scenario>> {
         let comments: Vec<&str> =
             text.lines().skip(1).map_while(|l| l.strip_prefix('#')).map(str::trim).collect();
         let summary = comments.first().copied().unwrap_or_default().to_owned();
-        let kernels = comments
-            .iter()
-            .find_map(|l| l.strip_prefix("kernels:"))
+        let header = |key: &str| comments.iter().find_map(|l| l.strip_prefix(key)).map(str::trim);
+        let words = |key: &str| header(key).map(|list| list.split_whitespace().collect::<Vec<_>>());
+        let kernels = words("kernels:")
             .map(|list| {
-                list.split_whitespace()
+                list.into_iter()
                     .map(|k| kernels::Suite::from_str(k, true).map_err(anyhow::Error::msg))
                     .collect::<Result<Vec<_>>>()
             })
             .transpose()?
             .unwrap_or_else(|| kernels::Suite::ALL.to_vec());
-        found.push(Scenario { name: name.to_owned(), summary, path, kernels });
+        let distro = header("guest:")
+            .filter(|g| *g != "busybox")
+            .map(|g| Distro::from_str(g, true).map_err(anyhow::Error::msg))
+            .transpose()
+            .with_context(|| format!("{}: `# guest:`", path.display()))?;
+        let managers = words("managers:")
+            .unwrap_or_default()
+            .into_iter()
+            .map(|m| Manager::from_str(m, true).map_err(anyhow::Error::msg))
+            .collect::<Result<Vec<_>>>()
+            .with_context(|| format!("{}: `# managers:`", path.display()))?;
+        let preinstall = match header("preinstall:") {
+            None => false,
+            Some("hotplug-agent") => true,
+            Some(other) => bail!("{}: `# preinstall: {other}`: only hotplug-agent can be", path.display()),
+        };
+        let imds_no_nics = match header("imds:") {
+            None => false,
+            Some("no-nics") => true,
+            Some(other) => bail!("{}: `# imds: {other}`: only no-nics is known", path.display()),
+        };
+        found.push(Scenario {
+            name: name.to_owned(),
+            summary,
+            path,
+            kernels,
+            distro,
+            managers,
+            preinstall,
+            imds_no_nics,
+        });
     }
     found.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(found)
@@ -162,6 +299,20 @@ pub struct Guest {
     pub nics: Vec<NicModel>,
     pub memory_mib: u32,
     pub binaries: Vec<PathBuf>,
+    /// Boot a distro root file system with systemd (else the busybox initramfs runs the script).
+    pub distro: Option<DistroBoot>,
+}
+
+/// What a distro guest boots with.
+pub struct DistroBoot {
+    pub image: DistroImage,
+    pub managers: Vec<Manager>,
+    /// The project's packages, in /opt/hotplug/pkg/ of the guest.
+    pub packages: package::Packages,
+    /// Install the .deb before systemd starts (the service then starts at boot).
+    pub preinstall: bool,
+    /// The mock IMDS publishes the guest's NICs at boot (else none).
+    pub imds_nics: bool,
 }
 
 pub struct Outcome {
@@ -173,6 +324,8 @@ pub struct Outcome {
     pub duration: Duration,
     pub figures: BTreeMap<String, Value>,
     pub console: String,
+    /// Files the guest sent with `vmctl put NAME FILE` (the distro guest's journal among them).
+    pub files: BTreeMap<String, Vec<u8>>,
 }
 
 impl Outcome {
@@ -259,7 +412,7 @@ impl Guest {
             .arg(&self.kernel.vmlinux)
             .arg("-initrd")
             .arg(&initrd)
-            .args(["-append", "console=ttyS0 panic=-1 quiet loglevel=4 rdinit=/init"])
+            .args(["-append", &self.command_line()])
             .args(["-chardev", "stdio,id=con,signal=off", "-serial", "chardev:con"])
             .arg("-chardev")
             .arg(format!("socket,id=ctl,path={}", ctl_path.display()))
@@ -272,7 +425,12 @@ impl Guest {
                 "-device",
                 &format!("pcie-root-port,id={},bus=pcie.0,chassis={},slot={}", nic.bus, i + 1, i + 1),
                 "-netdev",
-                &format!("user,id={},restrict=on", nic.netdev),
+                // Its own subnet per NIC, as EC2 gives each ENI: DHCP hands out 10.0.N.5, the
+                // router is 10.0.N.1 (the addresses the mock IMDS publishes).
+                &format!(
+                    "user,id={},restrict=on,net=10.0.{i}.0/24,host=10.0.{i}.1,dhcpstart=10.0.{i}.5",
+                    nic.netdev
+                ),
                 "-device",
                 &format!(
                     "{},id={},netdev={},bus={},mac={}",
@@ -283,6 +441,26 @@ impl Guest {
                     nic.mac
                 ),
             ]);
+        }
+        // An empty hot-pluggable slot with its own network (10.0.N.0/24, N the number of NICs),
+        // where `vmctl attach` plugs a NIC the guest never had.
+        let spare = nics.len();
+        qemu.args([
+            "-device",
+            &format!("pcie-root-port,id={SPARE_BUS},bus=pcie.0,chassis={},slot={}", spare + 1, spare + 1),
+            "-netdev",
+            &format!("user,id={SPARE_NETDEV},restrict=on,net=10.0.{spare}.0/24,host=10.0.{spare}.1,dhcpstart=10.0.{spare}.5"),
+        ]);
+        if let Some(distro) = &self.distro {
+            qemu.arg("-drive")
+                .arg(format!("file={},format=raw,if=virtio,snapshot=on", distro.image.image.display()))
+                // What cloud-init's ds-identify and the agent read to tell EC2 (SMBIOS type 1).
+                .args([
+                    "-smbios",
+                    &format!(
+                        "type=1,manufacturer={EC2_VENDOR},product=m5.large,serial={EC2_UUID},uuid={EC2_UUID}"
+                    ),
+                ]);
         }
         qemu.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         let started = Instant::now();
@@ -299,6 +477,7 @@ impl Guest {
             duration: Duration::ZERO,
             figures: BTreeMap::new(),
             console: String::new(),
+            files: BTreeMap::new(),
         };
         let served = accept(&ctl_listener, &mut child, started)
             .and_then(|ctl| Ok((ctl, accept(&qmp_listener, &mut child, started)?)))
@@ -330,6 +509,33 @@ impl Guest {
         Ok(outcome)
     }
 
+    /// What the distro guest's mock IMDS publishes at boot: each NIC with device number N (its
+    /// position), address 10.0.N.5 in 10.0.N.0/24 (what its user-mode network's DHCP gives).
+    fn imds_nics(&self) -> String {
+        let nics: Vec<Value> = self
+            .nics()
+            .iter()
+            .enumerate()
+            .map(|(i, nic)| {
+                json!({
+                    "mac": nic.mac,
+                    "device_number": i,
+                    "local_ipv4s": [format!("10.0.{i}.5")],
+                    "subnet_ipv4_cidr_block": format!("10.0.{i}.0/24"),
+                })
+            })
+            .collect();
+        Value::Array(nics).to_string()
+    }
+
+    fn command_line(&self) -> String {
+        let mut line = "console=ttyS0 panic=-1 quiet loglevel=4 rdinit=/init".to_owned();
+        if self.distro.is_some() {
+            line.push_str(" systemd.unit=hotplug-harness.target systemd.show_status=false");
+        }
+        line
+    }
+
     fn initramfs(&self, script: &Path) -> Result<Vec<u8>> {
         let mut image = Initramfs::new();
         for dir in [
@@ -346,23 +552,102 @@ impl Guest {
         image.symlink("/bin/sh", "busybox");
         for binary in &self.binaries {
             let name = binary.file_name().and_then(|n| n.to_str()).context("binary without a name")?;
+            // A distro guest gets the agent from its package, as an operator would.
+            if self.distro.is_some() && name == "hotplug-agent" {
+                continue;
+            }
             add_binary(&mut image, &format!("/opt/hotplug/bin/{name}"), binary)?;
         }
-        // iproute2's ip: scenarios inspect addresses, routes and rules in detail.
-        let ip =
-            cmd::which("ip").context("iproute2's ip is missing (cargo xtask setup installs iproute2)")?;
-        add_binary(&mut image, "/opt/hotplug/bin/ip", &ip)?;
         let root = cmd::workspace_root();
         image.copy("/opt/hotplug/bin/vmctl", &root.join("tests/guest/vmctl"))?;
         image.copy_tree("/opt/hotplug/scenarios", &root.join("tests/scenarios"))?;
         image.copy("/opt/hotplug/script", script)?;
-        image.file("/opt/hotplug/profile", 0o644, b"ip() { /opt/hotplug/bin/ip \"$@\"; }\n");
         image.copy_tree("/lib/modules", &self.kernel.module_root.join("lib/modules"))?;
-        image.file("/etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\n");
-        image.file("/etc/group", 0o644, b"root:x:0:\n");
-        image.file("/init", 0o755, guest_init(&kernels::GUEST_MODULES.join(" ")).as_bytes());
+        match &self.distro {
+            None => {
+                // iproute2's ip: scenarios inspect addresses, routes and rules in detail.
+                let ip = cmd::which("ip")
+                    .context("iproute2's ip is missing (cargo xtask setup installs iproute2)")?;
+                add_binary(&mut image, "/opt/hotplug/bin/ip", &ip)?;
+                image.file("/opt/hotplug/profile", 0o644, b"ip() { /opt/hotplug/bin/ip \"$@\"; }\n");
+                image.file("/etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\n");
+                image.file("/etc/group", 0o644, b"root:x:0:\n");
+                image.file("/init", 0o755, guest_init(&kernels::GUEST_MODULES.join(" ")).as_bytes());
+            }
+            Some(distro) => {
+                image.copy_tree("/opt/hotplug/guest", &root.join("tests/guest/distro"))?;
+                for (dir, package) in
+                    [("pkg", &distro.packages.deb), ("pkg/upgrade", &distro.packages.deb_upgrade)]
+                {
+                    let name =
+                        package.file_name().and_then(|n| n.to_str()).context("package without a name")?;
+                    image.copy(&format!("/opt/hotplug/{dir}/{name}"), package)?;
+                }
+                let nics = if distro.imds_nics { self.imds_nics() } else { "[]".to_owned() };
+                image.file("/opt/hotplug/guest/nics.json", 0o644, nics.as_bytes());
+                let managers: Vec<&str> = distro.managers.iter().flat_map(|m| m.enable()).collect();
+                image.file("/init", 0o755, distro_init(&managers.join("\n"), distro.preinstall).as_bytes());
+            }
+        }
         Ok(image.finish())
     }
+}
+
+/// SMBIOS identity of the distro guest: what EC2's Nitro instances show (cloud-init's ds-identify
+/// reads the vendor and a UUID starting with "ec2").
+const EC2_VENDOR: &str = "Amazon EC2";
+const EC2_UUID: &str = "ec2f1a2b-3c4d-5e6f-7a8b-9c0d1e2f3a4b";
+
+/// The distro guest's /init: mounts the root file system, gives it this kernel's modules and the
+/// harness's files, turns on the network managers asked for, and hands over to systemd.
+fn distro_init(managers: &str, preinstall: bool) -> String {
+    let modules = kernels::DISTRO_MODULES.join(" ");
+    // dpkg in a chroot without systemd running: the package is enabled, not started (its
+    // maintainer scripts start it only where /run/systemd/system exists).
+    let preinstall = if preinstall {
+        // Full paths: busybox's chroot would run its own applets (a `dpkg` of its own) for bare names.
+        "mount -t proc proc /newroot/proc
+mount -t sysfs sysfs /newroot/sys
+mount --bind /dev /newroot/dev
+for deb in /newroot/opt/hotplug/pkg/hotplug-agent_*.deb; do
+	chroot /newroot /usr/bin/dpkg -i \"${deb#/newroot}\" >/newroot/root/preinstall.log 2>&1 ||
+		{ cat /newroot/root/preinstall.log; echo \"init: preinstalling $deb failed\"; }
+done
+umount /newroot/dev /newroot/sys /newroot/proc"
+    } else {
+        ""
+    };
+    format!(
+        r#"#!/bin/busybox sh
+/bin/busybox --install -s
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+for m in virtio_pci {modules}; do modprobe "$m" || echo "init: modprobe $m failed"; done
+i=0
+while [ ! -b /dev/vda ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i + 1)); done
+mkdir -p /newroot
+if ! mount -t ext4 -o rw /dev/vda /newroot; then
+	echo "init: cannot mount the root file system /dev/vda"
+	poweroff -f
+fi
+release=$(uname -r)
+mkdir -p /newroot/usr/lib/modules
+rm -rf "/newroot/usr/lib/modules/$release"
+cp -a "/lib/modules/$release" /newroot/usr/lib/modules/
+cp -a /opt/hotplug /newroot/opt/
+units=/newroot/etc/systemd/system
+cp /opt/hotplug/guest/hotplug-harness.service /opt/hotplug/guest/hotplug-harness.target /opt/hotplug/guest/hotplug-mock-imds.service $units/
+mkdir -p $units/sysinit.target.wants
+ln -sf /etc/systemd/system/hotplug-mock-imds.service $units/sysinit.target.wants/hotplug-mock-imds.service
+{managers}
+{preinstall}
+umount /proc /sys
+mount --move /dev /newroot/dev
+exec switch_root /newroot /sbin/init
+"#
+    )
 }
 
 /// The guest's /init: mounts, loads the NIC drivers, runs the script, reports its exit status on
@@ -464,7 +749,7 @@ fn accept(listener: &UnixListener, child: &mut Child, started: Instant) -> Resul
 fn serve(
     ctl: UnixStream,
     qmp: &mut Qmp,
-    nics: &mut [Nic],
+    nics: &mut Vec<Nic>,
     outcome: &mut Outcome,
     started: Instant,
     timeout: Duration,
@@ -473,6 +758,8 @@ fn serve(
     let mut writer = ctl.try_clone()?;
     let mut reader = BufReader::new(ctl);
     let mut line = String::new();
+    // `vmctl put NAME`: the base64 lines that follow, until a line ".".
+    let mut receiving: Option<(String, String)> = None;
     loop {
         if started.elapsed() > timeout {
             bail!("the guest did not finish within {} s", timeout.as_secs());
@@ -488,11 +775,31 @@ fn serve(
         }
         let request = line.trim().to_owned();
         line.clear();
+        if let Some((name, mut data)) = receiving.take() {
+            if request != "." {
+                data.push_str(&request);
+                receiving = Some((name, data));
+                continue;
+            }
+            let reply = match decode_put(&data) {
+                Ok(bytes) => {
+                    outcome.files.insert(name, bytes);
+                    "ok".to_owned()
+                }
+                Err(e) => format!("error {e:#}"),
+            };
+            writer.write_all(format!("{reply}\n").as_bytes())?;
+            continue;
+        }
         let mut words = request.split_whitespace();
         let reply = match (words.next(), words.next(), words.next(), words.next()) {
             (Some("hello"), _, _, _) => {
                 outcome.boot = Some(started.elapsed());
                 "ok".to_owned()
+            }
+            (Some("put"), Some(name), None, None) => {
+                receiving = Some((name.to_owned(), String::new()));
+                continue;
             }
             (Some("exit"), Some(code), None, None) => {
                 outcome.exit_status = Some(code.parse().context("bad exit status from the guest")?);
@@ -508,6 +815,10 @@ fn serve(
                 Ok(took) => format!("ok {}", took.as_millis()),
                 Err(e) => format!("error {e:#}"),
             },
+            (Some("attach"), Some(model), Some(mac), None) => match attach(qmp, nics, model, mac) {
+                Ok(()) => "ok".to_owned(),
+                Err(e) => format!("error {e:#}"),
+            },
             (Some("plug"), Some(name), new_mac, None) => match plug(qmp, nics, name, new_mac) {
                 Ok(mac) => format!("ok {mac}"),
                 Err(e) => format!("error {e:#}"),
@@ -516,6 +827,41 @@ fn serve(
         };
         writer.write_all(format!("{reply}\n").as_bytes())?;
     }
+}
+
+/// A `vmctl put` body: base64 of gzip.
+fn decode_put(data: &str) -> Result<Vec<u8>> {
+    use base64::Engine as _;
+    let compressed = base64::engine::general_purpose::STANDARD.decode(data).context("bad base64")?;
+    let mut bytes = Vec::new();
+    flate2::read::GzDecoder::new(compressed.as_slice()).read_to_end(&mut bytes).context("bad gzip")?;
+    Ok(bytes)
+}
+
+/// The spare slot's root port and network.
+const SPARE_BUS: &str = "rpspare";
+const SPARE_NETDEV: &str = "netspare";
+
+/// Plugs a NIC of `model` with `mac` into the spare slot (once).
+fn attach(qmp: &mut Qmp, nics: &mut Vec<Nic>, model: &str, mac: &str) -> Result<()> {
+    let model = NicModel::from_str(model, true).map_err(anyhow::Error::msg)?;
+    if nics.iter().any(|n| n.bus == SPARE_BUS) {
+        bail!("the spare slot is taken already");
+    }
+    qmp.execute(
+        "device_add",
+        json!({ "driver": model.qemu_device(), "id": "nicspare", "netdev": SPARE_NETDEV, "bus": SPARE_BUS, "mac": mac }),
+    )?;
+    nics.push(Nic {
+        model,
+        id: "nicspare".into(),
+        netdev: SPARE_NETDEV.into(),
+        bus: SPARE_BUS.into(),
+        mac: mac.to_owned(),
+        present: true,
+        guest_name: None,
+    });
+    Ok(())
 }
 
 fn unplug(qmp: &mut Qmp, nics: &mut [Nic], name: &str, mac: &str) -> Result<Duration> {
@@ -551,7 +897,8 @@ fn plug(qmp: &mut Qmp, nics: &mut [Nic], name: &str, new_mac: Option<&str>) -> R
     Ok(nic.mac.clone())
 }
 
-/// Writes `target/vm-results/NAME.json` (or `NAME-SUITE.json` for non-default kernels).
+/// Writes `target/vm-results/NAME.json` (or `NAME-SUITE.json` for non-default kernels), the
+/// console beside it (`.log`), and each file the guest sent (`.journal` for the guest's journal).
 pub fn write_result(name: &str, guest: &Guest, outcome: &Outcome) -> Result<PathBuf> {
     let dir = cmd::target_dir().join("vm-results");
     fs::create_dir_all(&dir)?;
@@ -564,6 +911,9 @@ pub fn write_result(name: &str, guest: &Guest, outcome: &Outcome) -> Result<Path
         "scenario": name,
         "kernel": guest.kernel.suite.name(),
         "kernel_release": guest.kernel.release,
+        "guest": guest.distro.as_ref().map_or("busybox", |d| d.image.distro.name()),
+        "managers": guest.distro.as_ref().map(|d| d.managers.iter().map(|m| m.name()).collect::<Vec<_>>()),
+        "preinstalled": guest.distro.as_ref().map(|d| d.preinstall),
         "nics": guest.nics.iter().map(|n| n.qemu_device()).collect::<Vec<_>>(),
         "passed": outcome.passed(),
         "exit_status": outcome.exit_status,
@@ -571,9 +921,13 @@ pub fn write_result(name: &str, guest: &Guest, outcome: &Outcome) -> Result<Path
         "boot_seconds": outcome.boot.map(|b| b.as_secs_f64()),
         "duration_seconds": outcome.duration.as_secs_f64(),
         "figures": outcome.figures,
+        "files": outcome.files.keys().collect::<Vec<_>>(),
     });
     let path = dir.join(file);
     fs::write(&path, serde_json::to_string_pretty(&result)? + "\n")?;
     fs::write(path.with_extension("log"), &outcome.console)?;
+    for (file, bytes) in &outcome.files {
+        fs::write(path.with_extension(file), bytes)?;
+    }
     Ok(path)
 }

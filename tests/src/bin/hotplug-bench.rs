@@ -89,7 +89,7 @@ async fn bench(rounds: usize) -> Result<()> {
             let want = snapshot::capture(&handle, index).await?;
             let index = fresh_link().await?;
             let start = monotonic_ns();
-            let report = restore::restore(&handle, &want, index).await;
+            let report = restore::restore(&handle, &want, index, restore::RestoreOptions::default()).await;
             if !report.errors.is_empty() || !report.differences.is_empty() {
                 bail!("restore of {n} was incomplete: {report:?}");
             }

@@ -2,6 +2,8 @@
 //! keys of the NICs it is given, with a control API under `/_mock/` to attach and detach NICs with
 //! a propagation lag, inject faults (status codes, delays, dropped connections, garbage, expired
 //! tokens) and read what was asked. For tests and for users; `mock-imds --help` tells it all.
+mod instance;
+
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
     fmt::Write as _,
@@ -33,8 +35,9 @@ use tokio::{
 };
 use tower::ServiceExt as _;
 
+use crate::instance::{split_version, Instance, Primary};
+
 const TOKEN_PATH: &str = "/latest/api/token";
-const METADATA_PATH: &str = "/latest/meta-data";
 const TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
 const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
 const MAX_TTL_SECONDS: u64 = 21_600;
@@ -50,6 +53,13 @@ const HELP: &str = r#"IMDS (what the agent reads):
   GET /latest/meta-data/network/interfaces/macs/<mac>/     -> the key names, one a line
   GET .../macs/<mac>/{device-number,network-card,mac,local-ipv4s,subnet-ipv4-cidr-block,
                       ipv6s,subnet-ipv6-cidr-blocks}
+  With --instance, also what an instance has (what cloud-init's Ec2 datasource crawls):
+  GET /latest/meta-data/   -> ami-id hostname instance-id instance-type local-hostname local-ipv4
+                              mac network/ placement/ services/ (mac and local-ipv4: the NIC with
+                              device number 0 on card 0)
+  GET /latest/dynamic/instance-identity/document            -> the identity document (JSON)
+  GET /latest/user-data    -> 404 (none)
+  and the same under dated API versions (/2021-03-23/meta-data/...).
   Every GET needs header X-aws-ec2-metadata-token with a valid, unexpired token (else 401).
   An unknown MAC or key is a 404, and so are ipv6s and subnet-ipv6-cidr-blocks on a NIC without
   IPv6 (and local-ipv4s on a NIC given none). MACs are lowercase in paths.
@@ -75,9 +85,10 @@ Control API (same listeners, no token, JSON in and out, not counted as IMDS requ
   DELETE /_mock/fault                                clear the fault
   GET    /_mock/fault                                the fault in force (null if none)
   GET    /_mock/stats   {"requests", "token_requests", "metadata_requests", "by_status": {"200": n, ..},
+                         "by_client": {"hotplug-agent": n, "cloud-init": n, "curl": n, ..},
                          "connections"}   IMDS requests only (status 0: dropped); connections
                                           counts every accepted TCP connection, control ones too
-  GET    /_mock/log     [{"method", "path", "status", "at_ms"}]   IMDS requests, at_ms since start
+  GET    /_mock/log     [{"method", "path", "status", "at_ms", "client"}]   IMDS requests, at_ms since start
   GET    /_mock/nics    {"published": [NIC..], "pending": [{"in_ms", "attach": NIC | "detach": MAC}..]}
   POST   /_mock/reset   zero the counters and the log (NICs, tokens and the fault stay)
 
@@ -107,6 +118,11 @@ struct Cli {
     /// A file holding a JSON array of NICs to publish from the start (repeatable).
     #[arg(long, value_name = "FILE")]
     nics_file: Vec<PathBuf>,
+    /// Also serve an instance's identity and placement (see above), as JSON: any of
+    /// instance_id, instance_type, ami_id, region, availability_zone, account_id, architecture
+    /// (`{}` for the defaults).
+    #[arg(long, value_name = "JSON", value_parser = parse_instance)]
+    instance: Option<Instance>,
     /// Log every request to stderr.
     #[arg(short, long)]
     verbose: bool,
@@ -186,6 +202,10 @@ fn check_cidr(block: &str, v6: bool) -> Result<(), String> {
         addr.parse::<Ipv4Addr>().is_ok() && len <= 32
     };
     ok.then_some(()).ok_or_else(bad)
+}
+
+fn parse_instance(arg: &str) -> Result<Instance, String> {
+    serde_json::from_str(arg).map_err(|e| e.to_string())
 }
 
 fn parse_nic_arg(arg: &str) -> Result<Nic, String> {
@@ -305,6 +325,9 @@ struct Counters {
     token_requests: u64,
     metadata_requests: u64,
     by_status: BTreeMap<u16, u64>,
+    /// IMDS requests by client, from the User-Agent: hotplug-agent, cloud-init, curl (what
+    /// amazon-ec2-net-utils uses), or the header as sent.
+    by_client: BTreeMap<String, u64>,
     connections: u64,
 }
 
@@ -314,10 +337,25 @@ struct LogEntry {
     path: String,
     status: u16,
     at_ms: u64,
+    client: String,
+}
+
+/// Who asked, from the User-Agent header.
+fn client_of(headers: &HeaderMap) -> String {
+    let agent = headers.get(header::USER_AGENT).and_then(|v| v.to_str().ok()).unwrap_or("(none)");
+    for (prefix, name) in
+        [("hotplug-agent/", "hotplug-agent"), ("Cloud-Init/", "cloud-init"), ("curl/", "curl")]
+    {
+        if agent.starts_with(prefix) {
+            return name.to_owned();
+        }
+    }
+    agent.chars().take(64).collect()
 }
 
 #[derive(Debug, Default)]
 struct Mock {
+    instance: Option<Instance>,
     nics: BTreeMap<String, Nic>,
     /// Sorted by `due`; equal ones in the order they were asked for.
     pending: Vec<Pending>,
@@ -382,43 +420,72 @@ impl Mock {
         (expiry > now).then(|| expiry - now)
     }
 
-    /// The metadata at `rest` (what follows `/latest/meta-data`), if any.
+    /// What is at `rest` (what follows `/VERSION/`: `meta-data/...`, `dynamic/...`), if any.
     fn lookup(&mut self, rest: &str, now: Instant) -> Option<String> {
-        let rest = rest.strip_prefix('/').unwrap_or(rest);
         let rest = rest.strip_suffix('/').unwrap_or(rest);
         let parts: Vec<&str> = if rest.is_empty() { Vec::new() } else { rest.split('/').collect() };
+        self.catch_up(now);
+        let primary = self
+            .nics
+            .values()
+            .find(|n| n.network_card == 0 && n.device_number == 0)
+            .map(|n| Primary { mac: &n.mac, ipv4: n.local_ipv4s.first().copied() });
+        let instance = self.instance.as_ref();
         match parts.as_slice() {
-            [] => Some("network/".into()),
-            ["network"] => Some("interfaces/".into()),
-            ["network", "interfaces"] => Some("macs/".into()),
-            ["network", "interfaces", "macs"] => {
+            [] => Some(if instance.is_some() { "dynamic\nmeta-data" } else { "meta-data" }.into()),
+            ["meta-data"] => {
+                let mut keys: Vec<&str> = instance.map(|_| Instance::TOP.to_vec()).unwrap_or_default();
+                keys.push("network/");
+                keys.sort_unstable();
+                Some(keys.join("\n"))
+            }
+            ["meta-data", "network"] => Some("interfaces/".into()),
+            ["meta-data", "network", "interfaces"] => Some("macs/".into()),
+            ["meta-data", "network", "interfaces", "macs"] => {
                 Some(self.published(now).iter().map(|n| format!("{}/", n.mac)).collect::<Vec<_>>().join("\n"))
             }
-            ["network", "interfaces", "macs", mac, tail @ ..] => {
-                self.catch_up(now);
+            ["meta-data", "network", "interfaces", "macs", mac, tail @ ..] => {
                 let nic = self.nics.get(*mac)?;
-                match tail {
-                    [] => Some(nic.keys().join("\n")),
-                    [key] => nic.key(key),
+                let ipv4 = nic.local_ipv4s.first().copied();
+                match (tail, instance) {
+                    ([], None) => Some(nic.keys().join("\n")),
+                    ([], Some(_)) => {
+                        let mut keys = nic.keys();
+                        keys.extend(Instance::NIC_KEYS);
+                        keys.sort_unstable();
+                        Some(keys.join("\n"))
+                    }
+                    ([key], instance) => nic
+                        .key(key)
+                        .or_else(|| instance.and_then(|i| i.nic_key(key, nic.device_number, ipv4))),
                     _ => None,
                 }
             }
+            ["meta-data", tail @ ..] => instance?.lookup(tail, primary.as_ref()),
+            ["dynamic", tail @ ..] => instance?.dynamic(tail, primary.as_ref()),
             _ => None,
         }
     }
 
-    fn record(&mut self, method: &Method, path: &str, status: u16, at_ms: u64) {
+    fn record(&mut self, method: &Method, path: &str, status: u16, at_ms: u64, client: String) {
         self.counters.requests += 1;
+        *self.counters.by_client.entry(client.clone()).or_default() += 1;
         if path == TOKEN_PATH {
             self.counters.token_requests += 1;
-        } else if path == METADATA_PATH || path.starts_with("/latest/meta-data/") {
+        } else if split_version(path).is_some() {
             self.counters.metadata_requests += 1;
         }
         *self.counters.by_status.entry(status).or_default() += 1;
         if self.log.len() == LOG_CAP {
             self.log.pop_front();
         }
-        self.log.push_back(LogEntry { method: method.to_string(), path: path.to_owned(), status, at_ms });
+        self.log.push_back(LogEntry {
+            method: method.to_string(),
+            path: path.to_owned(),
+            status,
+            at_ms,
+            client,
+        });
     }
 }
 
@@ -437,14 +504,14 @@ impl App {
         u64::try_from(at.duration_since(self.start).as_millis()).unwrap_or(u64::MAX)
     }
 
-    fn record(&self, method: &Method, path: &str, status: u16, arrived: Instant) {
+    fn record(&self, method: &Method, path: &str, status: u16, arrived: Instant, client: String) {
         if self.verbose {
             eprintln!(
-                "mock-imds: {method} {path} -> {}",
+                "mock-imds: {client} {method} {path} -> {}",
                 if status == 0 { "dropped".into() } else { status.to_string() }
             );
         }
-        self.lock().record(method, path, status, self.since_start_ms(arrived));
+        self.lock().record(method, path, status, self.since_start_ms(arrived), client);
     }
 }
 
@@ -480,6 +547,7 @@ async fn imds(
 ) -> Response {
     let arrived = Instant::now();
     let path = request.uri().path().to_owned();
+    let client = client_of(&headers);
     let fault = app.lock().take_fault();
     if let Some(fault) = fault {
         if fault.delay_ms > 0 {
@@ -493,7 +561,7 @@ async fn imds(
                 Some((StatusCode::OK, [(header::CONTENT_TYPE, "text/plain")], MALFORMED_BODY).into_response())
             }
             FaultKind::Drop => {
-                app.record(&method, &path, 0, arrived);
+                app.record(&method, &path, 0, arrived, client);
                 connection.0.notify_one();
                 // The connection's task drops the connection, and this future with it.
                 return std::future::pending().await;
@@ -501,12 +569,12 @@ async fn imds(
             FaultKind::Delay | FaultKind::ExpireTokens => None,
         };
         if let Some(response) = response {
-            app.record(&method, &path, response.status().as_u16(), arrived);
+            app.record(&method, &path, response.status().as_u16(), arrived, client);
             return response;
         }
     }
     let response = answer(&app, &method, &path, &headers);
-    app.record(&method, &path, response.status().as_u16(), arrived);
+    app.record(&method, &path, response.status().as_u16(), arrived, client);
     response
 }
 
@@ -536,7 +604,7 @@ fn answer(app: &App, method: &Method, path: &str, headers: &HeaderMap) -> Respon
         response.headers_mut().insert(TTL_HEADER, HeaderValue::from(ttl));
         return response;
     }
-    let Some(rest) = path.strip_prefix(METADATA_PATH).filter(|r| r.is_empty() || r.starts_with('/')) else {
+    let Some((_version, rest)) = split_version(path) else {
         return text(StatusCode::NOT_FOUND, "Not Found");
     };
     if method != Method::GET {
@@ -737,7 +805,11 @@ async fn run(cli: Cli) -> Result<()> {
         check_listen_addr(*addr)?;
     }
     let nics = load_nics(&cli)?;
-    let mock = Mock { nics: nics.into_iter().map(|n| (n.mac.clone(), n)).collect(), ..Mock::default() };
+    let mock = Mock {
+        instance: cli.instance.clone(),
+        nics: nics.into_iter().map(|n| (n.mac.clone(), n)).collect(),
+        ..Mock::default()
+    };
     let app = Arc::new(App { start: Instant::now(), verbose: cli.verbose, mock: Mutex::new(mock) });
     let router = router(app.clone());
 
