@@ -303,7 +303,7 @@ pub mod globals {
 
     /// Offsets of the kernel struct members the NIC programs read, from the running kernel's
     /// BTF: (global name, struct, member path).
-    pub const STRUCT_OFFSETS: [(&str, &str, &str); 16] = [
+    pub const STRUCT_OFFSETS: [(&str, &str, &str); 17] = [
         ("PT_REGS_DI", "pt_regs", "di"),
         ("NETDEV_IFINDEX", "net_device", "ifindex"),
         ("NETDEV_NAME", "net_device", "name"),
@@ -317,6 +317,7 @@ pub mod globals {
         ("DEVICE_PARENT", "device", "parent"),
         ("DEVICE_DRIVER", "device", "driver"),
         ("DEVICE_BUS", "device", "bus"),
+        ("BUS_TYPE_NAME", "bus_type", "name"),
         ("DEVICE_NAME", "device", "kobj.name"),
         ("DRIVER_NAME", "device_driver", "name"),
         ("DRIVER_OWNER", "device_driver", "owner"),
@@ -325,8 +326,6 @@ pub mod globals {
     pub const MODULE_STRUCT_NAME: &str = "MODULE_NAME";
     /// 1 when `net_device.dev_addr` is a pointer (Linux 5.17+), 0 when it is an array.
     pub const NETDEV_DEV_ADDR_IS_POINTER: &str = "NETDEV_DEV_ADDR_IS_POINTER";
-    /// Address of `pci_bus_type` (from /proc/kallsyms), to recognise PCI devices by their bus.
-    pub const PCI_BUS_TYPE: &str = "PCI_BUS_TYPE";
     /// Optional offsets (a kernel without them still gets every other field): the device's
     /// namespace, `net_device.nd_net.net` then `net.ns.inum`; `NETNS_KNOWN` is 1 when both are set.
     pub const NETNS_OFFSETS: [(&str, &str, &str); 2] =

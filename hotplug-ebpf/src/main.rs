@@ -73,12 +73,6 @@ fn global_u32(value: &'static u32) -> u32 {
     unsafe { core::ptr::read_volatile(value) }
 }
 
-#[inline(always)]
-fn global_u64(value: &'static u64) -> u64 {
-    // SAFETY: as for `global_u32`.
-    unsafe { core::ptr::read_volatile(value) }
-}
-
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

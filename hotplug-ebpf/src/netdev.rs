@@ -17,7 +17,7 @@ use aya_ebpf::{
 use hotplug_common::{Cause, Counter, EventKind, NetdevEvent, MAX_UNREGISTER_BATCH};
 
 use crate::{
-    context, count, current_task, current_tid, emit, global_u32, global_u64,
+    context, count, current_task, current_tid, emit, global_u32,
     kernel::{read, read_bytes, read_str},
     now_ns,
 };
@@ -51,6 +51,8 @@ static DEVICE_DRIVER: u32 = 0;
 #[unsafe(no_mangle)]
 static DEVICE_BUS: u32 = 0;
 #[unsafe(no_mangle)]
+static BUS_TYPE_NAME: u32 = 0;
+#[unsafe(no_mangle)]
 static DEVICE_NAME: u32 = 0;
 #[unsafe(no_mangle)]
 static DRIVER_NAME: u32 = 0;
@@ -58,8 +60,6 @@ static DRIVER_NAME: u32 = 0;
 static DRIVER_OWNER: u32 = 0;
 #[unsafe(no_mangle)]
 static MODULE_NAME: u32 = 0;
-#[unsafe(no_mangle)]
-static PCI_BUS_TYPE: u64 = 0;
 #[unsafe(no_mangle)]
 static NETDEV_NET: u32 = 0;
 #[unsafe(no_mangle)]
@@ -165,18 +165,27 @@ fn describe(event: &mut NetdevEvent, dev: u64) {
         }
     }
 
-    let pci_bus_type = global_u64(&PCI_BUS_TYPE);
     let mut device = parent;
     for _ in 0..MAX_PARENT_DEPTH {
         if device == 0 {
             break;
         }
-        if pci_bus_type != 0 && read::<u64>(device, global_u32(&DEVICE_BUS)) == Some(pci_bus_type) {
+        if on_pci_bus(device) {
             read_str(read::<u64>(device, global_u32(&DEVICE_NAME)).unwrap_or(0), &mut event.bus_addr);
             break;
         }
         device = read::<u64>(device, global_u32(&DEVICE_PARENT)).unwrap_or(0);
     }
+}
+
+/// Whether `device` sits on the PCI bus: its `bus_type` is named "pci" (`pci_bus_type.name`, the
+/// same since Linux 2.6). By name rather than by the address of `pci_bus_type`, which only a
+/// reader of /proc/kallsyms with CAP_SYSLOG could give.
+#[inline(always)]
+fn on_pci_bus(device: u64) -> bool {
+    let bus = read::<u64>(device, global_u32(&DEVICE_BUS)).unwrap_or(0);
+    let name = read::<u64>(bus, global_u32(&BUS_TYPE_NAME)).unwrap_or(0);
+    read::<[u8; 4]>(name, 0) == Some(*b"pci\0")
 }
 
 /// Entry of `unregister_netdevice_many[_notify]`: one removal event per device in the batch.

@@ -1,6 +1,6 @@
 //! Loads the embedded eBPF object, fills in what the programs need from the running kernel
-//! (tracepoint field offsets from tracefs, struct member offsets from BTF, attach points and
-//! `pci_bus_type` from kallsyms), and attaches each program. What cannot attach is reported,
+//! (tracepoint field offsets from tracefs, struct member offsets from BTF, attach points from
+//! kallsyms), and attaches each program. What cannot attach is reported,
 //! not fatal: the agent then runs in degraded mode.
 use std::path::Path;
 
@@ -49,6 +49,8 @@ pub struct KernelProbes {
     events: RingBuf<MapData>,
     handle: ProbeHandle,
     pub attachments: Vec<Attachment>,
+    /// What the programs run without on this kernel (each one a reason for degraded mode).
+    pub limitations: Vec<String>,
 }
 
 /// What must stay alive while events flow: the programs (dropping them detaches everything) and
@@ -173,19 +175,14 @@ impl KernelProbes {
         let struct_layout = btf.as_ref().map_err(Clone::clone).and_then(struct_layout);
         let netns_layout = btf.as_ref().ok().and_then(netns_layout);
         drop(btf);
+        let mut limitations = Vec::new();
         if netns_layout.is_none() {
-            tracing::warn!("no namespace offsets in BTF: NIC events carry no namespace, other namespaces' NICs cannot be told apart");
+            limitations.push("no namespace offsets in BTF: NIC events carry no namespace, other namespaces' NICs cannot be told apart".to_owned());
         }
         let kallsyms = Kallsyms::read().unwrap_or_else(|error| {
-            tracing::warn!(%error, "cannot read /proc/kallsyms: no kprobe can be placed");
+            limitations.push(format!("cannot read /proc/kallsyms ({error}): no kprobe can be placed"));
             Kallsyms::default()
         });
-        let pci_bus_type = kallsyms.address("pci_bus_type");
-        if pci_bus_type.is_none() {
-            tracing::warn!(
-                "no address for pci_bus_type in /proc/kallsyms: NIC events will carry no PCI address"
-            );
-        }
 
         let mut loader = EbpfLoader::new();
         loader.map_max_entries("EVENTS", ring_bytes);
@@ -205,8 +202,6 @@ impl KernelProbes {
             loader.override_global(name, value, true);
         }
         loader.override_global(globals::NETNS_KNOWN, &netns_known, true);
-        let pci_bus_type = pci_bus_type.unwrap_or(0);
-        loader.override_global(globals::PCI_BUS_TYPE, &pci_bus_type, true);
         let mut ebpf = loader.load(object)?;
         if let Err(error) = aya_log::EbpfLogger::init(&mut ebpf) {
             tracing::debug!(%error, "no eBPF log channel");
@@ -268,7 +263,7 @@ impl KernelProbes {
         let counters = ebpf.take_map("COUNTERS").ok_or(ProbeError::Missing("COUNTERS map"))?;
         let counters =
             PerCpuArray::try_from(counters).map_err(|source| ProbeError::Map { name: "COUNTERS", source })?;
-        Ok(Self { events, handle: ProbeHandle { _ebpf: ebpf, counters }, attachments })
+        Ok(Self { events, handle: ProbeHandle { _ebpf: ebpf, counters }, attachments, limitations })
     }
 
     /// Whether the NIC unregister and register hooks run (else degraded mode classifies NICs).
