@@ -71,4 +71,10 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Stand in front of cloud-init's hotplug hook (what cloud-init-hotplugd.service runs, by the
+    /// package's drop-in): read cloud-init's request from fd 3, and run
+    /// `cloud-init devel hotplug-hook` with it unless the running agent restores that NIC after
+    /// a driver reload. Real attaches and detaches, and anything the agent cannot tell, go to
+    /// cloud-init.
+    CloudInitGate,
 }

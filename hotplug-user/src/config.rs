@@ -8,6 +8,7 @@
 //!
 //! [interfaces.default]
 //! policy = "restore"                      # restore | ignore | command
+//! manager = "auto"                        # auto | none: wait for networkd & co., or not
 //!
 //! [interfaces."52:54:00:12:34:11"]        # by permanent MAC, or by interface name
 //! policy = "command"
@@ -55,11 +56,25 @@ pub enum PolicyKind {
     Command,
 }
 
+/// `[interfaces.X] manager`: whether the agent looks for another manager of the NIC.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ManagerMode {
+    /// Detect it (networkd's link state, amazon-ec2-net-utils' files, NetworkManager's devices):
+    /// a returning NIC is restored once its manager has configured it, its leases left to it.
+    #[default]
+    Auto,
+    /// Behave as if nothing else configured the NIC: restore everything at once.
+    None,
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Policy {
     #[serde(default)]
     pub policy: PolicyKind,
+    #[serde(default)]
+    pub manager: ManagerMode,
     /// Program and arguments, for `policy = "command"`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub command: Vec<String>,
@@ -308,7 +323,7 @@ mod tests {
                 None => keys.push(key.clone()),
             }
         }
-        keys.extend(["policy".to_owned(), "command".to_owned()]);
+        keys.extend(["policy".to_owned(), "manager".to_owned(), "command".to_owned()]);
         for key in keys {
             assert!(packaged.contains(&format!("#{key} = ")), "{key} is not in packaging/hotplug.toml");
             assert!(man.contains(&format!(".BR {key} ")), "{key} is not in docs/hotplug.toml.5");

@@ -3,14 +3,17 @@
 //! Layout follows the flow: `kernel` (events in: the eBPF programs' loader, decoding, rtnetlink
 //! and uevents) → `classify` (why a NIC came or went) → `decide` (per-NIC state machine) →
 //! `reconfigure` (netlink restore, attach, detach) with `snapshot` (a NIC's configuration) and
-//! `imds` (the metadata service); `agent` runs the loop, `config` reads the TOML file.
+//! `imds` (the metadata service); `managers` knows the host's other network managers, `control`
+//! is the control socket's protocol; `agent` runs the loop, `config` reads the TOML file.
 pub mod agent;
 pub mod classify;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod decide;
 pub mod imds;
 pub mod kernel;
+pub mod managers;
 pub mod reconfigure;
 pub mod snapshot;
 

@@ -15,6 +15,12 @@ fn main() -> ExitCode {
         eprintln!("hotplug-agent: {message}");
         return ExitCode::from(2);
     }
+    if let Some(Command::CloudInitGate) = cli.command {
+        // cloud-init runs whatever goes wrong here: a broken configuration only costs the socket
+        // path, which then is the default one.
+        let socket = Config::load(cli.config.as_deref()).unwrap_or_default().socket;
+        return hotplug::managers::cloud_init::gate(&socket);
+    }
     // Before the runtime: the notify protocol's environment is read while no other thread exists.
     let notifier = agent::service::Notifier::from_env();
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
@@ -30,10 +36,11 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command.unwrap_or(Command::Run) {
             Command::Run => agent::run(cli.config.clone(), config()?, cli.ring_bytes, notifier).await,
-            Command::Status { json } => Ok(agent::control::print_status(&config()?.socket, json)?),
+            Command::Status { json } => Ok(hotplug::control::print_status(&config()?.socket, json)?),
             Command::Events { json } => agent::stream_events(json, cli.ring_bytes).await,
             Command::Features { json } => agent::print_features(json),
             Command::BpfStats { json } => agent::print_bpf_stats(json),
+            Command::CloudInitGate => Ok(()), // handled above, without a runtime
         }
     });
     match result {

@@ -1,31 +1,37 @@
-//! The status socket: a root-only Unix socket on which the agent answers one JSON document per
-//! connection, and the `hotplug-agent status` client.
+//! The control socket, the agent's side (the protocol and its clients: `crate::control`). Bound
+//! root-only; every connection is read and answered by a task of its own, so a client that stalls
+//! stalls nothing else, while the answer is computed by the agent's loop, which owns the state.
 use std::{
-    io::{Read as _, Write as _},
     os::unix::fs::{DirBuilderExt as _, PermissionsExt as _},
     path::Path,
+    time::Duration,
 };
 
 use thiserror::Error;
-use tokio::{io::AsyncWriteExt as _, net::UnixListener};
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
+    net::{UnixListener, UnixStream},
+    sync::{mpsc, oneshot},
+};
 
-use super::nics::NicStatus;
+use crate::control::{Request, MAX_REQUEST_BYTES};
+
+/// How long a client may take to send its request.
+const READ_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Error)]
-pub enum ControlError {
-    #[error("status socket {path}: {source}")]
-    Socket { path: String, source: std::io::Error },
-    #[error(
-        "no agent answers on {path} ({source}): is `hotplug-agent run` running, with the same --config?"
-    )]
-    NoAgent { path: String, source: std::io::Error },
-    #[error("the agent's answer is not valid JSON: {0}")]
-    Answer(#[from] serde_json::Error),
+#[error("control socket {path}: {source}")]
+pub struct SocketError {
+    path: String,
+    source: std::io::Error,
 }
 
-/// Binds the status socket: its directory mode 0700, the socket 0600, a stale one replaced.
-pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
-    let err = |source| ControlError::Socket { path: path.display().to_string(), source };
+/// A request for the agent's loop, and where its answer goes.
+pub type Query = (Request, oneshot::Sender<Vec<u8>>);
+
+/// Binds the control socket: its directory mode 0700, the socket 0600, a stale one replaced.
+pub fn bind(path: &Path) -> Result<UnixListener, SocketError> {
+    let err = |source| SocketError { path: path.display().to_string(), source };
     if let Some(dir) = path.parent() {
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(err)?;
     }
@@ -45,56 +51,33 @@ pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
     Ok(listener)
 }
 
-/// Answers one client with the status document.
-pub async fn respond(mut stream: tokio::net::UnixStream, status: Vec<NicStatus>) {
-    let body = serde_json::to_vec_pretty(&status).unwrap_or_default();
-    let _ = stream.write_all(&body).await;
-    let _ = stream.shutdown().await;
-}
-
-/// `hotplug-agent status`: asks the running agent and prints its answer.
-pub fn print_status(socket: &Path, json: bool) -> Result<(), ControlError> {
-    let path = socket.display().to_string();
-    let mut stream = std::os::unix::net::UnixStream::connect(socket)
-        .map_err(|source| ControlError::NoAgent { path: path.clone(), source })?;
-    let mut body = String::new();
-    stream.read_to_string(&mut body).map_err(|source| ControlError::NoAgent { path, source })?;
-    let status: Vec<NicStatus> = serde_json::from_str(&body)?;
-    let mut out = std::io::stdout().lock();
-    if json {
-        let _ = writeln!(out, "{body}");
-        return Ok(());
-    }
-    for nic in status {
-        let state = serde_json::to_value(&nic.state).ok();
-        let state_name = state.as_ref().and_then(|s| s["state"].as_str()).unwrap_or("?").to_owned();
-        let _ = writeln!(out, "{}  {}", nic.mac, state_name);
-        if let Some(snapshot) = &nic.snapshot {
-            let _ = writeln!(out, "    config: {snapshot}");
+/// Reads one request (a line; nothing at all means `status`), has the loop answer it, writes the
+/// answer and closes.
+pub async fn serve(stream: UnixStream, queries: mpsc::Sender<Query>) {
+    let (reader, mut writer) = stream.into_split();
+    let mut line = String::new();
+    let mut reader = BufReader::new(reader.take(MAX_REQUEST_BYTES));
+    let read = tokio::time::timeout(READ_TIMEOUT, reader.read_line(&mut line)).await;
+    let request = match read {
+        Ok(Ok(_)) if line.trim().is_empty() => Ok(Request::Status),
+        Ok(Ok(_)) => serde_json::from_str::<Request>(line.trim()).map_err(|e| format!("bad request: {e}")),
+        // A client that connects and writes nothing (`socat -`) wants the status.
+        Err(_) => Ok(Request::Status),
+        Ok(Err(e)) => Err(format!("reading the request: {e}")),
+    };
+    let body = match request {
+        Ok(request) => {
+            let (tx, rx) = oneshot::channel();
+            if queries.send((request, tx)).await.is_err() {
+                return; // the agent is stopping
+            }
+            match rx.await {
+                Ok(body) => body,
+                Err(_) => return,
+            }
         }
-        if let Some(event) = &nic.last_event {
-            let _ = writeln!(out, "    last event: {event}");
-        }
-        if let Some(attach) = &nic.attach {
-            let _ = writeln!(
-                out,
-                "    attach: {}, {} IMDS requests{}{}",
-                attach.status,
-                attach.imds_requests,
-                attach.latency_ms.map(|l| format!(", {l} ms")).unwrap_or_default(),
-                attach.table.map(|t| format!(", table {t}")).unwrap_or_default()
-            );
-        }
-        if let Some(restore) = &nic.last_restore {
-            let _ = writeln!(
-                out,
-                "    last restore: {} us, {} requests, {} errors, {} differences",
-                restore.latency_us,
-                restore.requests,
-                restore.errors.len(),
-                restore.differences.len()
-            );
-        }
-    }
-    Ok(())
+        Err(message) => serde_json::to_vec(&serde_json::json!({ "error": message })).unwrap_or_default(),
+    };
+    let _ = writer.write_all(&body).await;
+    let _ = writer.shutdown().await;
 }

@@ -28,7 +28,9 @@ pub enum AgentError {
     #[error(transparent)]
     Nics(#[from] nics::ManagerError),
     #[error(transparent)]
-    Control(#[from] control::ControlError),
+    Control(#[from] control::SocketError),
+    #[error(transparent)]
+    Client(#[from] crate::control::ControlError),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
     #[error("writing events: {0}")]
@@ -66,6 +68,7 @@ impl Startup {
         }
         let probes = match KernelProbes::load(kernel::embedded_object(), &features, ring_bytes) {
             Ok(probes) => {
+                reasons.extend(probes.limitations.iter().cloned());
                 for attachment in &probes.attachments {
                     if let Some(error) = &attachment.error {
                         reasons.push(format!(
@@ -141,7 +144,12 @@ impl Startup {
 impl Startup {
     /// The first line of `events --json` and the body of `features --json`.
     fn header(&self) -> StreamHeader<'_> {
-        StreamHeader { kind: "agent", features: &self.features, mode: &self.mode }
+        StreamHeader {
+            kind: "agent",
+            features: &self.features,
+            mode: &self.mode,
+            managers: crate::managers::Host::default().detect(),
+        }
     }
 }
 
@@ -206,8 +214,9 @@ pub async fn run(
     // Watch configuration changes before reading the NICs, so that no change falls between.
     let changes = nics::config_changes()?;
     tokio::pin!(changes);
-    let (mut manager, mut attach_results) = nics::NicManager::start(config.clone()).await?;
+    let (mut manager, mut background) = nics::NicManager::start(config.clone()).await?;
     let listener = control::bind(&config.socket)?;
+    let (queries_tx, mut queries) = mpsc::channel::<control::Query>(16);
     let mut events = startup.events();
     let status = service_status(&startup.mode, manager.nic_count());
     tracing::info!(socket = %config.socket.display(), state = %config.state_dir.display(), "agent ready: {status}");
@@ -254,11 +263,14 @@ pub async fn run(
                 other => tracing::info!("{}", describe(&other)),
             },
             Some(change) = changes.next() => manager.note_change(change),
-            Some(result) = attach_results.recv() => manager.on_attach_result(result).await,
+            Some(message) = background.recv() => manager.on_background(message).await,
+            Some((request, reply)) = queries.recv() => {
+                let _ = reply.send(manager.answer(&request));
+            }
             () = sleep_until(wakeup) => manager.wake().await,
             Ok((stream, _)) = listener.accept() => {
-                // Written by a task of its own: a stalled client cannot stall the agent.
-                tokio::spawn(control::respond(stream, manager.status()));
+                // Read and written by a task of its own: a stalled client cannot stall the agent.
+                tokio::spawn(control::serve(stream, queries_tx.clone()));
             }
         }
     }
@@ -311,6 +323,8 @@ struct StreamHeader<'a> {
     features: &'a KernelFeatures,
     #[serde(flatten)]
     mode: &'a Mode,
+    /// The host's other network managers.
+    managers: crate::managers::HostManagers,
 }
 
 /// `hotplug-agent events`: prints every kernel event as it happens until SIGINT/SIGTERM.
@@ -406,6 +420,8 @@ pub fn print_features(json: bool) -> Result<(), AgentError> {
         writeln!(out, "{}", serde_json::to_string_pretty(&header)?).map_err(AgentError::Output)?;
     } else {
         writeln!(out, "{}", startup.features).map_err(AgentError::Output)?;
+        writeln!(out, "{}", describe_managers(&crate::managers::Host::default().detect()))
+            .map_err(AgentError::Output)?;
         match &startup.mode {
             Mode::Full => writeln!(out, "mode: full"),
             Mode::Degraded(reasons) => writeln!(out, "mode: degraded")
@@ -414,6 +430,24 @@ pub fn print_features(json: bool) -> Result<(), AgentError> {
         .map_err(AgentError::Output)?;
     }
     Ok(())
+}
+
+/// One line on the host's other network managers, for people.
+pub fn describe_managers(managers: &crate::managers::HostManagers) -> String {
+    if !managers.any() && managers.cloud_init_hotplug.is_none() {
+        return "other network managers: none".to_owned();
+    }
+    let mut parts: Vec<String> = managers.names().into_iter().map(str::to_owned).collect();
+    if managers.networkd {
+        let foreign = if managers.networkd_keeps_foreign { "keeps" } else { "DELETES" };
+        parts.push(format!("networkd {foreign} routes and rules it did not make"));
+    }
+    if let Some(hook) = &managers.cloud_init_hotplug {
+        let gated =
+            if hook.gated { "gated by hotplug-agent" } else { "NOT gated: driver reloads also run it" };
+        parts.push(format!("cloud-init's hotplug hook {gated}"));
+    }
+    format!("other network managers: {}", parts.join("; "))
 }
 
 /// Run statistics of one of hotplug's programs.

@@ -7,6 +7,9 @@
 //!      │                                                   │           (restore / command / ignore)
 //!      └──removal: any other cause──▶ removed ◀──return timeout──┘     (handed to the detach path)
 //! ```
+pub mod coexist;
+pub mod gate;
+
 use serde::{Deserialize, Serialize};
 
 use crate::{

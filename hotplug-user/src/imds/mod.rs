@@ -139,6 +139,9 @@ impl ImdsClient {
         }
         let http = reqwest::Client::builder()
             .no_proxy()
+            // The token header must never follow a redirect to another host; IMDS never redirects.
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("hotplug-agent/", env!("CARGO_PKG_VERSION")))
             .timeout(Duration::from_millis(config.request_timeout_ms.max(1)))
             .connect_timeout(Duration::from_millis(config.request_timeout_ms.max(1)))
             .build()

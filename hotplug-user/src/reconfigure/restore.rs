@@ -6,11 +6,17 @@
 //! then admin state up (the kernel installs no IPv4 route through a gateway on a down link), then
 //! routes, then rules (rules are not bound to a device and usually survive a reload; a missing one
 //! is added again).
+//!
+//! What the kernel or a lease made is not replayed as it was: transient address flags and route
+//! flags (`linkdown`, `dead`: a route read while the NIC had no carrier carries them, and the
+//! kernel refuses a new route that does) are stripped; an address with a lifetime (a DHCP or
+//! SLAAC lease) is either left to the NIC's network manager, which renews it, or replayed with
+//! what is left of its lifetime, never with the stale one.
 use rtnetlink::{
     packet_route::{
-        address::{AddressAttribute, AddressFlags},
+        address::{AddressAttribute, AddressFlags, AddressMessage},
         link::LinkMessage,
-        route::RouteAttribute,
+        route::{RouteAttribute, RouteFlags, RouteMessage, RouteNextHopFlags, RouteProtocol},
     },
     Handle, LinkUnspec,
 };
@@ -29,11 +35,93 @@ pub struct RestoreReport {
     pub differences: Vec<String>,
     /// CLOCK_MONOTONIC ns when the last request was acknowledged.
     pub last_ack_ns: u64,
+    /// What was not replayed and why (leases left to the NIC's manager, expired ones).
+    pub left_to_manager: Vec<String>,
+}
+
+/// How to replay a snapshot.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RestoreOptions {
+    /// Another manager (networkd's DHCP client) renews leases on this NIC: addresses with a
+    /// lifetime and DHCP routes are its, not the snapshot's.
+    pub leave_dynamic: bool,
+    /// CLOCK_MONOTONIC ns now, to age the lifetimes of replayed addresses.
+    pub now_ns: u64,
+}
+
+/// Lifetime in seconds meaning "forever" (`INFINITY_LIFE_TIME`).
+const FOREVER: u32 = u32::MAX;
+
+/// An address ready to replay: transient flags stripped, its lifetime aged by the time since the
+/// snapshot; `Err` says why it is not replayed.
+fn replayable_address(
+    mut message: AddressMessage,
+    snapshot_age_s: u32,
+    options: RestoreOptions,
+) -> Result<AddressMessage, &'static str> {
+    for attribute in &mut message.attributes {
+        match attribute {
+            // Transient state is the kernel's to set again.
+            AddressAttribute::Flags(flags) => flags.remove(
+                AddressFlags::Tentative
+                    | AddressFlags::Dadfailed
+                    | AddressFlags::Deprecated
+                    | AddressFlags::Optimistic,
+            ),
+            AddressAttribute::CacheInfo(info) if info.ifa_valid != FOREVER => {
+                if options.leave_dynamic {
+                    return Err("a lease's, renewed by the NIC's network manager");
+                }
+                let valid = info.ifa_valid.saturating_sub(snapshot_age_s);
+                if valid == 0 {
+                    return Err("its lifetime ran out since the snapshot");
+                }
+                let preferred = if info.ifa_preferred == FOREVER {
+                    FOREVER
+                } else {
+                    info.ifa_preferred.saturating_sub(snapshot_age_s)
+                };
+                info.ifa_preferred = preferred;
+                info.ifa_valid = valid;
+            }
+            _ => {}
+        }
+    }
+    Ok(message)
+}
+
+/// A route ready to replay on `ifindex`: the kernel's state flags stripped; `Err` says why not.
+fn replayable_route(
+    mut message: RouteMessage,
+    ifindex: u32,
+    options: RestoreOptions,
+) -> Result<RouteMessage, &'static str> {
+    if options.leave_dynamic && message.header.protocol == RouteProtocol::Dhcp {
+        return Err("a lease's, renewed by the NIC's network manager");
+    }
+    // Of the header's flags only `onlink` is configuration; `linkdown`, `dead`, offload and trap
+    // are the kernel's (and a request carrying `linkdown` or `dead` is refused with EINVAL).
+    message.header.flags &= RouteFlags::Onlink;
+    message.attributes.retain(|a| !matches!(a, RouteAttribute::CacheInfo(_)));
+    for attribute in &mut message.attributes {
+        match attribute {
+            RouteAttribute::Oif(index) => *index = ifindex,
+            RouteAttribute::MultiPath(hops) => {
+                for hop in hops {
+                    hop.flags &= RouteNextHopFlags::Onlink;
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(message)
 }
 
 struct Sender<'a> {
     handle: &'a Handle,
     report: RestoreReport,
+    /// The read-back differences that what was left to the manager explains.
+    expected_missing: Vec<String>,
 }
 
 impl Sender<'_> {
@@ -59,9 +147,16 @@ impl Sender<'_> {
 }
 
 /// Restores `want` onto the link `ifindex`.
-pub async fn restore(handle: &Handle, want: &NicSnapshot, ifindex: u32) -> RestoreReport {
-    let mut tx = Sender { handle, report: RestoreReport::default() };
+pub async fn restore(
+    handle: &Handle,
+    want: &NicSnapshot,
+    ifindex: u32,
+    options: RestoreOptions,
+) -> RestoreReport {
+    let mut tx = Sender { handle, report: RestoreReport::default(), expected_missing: Vec::new() };
     let have = snapshot::capture(handle, ifindex).await.ok();
+    let snapshot_age_s =
+        u32::try_from(options.now_ns.saturating_sub(want.taken_ns) / 1_000_000_000).unwrap_or(u32::MAX);
 
     if let Some(have) = &have {
         if have.name != want.name {
@@ -76,34 +171,31 @@ pub async fn restore(handle: &Handle, want: &NicSnapshot, ifindex: u32) -> Resto
             let message = LinkUnspec::new_with_index(ifindex).mtu(mtu).build();
             tx.set_link(&format!("mtu {mtu}"), message).await;
         }
-        let missing: Vec<&str> =
-            want.altnames.iter().filter(|a| !have.altnames.contains(a)).map(String::as_str).collect();
-        if !missing.is_empty() {
-            let result = handle.link().property_add(ifindex).alt_ifname(&missing).execute().await;
-            tx.outcome(&format!("altnames {}", missing.join(" ")), result);
+        // One request per name: udev may add some of them meanwhile (its alternative names
+        // policy), and one that exists fails a request that holds several.
+        for missing in want.altnames.iter().filter(|a| !have.altnames.contains(a)) {
+            let result = handle.link().property_add(ifindex).alt_ifname(&[missing.as_str()]).execute().await;
+            tx.outcome(&format!("altname {missing}"), result);
         }
     }
 
     for entry in &want.addresses {
-        let mut message = match snapshot::address_message(entry) {
+        let message = match snapshot::address_message(entry) {
             Ok(m) => m,
             Err(e) => {
                 tx.report.errors.push(format!("address {}: {e}", entry.summary));
                 continue;
             }
         };
-        message.header.index = ifindex;
-        for attribute in &mut message.attributes {
-            if let AddressAttribute::Flags(flags) = attribute {
-                // Transient state is the kernel's to set again.
-                flags.remove(
-                    AddressFlags::Tentative
-                        | AddressFlags::Dadfailed
-                        | AddressFlags::Deprecated
-                        | AddressFlags::Optimistic,
-                );
+        let mut message = match replayable_address(message, snapshot_age_s, options) {
+            Ok(message) => message,
+            Err(why) => {
+                tx.report.left_to_manager.push(format!("address {}: {why}", entry.summary));
+                tx.expected_missing.push(format!("address missing: {}", entry.summary));
+                continue;
             }
-        }
+        };
+        message.header.index = ifindex;
         let mut request = handle.address().add(ifindex, std::net::IpAddr::from([0, 0, 0, 0]), 0).replace();
         *request.message_mut() = message;
         let result = request.execute().await;
@@ -116,19 +208,21 @@ pub async fn restore(handle: &Handle, want: &NicSnapshot, ifindex: u32) -> Resto
     }
 
     for entry in &want.routes {
-        let mut message = match snapshot::route_message(entry) {
+        let message = match snapshot::route_message(entry) {
             Ok(m) => m,
             Err(e) => {
                 tx.report.errors.push(format!("route {}: {e}", entry.summary));
                 continue;
             }
         };
-        message.attributes.retain(|a| !matches!(a, RouteAttribute::CacheInfo(_)));
-        for attribute in &mut message.attributes {
-            if let RouteAttribute::Oif(index) = attribute {
-                *index = ifindex;
+        let message = match replayable_route(message, ifindex, options) {
+            Ok(message) => message,
+            Err(why) => {
+                tx.report.left_to_manager.push(format!("route {}: {why}", entry.summary));
+                tx.expected_missing.push(format!("route missing: {}", entry.summary));
+                continue;
             }
-        }
+        };
         let mut request = handle.route().add(message.clone()).replace();
         *request.message_mut() = message;
         let result = request.execute().await;
@@ -152,11 +246,86 @@ pub async fn restore(handle: &Handle, want: &NicSnapshot, ifindex: u32) -> Resto
     }
 
     let last_ack_ns = tx.report.last_ack_ns;
+    let expected_missing = tx.expected_missing;
     let mut report = tx.report;
     match snapshot::capture(handle, ifindex).await {
-        Ok(now) => report.differences = want.differences(&now),
+        // What was left to the manager is not missing.
+        Ok(now) => {
+            report.differences =
+                want.differences(&now).into_iter().filter(|d| !expected_missing.contains(d)).collect();
+        }
         Err(error) => report.errors.push(format!("reading the NIC back: {error}")),
     }
     report.last_ack_ns = last_ack_ns;
     report
+}
+
+#[cfg(test)]
+mod tests {
+    use rtnetlink::packet_route::address::CacheInfo;
+
+    use super::*;
+
+    fn address(valid: u32, preferred: u32) -> AddressMessage {
+        let mut message = AddressMessage::default();
+        message.attributes.push(AddressAttribute::Flags(AddressFlags::Tentative | AddressFlags::Secondary));
+        let mut info = CacheInfo::default();
+        info.ifa_preferred = preferred;
+        info.ifa_valid = valid;
+        message.attributes.push(AddressAttribute::CacheInfo(info));
+        message
+    }
+
+    fn cache_info(message: &AddressMessage) -> Option<CacheInfo> {
+        message.attributes.iter().find_map(|a| {
+            if let AddressAttribute::CacheInfo(c) = a {
+                Some(*c)
+            } else {
+                None
+            }
+        })
+    }
+
+    #[test]
+    fn a_leases_address_is_aged_or_left_never_replayed_stale() -> Result<(), &'static str> {
+        let replay = RestoreOptions { leave_dynamic: false, now_ns: 0 };
+        let aged = replayable_address(address(3600, 1800), 600, replay)?;
+        let info = cache_info(&aged).ok_or("no cache info")?;
+        assert_eq!(
+            (info.ifa_valid, info.ifa_preferred),
+            (3000, 1200),
+            "lifetimes aged by the snapshot's age"
+        );
+        let flags =
+            aged.attributes
+                .iter()
+                .find_map(|a| if let AddressAttribute::Flags(f) = a { Some(*f) } else { None });
+        assert_eq!(flags, Some(AddressFlags::Secondary), "tentative is the kernel's");
+        assert!(replayable_address(address(3600, 1800), 3600, replay).is_err(), "expired meanwhile");
+        let forever = replayable_address(address(FOREVER, FOREVER), 10_000, replay)?;
+        assert_eq!(
+            cache_info(&forever).map(|c| c.ifa_valid),
+            Some(FOREVER),
+            "a static address keeps forever"
+        );
+        let leave = RestoreOptions { leave_dynamic: true, now_ns: 0 };
+        assert!(replayable_address(address(3600, 1800), 0, leave).is_err(), "networkd's DHCP renews it");
+        assert!(replayable_address(address(FOREVER, FOREVER), 0, leave).is_ok());
+        Ok(())
+    }
+
+    #[test]
+    fn a_route_read_without_carrier_is_replayed_without_the_kernels_flags() -> Result<(), &'static str> {
+        let mut message = RouteMessage::default();
+        message.header.flags = RouteFlags::Linkdown | RouteFlags::Dead | RouteFlags::Onlink;
+        message.attributes.push(RouteAttribute::Oif(3));
+        let replay = RestoreOptions::default();
+        let route = replayable_route(message.clone(), 9, replay)?;
+        assert_eq!(route.header.flags, RouteFlags::Onlink);
+        assert!(route.attributes.contains(&RouteAttribute::Oif(9)));
+        message.header.protocol = RouteProtocol::Dhcp;
+        assert!(replayable_route(message.clone(), 9, replay).is_ok(), "no manager: replayed");
+        assert!(replayable_route(message, 9, RestoreOptions { leave_dynamic: true, now_ns: 0 }).is_err());
+        Ok(())
+    }
 }

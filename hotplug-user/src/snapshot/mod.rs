@@ -23,6 +23,8 @@ use rtnetlink::{
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::managers::Manager;
+
 #[derive(Debug, Error)]
 pub enum SnapshotError {
     #[error("rtnetlink: {0}")]
@@ -64,6 +66,9 @@ pub struct NicSnapshot {
     pub rules: Vec<Entry>,
     /// CLOCK_MONOTONIC ns when the dump that produced this snapshot had finished.
     pub taken_ns: u64,
+    /// The network manager that configured the NIC besides the agent, when the snapshot was taken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manager: Option<Manager>,
 }
 
 impl NicSnapshot {
@@ -94,6 +99,41 @@ impl NicSnapshot {
             }
         }
         diffs
+    }
+
+    /// What of this snapshot systemd-networkd would not re-create when it configures the link:
+    /// routes and rules with a protocol other than its own (`static`, `dhcp`) and the kernel's.
+    /// (Addresses carry no owner; networkd drops the ones it did not make, by design.)
+    pub fn networkd_foreign(&self) -> Self {
+        let foreign_route = |e: &Entry| {
+            route_message(e).is_ok_and(|m| {
+                !matches!(
+                    m.header.protocol,
+                    RouteProtocol::Static | RouteProtocol::Dhcp | RouteProtocol::Kernel | RouteProtocol::Ra
+                )
+            })
+        };
+        let foreign_rule = |e: &Entry| {
+            rule_message(e).is_ok_and(|m| {
+                !m.attributes.iter().any(|a| {
+                    matches!(a, RuleAttribute::Protocol(RouteProtocol::Static | RouteProtocol::Kernel))
+                })
+            })
+        };
+        Self {
+            addresses: Vec::new(),
+            routes: self.routes.iter().filter(|e| foreign_route(e)).cloned().collect(),
+            rules: self.rules.iter().filter(|e| foreign_rule(e)).cloned().collect(),
+            ..self.clone()
+        }
+    }
+
+    /// The routes and rules of `self` that `now` lacks.
+    pub fn lost_in(&self, now: &Self) -> usize {
+        let lost = |want: &[Entry], have: &[Entry]| {
+            want.iter().filter(|w| !have.iter().any(|h| h.summary == w.summary)).count()
+        };
+        lost(&self.routes, &now.routes) + lost(&self.rules, &now.rules)
     }
 
     pub fn summary_line(&self) -> String {
@@ -411,6 +451,7 @@ pub async fn capture(handle: &Handle, ifindex: u32) -> Result<NicSnapshot, Snaps
         routes,
         rules,
         taken_ns: crate::agent::monotonic_ns(),
+        manager: None,
     })
 }
 
@@ -436,6 +477,7 @@ mod tests {
             )],
             rules: vec![entry("pref 10001 from 10.0.1.5/32 lookup 10001 action ToTable")],
             taken_ns: 1,
+            manager: None,
         }
     }
 

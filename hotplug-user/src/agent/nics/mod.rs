@@ -1,31 +1,42 @@
 //! The NIC manager: keeps each NIC's live snapshot current from rtnetlink notifications, feeds
 //! classified events through the per-NIC state machine (`decide`), carries out its actions
-//! (hold a snapshot, restore it, run a command, hand the NIC to the detach path), and persists
-//! every NIC's state so that a restarted agent still knows what to restore.
+//! (hold a snapshot, restore it, run a command, hand the NIC to the detach path, attach), and
+//! persists every NIC's state so that a restarted agent still knows what to restore.
+//!
+//! `startup.rs` reconciles persisted state with the NICs present at start, `restore.rs` holds and
+//! restores snapshots (after the NIC's own network manager where it has one), `attach.rs` talks
+//! to IMDS for NICs really attached, `changes.rs` turns rtnetlink notifications into re-reads.
+mod attach;
+mod changes;
+mod restore;
+mod startup;
+
 use std::{
     collections::{HashMap, HashSet, VecDeque},
     sync::Arc,
     time::Duration,
 };
 
-use futures::{Stream, StreamExt as _};
-use rtnetlink::{
-    packet_core::NetlinkPayload,
-    packet_route::{route::RouteAttribute, RouteNetlinkMessage},
-    Handle, MulticastGroup,
-};
+use rtnetlink::Handle;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio::sync::mpsc;
 
+pub use self::{attach::AttachResult, changes::config_changes};
 use super::monotonic_ns;
 use crate::{
     classify::{Cause, NicEvent, Source},
-    config::{Config, PolicyKind},
-    decide::{self, Action, Input, NicState},
-    imds::{ImdsClient, ImdsError, NicMetadata},
+    config::Config,
+    control::{AttachOutcome, NicStatus, Request, RestoreOutcome},
+    decide::{
+        self,
+        gate::{GateFacts, UeventAction},
+        Action, Input, NicState,
+    },
+    imds::ImdsClient,
     kernel::rtnl::{self, RtnlError},
-    reconfigure::{attach, command, restore},
+    managers::Host,
+    reconfigure::{attach as attach_config, command},
     snapshot::{
         self,
         store::{Store, StoreError},
@@ -37,6 +48,8 @@ use crate::{
 const DEBOUNCE: Duration = Duration::from_millis(50);
 /// Snapshots kept per NIC (the one to restore is chosen by time among them).
 const HISTORY: usize = 8;
+/// How recently networkd must have touched a link for routes it dropped there to go back.
+const MANAGER_TOUCH: Duration = Duration::from_secs(5);
 /// NICs that left for good kept in memory for `status`.
 const REMOVED_KEPT: usize = 64;
 /// A notification more than this long after the previous one starts a new burst (degraded mode
@@ -53,36 +66,12 @@ pub enum ManagerError {
     Socket(#[from] std::io::Error),
 }
 
-/// Where an attach stands.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct AttachOutcome {
-    /// `waiting-for-imds`, `configured` or `failed`.
-    pub status: String,
-    /// From the kernel's device-added timestamp to the end of the configuration.
-    pub latency_ms: Option<u64>,
-    /// IMDS requests this attach made (token requests included).
-    pub imds_requests: u64,
-    pub table: Option<u32>,
-    pub errors: Vec<String>,
-}
-
-/// An attach's IMDS answer, back in the agent's loop.
-pub struct AttachResult {
-    mac: String,
-    ifindex: u32,
-    started_ns: u64,
-    requests: u64,
-    result: Result<NicMetadata, ImdsError>,
-}
-
-/// The outcome of the last restore of a NIC.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct RestoreOutcome {
-    /// From the kernel's registration timestamp to the last netlink acknowledgement.
-    pub latency_us: u64,
-    pub requests: u32,
-    pub errors: Vec<String>,
-    pub differences: Vec<String>,
+/// What the agent's background tasks hand back to its loop.
+pub enum Background {
+    /// IMDS answered (or gave up) for a NIC really attached.
+    Attach(AttachResult),
+    /// The returning NIC's network manager is done with it (or the wait ran out).
+    ManagerSettled(restore::Settled),
 }
 
 /// One NIC as the agent manages and persists it.
@@ -99,6 +88,15 @@ pub struct Managed {
     /// Rules the agent added on attach (the detach path removes exactly these).
     #[serde(default)]
     pub configured_rules: Vec<snapshot::Entry>,
+    /// The NIC registered again after its driver had left (what cloud-init's gate asks).
+    #[serde(default)]
+    pub returned_from_driver_gone: bool,
+    /// The cause of its last removal, and the name it had then.
+    #[serde(default)]
+    pub last_removal: Option<(Cause, String)>,
+    /// The snapshot a restore waits to replay (while the NIC's manager configures it first).
+    #[serde(default)]
+    pub pending_restore: Option<restore::Pending>,
     #[serde(skip)]
     history: VecDeque<NicSnapshot>,
 }
@@ -113,22 +111,12 @@ impl Managed {
             last_restore: None,
             attach: None,
             configured_rules: Vec::new(),
+            returned_from_driver_gone: false,
+            last_removal: None,
+            pending_restore: None,
             history: VecDeque::new(),
         }
     }
-}
-
-/// What `hotplug-agent status` shows for a NIC.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct NicStatus {
-    pub mac: String,
-    #[serde(flatten)]
-    pub state: NicState,
-    pub snapshot: Option<String>,
-    pub last_event: Option<String>,
-    pub last_restore: Option<RestoreOutcome>,
-    #[serde(default)]
-    pub attach: Option<AttachOutcome>,
 }
 
 pub struct NicManager {
@@ -141,9 +129,11 @@ pub struct NicManager {
     dirty_due: Option<tokio::time::Instant>,
     bursts: HashMap<u32, (u64, u64)>,
     imds: Option<Arc<ImdsClient>>,
-    attach_tx: mpsc::Sender<AttachResult>,
+    background: mpsc::Sender<Background>,
     /// Inode of the agent's own network namespace.
     own_netns: Option<u32>,
+    /// Where the other network managers keep their state.
+    host: Host,
 }
 
 fn key(mac: &str) -> String {
@@ -151,128 +141,6 @@ fn key(mac: &str) -> String {
 }
 
 impl NicManager {
-    /// Loads persisted state, reads every NIC present now, and reconciles the two. The receiver
-    /// yields attach results for [`NicManager::on_attach_result`].
-    pub async fn start(config: Config) -> Result<(Self, mpsc::Receiver<AttachResult>), ManagerError> {
-        let store = Store::open(&config.state_dir)?;
-        let (connection, handle, _) = rtnetlink::new_connection()?;
-        tokio::spawn(connection);
-        let imds = imds_client(&config);
-        let (attach_tx, attach_rx) = mpsc::channel(64);
-        let own_netns = std::fs::metadata("/proc/self/ns/net")
-            .ok()
-            .and_then(|m| u32::try_from(std::os::unix::fs::MetadataExt::ino(&m)).ok());
-        let mut manager = Self {
-            own_netns,
-            imds,
-            attach_tx,
-            config,
-            store,
-            handle,
-            nics: HashMap::new(),
-            by_ifindex: HashMap::new(),
-            dirty: HashSet::new(),
-            dirty_due: None,
-            bursts: HashMap::new(),
-        };
-        let (persisted, problems): (Vec<Managed>, _) = manager.store.load_all()?;
-        let known: HashSet<String> = persisted.iter().map(|n| key(&n.mac)).collect();
-        for problem in problems {
-            tracing::warn!("{problem}");
-        }
-        for nic in persisted {
-            manager.nics.insert(key(&nic.mac), nic);
-        }
-        let now = monotonic_ns();
-        let mut present = HashSet::new();
-        for link in rtnl::dump_links().await? {
-            if link.name == "lo" {
-                continue;
-            }
-            match snapshot::capture(&manager.handle, link.ifindex).await {
-                Ok(snapshot) if !snapshot.mac.is_empty() => {
-                    let mac = key(&snapshot.mac);
-                    present.insert(mac.clone());
-                    let restore_due =
-                        matches!(manager.nics.get(&mac).map(|n| &n.state), Some(NicState::DriverGone { .. }));
-                    if restore_due {
-                        // It came back while the agent was not running: restore now.
-                        let event = synthetic_return(&snapshot);
-                        manager.on_event(&event).await;
-                    } else {
-                        let nic = manager.nics.entry(mac.clone()).or_insert_with(|| {
-                            Managed::new(
-                                &mac,
-                                NicState::Present { ifindex: link.ifindex, name: snapshot.name.clone() },
-                            )
-                        });
-                        nic.state = NicState::Present { ifindex: link.ifindex, name: snapshot.name.clone() };
-                        nic.history.push_back(snapshot.clone());
-                        nic.snapshot = Some(snapshot);
-                        manager.by_ifindex.insert(link.ifindex, mac.clone());
-                        manager.persist(&mac);
-                    }
-                }
-                Ok(_) => {}
-                Err(error) => {
-                    tracing::warn!(ifindex = link.ifindex, %error, "cannot read a NIC's configuration")
-                }
-            }
-        }
-        let timeout = u64::try_from(manager.config.return_timeout().as_nanos()).unwrap_or(u64::MAX);
-        let absent: Vec<String> = manager.nics.keys().filter(|m| !present.contains(*m)).cloned().collect();
-        for mac in absent {
-            let Some(nic) = manager.nics.get_mut(&mac) else { continue };
-            match &nic.state {
-                NicState::Present { .. } | NicState::DriverGone { .. } => {
-                    let name = match &nic.state {
-                        NicState::Present { name, .. } => name.clone(),
-                        _ => nic.snapshot.as_ref().map(|s| s.name.clone()).unwrap_or_default(),
-                    };
-                    tracing::warn!(%mac, %name, "NIC absent at start-up: expecting it back within {} s", timeout / 1_000_000_000);
-                    let cause = match nic.state {
-                        NicState::DriverGone { cause, .. } => cause,
-                        _ => Cause::Unknown,
-                    };
-                    nic.state = NicState::DriverGone {
-                        cause,
-                        since_ns: now,
-                        deadline_ns: now.saturating_add(timeout),
-                    };
-                    manager.persist(&mac);
-                }
-                NicState::Removed { .. } => {}
-            }
-        }
-        // NICs the agent has never seen and that nobody configured yet are learned the way an attach
-        // is, in one pass: one IMDS look-up each, no retries (a NIC IMDS does not list is left alone).
-        let unconfigured: Vec<(String, u32)> = manager
-            .nics
-            .iter()
-            .filter(|(mac, _)| !known.contains(*mac) && !mac.contains('@'))
-            .filter_map(|(mac, nic)| match (&nic.state, &nic.snapshot) {
-                (NicState::Present { ifindex, .. }, Some(s))
-                    if !s.addresses.iter().any(|a| is_configured_address(&a.summary)) =>
-                {
-                    Some((mac.clone(), *ifindex))
-                }
-                _ => None,
-            })
-            .collect();
-        for (mac, ifindex) in unconfigured {
-            let name = manager
-                .nics
-                .get(&mac)
-                .and_then(|n| n.snapshot.as_ref())
-                .map(|s| s.name.clone())
-                .unwrap_or_default();
-            if manager.config.policy_for(&mac, &name).policy != PolicyKind::Ignore {
-                manager.start_attach(&mac, ifindex, None, Duration::ZERO);
-            }
-        }
-        Ok((manager, attach_rx))
-    }
-
     /// How many NICs the agent manages (present or expected back).
     pub fn nic_count(&self) -> usize {
         self.nics.values().filter(|n| !matches!(n.state, NicState::Removed { .. })).count()
@@ -301,7 +169,7 @@ impl NicManager {
         }
         if config.imds != self.config.imds {
             // Attaches under way keep the client they started with.
-            self.imds = imds_client(&config);
+            self.imds = attach::imds_client(&config);
         }
         self.config = config;
         kept
@@ -417,7 +285,22 @@ impl NicManager {
             return;
         }
         match snapshot::capture(&self.handle, ifindex).await {
-            Ok(snapshot) if key(&snapshot.mac) == mac => {
+            Ok(mut snapshot) if key(&snapshot.mac) == mac => {
+                snapshot.manager = self.host.nic_manager(ifindex, &snapshot.name);
+                // networkd reconfigured the link and dropped routes and rules it does not own?
+                let dropped = self.nics.get(&mac).and_then(|nic| {
+                    let previous = nic.snapshot.as_ref()?;
+                    let foreign = previous.networkd_foreign();
+                    let touched = self.host.networkd_touched(ifindex, MANAGER_TOUCH);
+                    let restoring = nic.pending_restore.is_some();
+                    decide::coexist::restore_after_manager(
+                        previous.manager,
+                        foreign.lost_in(&snapshot),
+                        touched,
+                        restoring,
+                    )
+                    .then_some(foreign)
+                });
                 if let Some(nic) = self.nics.get_mut(&mac) {
                     if let NicState::Present { name, .. } = &mut nic.state {
                         name.clone_from(&snapshot.name);
@@ -429,6 +312,9 @@ impl NicManager {
                     nic.snapshot = Some(snapshot);
                 }
                 self.persist(&mac);
+                if let Some(foreign) = dropped {
+                    self.restore_after_manager(&mac, ifindex, foreign);
+                }
             }
             Ok(_) | Err(_) => {} // gone or replaced meanwhile: the kernel events will say why
         }
@@ -470,8 +356,16 @@ impl NicManager {
                 self.dirty.remove(ifindex);
             }
         }
+        nic.returned_from_driver_gone = match (&state, &next) {
+            (Some(NicState::DriverGone { .. }), NicState::Present { .. }) => true,
+            (_, NicState::Present { .. }) => nic.returned_from_driver_gone,
+            _ => false,
+        };
         nic.state = next;
         if let Some(event) = event {
+            if event.action == crate::classify::Action::Removal {
+                nic.last_removal = Some((event.cause, event.name.clone()));
+            }
             nic.last_event = Some(event.clone());
         }
         for action in transition.actions {
@@ -506,57 +400,8 @@ impl NicManager {
 
     async fn act(&mut self, mac: &str, action: Action, event: Option<&NicEvent>) {
         match action {
-            Action::HoldSnapshot { before_ns } => {
-                // Degraded mode sees a removal after the teardown notifications: hold what the
-                // NIC looked like before the burst of changes that ended in its removal.
-                let before_ns = match event {
-                    Some(e) if e.source == Source::Heuristic => {
-                        let ifindex = u32::try_from(e.ifindex).unwrap_or(0);
-                        self.bursts.get(&ifindex).map_or(before_ns, |b| b.0.min(before_ns))
-                    }
-                    _ => before_ns,
-                };
-                let Some(nic) = self.nics.get_mut(mac) else { return };
-                let candidate = nic
-                    .history
-                    .iter()
-                    .chain(nic.snapshot.iter())
-                    .filter(|s| s.taken_ns < before_ns)
-                    .max_by_key(|s| s.taken_ns)
-                    .cloned();
-                match candidate {
-                    Some(snapshot) => {
-                        tracing::info!(%mac, interface = %snapshot.name, action = "hold", "driver left: holding {}", snapshot.summary_line());
-                        nic.snapshot = Some(snapshot);
-                    }
-                    None => {
-                        tracing::warn!(%mac, action = "hold", "driver left, but no snapshot from before it: nothing to restore")
-                    }
-                }
-                nic.history.clear();
-            }
-            Action::Restore { ifindex } => {
-                let Some(want) = self.nics.get(mac).and_then(|n| n.snapshot.clone()) else {
-                    tracing::warn!(%mac, ifindex, action = "restore", "NIC is back but there is no snapshot to restore");
-                    return;
-                };
-                let report = restore::restore(&self.handle, &want, ifindex).await;
-                let registered_ns = event.map_or(report.last_ack_ns, |e| e.timestamp_ns);
-                let latency_us = report.last_ack_ns.saturating_sub(registered_ns) / 1000;
-                if report.errors.is_empty() && report.differences.is_empty() {
-                    tracing::info!(%mac, interface = %want.name, ifindex, action = "restore", latency_us, requests = report.requests, "restored {}", want.summary_line());
-                } else {
-                    tracing::warn!(%mac, interface = %want.name, ifindex, action = "restore", latency_us, errors = ?report.errors, differences = ?report.differences, "restore incomplete");
-                }
-                if let Some(nic) = self.nics.get_mut(mac) {
-                    nic.last_restore = Some(RestoreOutcome {
-                        latency_us,
-                        requests: report.requests,
-                        errors: report.errors,
-                        differences: report.differences,
-                    });
-                }
-            }
+            Action::HoldSnapshot { before_ns } => self.hold_snapshot(mac, before_ns, event),
+            Action::Restore { ifindex } => self.begin_restore(mac, ifindex, event).await,
             Action::RunCommand { phase } => {
                 let command = self.config.policy_for(mac, event.map_or("", |e| e.name.as_str())).command;
                 if let (Some(event), false) = (event, command.is_empty()) {
@@ -576,17 +421,14 @@ impl NicManager {
                 let rules = std::mem::take(&mut nic.configured_rules);
                 nic.snapshot = None;
                 nic.history.clear();
-                let errors = attach::detach(&self.handle, &rules).await;
+                let errors = attach_config::detach(&self.handle, &rules).await;
                 if errors.is_empty() {
                     tracing::info!(%mac, action = "detach", rules = rules.len(), "NIC left for good: {reason}; removed the rules the agent had added");
                 } else {
                     tracing::warn!(%mac, action = "detach", ?errors, "NIC left for good: {reason}; cleanup incomplete");
                 }
             }
-            Action::Attach { ifindex } => {
-                let deadline = self.imds.as_ref().map_or(Duration::ZERO, |i| i.attach_deadline());
-                self.start_attach(mac, ifindex, event, deadline);
-            }
+            Action::Attach { ifindex } => self.attach(mac, ifindex, event),
             Action::Track { ifindex } => {
                 self.by_ifindex.insert(ifindex, mac.to_owned());
                 self.dirty.insert(ifindex);
@@ -597,85 +439,53 @@ impl NicManager {
         }
     }
 
-    /// Asks IMDS for a really attached NIC in the background; the answer comes back through the
-    /// attach channel so the agent keeps handling other NICs meanwhile.
-    /// `deadline` zero: a single look-up (the start-up pass).
-    fn start_attach(&mut self, mac: &str, ifindex: u32, event: Option<&NicEvent>, deadline: Duration) {
-        let Some(nic) = self.nics.get_mut(mac) else { return };
-        let Some(imds) = self.imds.clone() else {
-            tracing::warn!(%mac, action = "attach", "NIC attached, but IMDS is disabled or unusable: not configuring it");
-            nic.attach = Some(AttachOutcome {
-                status: "failed".into(),
-                latency_ms: None,
-                imds_requests: 0,
-                table: None,
-                errors: vec!["IMDS disabled".into()],
-            });
-            return;
+    /// The agent's answer to a control request (the body the client reads).
+    pub fn answer(&self, request: &Request) -> Vec<u8> {
+        let body = match request {
+            Request::Status => serde_json::to_vec_pretty(&self.status()),
+            Request::CloudInitGate { action, devpath, mac } => {
+                let answer = self.cloud_init_gate(*action, devpath, mac.as_deref());
+                serde_json::to_vec(&answer)
+            }
         };
-        nic.attach = Some(AttachOutcome {
-            status: "waiting-for-imds".into(),
-            latency_ms: None,
-            imds_requests: 0,
-            table: None,
-            errors: Vec::new(),
-        });
-        tracing::info!(%mac, ifindex, action = "attach", "NIC attached: asking IMDS for it");
-        let started_ns = event.map_or_else(monotonic_ns, |e| e.timestamp_ns);
-        let tx = self.attach_tx.clone();
-        let mac = mac.to_owned();
-        tokio::spawn(async move {
-            let before = imds.requests();
-            let result = imds.nic_until_published(&mac, deadline).await;
-            let requests = imds.requests().saturating_sub(before);
-            let _ = tx.send(AttachResult { mac, ifindex, started_ns, requests, result }).await;
-        });
+        body.unwrap_or_default()
     }
 
-    /// Configures an attached NIC once IMDS answered (if it is still there).
-    pub async fn on_attach_result(&mut self, result: AttachResult) {
-        let AttachResult { mac, ifindex, started_ns, requests, result } = result;
-        let still_there = matches!(self.nics.get(&mac).map(|n| &n.state), Some(NicState::Present { ifindex: i, .. }) if *i == ifindex);
-        if !still_there {
-            tracing::info!(%mac, action = "attach", "IMDS answered for a NIC that is gone or was re-registered: not configuring it");
-            if let Some(attach) = self.nics.get_mut(&mac).and_then(|n| n.attach.as_mut()) {
-                attach.status = "abandoned".into();
-                attach.imds_requests = requests;
-            }
-            return;
-        }
-        let outcome = match result {
-            Ok(metadata) => {
-                let report = attach::configure(&self.handle, ifindex, &metadata).await;
-                let latency_ms = monotonic_ns().saturating_sub(started_ns) / 1_000_000;
-                tracing::info!(%mac, ifindex, action = "attach", latency_ms, imds_requests = requests, table = ?report.table, errors = ?report.errors, "attached NIC configured from IMDS");
-                if let Some(nic) = self.nics.get_mut(&mac) {
-                    nic.configured_rules = report.rules;
-                }
-                AttachOutcome {
-                    status: if report.errors.is_empty() { "configured".into() } else { "failed".into() },
-                    latency_ms: Some(latency_ms),
-                    imds_requests: requests,
-                    table: report.table,
-                    errors: report.errors,
-                }
-            }
-            Err(error) => {
-                tracing::error!(%mac, action = "attach", %error, "attached NIC not configured");
-                AttachOutcome {
-                    status: "failed".into(),
-                    latency_ms: None,
-                    imds_requests: requests,
-                    table: None,
-                    errors: vec![error.to_string()],
-                }
-            }
+    fn cloud_init_gate(
+        &self,
+        action: UeventAction,
+        devpath: &str,
+        mac: Option<&str>,
+    ) -> decide::gate::GateAnswer {
+        let name = devpath.rsplit('/').next().unwrap_or_default();
+        // By MAC when the device could be read; a removed one only by the name it had when it
+        // left (it may be back under that name by the time cloud-init asks).
+        let nic = match mac {
+            Some(mac) => self.nics.get(&key(mac)),
+            None => self
+                .nics
+                .values()
+                .filter(|n| n.last_removal.as_ref().is_some_and(|(_, had)| had == name))
+                .max_by_key(|n| n.last_event.as_ref().map_or(0, |e| e.timestamp_ns)),
         };
-        if let Some(nic) = self.nics.get_mut(&mac) {
-            nic.attach = Some(outcome);
-        }
-        self.persist(&mac);
-        self.note_change(Some(ifindex));
+        let facts = nic.map(|n| GateFacts {
+            state: &n.state,
+            last: n.last_event.as_ref().map(|e| (e.action, e.cause)),
+            last_removal: n.last_removal.as_ref().map(|(cause, _)| *cause),
+            returned_from_driver_gone: n.returned_from_driver_gone,
+            policy: self.config.policy_for(&n.mac, name).policy,
+        });
+        let answer = decide::gate::cloud_init_gate(action, facts);
+        tracing::info!(
+            mac = nic.map_or("", |n| n.mac.as_str()),
+            interface = name,
+            action = "cloud-init-gate",
+            verdict = ?answer.verdict,
+            "cloud-init's hotplug hook asked about {action:?} of {name}: {:?}, {}",
+            answer.verdict,
+            answer.reason
+        );
+        answer
     }
 
     pub fn status(&self) -> Vec<NicStatus> {
@@ -685,6 +495,7 @@ impl NicManager {
             .map(|n| NicStatus {
                 mac: n.mac.clone(),
                 state: n.state.clone(),
+                manager: n.snapshot.as_ref().and_then(|s| s.manager).map(|m| m.as_str().to_owned()),
                 snapshot: n.snapshot.as_ref().map(NicSnapshot::summary_line),
                 last_event: n.last_event.as_ref().map(|e| {
                     format!("{:?} {} ({:?}) ifindex {}", e.action, e.cause.as_str(), e.source, e.ifindex)
@@ -697,90 +508,12 @@ impl NicManager {
         nics.sort_by(|a, b| a.mac.cmp(&b.mac));
         nics
     }
-}
 
-/// The IMDS client the configuration asks for, if any.
-fn imds_client(config: &Config) -> Option<Arc<ImdsClient>> {
-    if !config.imds.enabled {
-        return None;
-    }
-    match ImdsClient::new(&config.imds) {
-        Ok(client) => Some(Arc::new(client)),
-        Err(error) => {
-            tracing::error!(%error, "IMDS unusable: real attaches will not be configured");
-            None
+    /// A background task's result, back in the loop.
+    pub async fn on_background(&mut self, message: Background) {
+        match message {
+            Background::Attach(result) => self.on_attach_result(result).await,
+            Background::ManagerSettled(settled) => self.finish_restore(settled).await,
         }
     }
-}
-
-/// Whether an address summary is one somebody configured (not IPv6 link-local).
-fn is_configured_address(summary: &str) -> bool {
-    !summary.starts_with("fe80:")
-}
-
-/// A registration event for a NIC found present at start-up while its state said its driver was
-/// gone (it came back while the agent was not running).
-fn synthetic_return(snapshot: &NicSnapshot) -> NicEvent {
-    // `permanent_mac` carries the snapshot's key so that `NicEvent::key` gives it back.
-    NicEvent {
-        action: crate::classify::Action::Registration,
-        cause: Cause::Unknown,
-        source: Source::Heuristic,
-        ifindex: i32::try_from(snapshot.ifindex).unwrap_or(0),
-        name: snapshot.name.clone(),
-        mac: snapshot.mac.clone(),
-        permanent_mac: Some(snapshot.mac.clone()),
-        bus: None,
-        driver: None,
-        module: None,
-        context_module: None,
-        task: None,
-        timestamp_ns: monotonic_ns(),
-        netns: None,
-    }
-}
-
-/// rtnetlink notifications that can change a NIC's configuration: the ifindex they concern, or
-/// `None` for rules (not bound to one NIC).
-pub fn config_changes() -> Result<impl Stream<Item = Option<u32>>, ManagerError> {
-    let groups = [
-        MulticastGroup::Link,
-        MulticastGroup::Ipv4Ifaddr,
-        MulticastGroup::Ipv6Ifaddr,
-        MulticastGroup::Ipv4Route,
-        MulticastGroup::Ipv6Route,
-        MulticastGroup::Ipv4Rule,
-        MulticastGroup::Ipv6Rule,
-    ];
-    let (connection, _handle, messages) = rtnetlink::new_multicast_connection(&groups)?;
-    tokio::spawn(connection);
-    Ok(messages.filter_map(|(message, _)| async move {
-        match message.payload {
-            NetlinkPayload::InnerMessage(message) => match message {
-                RouteNetlinkMessage::NewLink(l) | RouteNetlinkMessage::DelLink(l) => {
-                    Some(Some(l.header.index))
-                }
-                RouteNetlinkMessage::NewAddress(a) | RouteNetlinkMessage::DelAddress(a) => {
-                    Some(Some(a.header.index))
-                }
-                RouteNetlinkMessage::NewRoute(r) | RouteNetlinkMessage::DelRoute(r) => {
-                    Some(r.attributes.iter().find_map(|a| {
-                        if let RouteAttribute::Oif(i) = a {
-                            Some(*i)
-                        } else {
-                            None
-                        }
-                    }))
-                }
-                RouteNetlinkMessage::NewRule(_) | RouteNetlinkMessage::DelRule(_) => Some(None),
-                _ => None,
-            },
-            // The socket's buffer overflowed: notifications were lost, re-read every NIC.
-            NetlinkPayload::Overrun(_) => {
-                tracing::warn!("rtnetlink notifications lost (buffer overrun): re-reading every NIC");
-                Some(None)
-            }
-            _ => None,
-        }
-    }))
 }

@@ -1,0 +1,164 @@
+//! Real attaches: a NIC the agent has no state for is looked up in IMDS in the background (it
+//! lags an attach), then configured -- unless cloud-init's hotplug hook configures attaches here.
+use std::{sync::Arc, time::Duration};
+
+use super::{Background, NicManager};
+use crate::{
+    agent::monotonic_ns,
+    classify::NicEvent,
+    config::Config,
+    control::AttachOutcome,
+    decide::{
+        coexist::{attach_owner, AttachOwner},
+        NicState,
+    },
+    imds::{ImdsClient, ImdsError, NicMetadata},
+    managers::cloud_init,
+    reconfigure::attach as attach_config,
+};
+
+/// An attach's IMDS answer, back in the agent's loop.
+pub struct AttachResult {
+    mac: String,
+    ifindex: u32,
+    started_ns: u64,
+    requests: u64,
+    /// The start-up pass's single look-up (a NIC IMDS does not list is simply not an ENI).
+    startup: bool,
+    result: Result<NicMetadata, ImdsError>,
+}
+
+impl NicManager {
+    /// A NIC really attached: configured by the agent through IMDS, or left to cloud-init.
+    pub(super) fn attach(&mut self, mac: &str, ifindex: u32, event: Option<&NicEvent>) {
+        let name = event.map_or("", |e| e.name.as_str());
+        let policy = self.config.policy_for(mac, name).policy;
+        let hook = cloud_init::Hotplug::detect(&self.host).is_some();
+        match attach_owner(policy, hook) {
+            AttachOwner::Agent => {
+                let deadline = self.imds.as_ref().map_or(Duration::ZERO, |i| i.attach_deadline());
+                self.start_attach(mac, ifindex, event, deadline);
+            }
+            AttachOwner::CloudInit => {
+                tracing::info!(%mac, ifindex, action = "attach", "NIC attached: cloud-init's hotplug hook configures it");
+                if let Some(nic) = self.nics.get_mut(mac) {
+                    nic.attach = Some(AttachOutcome {
+                        status: "left-to-cloud-init".into(),
+                        latency_ms: None,
+                        imds_requests: 0,
+                        table: None,
+                        errors: Vec::new(),
+                    });
+                }
+            }
+            AttachOwner::None => {}
+        }
+    }
+
+    /// Asks IMDS for a really attached NIC in the background; the answer comes back through the
+    /// attach channel so the agent keeps handling other NICs meanwhile.
+    /// `deadline` zero: a single look-up (the start-up pass).
+    pub(super) fn start_attach(
+        &mut self,
+        mac: &str,
+        ifindex: u32,
+        event: Option<&NicEvent>,
+        deadline: Duration,
+    ) {
+        let Some(nic) = self.nics.get_mut(mac) else { return };
+        let Some(imds) = self.imds.clone() else {
+            tracing::warn!(%mac, action = "attach", "NIC attached, but IMDS is disabled or unusable: not configuring it");
+            nic.attach = Some(AttachOutcome {
+                status: "failed".into(),
+                latency_ms: None,
+                imds_requests: 0,
+                table: None,
+                errors: vec!["IMDS disabled".into()],
+            });
+            return;
+        };
+        nic.attach = Some(AttachOutcome {
+            status: "waiting-for-imds".into(),
+            latency_ms: None,
+            imds_requests: 0,
+            table: None,
+            errors: Vec::new(),
+        });
+        tracing::info!(%mac, ifindex, action = "attach", "NIC attached: asking IMDS for it");
+        let started_ns = event.map_or_else(monotonic_ns, |e| e.timestamp_ns);
+        let tx = self.background.clone();
+        let mac = mac.to_owned();
+        tokio::spawn(async move {
+            let before = imds.requests();
+            let result = imds.nic_until_published(&mac, deadline).await;
+            let requests = imds.requests().saturating_sub(before);
+            let startup = deadline.is_zero();
+            let attach = AttachResult { mac, ifindex, started_ns, requests, startup, result };
+            let _ = tx.send(Background::Attach(attach)).await;
+        });
+    }
+
+    /// Configures an attached NIC once IMDS answered (if it is still there).
+    pub(super) async fn on_attach_result(&mut self, result: AttachResult) {
+        let AttachResult { mac, ifindex, started_ns, requests, startup, result } = result;
+        let still_there = matches!(self.nics.get(&mac).map(|n| &n.state), Some(NicState::Present { ifindex: i, .. }) if *i == ifindex);
+        if !still_there {
+            tracing::info!(%mac, action = "attach", "IMDS answered for a NIC that is gone or was re-registered: not configuring it");
+            if let Some(attach) = self.nics.get_mut(&mac).and_then(|n| n.attach.as_mut()) {
+                attach.status = "abandoned".into();
+                attach.imds_requests = requests;
+            }
+            return;
+        }
+        let outcome = match result {
+            Ok(metadata) => {
+                let report = attach_config::configure(&self.handle, ifindex, &metadata).await;
+                let latency_ms = monotonic_ns().saturating_sub(started_ns) / 1_000_000;
+                tracing::info!(%mac, ifindex, action = "attach", latency_ms, imds_requests = requests, table = ?report.table, errors = ?report.errors, "attached NIC configured from IMDS");
+                if let Some(nic) = self.nics.get_mut(&mac) {
+                    nic.configured_rules = report.rules;
+                }
+                AttachOutcome {
+                    status: if report.errors.is_empty() { "configured".into() } else { "failed".into() },
+                    latency_ms: Some(latency_ms),
+                    imds_requests: requests,
+                    table: report.table,
+                    errors: report.errors,
+                }
+            }
+            Err(error) => {
+                if startup {
+                    tracing::info!(%mac, action = "attach", %error, "a NIC nobody configured is not in IMDS (or IMDS did not answer): left alone");
+                } else {
+                    tracing::error!(%mac, action = "attach", %error, "attached NIC not configured");
+                }
+                AttachOutcome {
+                    status: "failed".into(),
+                    latency_ms: None,
+                    imds_requests: requests,
+                    table: None,
+                    errors: vec![error.to_string()],
+                }
+            }
+        };
+        if let Some(nic) = self.nics.get_mut(&mac) {
+            nic.attach = Some(outcome);
+        }
+        self.persist(&mac);
+        self.note_change(Some(ifindex));
+    }
+}
+
+/// The IMDS client the configuration asks for, if any.
+pub(super) fn imds_client(config: &Config) -> Option<Arc<ImdsClient>> {
+    if !config.imds.enabled {
+        return None;
+    }
+    match ImdsClient::new(&config.imds) {
+        Ok(client) => Some(Arc::new(client)),
+        Err(error) => {
+            tracing::error!(%error, "IMDS unusable: real attaches will not be configured");
+            None
+        }
+    }
+}

@@ -1,0 +1,209 @@
+//! A driver reload's two halves: the snapshot held when the driver leaves, replayed when the NIC
+//! registers again. Where udev runs, the replay waits until udev is done with the returning NIC
+//! (it renames it, and starts what other tools hang on its uevent: renaming it under udev, or
+//! setting it up before udev renames it, would fail one of the two). Where another manager
+//! configures the NIC (`decide::coexist::restore_plan`), the replay also waits until that manager
+//! is done -- networkd deletes, when it configures a link, whatever it finds there that it did not
+//! make -- and leaves leases to it.
+use std::time::Duration;
+
+use super::NicManager;
+use crate::snapshot::NicSnapshot;
+use crate::{
+    agent::monotonic_ns,
+    classify::{NicEvent, Source},
+    control::RestoreOutcome,
+    decide::{
+        coexist::{restore_plan, RestorePlan},
+        NicState,
+    },
+    reconfigure::restore::{self, RestoreOptions},
+};
+
+/// How long a restore waits for the NIC's manager (networkd's DHCP included) before going ahead.
+const MANAGER_WAIT: Duration = Duration::from_secs(30);
+/// How long a restore waits for udev to be done with the NIC.
+const UDEV_WAIT: Duration = Duration::from_secs(3);
+/// How often udev's and the manager's state are looked at meanwhile.
+const MANAGER_POLL: Duration = Duration::from_millis(10);
+
+/// A snapshot waiting to be replayed, and why.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct Pending {
+    pub snapshot: NicSnapshot,
+    pub reason: PendingReason,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PendingReason {
+    /// The NIC came back after a driver reload.
+    Reload,
+    /// networkd reconfigured the link and dropped routes and rules it does not own.
+    ManagerCycle,
+}
+
+/// A returning NIC's manager is done with it, or the wait ran out.
+pub struct Settled {
+    mac: String,
+    ifindex: u32,
+    registered_ns: u64,
+    plan: RestorePlan,
+    waited: Duration,
+    /// False: the wait ran out.
+    settled: bool,
+}
+
+impl NicManager {
+    /// The driver left: keep the last snapshot from before `before_ns` as the one to restore.
+    pub(super) fn hold_snapshot(&mut self, mac: &str, before_ns: u64, event: Option<&NicEvent>) {
+        // Degraded mode sees a removal after the teardown notifications: hold what the NIC
+        // looked like before the burst of changes that ended in its removal.
+        let before_ns = match event {
+            Some(e) if e.source == Source::Heuristic => {
+                let ifindex = u32::try_from(e.ifindex).unwrap_or(0);
+                self.bursts.get(&ifindex).map_or(before_ns, |b| b.0.min(before_ns))
+            }
+            _ => before_ns,
+        };
+        let Some(nic) = self.nics.get_mut(mac) else { return };
+        // A restore still waiting for the manager when the driver left again keeps its snapshot.
+        let pending =
+            nic.pending_restore.take().filter(|p| p.reason == PendingReason::Reload).map(|p| p.snapshot);
+        let candidate = pending.or_else(|| {
+            nic.history
+                .iter()
+                .chain(nic.snapshot.iter())
+                .filter(|s| s.taken_ns < before_ns)
+                .max_by_key(|s| s.taken_ns)
+                .cloned()
+        });
+        match candidate {
+            Some(snapshot) => {
+                tracing::info!(%mac, interface = %snapshot.name, action = "hold", "driver left: holding {}", snapshot.summary_line());
+                nic.snapshot = Some(snapshot);
+            }
+            None => {
+                tracing::warn!(%mac, action = "hold", "driver left, but no snapshot from before it: nothing to restore")
+            }
+        }
+        nic.history.clear();
+    }
+
+    /// The NIC is back: restore its held snapshot now, or once its manager has configured it.
+    pub(super) async fn begin_restore(&mut self, mac: &str, ifindex: u32, event: Option<&NicEvent>) {
+        let registered_ns = event.map_or_else(monotonic_ns, |e| e.timestamp_ns);
+        let Some(nic) = self.nics.get_mut(mac) else { return };
+        let pending = nic.pending_restore.clone().filter(|p| p.reason == PendingReason::Reload);
+        let Some(want) = pending.map(|p| p.snapshot).or_else(|| nic.snapshot.clone()) else {
+            tracing::warn!(%mac, ifindex, action = "restore", "NIC is back but there is no snapshot to restore");
+            return;
+        };
+        let mode = self.config.policy_for(mac, &want.name).manager;
+        let plan = restore_plan(want.manager, mode);
+        if !plan.wait_for_manager && !self.host.udev_running() {
+            nic.pending_restore = Some(Pending { snapshot: want, reason: PendingReason::Reload });
+            let settled = Settled {
+                mac: mac.to_owned(),
+                ifindex,
+                registered_ns,
+                plan,
+                waited: Duration::ZERO,
+                settled: true,
+            };
+            self.finish_restore(settled).await;
+            return;
+        }
+        if plan.wait_for_manager {
+            let manager = want.manager.map_or("its manager", |m| m.as_str());
+            tracing::info!(%mac, interface = %want.name, ifindex, action = "restore", "NIC is back: restoring once {manager} has configured it");
+        }
+        nic.pending_restore = Some(Pending { snapshot: want, reason: PendingReason::Reload });
+        self.persist(mac);
+        self.wait_for_manager(mac, ifindex, registered_ns, plan);
+    }
+
+    /// networkd reconfigured the link and dropped routes and rules that are not its own: they go
+    /// back once it is done (its own, and addresses, it re-creates or drops as it means to).
+    pub(super) fn restore_after_manager(&mut self, mac: &str, ifindex: u32, foreign: NicSnapshot) {
+        let Some(nic) = self.nics.get_mut(mac) else { return };
+        tracing::info!(%mac, interface = %foreign.name, ifindex, action = "restore", "networkd reconfigured the NIC and dropped routes or rules it does not own: restoring them once it is done");
+        nic.pending_restore = Some(Pending { snapshot: foreign, reason: PendingReason::ManagerCycle });
+        self.persist(mac);
+        let plan = RestorePlan { wait_for_manager: true, leave_dynamic: true };
+        self.wait_for_manager(mac, ifindex, monotonic_ns(), plan);
+    }
+
+    pub(super) fn wait_for_manager(&self, mac: &str, ifindex: u32, registered_ns: u64, plan: RestorePlan) {
+        let tx = self.background.clone();
+        let host = self.host.clone();
+        let mac = mac.to_owned();
+        tokio::spawn(async move {
+            let started = tokio::time::Instant::now();
+            let mut settled = wait_until(UDEV_WAIT, || !host.udev_running() || host.udev_done(ifindex)).await;
+            if plan.wait_for_manager {
+                settled &=
+                    wait_until(MANAGER_WAIT, || host.networkd_link(ifindex).is_some_and(|l| l.settled()))
+                        .await;
+            }
+            let waited = started.elapsed();
+            let settled = Settled { mac, ifindex, registered_ns, plan, waited, settled };
+            let _ = tx.send(super::Background::ManagerSettled(settled)).await;
+        });
+    }
+
+    /// Replays the pending snapshot on the NIC, if it is still the one that registered.
+    pub(super) async fn finish_restore(&mut self, settled: Settled) {
+        let Settled { mac, ifindex, registered_ns, plan, waited, settled } = settled;
+        let Some(nic) = self.nics.get_mut(&mac) else { return };
+        let same = matches!(nic.state, NicState::Present { ifindex: i, .. } if i == ifindex);
+        if !same {
+            tracing::info!(%mac, ifindex, action = "restore", "the NIC left again before its manager was done: the restore waits for its return");
+            return;
+        }
+        let Some(Pending { snapshot: want, reason }) = nic.pending_restore.take() else { return };
+        if !settled {
+            tracing::warn!(%mac, ifindex, action = "restore", "udev or the NIC's manager did not finish within {} s: restoring anyway", waited.as_secs());
+        }
+        let options = RestoreOptions { leave_dynamic: plan.leave_dynamic, now_ns: monotonic_ns() };
+        let mut report = restore::restore(&self.handle, &want, ifindex, options).await;
+        if reason == PendingReason::ManagerCycle {
+            // Only routes and rules were put back: the rest of the NIC is not compared.
+            report.differences.retain(|d| d.contains(" missing: "));
+        }
+        let latency_us = report.last_ack_ns.saturating_sub(registered_ns) / 1000;
+        if report.errors.is_empty() && report.differences.is_empty() {
+            tracing::info!(%mac, interface = %want.name, ifindex, action = "restore", latency_us, requests = report.requests, left_to_manager = ?report.left_to_manager, "restored {}", want.summary_line());
+        } else {
+            tracing::warn!(%mac, interface = %want.name, ifindex, action = "restore", latency_us, errors = ?report.errors, differences = ?report.differences, "restore incomplete");
+        }
+        let waited_for_manager_ms =
+            plan.wait_for_manager.then(|| u64::try_from(waited.as_millis()).unwrap_or(u64::MAX));
+        if let Some(nic) = self.nics.get_mut(&mac) {
+            nic.last_restore = Some(RestoreOutcome {
+                latency_us,
+                requests: report.requests,
+                errors: report.errors,
+                differences: report.differences,
+                left_to_manager: report.left_to_manager,
+                waited_for_manager_ms,
+            });
+        }
+        self.persist(&mac);
+        self.note_change(Some(ifindex));
+    }
+}
+
+/// Polls `done` until it holds (true) or `limit` passes (false).
+async fn wait_until(limit: Duration, done: impl Fn() -> bool) -> bool {
+    let started = tokio::time::Instant::now();
+    loop {
+        if done() {
+            return true;
+        }
+        if started.elapsed() >= limit {
+            return false;
+        }
+        tokio::time::sleep(MANAGER_POLL).await;
+    }
+}

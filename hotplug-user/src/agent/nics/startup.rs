@@ -1,0 +1,187 @@
+//! Start-up: persisted state reconciled with the NICs present now. A NIC whose driver was away
+//! when the agent stopped and that is back is restored; one that is gone is expected back; a NIC
+//! nobody configured may be looked up once in IMDS (`decide::coexist::startup_lookup`).
+use std::{
+    collections::{HashMap, HashSet},
+    time::Duration,
+};
+
+use tokio::sync::mpsc;
+
+use super::{attach::imds_client, key, Background, Managed, ManagerError, NicManager};
+use crate::{
+    agent::monotonic_ns,
+    classify::{Cause, NicEvent, Source},
+    config::Config,
+    decide::{self, NicState},
+    kernel::rtnl,
+    managers::Host,
+    snapshot::{self, store::Store, NicSnapshot},
+};
+
+impl NicManager {
+    /// Loads persisted state, reads every NIC present now, and reconciles the two. The receiver
+    /// yields what background tasks hand back, for [`NicManager::on_background`].
+    pub async fn start(config: Config) -> Result<(Self, mpsc::Receiver<Background>), ManagerError> {
+        let store = Store::open(&config.state_dir)?;
+        let (connection, handle, _) = rtnetlink::new_connection()?;
+        tokio::spawn(connection);
+        let imds = imds_client(&config);
+        let (background, background_rx) = mpsc::channel(64);
+        let own_netns = std::fs::metadata("/proc/self/ns/net")
+            .ok()
+            .and_then(|m| u32::try_from(std::os::unix::fs::MetadataExt::ino(&m)).ok());
+        let mut manager = Self {
+            own_netns,
+            imds,
+            background,
+            host: Host::default(),
+            config,
+            store,
+            handle,
+            nics: HashMap::new(),
+            by_ifindex: HashMap::new(),
+            dirty: HashSet::new(),
+            dirty_due: None,
+            bursts: HashMap::new(),
+        };
+        let (persisted, problems): (Vec<Managed>, _) = manager.store.load_all()?;
+        let known: HashSet<String> = persisted.iter().map(|n| key(&n.mac)).collect();
+        for problem in problems {
+            tracing::warn!("{problem}");
+        }
+        for nic in persisted {
+            manager.nics.insert(key(&nic.mac), nic);
+        }
+        let now = monotonic_ns();
+        let mut present = HashSet::new();
+        for link in rtnl::dump_links().await? {
+            if link.name == "lo" {
+                continue;
+            }
+            match snapshot::capture(&manager.handle, link.ifindex).await {
+                Ok(mut snapshot) if !snapshot.mac.is_empty() => {
+                    snapshot.manager = manager.host.nic_manager(link.ifindex, &snapshot.name);
+                    let mac = key(&snapshot.mac);
+                    present.insert(mac.clone());
+                    let restore_due =
+                        matches!(manager.nics.get(&mac).map(|n| &n.state), Some(NicState::DriverGone { .. }));
+                    // A restore that was waiting for the NIC's manager when the agent stopped.
+                    let interrupted = manager.nics.get(&mac).is_some_and(|n| {
+                        n.pending_restore.is_some() && matches!(n.state, NicState::Present { .. })
+                    });
+                    if restore_due {
+                        // It came back while the agent was not running: restore now.
+                        let event = synthetic_return(&snapshot);
+                        manager.on_event(&event).await;
+                    } else {
+                        let nic = manager.nics.entry(mac.clone()).or_insert_with(|| {
+                            Managed::new(
+                                &mac,
+                                NicState::Present { ifindex: link.ifindex, name: snapshot.name.clone() },
+                            )
+                        });
+                        nic.state = NicState::Present { ifindex: link.ifindex, name: snapshot.name.clone() };
+                        nic.history.push_back(snapshot.clone());
+                        nic.snapshot = Some(snapshot);
+                        manager.by_ifindex.insert(link.ifindex, mac.clone());
+                        manager.persist(&mac);
+                        if interrupted {
+                            // The restore finishes once the NIC's manager is done, as it would have.
+                            let plan =
+                                decide::coexist::RestorePlan { wait_for_manager: true, leave_dynamic: true };
+                            manager.wait_for_manager(&mac, link.ifindex, now, plan);
+                        }
+                    }
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::warn!(ifindex = link.ifindex, %error, "cannot read a NIC's configuration")
+                }
+            }
+        }
+        let timeout = u64::try_from(manager.config.return_timeout().as_nanos()).unwrap_or(u64::MAX);
+        let absent: Vec<String> = manager.nics.keys().filter(|m| !present.contains(*m)).cloned().collect();
+        for mac in absent {
+            let Some(nic) = manager.nics.get_mut(&mac) else { continue };
+            match &nic.state {
+                NicState::Present { .. } | NicState::DriverGone { .. } => {
+                    let name = match &nic.state {
+                        NicState::Present { name, .. } => name.clone(),
+                        _ => nic.snapshot.as_ref().map(|s| s.name.clone()).unwrap_or_default(),
+                    };
+                    tracing::warn!(%mac, %name, "NIC absent at start-up: expecting it back within {} s", timeout / 1_000_000_000);
+                    let cause = match nic.state {
+                        NicState::DriverGone { cause, .. } => cause,
+                        _ => Cause::Unknown,
+                    };
+                    nic.state = NicState::DriverGone {
+                        cause,
+                        since_ns: now,
+                        deadline_ns: now.saturating_add(timeout),
+                    };
+                    manager.persist(&mac);
+                }
+                NicState::Removed { .. } => {}
+            }
+        }
+        // NICs the agent has never seen and that nobody configured yet are learned the way an attach
+        // is, in one pass: one IMDS look-up each, no retries (a NIC IMDS does not list is left alone)
+        // -- unless another manager configures NICs here: at boot the agent starts before it.
+        let other_managers = manager.host.detect().any();
+        let unconfigured: Vec<(String, u32)> = manager
+            .nics
+            .iter()
+            .filter_map(|(mac, nic)| match (&nic.state, &nic.snapshot) {
+                (NicState::Present { ifindex, .. }, Some(s)) => {
+                    let lookup = decide::coexist::startup_lookup(decide::coexist::Unconfigured {
+                        known: known.contains(mac),
+                        configured: s.addresses.iter().any(|a| is_configured_address(&a.summary)),
+                        virtual_link: mac.contains('@'),
+                        policy: manager.config.policy_for(mac, &s.name).policy,
+                        other_managers,
+                    });
+                    lookup.then(|| (mac.clone(), *ifindex))
+                }
+                _ => None,
+            })
+            .collect();
+        if other_managers && !manager.nics.is_empty() {
+            tracing::info!(
+                "other network managers here ({}): NICs nobody configured yet are theirs, not looked up in IMDS",
+                manager.host.detect().names().join(", ")
+            );
+        }
+        for (mac, ifindex) in unconfigured {
+            manager.start_attach(&mac, ifindex, None, Duration::ZERO);
+        }
+        Ok((manager, background_rx))
+    }
+}
+
+/// Whether an address summary is one somebody configured (not IPv6 link-local).
+fn is_configured_address(summary: &str) -> bool {
+    !summary.starts_with("fe80:")
+}
+
+/// A registration event for a NIC found present at start-up while its state said its driver was
+/// gone (it came back while the agent was not running).
+fn synthetic_return(snapshot: &NicSnapshot) -> NicEvent {
+    // `permanent_mac` carries the snapshot's key so that `NicEvent::key` gives it back.
+    NicEvent {
+        action: crate::classify::Action::Registration,
+        cause: Cause::Unknown,
+        source: Source::Heuristic,
+        ifindex: i32::try_from(snapshot.ifindex).unwrap_or(0),
+        name: snapshot.name.clone(),
+        mac: snapshot.mac.clone(),
+        permanent_mac: Some(snapshot.mac.clone()),
+        bus: None,
+        driver: None,
+        module: None,
+        context_module: None,
+        task: None,
+        timestamp_ns: monotonic_ns(),
+        netns: None,
+    }
+}

@@ -1,0 +1,176 @@
+//! cloud-init's hotplug hook, and the gate in front of it.
+//!
+//! cloud-init (24.1+ on EC2, or wherever `updates: network: when` holds `hotplug`) installs a
+//! udev rule whose `RUN` writes one line per NIC uevent into a FIFO; `cloud-init-hotplugd.socket`
+//! then starts `cloud-init-hotplugd.service`, which reads that line from fd 3 and runs
+//! `cloud-init devel hotplug-hook` with it. That hook crawls the instance metadata service and
+//! waits for it (a driver reload costs 37-99 s and 345-690 requests), then re-applies cloud-init's
+//! view of the network.
+//!
+//! The package replaces the service's `ExecStart` with `hotplug-agent cloud-init-gate` (a
+//! drop-in): it reads the same line the same way, asks the agent whether the uevent is half of a
+//! driver reload the agent restores (`decide::gate`), and either ends there or runs cloud-init's
+//! hook exactly as before. cloud-init keeps real attaches and detaches, and its boot-time
+//! configuration is untouched. Whatever goes wrong in the gate, cloud-init runs.
+use std::{
+    io::Read as _,
+    os::{fd::FromRawFd as _, unix::process::CommandExt as _},
+    path::Path,
+    process::{Command, ExitCode},
+    time::{Duration, Instant},
+};
+
+use serde::Serialize;
+
+use super::Host;
+use crate::{
+    control::{self, Request},
+    decide::gate::{UeventAction, Verdict},
+};
+
+/// The rule files cloud-init writes (22.x used 10-, 24.1+ use 90-).
+const RULES: [&str; 2] = [
+    "/etc/udev/rules.d/90-cloud-init-hook-hotplug.rules",
+    "/etc/udev/rules.d/10-cloud-init-hook-hotplug.rules",
+];
+/// The package's drop-in that puts the gate in front of the hook.
+pub const GATE_DROP_IN: &str = "/usr/lib/systemd/system/cloud-init-hotplugd.service.d/hotplug-agent.conf";
+/// What the gate runs when cloud-init is to handle the uevent.
+const HOOK: &str = "/usr/bin/cloud-init";
+/// The longest line read from cloud-init's FIFO.
+const MAX_LINE: usize = 4096;
+/// How long the gate keeps asking while the agent has not seen the kernel event yet.
+const UNKNOWN_RETRY: Duration = Duration::from_secs(2);
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Hotplug {
+    /// The udev rule that feeds cloud-init's hook.
+    pub rule: String,
+    /// Whether the gate stands in front of it.
+    pub gated: bool,
+}
+
+impl Hotplug {
+    pub fn detect(host: &Host) -> Option<Self> {
+        let rule = RULES.iter().find(|r| host.exists(r))?;
+        Some(Self { rule: (*rule).to_owned(), gated: host.exists(GATE_DROP_IN) })
+    }
+}
+
+/// cloud-init's request: ` --subsystem=net handle --devpath=/devices/... --udevaction=add`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HookArgs {
+    pub words: Vec<String>,
+    pub subsystem: Option<String>,
+    pub devpath: Option<String>,
+    pub action: Option<UeventAction>,
+}
+
+impl HookArgs {
+    pub fn parse(line: &str) -> Self {
+        // Split as bash splits `$args` in cloud-init's own ExecStart.
+        let words: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
+        let value = |key: &str| words.iter().find_map(|w| w.strip_prefix(key)).map(str::to_owned);
+        let action = match value("--udevaction=").as_deref() {
+            Some("add") => Some(UeventAction::Add),
+            Some("remove") => Some(UeventAction::Remove),
+            _ => None,
+        };
+        let handle = words.iter().any(|w| w == "handle");
+        Self {
+            subsystem: value("--subsystem="),
+            devpath: value("--devpath="),
+            action: action.filter(|_| handle),
+            words,
+        }
+    }
+}
+
+/// Reads one line from fd 3 a byte at a time, as bash's `read` does: the FIFO may already hold
+/// the next uevent's line, which belongs to the next run of the service.
+fn read_fifo_line() -> std::io::Result<String> {
+    // SAFETY: fd 3 is the FIFO systemd passes to cloud-init-hotplugd.service (its socket unit's
+    // ListenFIFO=); this process owns it and nothing else in it uses fd 3.
+    let mut fifo = unsafe { std::fs::File::from_raw_fd(3) };
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while line.len() < MAX_LINE {
+        match fifo.read(&mut byte)? {
+            0 => break,
+            _ if byte[0] == b'\n' => break,
+            _ => line.push(byte[0]),
+        }
+    }
+    Ok(String::from_utf8_lossy(&line).into_owned())
+}
+
+/// `hotplug-agent cloud-init-gate`, run by cloud-init-hotplugd.service in place of cloud-init's
+/// hook. Returns only when cloud-init is not to run (or cannot be started).
+pub fn gate(socket: &Path) -> ExitCode {
+    let line = match read_fifo_line() {
+        Ok(line) => line,
+        Err(error) => {
+            println!("hotplug-agent: cannot read cloud-init's request from fd 3 ({error}): nothing to do");
+            return ExitCode::SUCCESS;
+        }
+    };
+    let args = HookArgs::parse(&line);
+    println!("args={line}");
+    let (Some(action), Some("net"), Some(devpath)) =
+        (args.action, args.subsystem.as_deref(), args.devpath.as_deref())
+    else {
+        return run_hook(&args, "not a NIC add or remove");
+    };
+    // An added device is still there to read; a removed one is not.
+    let mac = std::fs::read_to_string(format!("/sys{devpath}/address")).ok().map(|m| m.trim().to_owned());
+    let request = Request::CloudInitGate { action, devpath: devpath.to_owned(), mac };
+    let started = Instant::now();
+    loop {
+        match control::ask_gate(socket, &request, Duration::from_secs(3)) {
+            Ok(answer) if answer.verdict == Verdict::Skip => {
+                println!("hotplug-agent: cloud-init not run for {devpath}: {}", answer.reason);
+                return ExitCode::SUCCESS;
+            }
+            Ok(answer) if answer.verdict == Verdict::Unknown && started.elapsed() < UNKNOWN_RETRY => {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Ok(answer) => return run_hook(&args, &answer.reason),
+            Err(error) => return run_hook(&args, &format!("hotplug-agent did not answer: {error}")),
+        }
+    }
+}
+
+/// Runs cloud-init's hook as cloud-init's own unit would (`exec cloud-init devel hotplug-hook $args`).
+fn run_hook(args: &HookArgs, why: &str) -> ExitCode {
+    println!("hotplug-agent: passing to cloud-init ({why})");
+    let error = Command::new(HOOK).args(["devel", "hotplug-hook"]).args(&args.words).exec();
+    println!("hotplug-agent: cannot run {HOOK}: {error}");
+    ExitCode::FAILURE
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_hooks_line_of_every_version() {
+        // 25.1+ writes a leading space; 22.4 does not.
+        for line in [
+            " --subsystem=net handle --devpath=/devices/pci0000:00/0000:00:06.0/net/ens6 --udevaction=add",
+            "--subsystem=net handle --devpath=/devices/pci0000:00/0000:00:06.0/net/ens6 --udevaction=add",
+        ] {
+            let args = HookArgs::parse(line);
+            assert_eq!(args.subsystem.as_deref(), Some("net"));
+            assert_eq!(args.devpath.as_deref(), Some("/devices/pci0000:00/0000:00:06.0/net/ens6"));
+            assert_eq!(args.action, Some(UeventAction::Add));
+            assert_eq!(args.words.len(), 4, "passed on word for word");
+        }
+        let remove =
+            HookArgs::parse(" --subsystem=net handle --devpath=/devices/x/net/ens6 --udevaction=remove");
+        assert_eq!(remove.action, Some(UeventAction::Remove));
+        let other = HookArgs::parse("--subsystem=net query");
+        assert_eq!(other.action, None, "not a handle request: passed to cloud-init untouched");
+        let change = HookArgs::parse("--subsystem=net handle --devpath=/d --udevaction=change");
+        assert_eq!(change.action, None);
+    }
+}
