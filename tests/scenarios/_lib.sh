@@ -57,3 +57,129 @@ stop_agent() {
 	kill "$AGENT_PID" 2>/dev/null
 	wait "$AGENT_PID" 2>/dev/null
 }
+
+# iface_of MAC: the interface that has MAC now (empty if none).
+iface_of() {
+	for d in /sys/class/net/*; do
+		[ "$(cat "$d/address" 2>/dev/null)" = "$1" ] && { basename "$d"; return 0; }
+	done
+	return 1
+}
+
+# uptime_ms: milliseconds since boot (/proc/uptime).
+uptime_ms() { awk '{ printf "%d\n", $1 * 1000 }' /proc/uptime; }
+
+# nic_config MAC...: what was configured on these NICs and the rules, one sorted line each, by MAC
+# rather than name or ifindex (both change across a reload): name, MTU, admin state, altnames,
+# addresses, routes of every table through the NIC, every ip rule. Left out because the kernel,
+# the wire or router advertisements make them by themselves: carrier and operational state,
+# IPv6 link-local and SLAAC addresses, kernel and RA routes, multicast/local/broadcast routes,
+# lifetimes, linkdown flags. Needs jq (distro guests).
+nic_config() {
+	for mac in "$@"; do
+		dev=$(iface_of "$mac") || { echo "$mac absent"; continue; }
+		ip -j -d link show dev "$dev" | jq -r --arg m "$mac" '.[] |
+			"\($m) link \(.ifname) mtu \(.mtu) \(if (.flags | index("UP")) then "up" else "down" end) altnames \((.altnames // []) | sort | join(","))"'
+		ip -j addr show dev "$dev" | jq -r --arg m "$mac" '.[].addr_info[] |
+			select(.family == "inet" or (.scope != "link" and (.dynamic | not))) |
+			"\($m) addr \(.local)/\(.prefixlen)\(if .secondary then " secondary" else "" end)\(if .dynamic then " dynamic" else "" end)"'
+		for family in -4 -6; do
+			ip $family -j route show table all dev "$dev" | jq -r --arg m "$mac" '.[] |
+				select((.protocol // "") != "kernel" and (.protocol // "") != "ra" and (.type // "unicast") == "unicast" and (.table // "main") != "local") |
+				"\($m) route table \(.table // "main") \(.dst) via \(.gateway // "-") metric \(.metric // 0) proto \(.protocol // "boot") src \(.prefsrc // "-")"'
+		done
+	done
+	for family in -4 -6; do
+		ip $family -j rule show | jq -r '.[] | "rule \(.priority) from \(.src // "all")\(if .srclen then "/\(.srclen)" else "" end) lookup \(.table)"'
+	done
+}
+
+# wait_config EXPECTED_FILE SECONDS MAC...: until nic_config of MACs equals the file; 1 if not.
+wait_config() {
+	want=$1
+	limit=$(($2 * 10))
+	shift 2
+	i=0
+	while [ $i -lt $limit ]; do
+		nic_config "$@" | sort >/tmp/wait_config.now
+		cmp -s "$want" /tmp/wait_config.now && return 0
+		sleep 0.1
+		i=$((i + 1))
+	done
+	diff "$want" /tmp/wait_config.now >&2
+	return 1
+}
+
+# watch_start FILE: records every address, route and rule notification from now on (ip monitor,
+# with time stamps) until watch_stop.
+watch_start() {
+	ip -ts monitor address route rule >"$1" 2>/dev/null &
+	WATCH_PID=$!
+	sleep 0.3
+}
+watch_stop() { kill "$WATCH_PID" 2>/dev/null; wait "$WATCH_PID" 2>/dev/null; }
+
+# now_stamp: the time as `ip -ts monitor` stamps its lines (they compare as strings).
+now_stamp() { date +%Y-%m-%dT%H:%M:%S.%6N; }
+
+# flaps FILE SINCE: how many objects notified in FILE after SINCE (a now_stamp) were deleted after
+# they had been added: a configuration that did not reach its final state once. The NIC's own
+# removal comes before SINCE. What the kernel and router advertisements make by themselves
+# (prefix, local, broadcast and multicast routes, link-local and SLAAC addresses, RA routes) is
+# not configuration, as in nic_config.
+flaps() {
+	awk -v since="$2" '
+	/^\[/ {
+		t = substr($0, 2, 26)
+		line = substr($0, index($0, "]") + 2)
+		deleted = sub(/^Deleted /, "", line)
+		sub(/^[0-9]+: /, "", line)        # the ifindex of address lines
+		gsub(/ +/, " ", line)
+		if (line ~ /proto (kernel|ra)( |$)/ || line ~ /^(local|broadcast|multicast|anycast) / || line ~ /^ff00::/) next
+		if (line ~ / inet6 / && (line ~ /scope link/ || line ~ / dynamic/)) next
+		gsub(/ (linkdown|dead)/, "", line)
+		if (t < since) next
+		if (deleted && (line in added)) { flapped++; print "  flap: " line > "/dev/stderr" }
+		if (!deleted) added[line] = 1
+	}
+	END { print flapped + 0 }' "$1"
+}
+
+# duplicates MAC...: configuration objects of these NICs that are there twice (the same
+# destination in the same table through the same NIC, the same rule), once each.
+duplicates() {
+	{
+		for mac in "$@"; do
+			dev=$(iface_of "$mac") || continue
+			for family in -4 -6; do
+				ip $family -j route show table all dev "$dev" | jq -r --arg m "$mac" '.[] |
+					select((.type // "unicast") == "unicast" and (.table // "main") != "local") | "\($m) \(.table // "main") \(.dst)"'
+			done
+		done
+		for family in -4 -6; do
+			ip $family -j rule show | jq -r --arg f "$family" '.[] | "rule\($f) \(.priority) \(.src // "all") \(.table)"'
+		done
+	} | sort | uniq -d | tee /dev/stderr | wc -l
+}
+
+# wait_until SECONDS COMMAND: until COMMAND (a shell command line) succeeds; 1 if it never does.
+wait_until() {
+	limit=$(($1 * 10))
+	i=0
+	while [ $i -lt $limit ]; do
+		sh -c "$2" >/dev/null 2>&1 && return 0
+		sleep 0.1
+		i=$((i + 1))
+	done
+	return 1
+}
+
+# cloud_init_hotplug_for_emulated_nics: on EC2, cloud-init's udev rule passes only ENA, ixgbevf
+# and Xen vif NICs to its hotplug hook; the harness's NICs are virtio_net, e1000e and e1000, so
+# they are added to the rule. Everything behind the rule stays as cloud-init installed it.
+cloud_init_hotplug_for_emulated_nics() {
+	rule=/etc/udev/rules.d/90-cloud-init-hook-hotplug.rules
+	[ -f $rule ] || return 1
+	sed -i 's/"vif|ena|ixgbevf"/"vif|ena|ixgbevf|virtio_net|e1000e|e1000"/' $rule
+	udevadm control --reload
+}

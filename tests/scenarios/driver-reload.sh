@@ -14,7 +14,6 @@ TOML
 sysctl -qw net.ipv6.conf.all.accept_ra=0 net.ipv6.conf.default.accept_ra=0
 for d in /proc/sys/net/ipv6/conf/eth*; do echo 0 >"$d/accept_ra"; done
 
-iface_of() { for d in /sys/class/net/*; do [ "$(cat "$d/address")" = "$1" ] && { basename "$d"; return; }; done; }
 MACS="52:54:00:12:34:10 52:54:00:12:34:11 52:54:00:12:34:12"
 
 n=0

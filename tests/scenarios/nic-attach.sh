@@ -36,7 +36,6 @@ wait_attach() { # wait_attach MAC STATUS SECONDS
 	status_of "$1"
 	return 1
 }
-iface_of() { for d in /sys/class/net/*; do [ "$(cat "$d/address")" = "$1" ] && { basename "$d"; return; }; done; }
 
 NEW1=02:00:00:00:0e:01
 NEW2=02:00:00:00:0e:02

@@ -8,7 +8,6 @@ start_events "$EVENTS"
 mode=$(json_str "$(head -n 1 "$EVENTS")" mode)
 [ "$mode" = full ] || { head -n 1 "$EVENTS"; fail "the agent runs in mode '$mode', not full"; }
 
-iface_of() { for d in /sys/class/net/*; do [ "$(cat "$d/address")" = "$1" ] && { basename "$d"; return; }; done; }
 
 # expect OP MAC ACTION CAUSE [FROM_LINE]: the first ACTION event for MAC after FROM_LINE has CAUSE.
 expect() {

@@ -99,7 +99,8 @@ async fn scenario(state_dir: std::path::PathBuf) -> Result<(), String> {
 
     // Idempotent: again changes nothing and fails nothing; what the snapshot does not name stays.
     ip("addr add 10.9.0.99/24 dev hr0")?;
-    let report = restore::restore(&handle, &before, ifindex("hr0").await?).await;
+    let report =
+        restore::restore(&handle, &before, ifindex("hr0").await?, restore::RestoreOptions::default()).await;
     assert!(report.errors.is_empty(), "{report:#?}");
     assert_eq!(report.differences, vec!["address extra: 10.9.0.99/24 flags Secondary label hr0".to_owned()]);
     Ok(())
