@@ -5,6 +5,7 @@
 //! state_dir = "/var/lib/hotplug"          # snapshots and per-NIC state
 //! socket = "/run/hotplug/agent.sock"      # root-only status socket
 //! return_timeout_seconds = 60             # how long a NIC whose driver left may take to come back
+//! hook_timeout_seconds = 30               # a `command` hook's process group is killed after it
 //!
 //! [interfaces.default]
 //! policy = "restore"                      # restore | ignore | command
@@ -89,6 +90,9 @@ pub struct Config {
     pub socket: PathBuf,
     #[serde(default = "default_return_timeout")]
     pub return_timeout_seconds: u64,
+    /// How long a `command` policy's hook may run before its process group is killed.
+    #[serde(default = "default_hook_timeout")]
+    pub hook_timeout_seconds: u64,
     /// Policies by interface name or MAC; `default` applies to the rest.
     #[serde(default)]
     pub interfaces: BTreeMap<String, Policy>,
@@ -109,12 +113,17 @@ const fn default_return_timeout() -> u64 {
     60
 }
 
+const fn default_hook_timeout() -> u64 {
+    30
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {
             state_dir: default_state_dir(),
             socket: default_socket(),
             return_timeout_seconds: default_return_timeout(),
+            hook_timeout_seconds: default_hook_timeout(),
             interfaces: BTreeMap::new(),
             imds: ImdsConfig::default(),
         }
@@ -160,6 +169,13 @@ impl Config {
                 "return_timeout_seconds",
                 self.return_timeout_seconds.to_string(),
                 "must be between 1 and 86400",
+            ));
+        }
+        if self.hook_timeout_seconds == 0 || self.hook_timeout_seconds > 3600 {
+            return Err(invalid(
+                "hook_timeout_seconds",
+                self.hook_timeout_seconds.to_string(),
+                "must be between 1 and 3600",
             ));
         }
         if self.imds.enabled {
@@ -239,6 +255,10 @@ impl Config {
         Duration::from_secs(self.return_timeout_seconds)
     }
 
+    pub fn hook_timeout(&self) -> Duration {
+        Duration::from_secs(self.hook_timeout_seconds)
+    }
+
     /// The policy for a NIC: by MAC, then by name, then `default`, then restore.
     pub fn policy_for(&self, mac: &str, name: &str) -> Policy {
         // A virtual link's key is `mac@name`: match its MAC part.
@@ -289,6 +309,7 @@ mod tests {
             ("stat_dir = \"/x\"", "stat_dir"),
             ("return_timeout_seconds = 0", "return_timeout_seconds` = 0"),
             ("return_timeout_seconds = \"soon\"", "return_timeout_seconds"),
+            ("hook_timeout_seconds = 0", "hook_timeout_seconds` = 0"),
             ("state_dir = \"relative\"", "`state_dir` = \"relative\""),
             ("[interfaces.\"52:54:zz:12:34:11\"]\npolicy = \"ignore\"", "52:54:zz:12:34:11"),
             ("[interfaces.eth1]\npolicy = \"command\"", "interfaces.\"eth1\".command"),

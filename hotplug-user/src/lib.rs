@@ -8,9 +8,11 @@
 pub mod agent;
 pub mod classify;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod control;
 pub mod decide;
+pub mod identity;
 pub mod imds;
 pub mod kernel;
 pub mod managers;

@@ -11,15 +11,16 @@ use tracing_subscriber::{layer::SubscriberExt as _, util::SubscriberInitExt as _
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::CloudInitGate) = cli.command {
+        // First, before anything that can fail: cloud-init runs whatever goes wrong here. The
+        // gate writes plain lines to stdout (the unit's journal) and sets up no logging; a
+        // broken configuration only costs the socket path, which then is the default one.
+        let socket = Config::load(cli.config.as_deref()).unwrap_or_default().socket;
+        return hotplug::managers::cloud_init::gate(&socket);
+    }
     if let Err(message) = init_logging(&cli) {
         eprintln!("hotplug-agent: {message}");
         return ExitCode::from(2);
-    }
-    if let Some(Command::CloudInitGate) = cli.command {
-        // cloud-init runs whatever goes wrong here: a broken configuration only costs the socket
-        // path, which then is the default one.
-        let socket = Config::load(cli.config.as_deref()).unwrap_or_default().socket;
-        return hotplug::managers::cloud_init::gate(&socket);
     }
     // Before the runtime: the notify protocol's environment is read while no other thread exists.
     let notifier = agent::service::Notifier::from_env();

@@ -3,8 +3,8 @@
 # kernels: bookworm trixie sid
 . /opt/hotplug/scenarios/_lib.sh
 
-# The mock IMDS on the guest's loopback; the agent is pointed at it.
-MOCK=127.0.0.1:8169
+# The mock IMDS on the guest's loopback, on a privileged port (the agent refuses others unless told).
+MOCK=127.0.0.1:80
 mock() { # mock METHOD PATH [JSON]
 	if [ $# -ge 3 ]; then wget -q -O - --header 'Content-Type: application/json' --post-data "$3" "http://$MOCK$2"; else wget -q -O - "http://$MOCK$2"; fi
 }

@@ -1,5 +1,5 @@
 #!/bin/sh
-# The .deb on a systemd Debian: install (READY=1), reload restored, bad config refused, upgrade keeps state and edits, watchdog, purge.
+# The .deb on a systemd Debian: install (READY=1), reload restored, bad config refused, upgrade keeps state and edits, watchdog, remove and reinstall, purge.
 # guest: trixie
 # kernels: trixie
 . /opt/hotplug/scenarios/_lib.sh
@@ -140,6 +140,16 @@ check "stopped agent replaced (watchdog)" yes "$([ "$(prop MainPID)" != "$pid" ]
 check "restart counted" $((restarts + 1)) "$(prop NRestarts)"
 vmctl report watchdog_restart_ms "$(($(uptime_ms) - stopped))"
 check "the journal says watchdog" yes "$(journalctl -u $UNIT --no-pager | grep -q 'Watchdog timeout' && echo yes || echo no)"
+
+echo "--- remove, then install again"
+apt-get remove -y -q hotplug-agent >/tmp/remove.log 2>&1
+check "apt-get remove" 0 "$?"
+check "service gone after remove" inactive "$(systemctl is-active $UNIT)"
+check "state kept after remove" yes "$([ -d /var/lib/hotplug ] && echo yes || echo no)"
+dpkg -i /opt/hotplug/pkg/upgrade/hotplug-agent_*.deb >/tmp/dpkg-reinstall.log 2>&1
+check "dpkg -i after remove" 0 "$?"
+check "enabled again after reinstall" enabled "$(systemctl is-enabled $UNIT)"
+check "active again after reinstall" active "$(systemctl is-active $UNIT)"
 
 echo "--- purge"
 apt-get purge -y -q hotplug-agent >/tmp/purge.log 2>&1

@@ -4,8 +4,11 @@ use std::{process::Command, time::Duration};
 
 use hotplug_tests::host::{ip, is_root};
 
-use hotplug::classify::{heuristic, Action, Cause, NicEvent, Source};
 use hotplug::kernel::KernelEvent;
+use hotplug::{
+    classify::{Action, Cause, NicEvent, Source},
+    kernel::heuristic,
+};
 use tokio::sync::mpsc;
 
 /// Runs `scenario` on a thread of its own inside a new network namespace and returns the NIC

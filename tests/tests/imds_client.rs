@@ -68,6 +68,8 @@ impl Mock {
     fn client(&self) -> Result<ImdsClient, String> {
         let config = ImdsConfig {
             endpoint: format!("http://{}", self.addr),
+            // The mock listens on an unprivileged loopback port, which the client refuses unless told.
+            allow_any_endpoint: true,
             request_timeout_ms: 500,
             requests_per_second: 200,
             ..ImdsConfig::default()

@@ -6,8 +6,9 @@ use std::time::Duration;
 use hotplug_tests::host::{ip, is_root};
 
 use hotplug::{
-    agent::{monotonic_ns, nics::NicManager},
+    agent::nics::NicManager,
     classify::{Action, Cause, NicEvent, Source},
+    clock::monotonic_ns,
     config::Config,
     reconfigure::restore,
     snapshot,

@@ -18,6 +18,9 @@ use crate::control::{Request, MAX_REQUEST_BYTES};
 
 /// How long a client may take to send its request.
 const READ_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a client may take to read the answer (one that never reads does not keep a task and
+/// a file descriptor for ever).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Error)]
 #[error("control socket {path}: {source}")]
@@ -78,6 +81,14 @@ pub async fn serve(stream: UnixStream, queries: mpsc::Sender<Query>) {
         }
         Err(message) => serde_json::to_vec(&serde_json::json!({ "error": message })).unwrap_or_default(),
     };
-    let _ = writer.write_all(&body).await;
-    let _ = writer.shutdown().await;
+    let write = async {
+        writer.write_all(&body).await?;
+        writer.shutdown().await
+    };
+    if tokio::time::timeout(WRITE_TIMEOUT, write).await.is_err() {
+        tracing::debug!(
+            "control socket: a client did not read its answer within {} s",
+            WRITE_TIMEOUT.as_secs()
+        );
+    }
 }

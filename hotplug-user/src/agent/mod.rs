@@ -16,7 +16,7 @@ pub mod service;
 use futures::StreamExt as _;
 
 use crate::{
-    classify,
+    clock::{monotonic_ns, sleep_until},
     config::{Config, ConfigError},
     kernel::{self, probes::KernelProbes, KernelEvent, KernelFeatures},
 };
@@ -37,6 +37,8 @@ pub enum AgentError {
     Output(std::io::Error),
     #[error("serializing an event: {0}")]
     Json(#[from] serde_json::Error),
+    #[error("the {} stopped ({}): stopping so that the service manager restarts the agent", .0.source, .0.why)]
+    SourceEnded(SourceEnded),
 }
 
 /// How much of the kernel side is working.
@@ -118,27 +120,42 @@ impl Startup {
     /// Starts forwarding kernel events; the receiver yields them until the probes are dropped.
     /// When the NIC hooks are not attached, degraded mode's heuristic classifier reports NIC
     /// changes instead (module events still come from whatever programs did attach).
-    fn events(&mut self) -> mpsc::Receiver<KernelEvent> {
+    /// Starts the kernel event sources. The second receiver says when one of them ended (and
+    /// why): the agent would be blind to part of what it exists to see, so it stops and lets its
+    /// service manager restart it, rather than go on half-deaf.
+    fn events(&mut self) -> (mpsc::Receiver<KernelEvent>, mpsc::Receiver<SourceEnded>) {
         let (tx, rx) = mpsc::channel(4096);
+        let (ended_tx, ended) = mpsc::channel(2);
         let nic_hooks = self.probes.as_ref().is_some_and(KernelProbes::nic_hooks_attached);
         if !nic_hooks {
             tracing::warn!("NIC hooks not attached: NIC causes come from rtnetlink, uevents and sysfs (source: heuristic)");
-            let tx = tx.clone();
+            let (tx, ended_tx) = (tx.clone(), ended_tx.clone());
             tokio::spawn(async move {
-                if let Err(error) = classify::heuristic::run(tx).await {
-                    tracing::error!(%error, "degraded NIC classification stopped");
-                }
+                let why = match kernel::heuristic::run(tx).await {
+                    Ok(()) => "its sockets closed".to_owned(),
+                    Err(error) => error.to_string(),
+                };
+                let _ = ended_tx.send(SourceEnded { source: "degraded NIC classification", why }).await;
             });
         }
         if let Some(probes) = self.probes.take() {
             tokio::spawn(async move {
-                if let Err(error) = kernel::source::forward(probes, tx).await {
-                    tracing::error!(%error, "reading kernel events failed");
-                }
+                let why = match kernel::source::forward(probes, tx).await {
+                    Ok(()) => "its ring buffer closed".to_owned(),
+                    Err(error) => error.to_string(),
+                };
+                let _ = ended_tx.send(SourceEnded { source: "kernel event reader", why }).await;
             });
         }
-        rx
+        (rx, ended)
     }
+}
+
+/// A kernel event source stopped.
+#[derive(Debug)]
+pub struct SourceEnded {
+    source: &'static str,
+    why: String,
 }
 
 impl Startup {
@@ -217,7 +234,7 @@ pub async fn run(
     let (mut manager, mut background) = nics::NicManager::start(config.clone()).await?;
     let listener = control::bind(&config.socket)?;
     let (queries_tx, mut queries) = mpsc::channel::<control::Query>(16);
-    let mut events = startup.events();
+    let (mut events, mut ended) = startup.events();
     let status = service_status(&startup.mode, manager.nic_count());
     tracing::info!(socket = %config.socket.display(), state = %config.state_dir.display(), "agent ready: {status}");
     notifier.ready(&status);
@@ -229,6 +246,7 @@ pub async fn run(
     });
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
+    let mut accept_after: Option<tokio::time::Instant> = None;
     loop {
         let wakeup = manager.next_wakeup();
         tokio::select! {
@@ -239,6 +257,11 @@ pub async fn run(
                 return Ok(());
             }
             () = tick(watchdog.as_mut()) => notifier.watchdog(),
+            Some(source) = ended.recv() => {
+                notifier.stopping();
+                let _ = std::fs::remove_file(&config.socket);
+                return Err(AgentError::SourceEnded(source));
+            }
             Some(()) = hangup.recv() => {
                 notifier.reloading();
                 reload(config_path.as_deref(), &mut manager);
@@ -268,10 +291,22 @@ pub async fn run(
                 let _ = reply.send(manager.answer(&request));
             }
             () = sleep_until(wakeup) => manager.wake().await,
-            Ok((stream, _)) = listener.accept() => {
-                // Read and written by a task of its own: a stalled client cannot stall the agent.
-                tokio::spawn(control::serve(stream, queries_tx.clone()));
+            accepted = listener.accept(), if accept_after.is_none() => {
+                match accepted {
+                    // Read and written by a task of its own: a stalled client cannot stall the agent.
+                    Ok((stream, _)) => {
+                        accept_after = None;
+                        tokio::spawn(control::serve(stream, queries_tx.clone()));
+                    }
+                    // Out of file descriptors, say: the error repeats at once, so wait a little
+                    // rather than spin (the loop goes on serving the kernel).
+                    Err(error) => {
+                        tracing::warn!(%error, "control socket: cannot accept a connection; retrying in 1 s");
+                        accept_after = Some(tokio::time::Instant::now() + std::time::Duration::from_secs(1));
+                    }
+                }
             }
+            () = sleep_until(accept_after), if accept_after.is_some() => accept_after = None,
         }
     }
 }
@@ -307,14 +342,6 @@ fn reload(path: Option<&Path>, manager: &mut nics::NicManager) {
     }
 }
 
-/// Sleeps until `when`, or forever when there is nothing to wait for (a `select!` arm).
-pub(crate) async fn sleep_until(when: Option<tokio::time::Instant>) {
-    match when {
-        Some(when) => tokio::time::sleep_until(when).await,
-        None => std::future::pending().await,
-    }
-}
-
 /// The first line of `hotplug-agent events --json`: what the stream that follows can contain.
 #[derive(Serialize)]
 struct StreamHeader<'a> {
@@ -338,7 +365,7 @@ pub async fn stream_events(json: bool, ring_bytes: u32) -> Result<(), AgentError
     }
     out.flush().map_err(AgentError::Output)?;
     drop(out);
-    let mut events = startup.events();
+    let (mut events, mut ended) = startup.events();
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
     loop {
@@ -347,20 +374,13 @@ pub async fn stream_events(json: bool, ring_bytes: u32) -> Result<(), AgentError
                 tracing::info!("{}: stopping", signal?);
                 return Ok(());
             }
+            Some(source) = ended.recv() => return Err(AgentError::SourceEnded(source)),
             Some(event) = events.recv() => event,
         };
         let line = if json { json_line(&event, monotonic_ns())? } else { describe(&event) };
         let mut out = std::io::stdout().lock();
         writeln!(out, "{line}").and_then(|()| out.flush()).map_err(AgentError::Output)?;
     }
-}
-
-/// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` reads.
-pub fn monotonic_ns() -> u64 {
-    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: `now` is a valid timespec to write to; CLOCK_MONOTONIC always exists.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
-    u64::try_from(now.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(now.tv_nsec).unwrap_or(0)
 }
 
 /// The JSON line for an event, with `received_ns`: when user space had it (same clock as the

@@ -3,14 +3,27 @@
 //! In full mode the kernel classifies: the eBPF programs read the task's context at the moment a
 //! NIC is unregistered or registered (`hotplug-ebpf/src/context.rs`, `netdev.rs`), and
 //! [`NicEvent::from_kernel`] turns the record into a [`NicEvent`] with `source: kernel`. In degraded
-//! mode `heuristic` infers a best-effort cause from rtnetlink, sysfs and module state, marked
-//! `source: heuristic`.
-pub mod heuristic;
-
+//! mode `kernel::heuristic` infers a best-effort cause from rtnetlink, sysfs and module state,
+//! marked `source: heuristic`. This module only defines what an event is: it depends on nothing
+//! of the agent's but `identity`.
 use hotplug_common::{Cause as RawCause, EventKind, NetdevEvent};
 use serde::{Deserialize, Serialize};
 
-use crate::kernel::decode::{c_string, Task};
+pub use crate::identity::{format_mac, nic_key};
+
+/// The task that was running when the hook fired.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Task {
+    pub pid: u32,
+    pub tid: u32,
+    pub comm: String,
+}
+
+/// A NUL-padded C string from a fixed-size buffer, lossily as UTF-8.
+pub fn c_string(bytes: &[u8]) -> String {
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
+}
 
 /// Why a NIC went away or appeared.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -131,24 +144,6 @@ pub struct NicEvent {
     /// Inode number of the NIC's network namespace, when the kernel reported it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub netns: Option<u32>,
-}
-
-/// The identity the agent keys a NIC by: its permanent MAC; without one, its current MAC for a
-/// device on a bus (drivers keep it across a reload); for a virtual link (VLAN, bond, bridge,
-/// veth: they borrow or invent MACs) its current MAC and name, so that it never takes a
-/// physical NIC's place.
-pub fn nic_key(permanent: Option<&str>, current: &str, name: &str, is_virtual: bool) -> String {
-    match permanent {
-        Some(permanent) => permanent.to_ascii_lowercase(),
-        None if is_virtual => format!("{}@{name}", current.to_ascii_lowercase()),
-        None => current.to_ascii_lowercase(),
-    }
-}
-
-/// `aa:bb:cc:dd:ee:ff` for the first `len` bytes.
-pub fn format_mac(bytes: &[u8], len: usize) -> String {
-    let len = len.min(bytes.len());
-    bytes[..len].iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }
 
 fn non_empty(s: String) -> Option<String> {

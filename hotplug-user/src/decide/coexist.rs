@@ -6,47 +6,83 @@ use crate::{
     managers::Manager,
 };
 
-/// How a NIC that came back after a driver reload is restored.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// How a NIC is restored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RestorePlan {
+    /// Wait until udev is done with the returning NIC: it renames it and starts what others hang
+    /// on its uevent (renaming it under udev, or setting it up before udev renamed it, fails).
+    #[serde(default)]
+    pub wait_for_udev: bool,
     /// Wait until the NIC's manager has configured it, then add what it did not: restoring first
     /// would have networkd delete the restored objects as foreign when it configures the link.
     pub wait_for_manager: bool,
     /// Leave addresses with a lifetime and DHCP routes to the manager's DHCP client, which gets a
     /// fresh lease (replaying the old one would only give it a stale lifetime).
     pub leave_dynamic: bool,
+    /// Put back only missing routes and rules: the link itself (name, MTU, admin state) and its
+    /// addresses are its manager's.
+    #[serde(default)]
+    pub routes_and_rules_only: bool,
 }
 
-pub fn restore_plan(manager: Option<Manager>, mode: ManagerMode) -> RestorePlan {
+/// The plan for a NIC back after a driver reload.
+pub fn restore_plan(manager: Option<Manager>, mode: ManagerMode, udev_running: bool) -> RestorePlan {
+    let plan = RestorePlan {
+        wait_for_udev: udev_running,
+        wait_for_manager: false,
+        leave_dynamic: false,
+        routes_and_rules_only: false,
+    };
     match (mode, manager) {
         (ManagerMode::Auto, Some(Manager::Networkd | Manager::Ec2NetUtils)) => {
-            RestorePlan { wait_for_manager: true, leave_dynamic: true }
+            RestorePlan { wait_for_manager: true, leave_dynamic: true, ..plan }
         }
-        // NetworkManager re-activates the device's profile on its own (DHCP included); it does
-        // not remove what others add, so what it does not own goes back at once.
-        (ManagerMode::Auto, Some(Manager::NetworkManager)) => {
-            RestorePlan { wait_for_manager: false, leave_dynamic: true }
-        }
-        (ManagerMode::None, _) | (ManagerMode::Auto, None) => {
-            RestorePlan { wait_for_manager: false, leave_dynamic: false }
-        }
+        // NetworkManager re-activates the device's profile on its own, its DHCP included: its
+        // leases are its own. It does not remove what others add, so nothing waits for it.
+        (ManagerMode::Auto, Some(Manager::NetworkManager)) => RestorePlan { leave_dynamic: true, ..plan },
+        (ManagerMode::None, _) | (ManagerMode::Auto, None) => plan,
     }
+}
+
+/// What networkd (re)configuring a link it manages looks like to the agent.
+#[derive(Clone, Copy, Debug)]
+pub struct ManagerCycle {
+    pub manager: Option<Manager>,
+    pub mode: ManagerMode,
+    /// Routes and rules of the last snapshot, not networkd's own, that the new one lacks.
+    pub lost_foreign: usize,
+    /// networkd is configuring the link, or touched it in the last few seconds.
+    pub networkd_touched: bool,
+    /// The link is administratively up (an operator who sets it down takes its routes with it).
+    pub admin_up: bool,
+    /// A restore of this NIC is pending already.
+    pub restoring: bool,
 }
 
 /// After networkd (re)configured a link it manages (`networkctl reconfigure`, a reload that
 /// changed its `.network`), whether the routes and rules it dropped that were not its own go
-/// back: when it dropped some, and nothing is being restored already. An operator's own `ip route
-/// del` leaves networkd's state alone, and stays.
-pub fn restore_after_manager(
-    manager: Option<Manager>,
-    lost_foreign: usize,
-    networkd_touched: bool,
-    restoring: bool,
-) -> bool {
-    matches!(manager, Some(Manager::Networkd | Manager::Ec2NetUtils))
-        && lost_foreign > 0
-        && networkd_touched
-        && !restoring
+/// back, and how: once it is done, those only. Not when an operator's own doing explains the
+/// loss (`ip route del` leaves networkd's state alone; `ip link set down` drops the routes).
+pub fn restore_after_manager(cycle: ManagerCycle) -> Option<RestorePlan> {
+    let networkd = matches!(cycle.manager, Some(Manager::Networkd | Manager::Ec2NetUtils));
+    (cycle.mode == ManagerMode::Auto
+        && networkd
+        && cycle.lost_foreign > 0
+        && cycle.networkd_touched
+        && cycle.admin_up
+        && !cycle.restoring)
+        .then_some(RestorePlan {
+            wait_for_udev: false,
+            wait_for_manager: true,
+            leave_dynamic: true,
+            routes_and_rules_only: true,
+        })
+}
+
+/// Whether persisted state belongs to this boot: only then may it be restored. State written by
+/// an agent that recorded no boot id is taken as this boot's (it predates the field).
+pub fn same_boot(written_in: &str, now: &str) -> bool {
+    written_in.is_empty() || written_in == now
 }
 
 /// Who configures a NIC really attached.
@@ -99,37 +135,56 @@ mod tests {
     #[test]
     fn networkd_nics_wait_and_keep_their_leases() {
         for manager in [Manager::Networkd, Manager::Ec2NetUtils] {
-            assert_eq!(
-                restore_plan(Some(manager), ManagerMode::Auto),
-                RestorePlan { wait_for_manager: true, leave_dynamic: true }
-            );
-            assert_eq!(
-                restore_plan(Some(manager), ManagerMode::None),
-                RestorePlan { wait_for_manager: false, leave_dynamic: false },
+            let plan = restore_plan(Some(manager), ManagerMode::Auto, true);
+            assert!(plan.wait_for_udev && plan.wait_for_manager && plan.leave_dynamic);
+            assert!(!plan.routes_and_rules_only, "a reload restores the whole NIC");
+            let none = restore_plan(Some(manager), ManagerMode::None, false);
+            assert!(
+                !none.wait_for_manager && !none.leave_dynamic,
                 "the operator said nothing else manages it"
             );
         }
-        assert_eq!(
-            restore_plan(None, ManagerMode::Auto),
-            RestorePlan { wait_for_manager: false, leave_dynamic: false }
+        let bare = restore_plan(None, ManagerMode::Auto, false);
+        assert!(
+            !bare.wait_for_udev && !bare.wait_for_manager && !bare.leave_dynamic,
+            "a busybox host: at once"
         );
-        assert!(!restore_plan(Some(Manager::NetworkManager), ManagerMode::Auto).wait_for_manager);
+        let nm = restore_plan(Some(Manager::NetworkManager), ManagerMode::Auto, true);
+        assert!(!nm.wait_for_manager && nm.leave_dynamic && nm.wait_for_udev);
     }
 
     #[test]
     fn what_networkd_drops_goes_back_what_an_operator_deletes_stays() {
-        assert!(restore_after_manager(Some(Manager::Networkd), 2, true, false));
-        assert!(restore_after_manager(Some(Manager::Ec2NetUtils), 1, true, false));
+        let cycle = ManagerCycle {
+            manager: Some(Manager::Networkd),
+            mode: ManagerMode::Auto,
+            lost_foreign: 2,
+            networkd_touched: true,
+            admin_up: true,
+            restoring: false,
+        };
+        let plan = restore_after_manager(cycle).map(|p| (p.wait_for_manager, p.routes_and_rules_only));
+        assert_eq!(plan, Some((true, true)), "routes and rules only, once networkd is done");
         assert!(
-            !restore_after_manager(Some(Manager::Networkd), 2, false, false),
-            "networkd did nothing: the operator did"
+            restore_after_manager(ManagerCycle { manager: Some(Manager::Ec2NetUtils), ..cycle }).is_some()
         );
-        assert!(!restore_after_manager(Some(Manager::Networkd), 0, true, false));
-        assert!(
-            !restore_after_manager(Some(Manager::Networkd), 2, true, true),
-            "a restore is already under way"
-        );
-        assert!(!restore_after_manager(None, 2, true, false));
+        for (why, other) in [
+            ("networkd did nothing: the operator did", ManagerCycle { networkd_touched: false, ..cycle }),
+            ("nothing lost", ManagerCycle { lost_foreign: 0, ..cycle }),
+            ("a restore is under way", ManagerCycle { restoring: true, ..cycle }),
+            ("the operator set it down", ManagerCycle { admin_up: false, ..cycle }),
+            ("manager = none", ManagerCycle { mode: ManagerMode::None, ..cycle }),
+            ("no networkd", ManagerCycle { manager: None, ..cycle }),
+        ] {
+            assert!(restore_after_manager(other).is_none(), "{why}");
+        }
+    }
+
+    #[test]
+    fn state_from_another_boot_is_never_restored() {
+        assert!(same_boot("b1", "b1"));
+        assert!(!same_boot("b0", "b1"));
+        assert!(same_boot("", "b1"), "written before boot ids were recorded");
     }
 
     #[test]

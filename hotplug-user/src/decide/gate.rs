@@ -52,6 +52,83 @@ pub struct GateFacts<'a> {
     /// It registered again after its driver had left (the registration the agent restores).
     pub returned_from_driver_gone: bool,
     pub policy: PolicyKind,
+    /// A reload half of this uevent's kind is still unanswered (see [`Credits`]).
+    pub credit: bool,
+}
+
+/// Credits older than this are spent: a reload's uevents reach cloud-init's hook within minutes
+/// even when it is busy.
+const CREDIT_TTL_NS: u64 = 600 * 1_000_000_000;
+/// Credits kept per NIC and kind (a NIC reloaded in a loop does not grow them).
+const CREDIT_MAX: usize = 8;
+
+/// The reload halves of a NIC that cloud-init's hook has not asked about yet: each removal the
+/// agent holds a snapshot for grants one `remove`, each return it restores one `add`; a `Skip`
+/// spends one. A uevent with no credit left (`udevadm trigger`, a question an hour later) is
+/// cloud-init's, as it would be without the agent.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Credits {
+    /// CLOCK_MONOTONIC ns at which each `remove` credit was granted.
+    remove: Vec<u64>,
+    /// Likewise for `add`.
+    add: Vec<u64>,
+}
+
+impl Credits {
+    fn of(&mut self, action: UeventAction) -> &mut Vec<u64> {
+        match action {
+            UeventAction::Add => &mut self.add,
+            UeventAction::Remove => &mut self.remove,
+        }
+    }
+
+    pub fn grant(&mut self, action: UeventAction, now_ns: u64) {
+        let credits = self.of(action);
+        credits.push(now_ns);
+        if credits.len() > CREDIT_MAX {
+            credits.remove(0);
+        }
+    }
+
+    /// Whether a live credit of `action` is left (expired ones are dropped).
+    pub fn available(&mut self, action: UeventAction, now_ns: u64) -> bool {
+        let credits = self.of(action);
+        credits.retain(|&at| now_ns.saturating_sub(at) < CREDIT_TTL_NS);
+        !credits.is_empty()
+    }
+
+    /// Spends the oldest credit of `action`.
+    pub fn spend(&mut self, action: UeventAction) {
+        let credits = self.of(action);
+        if !credits.is_empty() {
+            credits.remove(0);
+        }
+    }
+}
+
+/// One NIC the agent knows, as the gate matches it to a uevent.
+#[derive(Clone, Copy, Debug)]
+pub struct Candidate<'a> {
+    pub mac: &'a str,
+    /// The name it had when it last left.
+    pub removed_as: Option<&'a str>,
+    /// When its last kernel event came.
+    pub last_event_ns: u64,
+}
+
+/// Which NIC a uevent is about: by MAC when the hook could read the device's (a removed device
+/// has none to read), else the NIC that most recently left under the uevent's name (it may be
+/// back under that name by the time cloud-init asks).
+pub fn match_nic<'a>(
+    mac: Option<&str>,
+    name: &str,
+    nics: impl Iterator<Item = Candidate<'a>>,
+) -> Option<&'a str> {
+    let mut nics = nics;
+    match mac {
+        Some(mac) => nics.find(|n| n.mac.eq_ignore_ascii_case(mac)).map(|n| n.mac),
+        None => nics.filter(|n| n.removed_as == Some(name)).max_by_key(|n| n.last_event_ns).map(|n| n.mac),
+    }
 }
 
 pub fn cloud_init_gate(action: UeventAction, facts: Option<GateFacts<'_>>) -> GateAnswer {
@@ -61,6 +138,17 @@ pub fn cloud_init_gate(action: UeventAction, facts: Option<GateFacts<'_>>) -> Ga
     if facts.policy != PolicyKind::Restore {
         return answer(Verdict::Handle, "its policy is not restore: hotplug-agent leaves it to others");
     }
+    let verdict = reload_half(action, facts);
+    if verdict.verdict == Verdict::Skip && !facts.credit {
+        return answer(
+            Verdict::Handle,
+            "hotplug-agent already answered for every reload of this NIC: this uevent is not one of them",
+        );
+    }
+    verdict
+}
+
+fn reload_half(action: UeventAction, facts: GateFacts<'_>) -> GateAnswer {
     match (action, facts.last, facts.state) {
         (UeventAction::Remove, Some((NicAction::Removal, cause)), NicState::DriverGone { .. })
             if cause.expects_return() =>
@@ -116,6 +204,7 @@ mod tests {
             last_removal: (last.0 == NicAction::Removal).then_some(last.1),
             returned_from_driver_gone: returned,
             policy: PolicyKind::Restore,
+            credit: true,
         }
     }
 
@@ -182,8 +271,63 @@ mod tests {
                 last_removal: Some(Cause::DriverUnload),
                 returned_from_driver_gone: false,
                 policy,
+                credit: true,
             };
             assert_eq!(cloud_init_gate(UeventAction::Remove, Some(facts)).verdict, Verdict::Handle);
         }
+    }
+
+    #[test]
+    fn each_reload_half_is_skipped_once_and_credits_expire() {
+        let back = NicState::Present { ifindex: 7, name: "eth0".into() };
+        let load = (NicAction::Registration, Cause::DriverLoad);
+        let spent = GateFacts { credit: false, ..facts(&back, load, true) };
+        let got = cloud_init_gate(UeventAction::Add, Some(spent));
+        assert_eq!(
+            got.verdict,
+            Verdict::Handle,
+            "udevadm trigger after the reload was answered: {}",
+            got.reason
+        );
+
+        let mut credits = Credits::default();
+        assert!(!credits.available(UeventAction::Add, 0));
+        credits.grant(UeventAction::Add, 1_000);
+        assert!(credits.available(UeventAction::Add, 2_000));
+        assert!(!credits.available(UeventAction::Remove, 2_000), "kinds are separate");
+        credits.spend(UeventAction::Add);
+        assert!(!credits.available(UeventAction::Add, 2_000), "spent");
+        credits.grant(UeventAction::Remove, 1_000);
+        assert!(!credits.available(UeventAction::Remove, 1_000 + CREDIT_TTL_NS), "expired");
+        for at in 0..20 {
+            credits.grant(UeventAction::Remove, at);
+        }
+        let mut left = 0;
+        while credits.available(UeventAction::Remove, 100) {
+            credits.spend(UeventAction::Remove);
+            left += 1;
+        }
+        assert_eq!(left, CREDIT_MAX, "a NIC reloaded in a loop keeps a bounded number");
+    }
+
+    #[test]
+    fn uevents_match_by_mac_or_by_the_name_the_nic_left_under() {
+        let nics = [
+            Candidate { mac: "02:00:00:00:00:01", removed_as: Some("ens5"), last_event_ns: 10 },
+            Candidate { mac: "02:00:00:00:00:02", removed_as: Some("ens5"), last_event_ns: 20 },
+            Candidate { mac: "02:00:00:00:00:03", removed_as: None, last_event_ns: 30 },
+        ];
+        assert_eq!(match_nic(Some("02:00:00:00:00:03"), "x", nics.into_iter()), Some("02:00:00:00:00:03"));
+        assert_eq!(
+            match_nic(Some("02:00:00:00:00:0A"), "ens5", nics.into_iter()),
+            None,
+            "a MAC never falls back"
+        );
+        assert_eq!(
+            match_nic(None, "ens5", nics.into_iter()),
+            Some("02:00:00:00:00:02"),
+            "the latest to leave"
+        );
+        assert_eq!(match_nic(None, "ens6", nics.into_iter()), None);
     }
 }

@@ -7,6 +7,7 @@
 //!      │                                                   │           (restore / command / ignore)
 //!      └──removal: any other cause──▶ removed ◀──return timeout──┘     (handed to the detach path)
 //! ```
+pub mod attach_plan;
 pub mod coexist;
 pub mod gate;
 

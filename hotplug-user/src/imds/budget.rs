@@ -48,7 +48,7 @@ pub struct Backoff {
 impl Backoff {
     pub fn new(base: Duration, cap: Duration) -> Self {
         // Jitter only needs to de-synchronise agents, not to be unpredictable: the clock suffices.
-        let seed = u64::from(std::process::id()) ^ crate::agent::monotonic_ns() | 1;
+        let seed = u64::from(std::process::id()) ^ crate::clock::monotonic_ns() | 1;
         Self { base, cap, attempt: 0, seed }
     }
 

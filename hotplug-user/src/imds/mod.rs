@@ -23,10 +23,10 @@ use self::{
 
 #[derive(Debug, Error)]
 pub enum ImdsError {
-    #[error("IMDS endpoint {0:?} is not a URL like http://169.254.169.254")]
-    BadEndpoint(String),
-    #[error("IMDS endpoint {0} is neither link-local nor loopback; set imds.allow_any_endpoint = true to use it anyway")]
-    EndpointRefused(String),
+    #[error("IMDS endpoint {0:?} is not a URL like http://169.254.169.254 ({1})")]
+    BadEndpoint(String, String),
+    #[error("IMDS endpoint {0} refused: {1}; set imds.allow_any_endpoint = true to use it anyway")]
+    EndpointRefused(String, String),
     #[error("IMDS is disabled on this instance (HTTP 403): enable the metadata service (http-endpoint enabled) or set imds.enabled = false; the agent goes on with kernel data alone")]
     Disabled,
     #[error("IMDS request {path}: {message}")]
@@ -107,36 +107,56 @@ pub struct ImdsClient {
     requests: AtomicU64,
 }
 
-/// Link-local, loopback, or the documented IMDS IPv6 address.
-fn endpoint_allowed(host: &str) -> bool {
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    match host.parse::<IpAddr>() {
-        Ok(IpAddr::V4(a)) => a.is_link_local() || a.is_loopback(),
-        Ok(IpAddr::V6(a)) => {
-            a.is_loopback()
-                || (a.segments()[0] & 0xffc0) == 0xfe80
-                || a == Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)
+/// The base URL the client talks to, checked as a URL (never as a string): `http`, no user or
+/// password, nothing after the host but `/`, and an IP address (no name to resolve). Unless
+/// `allow_any`: the metadata service's addresses (link-local, `fd00:ec2::254`) on port 80, or a
+/// loopback address on a privileged port (below 1024: no unprivileged local user can listen
+/// there and pose as IMDS).
+fn check_endpoint(endpoint: &str, allow_any: bool) -> Result<String, ImdsError> {
+    let bad = |why: &str| ImdsError::BadEndpoint(endpoint.to_owned(), why.to_owned());
+    let url = reqwest::Url::parse(endpoint).map_err(|e| bad(&e.to_string()))?;
+    if url.scheme() != "http" {
+        return Err(bad("only http: IMDS speaks nothing else"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(bad("it names a user or password"));
+    }
+    if url.path() != "/" || url.query().is_some() || url.fragment().is_some() {
+        return Err(bad("it has a path, query or fragment"));
+    }
+    let ip: IpAddr = match url.host() {
+        Some(url::Host::Ipv4(ip)) => ip.into(),
+        Some(url::Host::Ipv6(ip)) => ip.into(),
+        Some(url::Host::Domain("localhost")) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        Some(url::Host::Domain(_)) => return Err(bad("a name, not an IP address")),
+        None => return Err(bad("no host")),
+    };
+    let port = url.port_or_known_default().unwrap_or(80);
+    let socket = std::net::SocketAddr::new(ip, port);
+    if !allow_any {
+        let imds = match ip {
+            IpAddr::V4(a) => a.is_link_local(),
+            IpAddr::V6(a) => {
+                (a.segments()[0] & 0xffc0) == 0xfe80
+                    || a == Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)
+            }
+        };
+        let refuse = |why: &str| ImdsError::EndpointRefused(endpoint.to_owned(), why.to_owned());
+        if !imds && !ip.is_loopback() {
+            return Err(refuse("neither the metadata service's link-local address nor loopback"));
         }
-        Err(_) => host == "localhost",
+        if port >= 1024 {
+            return Err(refuse(&format!(
+                "port {port} is not privileged: any local user could listen there and answer as IMDS"
+            )));
+        }
     }
-}
-
-fn host_of(endpoint: &str) -> Option<&str> {
-    let rest = endpoint.strip_prefix("http://")?;
-    let authority = rest.split('/').next()?;
-    if let Some(v6) = authority.strip_prefix('[') {
-        return v6.split(']').next();
-    }
-    Some(authority.rsplit_once(':').map_or(authority, |(h, _)| h))
+    Ok(format!("http://{socket}"))
 }
 
 impl ImdsClient {
     pub fn new(config: &ImdsConfig) -> Result<Self, ImdsError> {
-        let endpoint = config.endpoint.trim_end_matches('/');
-        let host = host_of(endpoint).ok_or_else(|| ImdsError::BadEndpoint(config.endpoint.clone()))?;
-        if !config.allow_any_endpoint && !endpoint_allowed(host) {
-            return Err(ImdsError::EndpointRefused(config.endpoint.clone()));
-        }
+        let base = check_endpoint(&config.endpoint, config.allow_any_endpoint)?;
         let http = reqwest::Client::builder()
             .no_proxy()
             // The token header must never follow a redirect to another host; IMDS never redirects.
@@ -148,7 +168,7 @@ impl ImdsClient {
             .map_err(|e| ImdsError::Transport { path: String::new(), message: e.to_string() })?;
         Ok(Self {
             http,
-            base: endpoint.to_owned(),
+            base,
             ttl: config.token_ttl_seconds.clamp(1, 21_600),
             token: Mutex::new(None),
             budget: Budget::new(config.requests_per_second),
@@ -271,7 +291,7 @@ impl ImdsClient {
                 Ok(Some(metadata)) => return Ok(metadata),
                 Ok(None) => "not published yet".to_owned(),
                 Err(
-                    error @ (ImdsError::Disabled | ImdsError::Malformed(_) | ImdsError::EndpointRefused(_)),
+                    error @ (ImdsError::Disabled | ImdsError::Malformed(_) | ImdsError::EndpointRefused(..)),
                 ) => {
                     return Err(error);
                 }
@@ -316,29 +336,42 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_link_local_and_loopback_endpoints_by_default() {
+    fn only_the_metadata_service_or_privileged_loopback_by_default() {
         let config = |endpoint: &str| ImdsConfig { endpoint: endpoint.into(), ..ImdsConfig::default() };
         for ok in [
             "http://169.254.169.254",
+            "http://169.254.169.254/",
             "http://[fd00:ec2::254]",
-            "http://127.0.0.1:8169",
+            "http://127.0.0.1:80",
             "http://[::1]:80",
-            "http://localhost:1",
+            "http://localhost",
         ] {
             assert!(ImdsClient::new(&config(ok)).is_ok(), "{ok}");
         }
-        for refused in ["http://10.0.0.1", "http://[2001:db8::1]", "http://example.invalid"] {
+        for refused in [
+            "http://10.0.0.1",
+            "http://[2001:db8::1]",
+            "http://127.0.0.1:8169",
+            "http://169.254.169.254:8080",
+        ] {
             assert!(
-                matches!(ImdsClient::new(&config(refused)), Err(ImdsError::EndpointRefused(_))),
+                matches!(ImdsClient::new(&config(refused)), Err(ImdsError::EndpointRefused(..))),
                 "{refused}"
             );
         }
-        assert!(matches!(
-            ImdsClient::new(&config("https://169.254.169.254")),
-            Err(ImdsError::BadEndpoint(_))
-        ));
+        for bad in [
+            "https://169.254.169.254",
+            // A string check once read this as host 169.254.169.254.
+            "http://169.254.169.254:x@10.0.0.5/",
+            "http://user@169.254.169.254/",
+            "http://169.254.169.254/latest",
+            "http://imds.example.invalid",
+            "169.254.169.254",
+        ] {
+            assert!(matches!(ImdsClient::new(&config(bad)), Err(ImdsError::BadEndpoint(..))), "{bad}");
+        }
         let any = ImdsConfig {
-            endpoint: "http://10.0.0.1".into(),
+            endpoint: "http://10.0.0.1:8080".into(),
             allow_any_endpoint: true,
             ..ImdsConfig::default()
         };

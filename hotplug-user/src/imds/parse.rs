@@ -95,6 +95,13 @@ pub struct Ipv6Net {
     pub prefix: u8,
 }
 
+impl Ipv6Net {
+    pub fn contains(self, address: Ipv6Addr) -> bool {
+        let mask = if self.prefix == 0 { 0 } else { u128::MAX << (128 - u32::from(self.prefix.min(128))) };
+        u128::from(address) & mask == u128::from(self.network) & mask
+    }
+}
+
 fn split_cidr<'a>(key: &str, value: &'a str) -> Result<(&'a str, u8), Malformed> {
     let (address, prefix) =
         value.split_once('/').ok_or_else(|| malformed(key, format!("{value:?} has no /prefix")))?;

@@ -1,7 +1,10 @@
 //! Turns ring buffer records into typed events. The eBPF side writes fixed-size `#[repr(C)]`
 //! structs from `hotplug-common` whose first `u32` is an [`EventKind`].
 use hotplug_common::{EventKind, ModuleEvent, NetdevEvent};
-use serde::{Deserialize, Serialize};
+
+use crate::classify::NicEvent;
+pub use crate::classify::{c_string, Task};
+use serde::Serialize;
 use thiserror::Error;
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -12,14 +15,6 @@ pub enum DecodeError {
     UnknownKind(u32),
     #[error("{kind:?} record has {got} bytes, expected {expected}")]
     WrongSize { kind: EventKind, got: usize, expected: usize },
-}
-
-/// The task that was running when the hook fired.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Task {
-    pub pid: u32,
-    pub tid: u32,
-    pub comm: String,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -49,7 +44,7 @@ pub struct ModuleLifecycle {
 #[serde(tag = "type", rename_all = "kebab-case")]
 pub enum KernelEvent {
     Module(ModuleLifecycle),
-    Nic(crate::classify::NicEvent),
+    Nic(NicEvent),
     /// The ring buffer was full and `events` records were dropped in the kernel: whatever state a
     /// consumer built from the stream is incomplete until the `resync` that follows.
     Lost {
@@ -59,12 +54,6 @@ pub enum KernelEvent {
     Resync {
         links: Vec<crate::kernel::rtnl::LinkSnapshot>,
     },
-}
-
-/// A NUL-padded C string from a fixed-size buffer, lossily as UTF-8.
-pub fn c_string(bytes: &[u8]) -> String {
-    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
-    String::from_utf8_lossy(&bytes[..end]).into_owned()
 }
 
 fn read_pod<T: Copy>(record: &[u8], kind: EventKind) -> Result<T, DecodeError> {
@@ -89,7 +78,7 @@ pub fn decode(record: &[u8]) -> Result<KernelEvent, DecodeError> {
         EventKind::ModuleFree => ModuleEventKind::Free,
         EventKind::NetdevRemoval | EventKind::NetdevRegistration => {
             let record: NetdevEvent = read_pod(record, kind)?;
-            return Ok(KernelEvent::Nic(crate::classify::NicEvent::from_kernel(&record)));
+            return Ok(KernelEvent::Nic(NicEvent::from_kernel(&record)));
         }
     };
     let event: ModuleEvent = read_pod(record, kind)?;

@@ -4,6 +4,7 @@
 pub mod btf;
 pub mod decode;
 pub mod features;
+pub mod heuristic;
 pub mod kallsyms;
 pub mod probes;
 pub mod rtnl;

@@ -12,7 +12,7 @@ use rtnetlink::{
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::classify::format_mac;
+use crate::identity::format_mac;
 
 #[derive(Debug, Error)]
 pub enum RtnlError {

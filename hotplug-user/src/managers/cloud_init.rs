@@ -53,7 +53,22 @@ pub struct Hotplug {
 impl Hotplug {
     pub fn detect(host: &Host) -> Option<Self> {
         let rule = RULES.iter().find(|r| host.exists(r))?;
-        Some(Self { rule: (*rule).to_owned(), gated: host.exists(GATE_DROP_IN) })
+        Some(Self { rule: (*rule).to_owned(), gated: gated(host) })
+    }
+}
+
+/// Whether the package's drop-in is in force: present, and not overridden by a drop-in of the
+/// same name in /etc or /run (the documented way to undo it: an empty file, or a link to
+/// /dev/null) that does not itself run the gate.
+fn gated(host: &Host) -> bool {
+    let name = GATE_DROP_IN.rsplit_once("/system/").map_or(GATE_DROP_IN, |(_, tail)| tail);
+    let over = ["/etc/systemd/system/", "/run/systemd/system/"]
+        .iter()
+        .map(|dir| host.path(&format!("{dir}{name}")))
+        .find(|path| path.symlink_metadata().is_ok());
+    match over {
+        Some(path) => std::fs::read_to_string(path).is_ok_and(|text| text.contains("cloud-init-gate")),
+        None => host.exists(GATE_DROP_IN),
     }
 }
 
@@ -151,6 +166,30 @@ fn run_hook(args: &HookArgs, why: &str) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_override_in_etc_ungates_the_hook() -> std::io::Result<()> {
+        let dir = std::env::temp_dir().join(format!("hotplug-gate-{}", std::process::id()));
+        let host = Host::at(&dir);
+        let file = |path: &str, text: &str| -> std::io::Result<()> {
+            let path = dir.join(path.trim_start_matches('/'));
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::fs::write(path, text)
+        };
+        file(RULES[0], "")?;
+        assert_eq!(Hotplug::detect(&host).map(|h| h.gated), Some(false), "no drop-in");
+        file(GATE_DROP_IN, "[Service]\nExecStart=\nExecStart=/usr/sbin/hotplug-agent cloud-init-gate\n")?;
+        assert_eq!(Hotplug::detect(&host).map(|h| h.gated), Some(true));
+        let over = "/etc/systemd/system/cloud-init-hotplugd.service.d/hotplug-agent.conf";
+        file(over, "")?;
+        assert_eq!(Hotplug::detect(&host).map(|h| h.gated), Some(false), "emptied in /etc");
+        std::fs::remove_file(dir.join(over.trim_start_matches('/')))?;
+        std::os::unix::fs::symlink("/dev/null", dir.join(over.trim_start_matches('/')))?;
+        assert_eq!(Hotplug::detect(&host).map(|h| h.gated), Some(false), "masked in /etc");
+        std::fs::remove_dir_all(&dir)
+    }
 
     #[test]
     fn parses_the_hooks_line_of_every_version() {

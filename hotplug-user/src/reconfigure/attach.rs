@@ -1,20 +1,16 @@
-//! Configures a really attached NIC from what IMDS says about it, the way users know from
-//! amazon-ec2-net-utils: its private IPv4 addresses (primary and secondary) and IPv6 addresses;
-//! for a secondary NIC (device-number > 0) a policy-routing table `10000 + device-number` with a
+//! Applies an attach plan (`decide::attach_plan`: what IMDS says about a NIC really attached,
+//! checked for meaning) the way users know from amazon-ec2-net-utils: its private IPv4 addresses
+//! (primary and secondary) and IPv6 addresses; for a secondary NIC a policy-routing table with a
 //! default route via the subnet's router and one rule per address. The main table's default route
-//! is never touched. Then [`detach`] undoes exactly the rules it added.
-use std::net::IpAddr;
-
+//! is never touched, and nothing that is there is replaced. Then [`detach`] undoes exactly the
+//! rules it added.
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    imds::NicMetadata,
+    decide::attach_plan::AttachPlan,
     snapshot::{self, Entry},
 };
-
-/// First policy-routing table and rule priority: `10000 + device-number`.
-pub const TABLE_BASE: u32 = 10_000;
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct AttachReport {
@@ -32,43 +28,36 @@ fn note(report: &mut AttachReport, what: String, result: Result<(), rtnetlink::E
     }
 }
 
-pub async fn configure(handle: &Handle, ifindex: u32, nic: &NicMetadata) -> AttachReport {
+pub async fn configure(handle: &Handle, ifindex: u32, plan: &AttachPlan) -> AttachReport {
     let mut report = AttachReport::default();
     let up = handle.link().set(LinkUnspec::new_with_index(ifindex).up().build()).execute().await;
     note(&mut report, "link up".into(), up);
-    for address in &nic.local_ipv4s {
-        let result = handle
-            .address()
-            .add(ifindex, IpAddr::V4(*address), nic.subnet_ipv4.prefix)
-            .replace()
-            .execute()
-            .await;
-        note(&mut report, format!("address {address}/{}", nic.subnet_ipv4.prefix), result);
-    }
-    for address in &nic.ipv6s {
-        let prefix = nic.subnet_ipv6.first().map_or(128, |n| n.prefix);
-        let result = handle.address().add(ifindex, IpAddr::V6(*address), prefix).replace().execute().await;
+    for (address, prefix) in &plan.addresses {
+        // Added, not replaced: an address already there (on this NIC) stays as it is.
+        let result = handle.address().add(ifindex, *address, *prefix).execute().await;
         note(&mut report, format!("address {address}/{prefix}"), result);
     }
-    if nic.device_number == 0 {
-        return report;
-    }
-    let table = TABLE_BASE + nic.device_number;
-    report.table = Some(table);
-    let gateway = nic.subnet_ipv4.gateway();
+    let Some(policy) = &plan.policy else { return report };
+    report.table = Some(policy.table);
     let route = RouteMessageBuilder::<std::net::Ipv4Addr>::new()
-        .gateway(gateway)
+        .gateway(policy.gateway)
         .output_interface(ifindex)
-        .table_id(table)
+        .table_id(policy.table)
         .build();
-    let result = handle.route().add(route).replace().execute().await;
-    note(&mut report, format!("default via {gateway} table {table}"), result);
-    for address in &nic.local_ipv4s {
-        let mut request =
-            handle.rule().add().v4().source_prefix(*address, 32).table_id(table).priority(table);
+    if let Err(error) = super::add_route_exclusive(handle, route).await {
+        report.errors.push(format!("default via {} table {}: {error}", policy.gateway, policy.table));
+    }
+    for address in &policy.sources {
+        let mut request = handle
+            .rule()
+            .add()
+            .v4()
+            .source_prefix(*address, 32)
+            .table_id(policy.table)
+            .priority(policy.table);
         let message = request.message_mut().clone();
         let result = request.execute().await;
-        note(&mut report, format!("rule from {address} lookup {table}"), result);
+        note(&mut report, format!("rule from {address} lookup {}", policy.table), result);
         report
             .rules
             .push(Entry { summary: snapshot::rule_summary(&message), message: snapshot::to_hex(&message) });

@@ -47,6 +47,9 @@ pub struct RestoreOptions {
     pub leave_dynamic: bool,
     /// CLOCK_MONOTONIC ns now, to age the lifetimes of replayed addresses.
     pub now_ns: u64,
+    /// Put back missing routes and rules only: the link (name, MTU, altnames, admin state) and
+    /// its addresses are left as they are (another manager just configured them).
+    pub routes_and_rules_only: bool,
 }
 
 /// Lifetime in seconds meaning "forever" (`INFINITY_LIFE_TIME`).
@@ -127,7 +130,7 @@ struct Sender<'a> {
 impl Sender<'_> {
     fn outcome(&mut self, what: &str, result: Result<(), rtnetlink::Error>) {
         self.report.requests += 1;
-        self.report.last_ack_ns = crate::agent::monotonic_ns();
+        self.report.last_ack_ns = crate::clock::monotonic_ns();
         if let Err(error) = result {
             if !super::failed_with(&error, libc::EEXIST) {
                 self.report.errors.push(format!("{what}: {error}"));
@@ -139,7 +142,7 @@ impl Sender<'_> {
     async fn set_link(&mut self, what: &str, message: LinkMessage) {
         let result = self.handle.link().set(message).execute().await;
         self.report.requests += 1;
-        self.report.last_ack_ns = crate::agent::monotonic_ns();
+        self.report.last_ack_ns = crate::clock::monotonic_ns();
         if let Err(error) = result {
             self.report.errors.push(format!("{what}: {error}"));
         }
@@ -158,7 +161,8 @@ pub async fn restore(
     let snapshot_age_s =
         u32::try_from(options.now_ns.saturating_sub(want.taken_ns) / 1_000_000_000).unwrap_or(u32::MAX);
 
-    if let Some(have) = &have {
+    let link_too = !options.routes_and_rules_only;
+    if let Some(have) = have.as_ref().filter(|_| link_too) {
         if have.name != want.name {
             if have.up {
                 let down = LinkUnspec::new_with_index(ifindex).down().build();
@@ -179,7 +183,7 @@ pub async fn restore(
         }
     }
 
-    for entry in &want.addresses {
+    for entry in want.addresses.iter().filter(|_| link_too) {
         let message = match snapshot::address_message(entry) {
             Ok(m) => m,
             Err(e) => {
@@ -202,7 +206,7 @@ pub async fn restore(
         tx.outcome(&format!("address {}", entry.summary), result);
     }
 
-    if want.up && !have.as_ref().is_some_and(|h| h.up && h.name == want.name) {
+    if link_too && want.up && !have.as_ref().is_some_and(|h| h.up && h.name == want.name) {
         let up = LinkUnspec::new_with_index(ifindex).up().build();
         tx.set_link("link up", up).await;
     }
@@ -223,10 +227,12 @@ pub async fn restore(
                 continue;
             }
         };
-        let mut request = handle.route().add(message.clone()).replace();
-        *request.message_mut() = message;
-        let result = request.execute().await;
-        tx.outcome(&format!("route {}", entry.summary), result);
+        let result = super::add_route_exclusive(handle, message).await;
+        tx.report.requests += 1;
+        tx.report.last_ack_ns = crate::clock::monotonic_ns();
+        if let Err(error) = result {
+            tx.report.errors.push(format!("route {}: {error}", entry.summary));
+        }
     }
 
     let have_rules: Vec<String> =
@@ -253,6 +259,10 @@ pub async fn restore(
         Ok(now) => {
             report.differences =
                 want.differences(&now).into_iter().filter(|d| !expected_missing.contains(d)).collect();
+            if !link_too {
+                // Only routes and rules were put back: the rest of the NIC is not compared.
+                report.differences.retain(|d| d.contains(" missing: "));
+            }
         }
         Err(error) => report.errors.push(format!("reading the NIC back: {error}")),
     }
@@ -288,7 +298,7 @@ mod tests {
 
     #[test]
     fn a_leases_address_is_aged_or_left_never_replayed_stale() -> Result<(), &'static str> {
-        let replay = RestoreOptions { leave_dynamic: false, now_ns: 0 };
+        let replay = RestoreOptions { leave_dynamic: false, ..RestoreOptions::default() };
         let aged = replayable_address(address(3600, 1800), 600, replay)?;
         let info = cache_info(&aged).ok_or("no cache info")?;
         assert_eq!(
@@ -308,7 +318,7 @@ mod tests {
             Some(FOREVER),
             "a static address keeps forever"
         );
-        let leave = RestoreOptions { leave_dynamic: true, now_ns: 0 };
+        let leave = RestoreOptions { leave_dynamic: true, ..RestoreOptions::default() };
         assert!(replayable_address(address(3600, 1800), 0, leave).is_err(), "networkd's DHCP renews it");
         assert!(replayable_address(address(FOREVER, FOREVER), 0, leave).is_ok());
         Ok(())
@@ -325,7 +335,12 @@ mod tests {
         assert!(route.attributes.contains(&RouteAttribute::Oif(9)));
         message.header.protocol = RouteProtocol::Dhcp;
         assert!(replayable_route(message.clone(), 9, replay).is_ok(), "no manager: replayed");
-        assert!(replayable_route(message, 9, RestoreOptions { leave_dynamic: true, now_ns: 0 }).is_err());
+        assert!(replayable_route(
+            message,
+            9,
+            RestoreOptions { leave_dynamic: true, ..RestoreOptions::default() }
+        )
+        .is_err());
         Ok(())
     }
 }

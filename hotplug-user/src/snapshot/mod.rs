@@ -128,6 +128,20 @@ impl NicSnapshot {
         }
     }
 
+    /// Adds `other`'s routes and rules that `self` lacks (the same summary is the same object).
+    pub fn merge_routes_and_rules(&mut self, other: &Self) {
+        for route in &other.routes {
+            if !self.routes.iter().any(|r| r.summary == route.summary) {
+                self.routes.push(route.clone());
+            }
+        }
+        for rule in &other.rules {
+            if !self.rules.iter().any(|r| r.summary == rule.summary) {
+                self.rules.push(rule.clone());
+            }
+        }
+    }
+
     /// The routes and rules of `self` that `now` lacks.
     pub fn lost_in(&self, now: &Self) -> usize {
         let lost = |want: &[Entry], have: &[Entry]| {
@@ -362,9 +376,9 @@ fn link_settings(link: &LinkMessage) -> (String, Option<u32>, bool, Vec<String>,
                 }));
             }
             LinkAttribute::PermAddress(a) if a.iter().any(|&b| b != 0) => {
-                permanent = Some(crate::classify::format_mac(a, a.len()));
+                permanent = Some(crate::identity::format_mac(a, a.len()));
             }
-            LinkAttribute::Address(a) => current = crate::classify::format_mac(a, a.len()),
+            LinkAttribute::Address(a) => current = crate::identity::format_mac(a, a.len()),
             LinkAttribute::LinkInfo(infos) => {
                 is_virtual |=
                     infos.iter().any(|i| matches!(i, rtnetlink::packet_route::link::LinkInfo::Kind(_)));
@@ -376,7 +390,7 @@ fn link_settings(link: &LinkMessage) -> (String, Option<u32>, bool, Vec<String>,
     let key = if current.is_empty() && permanent.is_none() {
         String::new()
     } else {
-        crate::classify::nic_key(permanent.as_deref(), &current, &name, is_virtual)
+        crate::identity::nic_key(permanent.as_deref(), &current, &name, is_virtual)
     };
     (name, mtu, up, altnames, key)
 }
@@ -450,7 +464,7 @@ pub async fn capture(handle: &Handle, ifindex: u32) -> Result<NicSnapshot, Snaps
         addresses,
         routes,
         rules,
-        taken_ns: crate::agent::monotonic_ns(),
+        taken_ns: crate::clock::monotonic_ns(),
         manager: None,
     })
 }

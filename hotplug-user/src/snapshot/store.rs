@@ -1,9 +1,18 @@
 //! Persistence of per-NIC state in the state directory: one JSON file per NIC, written atomically
 //! (temporary file, fsync, rename, fsync of the directory), so a restarted agent — even one killed
 //! with SIGKILL while a driver was unloaded — still knows what to restore.
+//!
+//! The directory is the agent's alone: it must belong to the agent's user and be writable by
+//! nobody else, and one agent at a time holds it (an exclusive lock on `lock` inside it, kept for
+//! the process's life; a second agent is refused, naming the first one's pid). A file that does
+//! not parse is moved aside (`*.corrupt`), never overwritten, and reported.
 use std::{
     fs,
-    io::Write as _,
+    io::{Read as _, Seek as _, Write as _},
+    os::{
+        fd::AsRawFd as _,
+        unix::fs::{DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _},
+    },
     path::{Path, PathBuf},
 };
 
@@ -14,54 +23,112 @@ use thiserror::Error;
 pub enum StoreError {
     #[error("state directory {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
-    #[error("state file {path} is not valid JSON ({source}); it was left in place and ignored")]
-    Corrupt { path: PathBuf, source: serde_json::Error },
+    #[error("state file {path} is not valid JSON ({source}); it was moved to {kept} and ignored")]
+    Corrupt { path: PathBuf, kept: PathBuf, source: serde_json::Error },
+    #[error("cannot serialize the state for {path}: {source}")]
+    Serialize { path: PathBuf, source: serde_json::Error },
+    #[error(
+        "state directory {path} is held by another hotplug-agent{holder}: stop it first (systemctl stop hotplug-agent), or give this one another state_dir"
+    )]
+    Locked { path: PathBuf, holder: String },
+    #[error(
+        "state directory {path} belongs to uid {owner}, not to this agent (uid {me}): choose a state_dir of the agent's own (e.g. /var/lib/hotplug)"
+    )]
+    Owner { path: PathBuf, owner: u32, me: u32 },
 }
 
 pub struct Store {
     dir: PathBuf,
+    /// Holds the directory's lock for as long as the store lives.
+    _lock: fs::File,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
     move |source| StoreError::Io { path: path.to_path_buf(), source }
 }
 
+/// The file name for a key: letters and digits as they are, anything else as `_xx` (its bytes in
+/// hex), so that two keys never share a file (`aa:bb` and `aa-bb` once did).
+pub fn file_name(key: &str) -> String {
+    let mut name = String::from("nic-");
+    for byte in key.bytes() {
+        if byte.is_ascii_alphanumeric() {
+            name.push(char::from(byte));
+        } else {
+            name.push_str(&format!("_{byte:02x}"));
+        }
+    }
+    name.push_str(".json");
+    name
+}
+
+/// What [`Store::load_all`] found: each value with its file, and the files it could not use.
+pub type Loaded<T> = (Vec<(PathBuf, T)>, Vec<StoreError>);
+
 impl Store {
-    /// Opens the state directory, creating it with mode 0700 if missing. An existing directory's
-    /// mode is left as it is (it may be shared), but one that others may write to is refused.
+    /// Opens the state directory, creating it with mode 0700 if missing, and takes its lock. An
+    /// existing directory's mode is left as it is, but one that others may write to, or that
+    /// belongs to another user, is refused.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
         fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io(dir))?;
-        let mode = fs::metadata(dir).map_err(io(dir))?.permissions().mode();
+        let meta = fs::metadata(dir).map_err(io(dir))?;
+        let mode = meta.permissions().mode();
         if mode & 0o022 != 0 {
             let source = std::io::Error::other(format!(
                 "mode {mode:o} lets other users write there; choose a root-only state_dir (e.g. /var/lib/hotplug)"
             ));
             return Err(StoreError::Io { path: dir.to_path_buf(), source });
         }
-        Ok(Self { dir: dir.to_path_buf() })
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let me = unsafe { libc::geteuid() };
+        if meta.uid() != me {
+            return Err(StoreError::Owner { path: dir.to_path_buf(), owner: meta.uid(), me });
+        }
+        let lock_path = dir.join("lock");
+        let mut lock = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&lock_path)
+            .map_err(io(&lock_path))?;
+        // SAFETY: flock on a file descriptor this function owns; LOCK_NB makes it return at once.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let error = std::io::Error::last_os_error();
+            if error.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                let mut pid = String::new();
+                let _ = lock.read_to_string(&mut pid);
+                let holder = pid.trim().parse::<u32>().map(|p| format!(" (pid {p})")).unwrap_or_default();
+                return Err(StoreError::Locked { path: dir.to_path_buf(), holder });
+            }
+            return Err(StoreError::Io { path: lock_path, source: error });
+        }
+        // The holder's pid, for the message a second agent gives.
+        lock.set_len(0).map_err(io(&lock_path))?;
+        lock.rewind().map_err(io(&lock_path))?;
+        let _ = writeln!(lock, "{}", std::process::id());
+        Ok(Self { dir: dir.to_path_buf(), _lock: lock })
     }
 
     fn path(&self, key: &str) -> PathBuf {
-        let file: String = key.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
-        self.dir.join(format!("nic-{file}.json"))
+        self.dir.join(file_name(key))
     }
 
     pub fn save<T: Serialize>(&self, key: &str, value: &T) -> Result<(), StoreError> {
         let path = self.path(key);
         let tmp = path.with_extension("json.tmp");
         let bytes = serde_json::to_vec_pretty(value)
-            .map_err(|source| StoreError::Corrupt { path: path.clone(), source })?;
-        let mut file = {
-            use std::os::unix::fs::OpenOptionsExt as _;
-            fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)
-                .map_err(io(&tmp))?
-        };
+            .map_err(|source| StoreError::Serialize { path: path.clone(), source })?;
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)
+            .map_err(io(&tmp))?;
         file.write_all(&bytes).map_err(io(&tmp))?;
         file.sync_all().map_err(io(&tmp))?;
         fs::rename(&tmp, &path).map_err(io(&path))?;
@@ -77,8 +144,9 @@ impl Store {
         }
     }
 
-    /// Every stored value; unreadable files are reported and skipped, never deleted.
-    pub fn load_all<T: DeserializeOwned>(&self) -> Result<(Vec<T>, Vec<StoreError>), StoreError> {
+    /// Every stored value with the file it came from, and the problems met; a file that does not parse is moved aside
+    /// (`NAME.corrupt`, kept for the operator) and reported, never deleted or overwritten.
+    pub fn load_all<T: DeserializeOwned>(&self) -> Result<Loaded<T>, StoreError> {
         let mut values = Vec::new();
         let mut problems = Vec::new();
         for entry in fs::read_dir(&self.dir).map_err(io(&self.dir))? {
@@ -92,13 +160,28 @@ impl Store {
             }
             match fs::read(&path) {
                 Ok(bytes) => match serde_json::from_slice(&bytes) {
-                    Ok(value) => values.push(value),
-                    Err(source) => problems.push(StoreError::Corrupt { path, source }),
+                    Ok(value) => values.push((path, value)),
+                    Err(source) => {
+                        let kept = path.with_extension("json.corrupt");
+                        if let Err(error) = fs::rename(&path, &kept) {
+                            problems.push(StoreError::Io { path: path.clone(), source: error });
+                        }
+                        problems.push(StoreError::Corrupt { path, kept, source });
+                    }
                 },
                 Err(source) => problems.push(StoreError::Io { path, source }),
             }
         }
         Ok((values, problems))
+    }
+
+    /// Removes a file `load_all` returned that is not where `key` keeps its state now (written
+    /// under an older naming): the state is saved under the new name first.
+    pub fn forget_stale(&self, key: &str, loaded_from: &Path) -> Result<(), StoreError> {
+        if loaded_from == self.path(key) {
+            return Ok(());
+        }
+        fs::remove_file(loaded_from).map_err(io(loaded_from))
     }
 }
 
@@ -106,24 +189,59 @@ impl Store {
 mod tests {
     use super::*;
 
-    #[test]
-    fn saves_atomically_loads_and_reports_corrupt_files() -> Result<(), Box<dyn std::error::Error>> {
-        let dir = std::env::temp_dir().join(format!("hotplug-store-test-{}", std::process::id()));
+    fn temp(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("hotplug-store-{name}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
+        dir
+    }
+
+    #[test]
+    fn saves_atomically_loads_and_moves_corrupt_files_aside() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = temp("save");
         let store = Store::open(&dir)?;
         store.save("52:54:00:12:34:11", &vec![1, 2, 3])?;
         store.save("52:54:00:12:34:12", &vec![4])?;
         fs::write(dir.join("nic-broken.json"), b"{not json")?;
-        let (mut values, problems): (Vec<Vec<i32>>, _) = store.load_all()?;
+        let (values, problems): (Vec<(PathBuf, Vec<i32>)>, _) = store.load_all()?;
+        let mut values: Vec<Vec<i32>> = values.into_iter().map(|(_, v)| v).collect();
         values.sort();
         assert_eq!(values, vec![vec![1, 2, 3], vec![4]]);
         assert_eq!(problems.len(), 1);
-        assert!(problems[0].to_string().contains("nic-broken.json"));
-        assert!(dir.join("nic-broken.json").exists(), "a corrupt file is kept for the operator");
+        assert!(problems[0].to_string().contains("nic-broken.json"), "{}", problems[0]);
+        assert!(!dir.join("nic-broken.json").exists(), "moved aside, so that nothing overwrites it");
+        assert_eq!(fs::read(dir.join("nic-broken.json.corrupt"))?, b"{not json", "kept for the operator");
         store.remove("52:54:00:12:34:12")?;
         store.remove("52:54:00:12:34:12")?;
-        let (values, _): (Vec<Vec<i32>>, _) = store.load_all()?;
+        let (values, _): (Vec<(PathBuf, Vec<i32>)>, _) = store.load_all()?;
         assert_eq!(values.len(), 1);
+        drop(store);
+        fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
+
+    #[test]
+    fn two_keys_never_share_a_file() {
+        assert_ne!(file_name("aa:bb:cc:dd:ee:ff"), file_name("aa-bb-cc-dd-ee-ff"));
+        assert_ne!(file_name("aa:bb@eth0.1"), file_name("aa:bb@eth0_1"));
+        assert_eq!(file_name("52:54:00:12:34:11"), "nic-52_3a54_3a00_3a12_3a34_3a11.json");
+        assert!(!file_name("../../etc/passwd").contains('/'), "a key never leaves the directory");
+    }
+
+    #[test]
+    fn one_agent_at_a_time() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = temp("lock");
+        let first = Store::open(&dir)?;
+        match Store::open(&dir) {
+            Err(StoreError::Locked { holder, .. }) => {
+                assert_eq!(holder, format!(" (pid {})", std::process::id()), "names the holder");
+            }
+            Err(other) => panic!("not refused as locked: {other}"),
+            Ok(_) => panic!("a second store opened the same directory"),
+        }
+        drop(first);
+        let again = Store::open(&dir);
+        assert!(again.is_ok(), "the lock goes with its holder");
+        drop(again);
         fs::remove_dir_all(&dir)?;
         Ok(())
     }

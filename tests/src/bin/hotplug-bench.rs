@@ -4,7 +4,7 @@
 use std::{net::Ipv4Addr, process::Command};
 
 use anyhow::{bail, Context as _, Result};
-use hotplug::{agent::monotonic_ns, reconfigure::restore, snapshot};
+use hotplug::{clock::monotonic_ns, reconfigure::restore, snapshot};
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 
 const MAC: &str = "02:00:00:00:bb:01";

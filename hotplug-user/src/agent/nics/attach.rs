@@ -4,11 +4,12 @@ use std::{sync::Arc, time::Duration};
 
 use super::{Background, NicManager};
 use crate::{
-    agent::monotonic_ns,
     classify::NicEvent,
+    clock::monotonic_ns,
     config::Config,
     control::AttachOutcome,
     decide::{
+        attach_plan::attach_plan,
         coexist::{attach_owner, AttachOwner},
         NicState,
     },
@@ -110,9 +111,19 @@ impl NicManager {
             }
             return;
         }
-        let outcome = match result {
-            Ok(metadata) => {
-                let report = attach_config::configure(&self.handle, ifindex, &metadata).await;
+        // What other NICs carry now: an attach never takes one of their addresses.
+        let taken: Vec<std::net::IpAddr> = self
+            .nics
+            .iter()
+            .filter(|(other, _)| **other != mac)
+            .filter_map(|(_, n)| n.snapshot.as_ref())
+            .flat_map(|s| s.addresses.iter())
+            .filter_map(|a| a.summary.split('/').next().and_then(|ip| ip.parse().ok()))
+            .collect();
+        let planned = result.map_err(|e| e.to_string()).and_then(|metadata| attach_plan(&metadata, &taken));
+        let outcome = match planned {
+            Ok(plan) => {
+                let report = attach_config::configure(&self.handle, ifindex, &plan).await;
                 let latency_ms = monotonic_ns().saturating_sub(started_ns) / 1_000_000;
                 tracing::info!(%mac, ifindex, action = "attach", latency_ms, imds_requests = requests, table = ?report.table, errors = ?report.errors, "attached NIC configured from IMDS");
                 if let Some(nic) = self.nics.get_mut(&mac) {

@@ -23,9 +23,9 @@ use thiserror::Error;
 use tokio::sync::mpsc;
 
 pub use self::{attach::AttachResult, changes::config_changes};
-use super::monotonic_ns;
 use crate::{
     classify::{Cause, NicEvent, Source},
+    clock::monotonic_ns,
     config::Config,
     control::{AttachOutcome, NicStatus, Request, RestoreOutcome},
     decide::{
@@ -72,6 +72,8 @@ pub enum Background {
     Attach(AttachResult),
     /// The returning NIC's network manager is done with it (or the wait ran out).
     ManagerSettled(restore::Settled),
+    /// A `command` policy's hook ended (or was killed).
+    Hook { mac: String, phase: &'static str, outcome: command::HookOutcome },
 }
 
 /// One NIC as the agent manages and persists it.
@@ -79,6 +81,9 @@ pub enum Background {
 pub struct Managed {
     pub mac: String,
     pub state: NicState,
+    /// The boot this state was written in (state from another boot is never restored).
+    #[serde(default)]
+    pub boot_id: String,
     /// While present: the latest snapshot; after the driver left: the one to restore.
     pub snapshot: Option<NicSnapshot>,
     pub last_event: Option<NicEvent>,
@@ -97,6 +102,9 @@ pub struct Managed {
     /// The snapshot a restore waits to replay (while the NIC's manager configures it first).
     #[serde(default)]
     pub pending_restore: Option<restore::Pending>,
+    /// Reload halves cloud-init's hook has not asked about yet.
+    #[serde(default)]
+    pub gate_credits: decide::gate::Credits,
     #[serde(skip)]
     history: VecDeque<NicSnapshot>,
 }
@@ -106,6 +114,7 @@ impl Managed {
         Self {
             mac: mac.to_owned(),
             state,
+            boot_id: String::new(),
             snapshot: None,
             last_event: None,
             last_restore: None,
@@ -114,6 +123,7 @@ impl Managed {
             returned_from_driver_gone: false,
             last_removal: None,
             pending_restore: None,
+            gate_credits: decide::gate::Credits::default(),
             history: VecDeque::new(),
         }
     }
@@ -134,6 +144,8 @@ pub struct NicManager {
     own_netns: Option<u32>,
     /// Where the other network managers keep their state.
     host: Host,
+    /// This boot's id, written into every state file.
+    boot_id: String,
 }
 
 fn key(mac: &str) -> String {
@@ -176,8 +188,10 @@ impl NicManager {
     }
 
     /// Saves a NIC's state; a NIC that left for good leaves no state file behind.
-    fn persist(&self, mac: &str) {
-        let Some(nic) = self.nics.get(mac) else { return };
+    fn persist(&mut self, mac: &str) {
+        let boot_id = self.boot_id.clone();
+        let Some(nic) = self.nics.get_mut(mac) else { return };
+        nic.boot_id = boot_id;
         let result = match nic.state {
             NicState::Removed { .. } => self.store.remove(mac),
             _ => self.store.save(mac, nic),
@@ -192,7 +206,7 @@ impl NicManager {
     /// (A lost removal cannot be told apart from a NIC that is still there: it stays `present`.)
     pub async fn resync(&mut self, links: &[rtnl::LinkSnapshot]) {
         for link in links {
-            let key = crate::classify::nic_key(
+            let key = crate::identity::nic_key(
                 link.permanent_mac.as_deref(),
                 link.mac.as_deref().unwrap_or_default(),
                 &link.name,
@@ -291,15 +305,15 @@ impl NicManager {
                 let dropped = self.nics.get(&mac).and_then(|nic| {
                     let previous = nic.snapshot.as_ref()?;
                     let foreign = previous.networkd_foreign();
-                    let touched = self.host.networkd_touched(ifindex, MANAGER_TOUCH);
-                    let restoring = nic.pending_restore.is_some();
-                    decide::coexist::restore_after_manager(
-                        previous.manager,
-                        foreign.lost_in(&snapshot),
-                        touched,
-                        restoring,
-                    )
-                    .then_some(foreign)
+                    let cycle = decide::coexist::ManagerCycle {
+                        manager: previous.manager,
+                        mode: self.config.policy_for(&mac, &previous.name).manager,
+                        lost_foreign: foreign.lost_in(&snapshot),
+                        networkd_touched: self.host.networkd_touched(ifindex, MANAGER_TOUCH),
+                        admin_up: snapshot.up,
+                        restoring: nic.pending_restore.is_some(),
+                    };
+                    decide::coexist::restore_after_manager(cycle).map(|plan| (foreign, plan))
                 });
                 if let Some(nic) = self.nics.get_mut(&mac) {
                     if let NicState::Present { name, .. } = &mut nic.state {
@@ -312,8 +326,8 @@ impl NicManager {
                     nic.snapshot = Some(snapshot);
                 }
                 self.persist(&mac);
-                if let Some(foreign) = dropped {
-                    self.restore_after_manager(&mac, ifindex, foreign);
+                if let Some((foreign, plan)) = dropped {
+                    self.restore_after_manager(&mac, ifindex, foreign, plan);
                 }
             }
             Ok(_) | Err(_) => {} // gone or replaced meanwhile: the kernel events will say why
@@ -361,6 +375,21 @@ impl NicManager {
             (_, NicState::Present { .. }) => nic.returned_from_driver_gone,
             _ => false,
         };
+        // Each half of a reload the agent takes on is one uevent cloud-init's hook may skip.
+        let now_ns = monotonic_ns();
+        match (&state, &next) {
+            (Some(NicState::Present { .. }) | None, NicState::DriverGone { .. }) => {
+                nic.gate_credits.grant(UeventAction::Remove, now_ns);
+            }
+            (Some(NicState::DriverGone { .. }), NicState::Present { .. }) => {
+                nic.gate_credits.grant(UeventAction::Add, now_ns);
+            }
+            _ => {}
+        }
+        if matches!(next, NicState::Removed { .. }) {
+            // Gone for good: nothing waits to be replayed on it any more.
+            nic.pending_restore = None;
+        }
         nic.state = next;
         if let Some(event) = event {
             if event.action == crate::classify::Action::Removal {
@@ -405,14 +434,14 @@ impl NicManager {
             Action::RunCommand { phase } => {
                 let command = self.config.policy_for(mac, event.map_or("", |e| e.name.as_str())).command;
                 if let (Some(event), false) = (event, command.is_empty()) {
-                    match command::run(&command, event, phase).await {
-                        Ok(status) => {
-                            tracing::info!(%mac, action = "command", phase, %status, "policy command ran")
-                        }
-                        Err(error) => {
-                            tracing::error!(%mac, action = "command", phase, %error, "policy command failed to start")
-                        }
-                    }
+                    // In a task of its own: a hook that hangs holds up nothing but itself.
+                    let timeout = self.config.hook_timeout();
+                    let (event, mac, tx) = (event.clone(), mac.to_owned(), self.background.clone());
+                    tracing::info!(%mac, action = "command", phase, "running {}", command.join(" "));
+                    tokio::spawn(async move {
+                        let outcome = command::run(&command, &event, phase, timeout).await;
+                        let _ = tx.send(Background::Hook { mac, phase, outcome }).await;
+                    });
                 }
             }
             Action::HandToDetach { reason } => {
@@ -440,7 +469,7 @@ impl NicManager {
     }
 
     /// The agent's answer to a control request (the body the client reads).
-    pub fn answer(&self, request: &Request) -> Vec<u8> {
+    pub fn answer(&mut self, request: &Request) -> Vec<u8> {
         let body = match request {
             Request::Status => serde_json::to_vec_pretty(&self.status()),
             Request::CloudInitGate { action, devpath, mac } => {
@@ -452,32 +481,48 @@ impl NicManager {
     }
 
     fn cloud_init_gate(
-        &self,
+        &mut self,
         action: UeventAction,
         devpath: &str,
         mac: Option<&str>,
     ) -> decide::gate::GateAnswer {
         let name = devpath.rsplit('/').next().unwrap_or_default();
-        // By MAC when the device could be read; a removed one only by the name it had when it
-        // left (it may be back under that name by the time cloud-init asks).
-        let nic = match mac {
-            Some(mac) => self.nics.get(&key(mac)),
-            None => self
-                .nics
-                .values()
-                .filter(|n| n.last_removal.as_ref().is_some_and(|(_, had)| had == name))
-                .max_by_key(|n| n.last_event.as_ref().map_or(0, |e| e.timestamp_ns)),
-        };
-        let facts = nic.map(|n| GateFacts {
-            state: &n.state,
-            last: n.last_event.as_ref().map(|e| (e.action, e.cause)),
-            last_removal: n.last_removal.as_ref().map(|(cause, _)| *cause),
-            returned_from_driver_gone: n.returned_from_driver_gone,
-            policy: self.config.policy_for(&n.mac, name).policy,
+        let candidates = self.nics.values().map(|n| decide::gate::Candidate {
+            mac: n.mac.as_str(),
+            removed_as: n.last_removal.as_ref().map(|(_, had)| had.as_str()),
+            last_event_ns: n.last_event.as_ref().map_or(0, |e| e.timestamp_ns),
         });
-        let answer = decide::gate::cloud_init_gate(action, facts);
+        let matched = decide::gate::match_nic(mac, name, candidates).map(key);
+        let now_ns = monotonic_ns();
+        let nic = matched.as_ref().and_then(|m| self.nics.get_mut(m));
+        let answer = match nic {
+            None => decide::gate::cloud_init_gate(action, None),
+            Some(n) => {
+                // The policy of the name the NIC is configured under, not the kernel's fresh ethN
+                // a returning NIC first registers as.
+                let policy_name = n
+                    .snapshot
+                    .as_ref()
+                    .map(|s| s.name.as_str())
+                    .or(n.last_removal.as_ref().map(|(_, had)| had.as_str()))
+                    .unwrap_or(name);
+                let facts = GateFacts {
+                    state: &n.state,
+                    last: n.last_event.as_ref().map(|e| (e.action, e.cause)),
+                    last_removal: n.last_removal.as_ref().map(|(cause, _)| *cause),
+                    returned_from_driver_gone: n.returned_from_driver_gone,
+                    policy: self.config.policy_for(&n.mac, policy_name).policy,
+                    credit: n.gate_credits.available(action, now_ns),
+                };
+                let answer = decide::gate::cloud_init_gate(action, Some(facts));
+                if answer.verdict == decide::gate::Verdict::Skip {
+                    n.gate_credits.spend(action);
+                }
+                answer
+            }
+        };
         tracing::info!(
-            mac = nic.map_or("", |n| n.mac.as_str()),
+            mac = matched.as_deref().unwrap_or_default(),
             interface = name,
             action = "cloud-init-gate",
             verdict = ?answer.verdict,
@@ -485,6 +530,9 @@ impl NicManager {
             answer.verdict,
             answer.reason
         );
+        if let Some(mac) = matched.filter(|_| answer.verdict == decide::gate::Verdict::Skip) {
+            self.persist(&mac);
+        }
         answer
     }
 
@@ -514,6 +562,14 @@ impl NicManager {
         match message {
             Background::Attach(result) => self.on_attach_result(result).await,
             Background::ManagerSettled(settled) => self.finish_restore(settled).await,
+            Background::Hook { mac, phase, outcome } => {
+                let command::HookOutcome { status, succeeded, stdout, stderr } = outcome;
+                if succeeded {
+                    tracing::info!(%mac, action = "command", phase, %status, %stdout, %stderr, "policy command ran");
+                } else {
+                    tracing::error!(%mac, action = "command", phase, %status, %stdout, %stderr, "policy command failed");
+                }
+            }
         }
     }
 }

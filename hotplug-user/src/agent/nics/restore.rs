@@ -10,8 +10,8 @@ use std::time::Duration;
 use super::NicManager;
 use crate::snapshot::NicSnapshot;
 use crate::{
-    agent::monotonic_ns,
     classify::{NicEvent, Source},
+    clock::monotonic_ns,
     control::RestoreOutcome,
     decide::{
         coexist::{restore_plan, RestorePlan},
@@ -32,6 +32,19 @@ const MANAGER_POLL: Duration = Duration::from_millis(10);
 pub struct Pending {
     pub snapshot: NicSnapshot,
     pub reason: PendingReason,
+    /// How it is replayed (a restarted agent replays it the same way).
+    #[serde(default = "legacy_plan")]
+    pub plan: RestorePlan,
+}
+
+/// The plan of a pending restore written before plans were recorded.
+fn legacy_plan() -> RestorePlan {
+    RestorePlan {
+        wait_for_udev: true,
+        wait_for_manager: true,
+        leave_dynamic: true,
+        routes_and_rules_only: false,
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -67,17 +80,29 @@ impl NicManager {
             _ => before_ns,
         };
         let Some(nic) = self.nics.get_mut(mac) else { return };
-        // A restore still waiting for the manager when the driver left again keeps its snapshot.
-        let pending =
-            nic.pending_restore.take().filter(|p| p.reason == PendingReason::Reload).map(|p| p.snapshot);
-        let candidate = pending.or_else(|| {
-            nic.history
-                .iter()
-                .chain(nic.snapshot.iter())
-                .filter(|s| s.taken_ns < before_ns)
-                .max_by_key(|s| s.taken_ns)
-                .cloned()
-        });
+        // A restore still waiting for the manager when the driver left again keeps its snapshot;
+        // routes and rules waiting for networkd to finish a reconfigure join the one held.
+        let pending = nic.pending_restore.take();
+        let (reload, cycle) = match pending {
+            Some(p) if p.reason == PendingReason::Reload => (Some(p.snapshot), None),
+            Some(p) => (None, Some(p.snapshot)),
+            None => (None, None),
+        };
+        let candidate = reload
+            .or_else(|| {
+                nic.history
+                    .iter()
+                    .chain(nic.snapshot.iter())
+                    .filter(|s| s.taken_ns < before_ns)
+                    .max_by_key(|s| s.taken_ns)
+                    .cloned()
+            })
+            .map(|mut held| {
+                if let Some(cycle) = &cycle {
+                    held.merge_routes_and_rules(cycle);
+                }
+                held
+            });
         match candidate {
             Some(snapshot) => {
                 tracing::info!(%mac, interface = %snapshot.name, action = "hold", "driver left: holding {}", snapshot.summary_line());
@@ -90,19 +115,27 @@ impl NicManager {
         nic.history.clear();
     }
 
-    /// The NIC is back: restore its held snapshot now, or once its manager has configured it.
+    /// The NIC is back: restore its held snapshot now, or once udev and its manager are done.
     pub(super) async fn begin_restore(&mut self, mac: &str, ifindex: u32, event: Option<&NicEvent>) {
         let registered_ns = event.map_or_else(monotonic_ns, |e| e.timestamp_ns);
+        let udev_running = self.host.udev_running();
         let Some(nic) = self.nics.get_mut(mac) else { return };
+        // A restore a restarted agent found pending keeps the plan it was begun with.
         let pending = nic.pending_restore.clone().filter(|p| p.reason == PendingReason::Reload);
-        let Some(want) = pending.map(|p| p.snapshot).or_else(|| nic.snapshot.clone()) else {
-            tracing::warn!(%mac, ifindex, action = "restore", "NIC is back but there is no snapshot to restore");
-            return;
+        let (want, plan) = match (pending, nic.snapshot.clone()) {
+            (Some(p), _) => (p.snapshot, p.plan),
+            (None, Some(snapshot)) => {
+                let mode = self.config.policy_for(mac, &snapshot.name).manager;
+                let plan = restore_plan(snapshot.manager, mode, udev_running);
+                (snapshot, plan)
+            }
+            (None, None) => {
+                tracing::warn!(%mac, ifindex, action = "restore", "NIC is back but there is no snapshot to restore");
+                return;
+            }
         };
-        let mode = self.config.policy_for(mac, &want.name).manager;
-        let plan = restore_plan(want.manager, mode);
-        if !plan.wait_for_manager && !self.host.udev_running() {
-            nic.pending_restore = Some(Pending { snapshot: want, reason: PendingReason::Reload });
+        nic.pending_restore = Some(Pending { snapshot: want.clone(), reason: PendingReason::Reload, plan });
+        if !plan.wait_for_manager && !plan.wait_for_udev {
             let settled = Settled {
                 mac: mac.to_owned(),
                 ifindex,
@@ -118,19 +151,23 @@ impl NicManager {
             let manager = want.manager.map_or("its manager", |m| m.as_str());
             tracing::info!(%mac, interface = %want.name, ifindex, action = "restore", "NIC is back: restoring once {manager} has configured it");
         }
-        nic.pending_restore = Some(Pending { snapshot: want, reason: PendingReason::Reload });
         self.persist(mac);
         self.wait_for_manager(mac, ifindex, registered_ns, plan);
     }
 
     /// networkd reconfigured the link and dropped routes and rules that are not its own: they go
     /// back once it is done (its own, and addresses, it re-creates or drops as it means to).
-    pub(super) fn restore_after_manager(&mut self, mac: &str, ifindex: u32, foreign: NicSnapshot) {
+    pub(super) fn restore_after_manager(
+        &mut self,
+        mac: &str,
+        ifindex: u32,
+        foreign: NicSnapshot,
+        plan: RestorePlan,
+    ) {
         let Some(nic) = self.nics.get_mut(mac) else { return };
         tracing::info!(%mac, interface = %foreign.name, ifindex, action = "restore", "networkd reconfigured the NIC and dropped routes or rules it does not own: restoring them once it is done");
-        nic.pending_restore = Some(Pending { snapshot: foreign, reason: PendingReason::ManagerCycle });
+        nic.pending_restore = Some(Pending { snapshot: foreign, reason: PendingReason::ManagerCycle, plan });
         self.persist(mac);
-        let plan = RestorePlan { wait_for_manager: true, leave_dynamic: true };
         self.wait_for_manager(mac, ifindex, monotonic_ns(), plan);
     }
 
@@ -140,7 +177,10 @@ impl NicManager {
         let mac = mac.to_owned();
         tokio::spawn(async move {
             let started = tokio::time::Instant::now();
-            let mut settled = wait_until(UDEV_WAIT, || !host.udev_running() || host.udev_done(ifindex)).await;
+            let mut settled = true;
+            if plan.wait_for_udev {
+                settled &= wait_until(UDEV_WAIT, || !host.udev_running() || host.udev_done(ifindex)).await;
+            }
             if plan.wait_for_manager {
                 settled &=
                     wait_until(MANAGER_WAIT, || host.networkd_link(ifindex).is_some_and(|l| l.settled()))
@@ -161,16 +201,16 @@ impl NicManager {
             tracing::info!(%mac, ifindex, action = "restore", "the NIC left again before its manager was done: the restore waits for its return");
             return;
         }
-        let Some(Pending { snapshot: want, reason }) = nic.pending_restore.take() else { return };
+        let Some(Pending { snapshot: want, .. }) = nic.pending_restore.take() else { return };
         if !settled {
             tracing::warn!(%mac, ifindex, action = "restore", "udev or the NIC's manager did not finish within {} s: restoring anyway", waited.as_secs());
         }
-        let options = RestoreOptions { leave_dynamic: plan.leave_dynamic, now_ns: monotonic_ns() };
-        let mut report = restore::restore(&self.handle, &want, ifindex, options).await;
-        if reason == PendingReason::ManagerCycle {
-            // Only routes and rules were put back: the rest of the NIC is not compared.
-            report.differences.retain(|d| d.contains(" missing: "));
-        }
+        let options = RestoreOptions {
+            leave_dynamic: plan.leave_dynamic,
+            now_ns: monotonic_ns(),
+            routes_and_rules_only: plan.routes_and_rules_only,
+        };
+        let report = restore::restore(&self.handle, &want, ifindex, options).await;
         let latency_us = report.last_ack_ns.saturating_sub(registered_ns) / 1000;
         if report.errors.is_empty() && report.differences.is_empty() {
             tracing::info!(%mac, interface = %want.name, ifindex, action = "restore", latency_us, requests = report.requests, left_to_manager = ?report.left_to_manager, "restored {}", want.summary_line());

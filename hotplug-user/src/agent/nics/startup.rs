@@ -3,6 +3,7 @@
 //! nobody configured may be looked up once in IMDS (`decide::coexist::startup_lookup`).
 use std::{
     collections::{HashMap, HashSet},
+    path::PathBuf,
     time::Duration,
 };
 
@@ -10,8 +11,8 @@ use tokio::sync::mpsc;
 
 use super::{attach::imds_client, key, Background, Managed, ManagerError, NicManager};
 use crate::{
-    agent::monotonic_ns,
     classify::{Cause, NicEvent, Source},
+    clock::monotonic_ns,
     config::Config,
     decide::{self, NicState},
     kernel::rtnl,
@@ -32,6 +33,7 @@ impl NicManager {
             .ok()
             .and_then(|m| u32::try_from(std::os::unix::fs::MetadataExt::ino(&m)).ok());
         let mut manager = Self {
+            boot_id: boot_id(),
             own_netns,
             imds,
             background,
@@ -45,13 +47,26 @@ impl NicManager {
             dirty_due: None,
             bursts: HashMap::new(),
         };
-        let (persisted, problems): (Vec<Managed>, _) = manager.store.load_all()?;
-        let known: HashSet<String> = persisted.iter().map(|n| key(&n.mac)).collect();
+        let (persisted, problems): (Vec<(PathBuf, Managed)>, _) = manager.store.load_all()?;
         for problem in problems {
             tracing::warn!("{problem}");
         }
-        for nic in persisted {
-            manager.nics.insert(key(&nic.mac), nic);
+        let boot = boot_id();
+        let mut known = HashSet::new();
+        for (path, nic) in persisted {
+            let mac = key(&nic.mac);
+            // State written before a reboot describes NICs of another boot: nothing left then is
+            // coming back now (state without a boot id was written by an older agent, this boot).
+            if !decide::coexist::same_boot(&nic.boot_id, &boot) {
+                tracing::info!(%mac, "state from before the last reboot: not restored, forgotten");
+                let _ = std::fs::remove_file(&path);
+                continue;
+            }
+            if let Err(error) = manager.store.forget_stale(&mac, &path) {
+                tracing::warn!(%error, "cannot remove a state file of the old naming");
+            }
+            known.insert(mac.clone());
+            manager.nics.insert(mac, nic);
         }
         let now = monotonic_ns();
         let mut present = HashSet::new();
@@ -67,8 +82,9 @@ impl NicManager {
                     let restore_due =
                         matches!(manager.nics.get(&mac).map(|n| &n.state), Some(NicState::DriverGone { .. }));
                     // A restore that was waiting for the NIC's manager when the agent stopped.
-                    let interrupted = manager.nics.get(&mac).is_some_and(|n| {
-                        n.pending_restore.is_some() && matches!(n.state, NicState::Present { .. })
+                    let interrupted = manager.nics.get(&mac).and_then(|n| {
+                        let pending = n.pending_restore.as_ref()?;
+                        matches!(n.state, NicState::Present { .. }).then_some(pending.plan)
                     });
                     if restore_due {
                         // It came back while the agent was not running: restore now.
@@ -86,10 +102,9 @@ impl NicManager {
                         nic.snapshot = Some(snapshot);
                         manager.by_ifindex.insert(link.ifindex, mac.clone());
                         manager.persist(&mac);
-                        if interrupted {
-                            // The restore finishes once the NIC's manager is done, as it would have.
-                            let plan =
-                                decide::coexist::RestorePlan { wait_for_manager: true, leave_dynamic: true };
+                        if let Some(plan) = interrupted {
+                            // The restore finishes once udev and the NIC's manager are done, as
+                            // it would have, with the plan it was begun with.
                             manager.wait_for_manager(&mac, link.ifindex, now, plan);
                         }
                     }
@@ -184,4 +199,11 @@ fn synthetic_return(snapshot: &NicSnapshot) -> NicEvent {
         timestamp_ns: monotonic_ns(),
         netns: None,
     }
+}
+
+/// This boot's id (`/proc/sys/kernel/random/boot_id`); empty if it cannot be read.
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
 }

@@ -20,12 +20,12 @@ use std::{
 
 use tokio::sync::mpsc;
 
-use super::{Action, Cause, NicEvent, Source};
-use crate::kernel::{
+use super::{
     rtnl::{self, LinkChange, LinkSnapshot, RtnlError},
     uevent::{self, Uevent},
     KernelEvent,
 };
+use crate::classify::{Action, Cause, NicEvent, Source};
 
 /// How long after a link change its cause is decided.
 pub const SETTLE: Duration = Duration::from_millis(300);
@@ -298,9 +298,9 @@ pub async fn run(tx: mpsc::Sender<KernelEvent>) -> Result<(), RtnlError> {
         tokio::select! {
             Some(change) = links.next() => heuristic.on_link(change, &view, Instant::now()),
             Some(event) = uevents.next() => heuristic.on_uevent(event, Instant::now()),
-            () = crate::agent::sleep_until(next_due.map(Into::into)) => {}
+            () = crate::clock::sleep_until(next_due.map(Into::into)) => {}
         }
-        for event in heuristic.take_due(&view, Instant::now(), crate::agent::monotonic_ns()) {
+        for event in heuristic.take_due(&view, Instant::now(), crate::clock::monotonic_ns()) {
             if tx.send(KernelEvent::Nic(event)).await.is_err() {
                 return Ok(());
             }

@@ -1,0 +1,204 @@
+//! What to configure for a NIC really attached, from what IMDS says about it -- checked for
+//! meaning, not only for form: IMDS answers over the network, and a spoofed or broken answer must
+//! not put a route on the host that captures traffic (`128.0.0.0/1`, a `::/0` prefix route that
+//! beats the RA default) or a rule that captures another NIC's source address.
+//!
+//! Refused: a subnet EC2 could not have handed out (IPv4 /16../28, IPv6 /44../64), an address
+//! outside its subnet or not usable as a host address, an address another NIC has, more addresses
+//! than an ENI can carry, a device number or network card out of range. Each IPv6 address gets
+//! the prefix of the subnet block that contains it.
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use crate::imds::{parse::Ipv6Net, NicMetadata};
+
+/// First policy-routing table and rule priority: `10000 + device-number`.
+pub const TABLE_BASE: u32 = 10_000;
+/// More private addresses than any instance type allows per ENI (50 today, either family).
+pub const MAX_ADDRESSES: usize = 64;
+/// Device numbers and network cards EC2 uses are far below these; above them tables would
+/// collide with each other or leave the 10000 range.
+pub const MAX_DEVICE_NUMBER: u32 = 99;
+pub const MAX_NETWORK_CARD: u32 = 15;
+
+/// An attach, ready to apply.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AttachPlan {
+    /// Address and prefix length.
+    pub addresses: Vec<(IpAddr, u8)>,
+    /// For a secondary ENI: its policy-routing table, the router in its subnet, and the
+    /// addresses whose traffic the table carries (one `from ADDRESS lookup TABLE` rule each).
+    pub policy: Option<PolicyRouting>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyRouting {
+    pub table: u32,
+    pub gateway: Ipv4Addr,
+    pub sources: Vec<Ipv4Addr>,
+}
+
+/// Checks `nic` and plans its configuration; `taken` holds the addresses other NICs carry now.
+pub fn attach_plan(nic: &NicMetadata, taken: &[IpAddr]) -> Result<AttachPlan, String> {
+    if nic.device_number > MAX_DEVICE_NUMBER {
+        return Err(format!("device-number {} is out of range (0..={MAX_DEVICE_NUMBER})", nic.device_number));
+    }
+    if !(16..=28).contains(&nic.subnet_ipv4.prefix) {
+        return Err(format!(
+            "subnet-ipv4-cidr-block {}/{} is no subnet EC2 hands out (/16 to /28)",
+            nic.subnet_ipv4.network, nic.subnet_ipv4.prefix
+        ));
+    }
+    if nic.local_ipv4s.is_empty() {
+        return Err("local-ipv4s is empty: an ENI has a primary private address".into());
+    }
+    if nic.local_ipv4s.len() > MAX_ADDRESSES || nic.ipv6s.len() > MAX_ADDRESSES {
+        return Err(format!(
+            "{} IPv4 and {} IPv6 addresses: more than an ENI can carry ({MAX_ADDRESSES})",
+            nic.local_ipv4s.len(),
+            nic.ipv6s.len()
+        ));
+    }
+    let mut addresses = Vec::new();
+    for address in &nic.local_ipv4s {
+        let host = u32::from(*address) & !mask4(nic.subnet_ipv4.prefix);
+        let broadcast = !mask4(nic.subnet_ipv4.prefix);
+        if !nic.subnet_ipv4.contains(*address) {
+            return Err(format!(
+                "local-ipv4s {address} is outside its subnet {}/{}",
+                nic.subnet_ipv4.network, nic.subnet_ipv4.prefix
+            ));
+        }
+        if host == 0 || host == broadcast {
+            return Err(format!(
+                "local-ipv4s {address} is not a host address of its subnet {}/{}",
+                nic.subnet_ipv4.network, nic.subnet_ipv4.prefix
+            ));
+        }
+        addresses.push((IpAddr::V4(*address), nic.subnet_ipv4.prefix));
+    }
+    for block in &nic.subnet_ipv6 {
+        if !(44..=64).contains(&block.prefix) {
+            return Err(format!(
+                "subnet-ipv6-cidr-blocks {}/{} is no subnet EC2 hands out (/44 to /64)",
+                block.network, block.prefix
+            ));
+        }
+    }
+    for address in &nic.ipv6s {
+        let block = containing(&nic.subnet_ipv6, *address).ok_or_else(|| {
+            format!("ipv6s {address} is in none of its subnet's blocks (subnet-ipv6-cidr-blocks)")
+        })?;
+        if address.is_loopback() || address.is_multicast() || address.is_unspecified() {
+            return Err(format!("ipv6s {address} is not a unicast host address"));
+        }
+        addresses.push((IpAddr::V6(*address), block.prefix));
+    }
+    if let Some((address, _)) = addresses.iter().find(|(a, _)| taken.contains(a)) {
+        return Err(format!("{address} is another NIC's address already: refusing to take it over"));
+    }
+    let policy = (nic.device_number > 0).then(|| PolicyRouting {
+        table: TABLE_BASE + nic.device_number,
+        gateway: nic.subnet_ipv4.gateway(),
+        sources: nic.local_ipv4s.clone(),
+    });
+    Ok(AttachPlan { addresses, policy })
+}
+
+fn mask4(prefix: u8) -> u32 {
+    if prefix == 0 {
+        0
+    } else {
+        u32::MAX << (32 - u32::from(prefix.min(32)))
+    }
+}
+
+fn containing(blocks: &[Ipv6Net], address: Ipv6Addr) -> Option<Ipv6Net> {
+    blocks.iter().copied().filter(|b| b.contains(address)).max_by_key(|b| b.prefix)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::imds::parse::Ipv4Net;
+
+    fn nic() -> NicMetadata {
+        NicMetadata {
+            mac: "52:54:00:12:34:11".into(),
+            device_number: 1,
+            local_ipv4s: vec![Ipv4Addr::new(10, 0, 1, 5), Ipv4Addr::new(10, 0, 1, 6)],
+            subnet_ipv4: Ipv4Net { network: Ipv4Addr::new(10, 0, 1, 0), prefix: 24 },
+            ipv6s: vec![
+                "2001:db8:1:1::5".parse().unwrap_or(Ipv6Addr::UNSPECIFIED),
+                "2001:db8:1:2::5".parse().unwrap_or(Ipv6Addr::UNSPECIFIED),
+            ],
+            subnet_ipv6: vec![
+                Ipv6Net { network: "2001:db8:1:1::".parse().unwrap_or(Ipv6Addr::UNSPECIFIED), prefix: 64 },
+                Ipv6Net { network: "2001:db8:1:2::".parse().unwrap_or(Ipv6Addr::UNSPECIFIED), prefix: 56 },
+            ],
+        }
+    }
+
+    #[test]
+    fn a_good_answer_is_planned_with_each_ipv6_address_in_its_own_block() -> Result<(), String> {
+        let plan = attach_plan(&nic(), &[])?;
+        assert_eq!(plan.addresses.len(), 4);
+        assert!(plan.addresses.contains(&("2001:db8:1:2::5".parse().map_err(|_| "ip")?, 56)), "{plan:?}");
+        assert!(plan.addresses.contains(&("2001:db8:1:1::5".parse().map_err(|_| "ip")?, 64)));
+        let policy = plan.policy.ok_or("no policy routing for a secondary ENI")?;
+        assert_eq!((policy.table, policy.gateway), (10_001, Ipv4Addr::new(10, 0, 1, 1)));
+        let primary = attach_plan(&NicMetadata { device_number: 0, ..nic() }, &[])?;
+        assert_eq!(primary.policy, None, "no rules for the primary ENI");
+        Ok(())
+    }
+
+    #[test]
+    fn hostile_answers_are_refused_with_a_reason() {
+        let v4 = |a: [u8; 4]| Ipv4Addr::from(a);
+        let taken_elsewhere = [IpAddr::V4(v4([10, 0, 1, 6]))];
+        let cases: Vec<(&str, NicMetadata, &[IpAddr])> = vec![
+            ("outside", NicMetadata { local_ipv4s: vec![v4([192, 168, 0, 5])], ..nic() }, &[]),
+            (
+                "EC2 hands out",
+                NicMetadata {
+                    subnet_ipv4: Ipv4Net { network: v4([128, 0, 0, 0]), prefix: 1 },
+                    local_ipv4s: vec![v4([128, 0, 0, 5])],
+                    ..nic()
+                },
+                &[],
+            ),
+            ("host address", NicMetadata { local_ipv4s: vec![v4([10, 0, 1, 0])], ..nic() }, &[]),
+            ("host address", NicMetadata { local_ipv4s: vec![v4([10, 0, 1, 255])], ..nic() }, &[]),
+            (
+                "EC2 hands out",
+                NicMetadata {
+                    subnet_ipv6: vec![Ipv6Net { network: Ipv6Addr::UNSPECIFIED, prefix: 0 }],
+                    ipv6s: vec![],
+                    ..nic()
+                },
+                &[],
+            ),
+            (
+                "none of its subnet",
+                NicMetadata {
+                    ipv6s: vec!["2001:db8:9::1".parse().unwrap_or(Ipv6Addr::UNSPECIFIED)],
+                    ..nic()
+                },
+                &[],
+            ),
+            (
+                "more than",
+                NicMetadata { local_ipv4s: (1..=70).map(|i| v4([10, 0, 1, i])).collect(), ..nic() },
+                &[],
+            ),
+            ("device-number", NicMetadata { device_number: 4000, ..nic() }, &[]),
+            ("another NIC", nic(), &taken_elsewhere),
+            ("empty", NicMetadata { local_ipv4s: vec![], ..nic() }, &[]),
+        ];
+        for (why, metadata, taken) in cases {
+            match attach_plan(&metadata, taken) {
+                Ok(plan) => panic!("accepted ({why}): {plan:?}"),
+                Err(error) => assert!(error.contains(why), "{why}: {error}"),
+            }
+        }
+    }
+}
