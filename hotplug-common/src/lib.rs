@@ -218,11 +218,14 @@ pub struct TaskContext {
     pub depth: [u8; CONTEXT_KINDS],
     /// The module being unloaded (`delete_module`) or loaded (`module:module_load`).
     pub module: [u8; MODULE_NAME_LEN],
+    /// The `struct task_struct *` that made the entry: a thread id is reused once its thread has
+    /// exited, and an entry whose exit probe was missed must not pass to the new thread.
+    pub task: u64,
 }
 
 impl TaskContext {
     pub const fn zeroed() -> Self {
-        Self { depth: [0; CONTEXT_KINDS], module: [0; MODULE_NAME_LEN] }
+        Self { depth: [0; CONTEXT_KINDS], module: [0; MODULE_NAME_LEN], task: 0 }
     }
 
     pub const fn is_idle(&self) -> bool {
@@ -284,10 +287,45 @@ pub enum Counter {
     ContextMapFull = 2,
     /// An unregister batch held more devices than one program run walks.
     BatchTruncated = 3,
+    /// A `delete_module` or `init_module` call by a task without `CAP_SYS_MODULE` in the initial
+    /// user namespace: the kernel refuses it, and the programs report nothing (not a loss).
+    UnprivilegedFiltered = 4,
+    /// A NIC event in a network namespace other than the agent's: not reported (not a loss).
+    ForeignNetnsFiltered = 5,
+}
+
+impl Counter {
+    /// Every counter, in slot order.
+    pub const ALL: [Counter; 6] = [
+        Self::RingReserveFailed,
+        Self::KernelReadFailed,
+        Self::ContextMapFull,
+        Self::BatchTruncated,
+        Self::UnprivilegedFiltered,
+        Self::ForeignNetnsFiltered,
+    ];
+
+    /// Whether a rise means that events were lost or went out incomplete (the agent then
+    /// resynchronises); the others count what the programs filtered on purpose.
+    pub const fn is_loss(self) -> bool {
+        !matches!(self, Self::UnprivilegedFiltered | Self::ForeignNetnsFiltered)
+    }
+
+    /// The counter's name in logs and `bpf-stats`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::RingReserveFailed => "ring-reserve-failed",
+            Self::KernelReadFailed => "kernel-read-failed",
+            Self::ContextMapFull => "context-map-full",
+            Self::BatchTruncated => "batch-truncated",
+            Self::UnprivilegedFiltered => "unprivileged-filtered",
+            Self::ForeignNetnsFiltered => "foreign-netns-filtered",
+        }
+    }
 }
 
 /// Number of entries in `COUNTERS`.
-pub const COUNTER_SLOTS: u32 = 4;
+pub const COUNTER_SLOTS: u32 = Counter::ALL.len() as u32;
 
 /// How many devices of one `unregister_netdevice_many` batch the program reports.
 pub const MAX_UNREGISTER_BATCH: u32 = 16;
@@ -331,6 +369,19 @@ pub mod globals {
     pub const NETNS_OFFSETS: [(&str, &str, &str); 2] =
         [("NETDEV_NET", "net_device", "nd_net.net"), ("NET_NS_INUM", "net", "ns.inum")];
     pub const NETNS_KNOWN: &str = "NETNS_KNOWN";
+    /// The inode of the agent's own network namespace: NIC events from any other are dropped in
+    /// the kernel (0: no filter).
+    pub const AGENT_NETNS: &str = "AGENT_NETNS";
+    /// Optional offsets for the privilege filter on `delete_module` and `init_module`:
+    /// `task_struct.cred`, then `cred.cap_effective` and `cred.user_ns`, then
+    /// `user_namespace.level`. `PRIV_KNOWN` is 1 when all are set.
+    pub const PRIV_OFFSETS: [(&str, &str, &str); 4] = [
+        ("TASK_CRED", "task_struct", "cred"),
+        ("CRED_CAP_EFFECTIVE", "cred", "cap_effective"),
+        ("CRED_USER_NS", "cred", "user_ns"),
+        ("USER_NS_LEVEL", "user_namespace", "level"),
+    ];
+    pub const PRIV_KNOWN: &str = "PRIV_KNOWN";
 }
 
 #[cfg(feature = "user")]
@@ -358,7 +409,7 @@ mod tests {
     #[test]
     fn netdev_event_layout_is_fixed() {
         assert_eq!(core::mem::size_of::<NetdevEvent>(), 312);
-        assert_eq!(core::mem::size_of::<TaskContext>(), 64);
+        assert_eq!(core::mem::size_of::<TaskContext>(), 72);
     }
 
     #[test]

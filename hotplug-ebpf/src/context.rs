@@ -21,7 +21,10 @@ use aya_ebpf::{
 };
 use hotplug_common::{ContextKind, Counter, TaskContext};
 
-use crate::{count, current_tid};
+use crate::{
+    count, current_tid,
+    kernel::{current_task_ptr, may_manage_modules},
+};
 
 /// Contexts of the tasks inside a hooked path, by thread id. LRU: a kretprobe can be missed (the
 /// kernel keeps a bounded number of return instances per probe), and a context that never saw
@@ -29,24 +32,34 @@ use crate::{count, current_tid};
 #[map]
 pub static TASK_CONTEXT: LruHashMap<u32, TaskContext> = LruHashMap::with_max_entries(4096, 0);
 
-/// The current task's context, if it is inside any hooked path.
+/// The current task's context, if it is inside any hooked path. An entry left by an earlier
+/// thread with the same id (its exit probe missed) is not this task's.
 #[inline(always)]
 pub fn current() -> Option<TaskContext> {
     // SAFETY: the value is copied out at once; a concurrent delete cannot free it under us
     // because only this thread touches its own entry.
-    unsafe { TASK_CONTEXT.get(current_tid()) }.copied()
+    let ctx = unsafe { TASK_CONTEXT.get(current_tid()) }.copied()?;
+    (ctx.task == current_task_ptr()).then_some(ctx)
 }
 
-/// Applies `update` to the current task's context, creating it if needed.
+/// Applies `update` to the current task's context, creating it if needed (and starting afresh
+/// over an entry an earlier thread with the same id left behind).
 #[inline(always)]
 pub fn update(update: impl FnOnce(&mut TaskContext)) {
     let tid = current_tid();
+    let task = current_task_ptr();
     if let Some(ctx) = TASK_CONTEXT.get_ptr_mut(tid) {
         // SAFETY: the pointer comes from the lookup; only this thread writes its own entry.
-        update(unsafe { &mut *ctx });
+        let ctx = unsafe { &mut *ctx };
+        if ctx.task != task {
+            *ctx = TaskContext::zeroed();
+            ctx.task = task;
+        }
+        update(ctx);
         return;
     }
     let mut ctx = TaskContext::zeroed();
+    ctx.task = task;
     update(&mut ctx);
     if TASK_CONTEXT.insert(tid, ctx, 0).is_err() {
         count(Counter::ContextMapFull);
@@ -64,6 +77,11 @@ pub fn leave(kind: ContextKind) {
     if let Some(ctx) = TASK_CONTEXT.get_ptr_mut(tid) {
         // SAFETY: as in `update`.
         let ctx = unsafe { &mut *ctx };
+        if ctx.task != current_task_ptr() {
+            // An earlier thread's: this task never entered.
+            let _ = TASK_CONTEXT.remove(tid);
+            return;
+        }
         ctx.depth[kind as usize] = ctx.depth[kind as usize].saturating_sub(1);
         if ctx.is_idle() {
             let _ = TASK_CONTEXT.remove(tid);
@@ -95,9 +113,14 @@ context_probe!(pci_add_enter, pci_add_exit, ContextKind::PciAdd);
 context_probe!(dellink_enter, dellink_exit, ContextKind::LinkDelete);
 context_probe!(newlink_enter, newlink_exit, ContextKind::LinkCreate);
 
-/// Entry of `__x64_sys_{init,finit}_module`: the task is loading a module.
+/// Entry of `__x64_sys_{init,finit}_module`: the task is loading a module. A caller without
+/// `CAP_SYS_MODULE` is refused by the kernel: no context is made for it.
 #[kprobe]
 pub fn module_init_enter(_ctx: ProbeContext) -> u32 {
+    if !may_manage_modules() {
+        count(Counter::UnprivilegedFiltered);
+        return 0;
+    }
     enter(ContextKind::ModuleLoad);
     0
 }
@@ -105,7 +128,9 @@ pub fn module_init_enter(_ctx: ProbeContext) -> u32 {
 /// Return of `__x64_sys_{init,finit}_module`.
 #[kretprobe]
 pub fn module_init_exit(_ctx: RetProbeContext) -> u32 {
-    update(|ctx| ctx.module = [0; hotplug_common::MODULE_NAME_LEN]);
-    leave(ContextKind::ModuleLoad);
+    if current().is_some_and(|c| c.inside(ContextKind::ModuleLoad)) {
+        update(|ctx| ctx.module = [0; hotplug_common::MODULE_NAME_LEN]);
+        leave(ContextKind::ModuleLoad);
+    }
     0
 }

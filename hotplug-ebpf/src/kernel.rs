@@ -1,8 +1,57 @@
-//! Reading kernel memory at offsets user space took from the running kernel's BTF.
-use aya_ebpf::helpers::{bpf_probe_read_kernel, bpf_probe_read_kernel_buf, bpf_probe_read_kernel_str_bytes};
+//! Reading kernel memory at offsets user space took from the running kernel's BTF, and what the
+//! programs read about the current task through it.
+use aya_ebpf::helpers::{
+    bpf_get_current_task, bpf_probe_read_kernel, bpf_probe_read_kernel_buf, bpf_probe_read_kernel_str_bytes,
+};
 use hotplug_common::Counter;
 
-use crate::count;
+use crate::{count, global_u32};
+
+// `task_struct.cred`, `cred.cap_effective`, `cred.user_ns`, `user_namespace.level`: set by user
+// space from BTF; `PRIV_KNOWN` is 1 only when all four are (else nothing is filtered).
+#[unsafe(no_mangle)]
+static TASK_CRED: u32 = 0;
+#[unsafe(no_mangle)]
+static CRED_CAP_EFFECTIVE: u32 = 0;
+#[unsafe(no_mangle)]
+static CRED_USER_NS: u32 = 0;
+#[unsafe(no_mangle)]
+static USER_NS_LEVEL: u32 = 0;
+#[unsafe(no_mangle)]
+static PRIV_KNOWN: u32 = 0;
+
+/// `CAP_SYS_MODULE` in `include/uapi/linux/capability.h`.
+const CAP_SYS_MODULE: u64 = 16;
+
+/// The current `struct task_struct *`.
+#[inline(always)]
+pub fn current_task_ptr() -> u64 {
+    // SAFETY: bpf_get_current_task has no preconditions; it returns the current task's address.
+    unsafe { bpf_get_current_task() }
+}
+
+/// Whether the current task may load or unload modules: `CAP_SYS_MODULE` effective in the initial
+/// user namespace, which is what `delete_module` and `init_module` check (`capable()` is
+/// `ns_capable(&init_user_ns, ...)`, and `cap_capable` grants it only to a cred whose `user_ns` is
+/// the initial one, `level` 0, with the bit in `cap_effective`). Their probes fire before that
+/// check, so without this any local user could fill the ring buffer with refused calls.
+/// `kernel_cap_t` is `u32 cap[2]` before Linux 6.3 and `u64 val` since: read as one
+/// little-endian `u64`, bit 16 is the same bit in both. True when the offsets are unknown.
+#[inline(always)]
+pub fn may_manage_modules() -> bool {
+    if global_u32(&PRIV_KNOWN) == 0 {
+        return true;
+    }
+    let cred = read::<u64>(current_task_ptr(), global_u32(&TASK_CRED)).unwrap_or(0);
+    let Some(caps) = read::<u64>(cred, global_u32(&CRED_CAP_EFFECTIVE)) else {
+        return true;
+    };
+    let user_ns = read::<u64>(cred, global_u32(&CRED_USER_NS)).unwrap_or(0);
+    let Some(level) = read::<u32>(user_ns, global_u32(&USER_NS_LEVEL)) else {
+        return true;
+    };
+    caps & (1 << CAP_SYS_MODULE) != 0 && level == 0
+}
 
 /// Reads a `T` at `base + offset`; `None` (and a counted fault) if the read faults or `base` is 0.
 #[inline(always)]

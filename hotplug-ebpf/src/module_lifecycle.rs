@@ -13,6 +13,8 @@
 //!   only after that, from `free_module`. The syscall entry is the earliest signal of an unload.
 //! - `module:module_load` fires in `load_module` before the module's init function runs, so before
 //!   the driver probes and registers any NIC.
+//! - `delete_module` checks `capable(CAP_SYS_MODULE)` only after the probe fired: callers without
+//!   it are filtered here (`kernel::may_manage_modules`), so unprivileged calls cost no record.
 //! - Tracepoint record layouts differ between kernels, so every field offset is a global that user
 //!   space fills in from tracefs `events/<system>/<event>/format` before loading; the offset of
 //!   `pt_regs.di` (the syscall's first argument) comes from BTF.
@@ -24,7 +26,11 @@ use aya_ebpf::{
 };
 use hotplug_common::{ContextKind, Counter, EventKind, ModuleEvent, MODULE_NAME_LEN};
 
-use crate::{context, count, current_task, emit, global_u32, kernel::read, now_ns};
+use crate::{
+    context, count, current_task, emit, global_u32,
+    kernel::{may_manage_modules, read},
+    now_ns,
+};
 
 /// Offset of `di` in `struct pt_regs` (x86_64): where the syscall wrapper finds argument 1.
 #[unsafe(no_mangle)]
@@ -66,6 +72,11 @@ pub fn delete_module_enter(ctx: ProbeContext) -> u32 {
 }
 
 fn try_delete_module_enter(ctx: &ProbeContext) -> Result<(), i64> {
+    // A caller the kernel is about to refuse: no record, no context (its exit then sends none).
+    if !may_manage_modules() {
+        count(Counter::UnprivilegedFiltered);
+        return Ok(());
+    }
     let mut event = new_event(EventKind::ModuleUnloadBegin);
     let regs: u64 = ctx.arg(0).ok_or(0i64)?;
     let name_user = read::<u64>(regs, global_u32(&PT_REGS_DI)).ok_or(0i64)? as *const u8;

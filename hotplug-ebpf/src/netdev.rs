@@ -11,7 +11,7 @@
 //!   namespace is neither, so it is reported as a removal and a registration with cause netns-move.
 use aya_ebpf::{
     macros::{kprobe, kretprobe, map},
-    maps::{HashMap, PerCpuArray},
+    maps::{LruHashMap, PerCpuArray},
     programs::{ProbeContext, RetProbeContext},
 };
 use hotplug_common::{Cause, Counter, EventKind, NetdevEvent, MAX_UNREGISTER_BATCH};
@@ -66,6 +66,11 @@ static NETDEV_NET: u32 = 0;
 static NET_NS_INUM: u32 = 0;
 #[unsafe(no_mangle)]
 static NETNS_KNOWN: u32 = 0;
+/// The agent's network namespace inode: NIC events of any other namespace are dropped here, so
+/// that link churn in a container or an unprivileged user namespace costs no ring buffer space.
+/// 0: no filter.
+#[unsafe(no_mangle)]
+static AGENT_NETNS: u32 = 0;
 
 /// How far up the device tree to look for the PCI device (virtio NICs sit one level below it).
 const MAX_PARENT_DEPTH: u32 = 4;
@@ -74,14 +79,16 @@ const MAX_PARENT_DEPTH: u32 = 4;
 #[map]
 static SCRATCH: PerCpuArray<NetdevEvent> = PerCpuArray::with_max_entries(1, 0);
 
-/// `register_netdevice` calls in flight: thread id → `struct net_device *`.
+/// `register_netdevice` calls in flight: thread id → `struct net_device *`. LRU: an entry whose
+/// kretprobe was missed ages out instead of filling the map (the next entry of the same thread
+/// overwrites it anyway).
 #[map]
-static REGISTERING: HashMap<u32, u64> = HashMap::with_max_entries(1024, 0);
+static REGISTERING: LruHashMap<u32, u64> = LruHashMap::with_max_entries(1024, 0);
 
 /// Namespace moves in flight: thread id → (`struct net_device *`, ifindex and namespace inode
-/// before the move).
+/// before the move). LRU, as `REGISTERING`.
 #[map]
-static MOVING: HashMap<u32, (u64, i32, u32)> = HashMap::with_max_entries(1024, 0);
+static MOVING: LruHashMap<u32, (u64, i32, u32)> = LruHashMap::with_max_entries(1024, 0);
 
 /// The inode number of `dev`'s network namespace (`dev_net(dev)->ns.inum`), 0 when unknown.
 #[inline(always)]
@@ -93,9 +100,15 @@ fn netns_of(dev: u64) -> u32 {
     read::<u32>(net, global_u32(&NET_NS_INUM)).unwrap_or(0)
 }
 
-/// Fills the scratch event for `dev` and sends it.
+/// Fills the scratch event for `dev` and sends it, unless it concerns another namespace.
 #[inline(always)]
 fn send(kind: EventKind, cause: Cause, dev: u64, before_move: Option<(i32, u32)>) {
+    let netns = before_move.map_or_else(|| netns_of(dev), |(_, netns)| netns);
+    let agent = global_u32(&AGENT_NETNS);
+    if agent != 0 && netns != 0 && netns != agent {
+        count(Counter::ForeignNetnsFiltered);
+        return;
+    }
     let Some(event) = SCRATCH.get_ptr_mut(0) else {
         return;
     };
@@ -113,10 +126,9 @@ fn send(kind: EventKind, cause: Cause, dev: u64, before_move: Option<(i32, u32)>
         }
     }
     describe(event, dev);
-    event.netns = netns_of(dev);
-    if let Some((ifindex, netns)) = before_move {
+    event.netns = netns;
+    if let Some((ifindex, _)) = before_move {
         event.ifindex = ifindex;
-        event.netns = netns;
     }
     emit(event);
 }

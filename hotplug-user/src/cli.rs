@@ -25,6 +25,11 @@ pub struct Cli {
     /// Size of the kernel-to-agent ring buffer in bytes: a power of two, at least one page.
     #[arg(long, global = true, default_value_t = hotplug_common::EVENT_RING_BYTES, value_parser = parse_ring_bytes)]
     pub ring_bytes: u32,
+    /// Do not attach this eBPF program (repeatable, or comma-separated; `features` lists the
+    /// names). For a probe that misbehaves on one kernel: what it explains is then classified
+    /// by degraded mode's heuristics, and the agent says so.
+    #[arg(long, global = true, value_name = "PROGRAM", value_delimiter = ',')]
+    pub disable_probe: Vec<String>,
     #[command(subcommand)]
     pub command: Option<Command>,
 }

@@ -31,14 +31,28 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    for program in &cli.disable_probe {
+        if !hotplug::kernel::probes::program_names().contains(&program.as_str()) {
+            eprintln!(
+                "hotplug-agent: --disable-probe {program}: no such program; the programs are: {}",
+                hotplug::kernel::probes::program_names().join(", ")
+            );
+            return ExitCode::from(2);
+        }
+    }
+    let options = hotplug::kernel::probes::LoadOptions {
+        ring_bytes: cli.ring_bytes,
+        disabled: cli.disable_probe.clone(),
+        netns: hotplug::kernel::probes::own_netns(),
+    };
     // Only the commands that use the configuration read it: a broken file must not stop
     // `events` or `features`, which an operator may need to diagnose the host.
     let config = || Config::load(cli.config.as_deref());
     let result = runtime.block_on(async {
         match cli.command.unwrap_or(Command::Run) {
-            Command::Run => agent::run(cli.config.clone(), config()?, cli.ring_bytes, notifier).await,
+            Command::Run => agent::run(cli.config.clone(), config()?, options, notifier).await,
             Command::Status { json } => Ok(hotplug::control::print_status(&config()?.socket, json)?),
-            Command::Events { json } => agent::stream_events(json, cli.ring_bytes).await,
+            Command::Events { json } => agent::stream_events(json, options).await,
             Command::Features { json } => agent::print_features(json),
             Command::BpfStats { json } => agent::print_bpf_stats(json),
             Command::CloudInitGate => Ok(()), // handled above, without a runtime

@@ -18,7 +18,11 @@ use futures::StreamExt as _;
 use crate::{
     clock::{monotonic_ns, sleep_until},
     config::{Config, ConfigError},
-    kernel::{self, probes::KernelProbes, KernelEvent, KernelFeatures},
+    kernel::{
+        self,
+        probes::{KernelProbes, LoadOptions},
+        KernelEvent, KernelFeatures,
+    },
 };
 
 #[derive(Debug, Error)]
@@ -61,14 +65,14 @@ pub struct Startup {
 impl Startup {
     /// Probes the kernel and attaches the eBPF programs. Never fails: whatever cannot be attached
     /// becomes a reason for degraded mode.
-    pub fn probe(ring_bytes: u32) -> Self {
+    pub fn probe(options: &LoadOptions) -> Self {
         let features = KernelFeatures::probe();
         let mut reasons = Vec::new();
         // SAFETY: geteuid has no preconditions and cannot fail.
         if unsafe { libc::geteuid() } != 0 {
             reasons.push("not running as root: eBPF programs and netlink changes need root".to_owned());
         }
-        let probes = match KernelProbes::load(kernel::embedded_object(), &features, ring_bytes) {
+        let probes = match KernelProbes::load(kernel::embedded_object(), &features, options) {
             Ok(probes) => {
                 reasons.extend(probes.limitations.iter().cloned());
                 for attachment in &probes.attachments {
@@ -117,10 +121,9 @@ impl Startup {
         }
     }
 
-    /// Starts forwarding kernel events; the receiver yields them until the probes are dropped.
-    /// When the NIC hooks are not attached, degraded mode's heuristic classifier reports NIC
-    /// changes instead (module events still come from whatever programs did attach).
-    /// Starts the kernel event sources. The second receiver says when one of them ended (and
+    /// Starts the kernel event sources. When the NIC hooks or the context probes that explain
+    /// them are not all attached, degraded mode's heuristic classifier reports NIC changes
+    /// instead (module events still come from whatever programs did attach). The second receiver says when one of them ended (and
     /// why): the agent would be blind to part of what it exists to see, so it stops and lets its
     /// service manager restart it, rather than go on half-deaf.
     fn events(&mut self) -> (mpsc::Receiver<KernelEvent>, mpsc::Receiver<SourceEnded>) {
@@ -140,7 +143,7 @@ impl Startup {
         }
         if let Some(probes) = self.probes.take() {
             tokio::spawn(async move {
-                let why = match kernel::source::forward(probes, tx).await {
+                let why = match kernel::source::forward(probes, tx, nic_hooks).await {
                     Ok(()) => "its ring buffer closed".to_owned(),
                     Err(error) => error.to_string(),
                 };
@@ -221,12 +224,12 @@ mod tests {
 pub async fn run(
     config_path: Option<PathBuf>,
     config: Config,
-    ring_bytes: u32,
+    options: LoadOptions,
     notifier: service::Notifier,
 ) -> Result<(), AgentError> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut hangup = signal(SignalKind::hangup()).map_err(AgentError::Signals)?;
-    let mut startup = Startup::probe(ring_bytes);
+    let mut startup = Startup::probe(&options);
     startup.announce();
     // Watch configuration changes before reading the NICs, so that no change falls between.
     let changes = nics::config_changes()?;
@@ -285,7 +288,15 @@ pub async fn run(
                 KernelEvent::Resync { links } => manager.resync(&links).await,
                 other => tracing::info!("{}", describe(&other)),
             },
-            Some(change) = changes.next() => manager.note_change(change),
+            change = changes.next() => match change {
+                Some(change) => manager.note_change(change),
+                None => {
+                    notifier.stopping();
+                    let _ = std::fs::remove_file(&config.socket);
+                    let why = "its socket closed".to_owned();
+                    return Err(AgentError::SourceEnded(SourceEnded { source: "rtnetlink notification reader", why }));
+                }
+            },
             Some(message) = background.recv() => manager.on_background(message).await,
             Some((request, reply)) = queries.recv() => {
                 let _ = reply.send(manager.answer(&request));
@@ -355,8 +366,8 @@ struct StreamHeader<'a> {
 }
 
 /// `hotplug-agent events`: prints every kernel event as it happens until SIGINT/SIGTERM.
-pub async fn stream_events(json: bool, ring_bytes: u32) -> Result<(), AgentError> {
-    let mut startup = Startup::probe(ring_bytes);
+pub async fn stream_events(json: bool, options: LoadOptions) -> Result<(), AgentError> {
+    let mut startup = Startup::probe(&options);
     startup.announce();
     let mut out = std::io::stdout().lock();
     if json {
@@ -405,8 +416,8 @@ pub fn describe(event: &KernelEvent) -> String {
                 m.timestamp_ns, m.module, m.kind, m.task.comm, m.task.pid
             )
         }
-        KernelEvent::Lost { events } => {
-            format!("LOST {events} kernel events (ring buffer full); resynchronising")
+        KernelEvent::Lost { events, counters } => {
+            format!("LOST {events} kernel events ({}); resynchronising", counters.join(", "))
         }
         KernelEvent::Resync { links } => {
             let names: Vec<&str> = links.iter().map(|l| l.name.as_str()).collect();
@@ -433,7 +444,7 @@ pub fn describe(event: &KernelEvent) -> String {
 
 /// `hotplug-agent features`: the probe result and the mode, then exit.
 pub fn print_features(json: bool) -> Result<(), AgentError> {
-    let startup = Startup::probe(hotplug_common::EVENT_RING_BYTES);
+    let startup = Startup::probe(&LoadOptions::with_defaults());
     let mut out = std::io::stdout().lock();
     if json {
         let header = startup.header();

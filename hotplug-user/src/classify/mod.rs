@@ -22,7 +22,23 @@ pub struct Task {
 /// A NUL-padded C string from a fixed-size buffer, lossily as UTF-8.
 pub fn c_string(bytes: &[u8]) -> String {
     let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
-    String::from_utf8_lossy(&bytes[..end]).into_owned()
+    sanitize(&String::from_utf8_lossy(&bytes[..end]))
+}
+
+/// `text` with control characters written as `\xNN` (`\u{NNNN}` beyond ASCII): a task's `comm`
+/// (any user sets its own with `prctl(PR_SET_NAME)`) and module names reach log lines, the
+/// journal and terminals, where a newline would forge a log entry and an escape sequence would
+/// drive the operator's terminal.
+pub fn sanitize(text: &str) -> String {
+    let mut clean = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            c if c.is_control() && c.is_ascii() => clean.push_str(&format!("\\x{:02x}", u32::from(c))),
+            c if c.is_control() => clean.push_str(&format!("\\u{{{:04x}}}", u32::from(c))),
+            c => clean.push(c),
+        }
+    }
+    clean
 }
 
 /// Why a NIC went away or appeared.

@@ -3,13 +3,23 @@
 //! current state and one input, so they are tested without a kernel.
 //!
 //! ```text
-//!   present ──removal: driver-unload | driver-unbind──▶ driver-gone ──registration──▶ present
-//!      │                                                   │           (restore / command / ignore)
-//!      └──removal: any other cause──▶ removed ◀──return timeout──┘     (handed to the detach path)
+//!   present ──removal: driver-unload | driver-unbind | unknown──▶ driver-gone ──registration──▶ present
+//!      │  ▲                                                          │   (restore / command / ignore)
+//!      │  └─registration under a new ifindex (its removal was lost: restore)
+//!      └──removal: device-removed | link-deleted | netns-move──▶ removed ◀──return timeout──┘
+//!                                                                   (handed to the detach path)
 //! ```
+//!
+//! A removal of unknown cause (no kernel context explains it) is held like a driver's: if the NIC
+//! comes back within the return timeout it is restored, else it goes to the detach path; losing a
+//! NIC's configuration because a cause could not be read is the one outcome not allowed.
 pub mod attach_plan;
 pub mod coexist;
 pub mod gate;
+pub mod startup;
+
+#[cfg(test)]
+mod model;
 
 use serde::{Deserialize, Serialize};
 
@@ -86,7 +96,7 @@ pub fn decide(
             _ => no_change(state),
         },
         Input::Event(event) => match event.action {
-            NicAction::Removal if event.cause.expects_return() => {
+            NicAction::Removal if holds(event.cause) => {
                 let mut actions = vec![Action::HoldSnapshot { before_ns: event.timestamp_ns }];
                 if policy == PolicyKind::Command {
                     actions.push(Action::RunCommand { phase: "driver-gone" });
@@ -109,6 +119,26 @@ pub fn decide(
                 let next = Some(NicState::Present { ifindex, name: event.name.clone() });
                 let mut actions = Vec::new();
                 match state {
+                    // Registered again under another ifindex while the agent thought it present:
+                    // its removal was lost (a full ring buffer, the agent not running). A NIC
+                    // attached again is an attach; anything else a return.
+                    Some(NicState::Present { ifindex: was, .. })
+                        if *was != ifindex && ifindex != 0 && event.cause != Cause::DeviceAdded =>
+                    {
+                        match policy {
+                            PolicyKind::Restore => {
+                                actions.push(Action::HoldSnapshot { before_ns: event.timestamp_ns });
+                                actions.push(Action::Restore { ifindex });
+                            }
+                            PolicyKind::Command => actions.push(Action::RunCommand { phase: "returned" }),
+                            PolicyKind::Ignore => {}
+                        }
+                    }
+                    Some(NicState::Present { ifindex: was, .. })
+                        if *was != ifindex && policy != PolicyKind::Ignore =>
+                    {
+                        actions.push(Action::Attach { ifindex });
+                    }
                     Some(NicState::DriverGone { .. }) => match policy {
                         PolicyKind::Restore => actions.push(Action::Restore { ifindex }),
                         PolicyKind::Command => actions.push(Action::RunCommand { phase: "returned" }),
@@ -128,9 +158,32 @@ pub fn decide(
     }
 }
 
+/// Whether a removal of this cause holds the NIC's snapshot for its return: a driver's leaving,
+/// and a removal nothing explains (restoring on a return beats losing the configuration).
+pub const fn holds(cause: Cause) -> bool {
+    cause.expects_return() || matches!(cause, Cause::Unknown)
+}
+
 /// Whether `cause` names a NIC leaving for good (kept for the status output).
 pub const fn is_final(cause: Cause) -> bool {
-    !cause.expects_return()
+    !holds(cause)
+}
+
+/// After kernel events were lost, whether a NIC found registered under `ifindex` missed its
+/// registration (its driver had left) or a removal and a registration (it is known present under
+/// another ifindex): then a registration is replayed through [`decide`].
+pub fn missed_return(state: Option<&NicState>, ifindex: u32) -> bool {
+    match state {
+        Some(NicState::DriverGone { .. }) => true,
+        Some(NicState::Present { ifindex: was, .. }) => *was != ifindex,
+        Some(NicState::Removed { .. }) | None => false,
+    }
+}
+
+/// Whether an IMDS answer for an attach still concerns the NIC: the same registration (not gone,
+/// not re-registered meanwhile, when it would be another attach or a restore).
+pub fn attach_result_applies(state: Option<&NicState>, ifindex: u32) -> bool {
+    matches!(state, Some(NicState::Present { ifindex: i, .. }) if *i == ifindex)
 }
 
 #[cfg(test)]
@@ -210,7 +263,7 @@ mod tests {
     #[test]
     fn real_removals_and_timeouts_go_to_the_detach_path() {
         let present = NicState::Present { ifindex: 3, name: "eth1".into() };
-        for cause in [Cause::DeviceRemoved, Cause::LinkDeleted, Cause::NetnsMove, Cause::Unknown] {
+        for cause in [Cause::DeviceRemoved, Cause::LinkDeleted, Cause::NetnsMove] {
             let t = decide(
                 Some(&present),
                 &Input::Event(&event(NicAction::Removal, cause, 3, 10)),
@@ -255,5 +308,65 @@ mod tests {
             vec![Action::Track { ifindex: 4 }],
             "no snapshot to restore for a NIC never seen"
         );
+    }
+
+    #[test]
+    fn an_unexplained_removal_is_held_not_detached() {
+        let present = NicState::Present { ifindex: 3, name: "eth1".into() };
+        let t = decide(
+            Some(&present),
+            &Input::Event(&event(NicAction::Removal, Cause::Unknown, 3, 10)),
+            PolicyKind::Restore,
+            TIMEOUT,
+        );
+        assert_eq!(t.actions, vec![Action::HoldSnapshot { before_ns: 10 }]);
+        let Some(gone) = t.next else { panic!("no state") };
+        assert!(matches!(gone, NicState::DriverGone { cause: Cause::Unknown, .. }));
+        let back = decide(
+            Some(&gone),
+            &Input::Event(&event(NicAction::Registration, Cause::Unknown, 8, 20)),
+            PolicyKind::Restore,
+            TIMEOUT,
+        );
+        assert_eq!(back.actions, vec![Action::Restore { ifindex: 8 }, Action::Track { ifindex: 8 }]);
+        assert!(!is_final(Cause::Unknown));
+    }
+
+    #[test]
+    fn a_lost_removal_is_recovered_from_the_new_ifindex() {
+        let present = NicState::Present { ifindex: 3, name: "eth1".into() };
+        let reloaded = event(NicAction::Registration, Cause::DriverLoad, 9, 50);
+        let t = decide(Some(&present), &Input::Event(&reloaded), PolicyKind::Restore, TIMEOUT);
+        assert_eq!(
+            t.actions,
+            vec![
+                Action::HoldSnapshot { before_ns: 50 },
+                Action::Restore { ifindex: 9 },
+                Action::Track { ifindex: 9 }
+            ]
+        );
+        let attached = event(NicAction::Registration, Cause::DeviceAdded, 9, 50);
+        let t = decide(Some(&present), &Input::Event(&attached), PolicyKind::Restore, TIMEOUT);
+        assert_eq!(t.actions, vec![Action::Attach { ifindex: 9 }, Action::Track { ifindex: 9 }]);
+        let same = event(NicAction::Registration, Cause::DriverLoad, 3, 50);
+        let t = decide(Some(&present), &Input::Event(&same), PolicyKind::Restore, TIMEOUT);
+        assert_eq!(t.actions, vec![Action::Track { ifindex: 3 }], "the same registration seen twice");
+
+        assert!(missed_return(Some(&present), 9));
+        assert!(!missed_return(Some(&present), 3));
+        let gone = NicState::DriverGone { cause: Cause::DriverUnload, since_ns: 1, deadline_ns: 2 };
+        assert!(missed_return(Some(&gone), 3));
+        assert!(!missed_return(Some(&NicState::Removed { cause: Cause::DeviceRemoved, since_ns: 1 }), 3));
+        assert!(!missed_return(None, 3));
+    }
+
+    #[test]
+    fn a_late_imds_answer_applies_only_to_the_same_registration() {
+        let present = NicState::Present { ifindex: 3, name: "eth1".into() };
+        assert!(attach_result_applies(Some(&present), 3));
+        assert!(!attach_result_applies(Some(&present), 4), "re-registered meanwhile");
+        let gone = NicState::Removed { cause: Cause::DeviceRemoved, since_ns: 1 };
+        assert!(!attach_result_applies(Some(&gone), 3));
+        assert!(!attach_result_applies(None, 3));
     }
 }

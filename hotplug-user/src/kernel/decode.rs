@@ -45,10 +45,13 @@ pub struct ModuleLifecycle {
 pub enum KernelEvent {
     Module(ModuleLifecycle),
     Nic(NicEvent),
-    /// The ring buffer was full and `events` records were dropped in the kernel: whatever state a
-    /// consumer built from the stream is incomplete until the `resync` that follows.
+    /// Records were dropped in the kernel (a full ring buffer, a full context map, a truncated
+    /// batch) or went out incomplete (a failed kernel read): `events` is how many the `counters`
+    /// rose by. Whatever state a consumer built from the stream is incomplete until the `resync`
+    /// that follows.
     Lost {
         events: u64,
+        counters: Vec<&'static str>,
     },
     /// Every link that exists now (an rtnetlink dump), sent after a loss.
     Resync {
@@ -165,5 +168,13 @@ mod tests {
         assert_eq!(c_string(b"abc\0def"), "abc");
         assert_eq!(c_string(b"abc"), "abc");
         assert_eq!(c_string(b""), "");
+    }
+
+    #[test]
+    fn control_characters_never_reach_a_log_line() {
+        assert_eq!(c_string(b"evil\nhotplug-agent: restored\0"), "evil\\x0ahotplug-agent: restored");
+        assert_eq!(c_string(b"\x1b[2Jclear"), "\\x1b[2Jclear");
+        assert_eq!(c_string("a\u{85}b".as_bytes()), "a\\u{0085}b");
+        assert_eq!(c_string("modprobe-\u{e9}".as_bytes()), "modprobe-\u{e9}", "printable text is kept");
     }
 }

@@ -138,6 +138,25 @@ impl Heuristic {
         }
     }
 
+    /// After lost link notifications: the links there are now, against the ones known. A link
+    /// gone is a removal, a new ifindex a registration, each classified as if its notification
+    /// had come now (the uevents and sysfs still tell most causes).
+    pub fn on_overrun(&mut self, links: Vec<LinkSnapshot>, view: &dyn SystemView, now: Instant) {
+        let current: HashMap<u32, LinkSnapshot> = links.into_iter().map(|l| (l.ifindex, l)).collect();
+        let gone: Vec<LinkSnapshot> = self
+            .links
+            .values()
+            .filter(|k| !current.contains_key(&k.link.ifindex))
+            .map(|k| k.link.clone())
+            .collect();
+        for link in gone {
+            self.on_link(LinkChange::Deleted(link), view, now);
+        }
+        for (_, link) in current {
+            self.on_link(LinkChange::New(link), view, now);
+        }
+    }
+
     pub fn on_uevent(&mut self, event: Uevent, now: Instant) {
         self.hints.push_back((now, event));
         while self.hints.front().is_some_and(|(at, _)| now.duration_since(*at) > HINT_WINDOW) {
@@ -161,6 +180,7 @@ impl Heuristic {
                     });
                 }
             }
+            LinkChange::Overrun => {}
             LinkChange::Deleted(link) => {
                 let mut known = self
                     .links
@@ -296,8 +316,18 @@ pub async fn run(tx: mpsc::Sender<KernelEvent>) -> Result<(), RtnlError> {
     loop {
         let next_due = heuristic.next_due();
         tokio::select! {
-            Some(change) = links.next() => heuristic.on_link(change, &view, Instant::now()),
-            Some(event) = uevents.next() => heuristic.on_uevent(event, Instant::now()),
+            change = links.next() => match change {
+                Some(LinkChange::Overrun) => {
+                    tracing::warn!("link notifications lost (socket buffer overrun): re-reading every link");
+                    heuristic.on_overrun(rtnl::dump_links().await?, &view, Instant::now());
+                }
+                Some(change) => heuristic.on_link(change, &view, Instant::now()),
+                None => return Err(RtnlError::Ended("link notifications")),
+            },
+            event = uevents.next() => match event {
+                Some(event) => heuristic.on_uevent(event, Instant::now()),
+                None => return Err(RtnlError::Ended("uevent")),
+            },
             () = crate::clock::sleep_until(next_due.map(Into::into)) => {}
         }
         for event in heuristic.take_due(&view, Instant::now(), crate::clock::monotonic_ns()) {

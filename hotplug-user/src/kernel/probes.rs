@@ -67,6 +67,26 @@ impl ProbeHandle {
     }
 }
 
+/// The programs kernel-side NIC classification needs. A `Pick::All` program counts as attached
+/// when at least one of its functions is (kernels have one or both variants).
+const NIC_CLASSIFICATION: [&str; 15] = [
+    "netdev_unregister",
+    "netdev_register_enter",
+    "netdev_register_exit",
+    "delete_module_enter",
+    "delete_module_exit",
+    "module_init_enter",
+    "module_init_exit",
+    "unbind_enter",
+    "unbind_exit",
+    "bind_enter",
+    "bind_exit",
+    "pci_remove_enter",
+    "pci_remove_exit",
+    "pci_add_enter",
+    "pci_add_exit",
+];
+
 /// (program, tracepoint category, tracepoint names) of the tracepoint programs.
 const TRACEPOINTS: [(&str, &str, &[&str]); 2] =
     [("module_load", "module", &["module_load"]), ("module_free", "module", &["module_free"])];
@@ -123,12 +143,37 @@ struct StructLayout {
     dev_addr_is_pointer: u32,
 }
 
-/// The offsets for the device's namespace, if this kernel's BTF has them.
-fn netns_layout(btf: &Btf) -> Option<Vec<(&'static str, u32)>> {
-    globals::NETNS_OFFSETS
+/// The offsets of an optional group, if this kernel's BTF has every one of them.
+fn optional_layout(btf: &Btf, group: &[(&'static str, &str, &str)]) -> Option<Vec<(&'static str, u32)>> {
+    group
         .iter()
         .map(|(global, strukt, path)| btf.member(strukt, path).ok().map(|m| (*global, m.offset)))
         .collect()
+}
+
+impl LoadOptions {
+    /// The default ring, nothing disabled, this process's namespace.
+    pub fn with_defaults() -> Self {
+        Self { ring_bytes: hotplug_common::EVENT_RING_BYTES, disabled: Vec::new(), netns: own_netns() }
+    }
+}
+
+/// The inode of this process's network namespace.
+pub fn own_netns() -> Option<u32> {
+    let meta = std::fs::metadata("/proc/self/ns/net").ok()?;
+    u32::try_from(std::os::unix::fs::MetadataExt::ino(&meta)).ok()
+}
+
+/// What the loader is asked for besides the kernel's own facts.
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions {
+    /// Size of the ring buffer, bytes.
+    pub ring_bytes: u32,
+    /// Programs not to attach (`--disable-probe`): an operator's way around a probe that
+    /// misbehaves on one kernel, and the tests' way to make attaching fail.
+    pub disabled: Vec<String>,
+    /// Inode of the agent's network namespace (NIC events of others are dropped in the kernel).
+    pub netns: Option<u32>,
 }
 
 fn struct_layout(btf: &Btf) -> Result<StructLayout, BtfError> {
@@ -149,7 +194,7 @@ impl KernelProbes {
     pub fn load(
         object: Option<&[u8]>,
         features: &KernelFeatures,
-        ring_bytes: u32,
+        options: &LoadOptions,
     ) -> Result<Self, ProbeError> {
         let object = object.ok_or(ProbeError::NoObject)?;
         let tracefs = features
@@ -173,11 +218,15 @@ impl KernelProbes {
         ];
         let btf = Btf::vmlinux();
         let struct_layout = btf.as_ref().map_err(Clone::clone).and_then(struct_layout);
-        let netns_layout = btf.as_ref().ok().and_then(netns_layout);
+        let netns_layout = btf.as_ref().ok().and_then(|b| optional_layout(b, &globals::NETNS_OFFSETS));
+        let priv_layout = btf.as_ref().ok().and_then(|b| optional_layout(b, &globals::PRIV_OFFSETS));
         drop(btf);
         let mut limitations = Vec::new();
         if netns_layout.is_none() {
             limitations.push("no namespace offsets in BTF: NIC events carry no namespace, other namespaces' NICs cannot be told apart".to_owned());
+        }
+        if priv_layout.is_none() {
+            limitations.push("no credential offsets in BTF: refused delete_module calls of unprivileged users reach the ring buffer".to_owned());
         }
         let kallsyms = Kallsyms::read().unwrap_or_else(|error| {
             limitations.push(format!("cannot read /proc/kallsyms ({error}): no kprobe can be placed"));
@@ -185,7 +234,7 @@ impl KernelProbes {
         });
 
         let mut loader = EbpfLoader::new();
-        loader.map_max_entries("EVENTS", ring_bytes);
+        loader.map_max_entries("EVENTS", options.ring_bytes);
         for (name, value) in &tracepoint_layout {
             if let Some(value) = value {
                 loader.override_global(name, value, true);
@@ -202,15 +251,25 @@ impl KernelProbes {
             loader.override_global(name, value, true);
         }
         loader.override_global(globals::NETNS_KNOWN, &netns_known, true);
+        let agent_netns = options.netns.filter(|_| netns_known == 1).unwrap_or(0);
+        loader.override_global(globals::AGENT_NETNS, &agent_netns, true);
+        let priv_known = u32::from(priv_layout.is_some());
+        for (name, value) in priv_layout.iter().flatten() {
+            loader.override_global(name, value, true);
+        }
+        loader.override_global(globals::PRIV_KNOWN, &priv_known, true);
         let mut ebpf = loader.load(object)?;
         if let Err(error) = aya_log::EbpfLogger::init(&mut ebpf) {
             tracing::debug!(%error, "no eBPF log channel");
         }
 
         let mut attachments = Vec::new();
+        let disabled = |program: &str| options.disabled.iter().any(|d| d == program);
         for (program, category, names) in TRACEPOINTS {
             for name in names {
-                let error = if tracefs::has_tracepoint(tracefs, category, name) {
+                let error = if disabled(program) {
+                    Some("disabled (--disable-probe)".to_owned())
+                } else if tracefs::has_tracepoint(tracefs, category, name) {
                     attach_tracepoint(&mut ebpf, program, category, name).err()
                 } else {
                     Some("this kernel has no such tracepoint".to_owned())
@@ -229,6 +288,14 @@ impl KernelProbes {
                     program,
                     hook: format!("{kind} {}", candidates.join("|")),
                     error: Some(format!("not attached: no struct layout from BTF ({error})")),
+                });
+                continue;
+            }
+            if disabled(program) {
+                attachments.push(Attachment {
+                    program,
+                    hook: format!("{kind} {}", candidates.join("|")),
+                    error: Some("disabled (--disable-probe)".to_owned()),
                 });
                 continue;
             }
@@ -266,12 +333,15 @@ impl KernelProbes {
         Ok(Self { events, handle: ProbeHandle { _ebpf: ebpf, counters }, attachments, limitations })
     }
 
-    /// Whether the NIC unregister and register hooks run (else degraded mode classifies NICs).
+    /// Whether the kernel's NIC events can be trusted for their causes: the NIC unregister and
+    /// register hooks run, and so do the context probes that explain them (module unload and
+    /// load, bind and unbind, PCI removal and addition). With the NIC hooks but not every context
+    /// probe, every cause would read `unknown`: degraded mode's classifier reports NIC changes
+    /// instead.
     pub fn nic_hooks_attached(&self) -> bool {
-        let nic = ["netdev_unregister", "netdev_register_enter", "netdev_register_exit"];
-        nic.iter().all(|program| {
+        NIC_CLASSIFICATION.iter().all(|program| {
             let mine: Vec<_> = self.attachments.iter().filter(|a| a.program == *program).collect();
-            !mine.is_empty() && mine.iter().all(|a| a.error.is_none())
+            !mine.is_empty() && mine.iter().any(|a| a.error.is_none())
         })
     }
 

@@ -20,6 +20,8 @@ pub enum RtnlError {
     Socket(#[from] std::io::Error),
     #[error("rtnetlink request failed: {0}")]
     Request(#[from] rtnetlink::Error),
+    #[error("the {0} stream ended (its socket closed)")]
+    Ended(&'static str),
 }
 
 /// What one RTM_NEWLINK/RTM_DELLINK message says about a link.
@@ -79,6 +81,8 @@ fn kind_name(kind: &InfoKind) -> String {
 pub enum LinkChange {
     New(LinkSnapshot),
     Deleted(LinkSnapshot),
+    /// The socket's buffer overflowed: notifications were lost (re-read the links).
+    Overrun,
 }
 
 /// Every link in the caller's network namespace.
@@ -102,6 +106,7 @@ pub fn watch_links() -> Result<impl Stream<Item = LinkChange>, RtnlError> {
             NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(link)) => {
                 Some(LinkChange::Deleted(LinkSnapshot::from_message(&link)))
             }
+            NetlinkPayload::Overrun(_) => Some(LinkChange::Overrun),
             _ => None,
         }
     }))

@@ -45,11 +45,19 @@ impl Uevent {
     }
 }
 
-/// A stream of kernel uevents.
+/// Receive buffer asked for (the kernel caps it at `net.core.rmem_max`): a driver reload on a
+/// host with many devices sends bursts of uevents.
+const RECEIVE_BUFFER: usize = 1 << 20;
+
+/// A stream of kernel uevents. A burst that overflows the socket (`ENOBUFS`) loses some uevents,
+/// which are only hints: that is logged and the stream goes on. Any other error ends it.
 pub fn stream() -> std::io::Result<impl Stream<Item = Uevent>> {
     let mut socket = TokioSocket::new(NETLINK_KOBJECT_UEVENT)?;
     // Group 1 is the kernel's broadcast group.
     socket.socket_mut().bind(&SocketAddr::new(0, 1))?;
+    if let Err(error) = socket.socket_mut().set_rx_buf_sz(RECEIVE_BUFFER) {
+        tracing::debug!(%error, "uevent socket: cannot raise the receive buffer");
+    }
     Ok(futures::stream::unfold(socket, |socket| async move {
         loop {
             match socket.recv_from_full().await {
@@ -58,8 +66,11 @@ pub fn stream() -> std::io::Result<impl Stream<Item = Uevent>> {
                         return Some((event, socket));
                     }
                 }
+                Err(error) if error.raw_os_error() == Some(libc::ENOBUFS) => {
+                    tracing::warn!("uevents lost (socket buffer overrun): some causes may be less certain");
+                }
                 Err(error) => {
-                    tracing::warn!(%error, "uevent socket failed; no more uevent hints");
+                    tracing::error!(%error, "uevent socket failed");
                     return None;
                 }
             }

@@ -9,9 +9,9 @@ use crate::{
     config::Config,
     control::AttachOutcome,
     decide::{
+        self,
         attach_plan::attach_plan,
         coexist::{attach_owner, AttachOwner},
-        NicState,
     },
     imds::{ImdsClient, ImdsError, NicMetadata},
     managers::cloud_init,
@@ -102,8 +102,7 @@ impl NicManager {
     /// Configures an attached NIC once IMDS answered (if it is still there).
     pub(super) async fn on_attach_result(&mut self, result: AttachResult) {
         let AttachResult { mac, ifindex, started_ns, requests, startup, result } = result;
-        let still_there = matches!(self.nics.get(&mac).map(|n| &n.state), Some(NicState::Present { ifindex: i, .. }) if *i == ifindex);
-        if !still_there {
+        if !decide::attach_result_applies(self.nics.get(&mac).map(|n| &n.state), ifindex) {
             tracing::info!(%mac, action = "attach", "IMDS answered for a NIC that is gone or was re-registered: not configuring it");
             if let Some(attach) = self.nics.get_mut(&mac).and_then(|n| n.attach.as_mut()) {
                 attach.status = "abandoned".into();

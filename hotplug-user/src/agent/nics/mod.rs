@@ -201,10 +201,13 @@ impl NicManager {
         }
     }
 
-    /// After lost kernel events: a NIC whose driver had left and that is registered again by now
-    /// lost its registration event; restore it as if it had come. Every NIC is re-read.
-    /// (A lost removal cannot be told apart from a NIC that is still there: it stays `present`.)
+    /// After lost kernel events: a NIC registered now whose registration was lost (its driver had
+    /// left, or it is known present under another ifindex: removal and registration both lost)
+    /// gets that registration replayed; a NIC known present that is not registered any more gets
+    /// its removal replayed, of unknown cause (held for its return, `decide::holds`). Every NIC
+    /// is re-read.
     pub async fn resync(&mut self, links: &[rtnl::LinkSnapshot]) {
+        let mut registered = HashSet::new();
         for link in links {
             let key = crate::identity::nic_key(
                 link.permanent_mac.as_deref(),
@@ -212,27 +215,26 @@ impl NicManager {
                 &link.name,
                 link.kind.is_some(),
             );
-            let waiting = matches!(self.nics.get(&key).map(|n| &n.state), Some(NicState::DriverGone { .. }));
-            if waiting {
-                tracing::warn!(mac = %key, ifindex = link.ifindex, "registration lost with the kernel events: restoring now");
-                let event = NicEvent {
-                    action: crate::classify::Action::Registration,
-                    cause: Cause::Unknown,
-                    source: Source::Heuristic,
-                    ifindex: i32::try_from(link.ifindex).unwrap_or(0),
-                    name: link.name.clone(),
-                    mac: key.clone(),
-                    permanent_mac: Some(key.clone()),
-                    bus: None,
-                    driver: None,
-                    module: None,
-                    context_module: None,
-                    task: None,
-                    timestamp_ns: monotonic_ns(),
-                    netns: None,
-                };
+            registered.insert(key.clone());
+            if decide::missed_return(self.nics.get(&key).map(|n| &n.state), link.ifindex) {
+                tracing::warn!(mac = %key, ifindex = link.ifindex, "registration lost with the kernel events: replaying it");
+                let event = lost_event(crate::classify::Action::Registration, &key, link.ifindex, &link.name);
                 self.on_event(&event).await;
             }
+        }
+        let vanished: Vec<(String, u32, String)> = self
+            .nics
+            .iter()
+            .filter(|(mac, _)| !registered.contains(*mac))
+            .filter_map(|(mac, n)| match &n.state {
+                NicState::Present { ifindex, name } => Some((mac.clone(), *ifindex, name.clone())),
+                _ => None,
+            })
+            .collect();
+        for (mac, ifindex, name) in vanished {
+            tracing::warn!(%mac, ifindex, "removal lost with the kernel events: holding its configuration for its return");
+            let event = lost_event(crate::classify::Action::Removal, &mac, ifindex, &name);
+            self.on_event(&event).await;
         }
         self.note_change(None);
     }
@@ -571,5 +573,26 @@ impl NicManager {
                 }
             }
         }
+    }
+}
+
+/// A NIC event the kernel's were lost for, replayed after a resync (cause unknown).
+fn lost_event(action: crate::classify::Action, key: &str, ifindex: u32, name: &str) -> NicEvent {
+    NicEvent {
+        action,
+        cause: Cause::Unknown,
+        source: Source::Heuristic,
+        ifindex: i32::try_from(ifindex).unwrap_or(0),
+        name: name.to_owned(),
+        mac: key.to_owned(),
+        // Carries the key so that `NicEvent::key` gives it back.
+        permanent_mac: Some(key.to_owned()),
+        bus: None,
+        driver: None,
+        module: None,
+        context_module: None,
+        task: None,
+        timestamp_ns: monotonic_ns(),
+        netns: None,
     }
 }

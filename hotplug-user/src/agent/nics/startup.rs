@@ -29,9 +29,7 @@ impl NicManager {
         tokio::spawn(connection);
         let imds = imds_client(&config);
         let (background, background_rx) = mpsc::channel(64);
-        let own_netns = std::fs::metadata("/proc/self/ns/net")
-            .ok()
-            .and_then(|m| u32::try_from(std::os::unix::fs::MetadataExt::ino(&m)).ok());
+        let own_netns = crate::kernel::probes::own_netns();
         let mut manager = Self {
             boot_id: boot_id(),
             own_netns,
@@ -65,7 +63,10 @@ impl NicManager {
             if let Err(error) = manager.store.forget_stale(&mac, &path) {
                 tracing::warn!(%error, "cannot remove a state file of the old naming");
             }
-            known.insert(mac.clone());
+            // A NIC that left for good and is back is new to the agent.
+            if !matches!(nic.state, NicState::Removed { .. }) {
+                known.insert(mac.clone());
+            }
             manager.nics.insert(mac, nic);
         }
         let now = monotonic_ns();
@@ -79,34 +80,55 @@ impl NicManager {
                     snapshot.manager = manager.host.nic_manager(link.ifindex, &snapshot.name);
                     let mac = key(&snapshot.mac);
                     present.insert(mac.clone());
-                    let restore_due =
-                        matches!(manager.nics.get(&mac).map(|n| &n.state), Some(NicState::DriverGone { .. }));
-                    // A restore that was waiting for the NIC's manager when the agent stopped.
-                    let interrupted = manager.nics.get(&mac).and_then(|n| {
-                        let pending = n.pending_restore.as_ref()?;
-                        matches!(n.state, NicState::Present { .. }).then_some(pending.plan)
+                    let persisted = manager.nics.get(&mac).map(|n| {
+                        let waiting = n.attach.as_ref().is_some_and(|a| a.status == "waiting-for-imds");
+                        let pending = n.pending_restore.is_some();
+                        (n.state.clone(), pending, waiting, n.pending_restore.as_ref().map(|p| p.plan))
                     });
-                    if restore_due {
+                    let decision = decide::startup::reconcile(
+                        persisted.as_ref().map(|(state, pending_restore, attach_waiting, _)| {
+                            decide::startup::Persisted {
+                                state,
+                                pending_restore: *pending_restore,
+                                attach_waiting: *attach_waiting,
+                            }
+                        }),
+                        Some(link.ifindex),
+                    );
+                    if decision == decide::startup::Reconcile::Restore {
                         // It came back while the agent was not running: restore now.
+                        tracing::info!(%mac, interface = %snapshot.name, ifindex = link.ifindex, "NIC came back while the agent was not running: restoring");
                         let event = synthetic_return(&snapshot);
                         manager.on_event(&event).await;
-                    } else {
-                        let nic = manager.nics.entry(mac.clone()).or_insert_with(|| {
-                            Managed::new(
-                                &mac,
-                                NicState::Present { ifindex: link.ifindex, name: snapshot.name.clone() },
-                            )
-                        });
-                        nic.state = NicState::Present { ifindex: link.ifindex, name: snapshot.name.clone() };
-                        nic.history.push_back(snapshot.clone());
-                        nic.snapshot = Some(snapshot);
-                        manager.by_ifindex.insert(link.ifindex, mac.clone());
-                        manager.persist(&mac);
-                        if let Some(plan) = interrupted {
+                        continue;
+                    }
+                    let nic = manager.nics.entry(mac.clone()).or_insert_with(|| {
+                        Managed::new(
+                            &mac,
+                            NicState::Present { ifindex: link.ifindex, name: snapshot.name.clone() },
+                        )
+                    });
+                    nic.state = NicState::Present { ifindex: link.ifindex, name: snapshot.name.clone() };
+                    nic.history.push_back(snapshot.clone());
+                    nic.snapshot = Some(snapshot);
+                    manager.by_ifindex.insert(link.ifindex, mac.clone());
+                    manager.persist(&mac);
+                    match decision {
+                        decide::startup::Reconcile::ResumeRestore => {
                             // The restore finishes once udev and the NIC's manager are done, as
                             // it would have, with the plan it was begun with.
-                            manager.wait_for_manager(&mac, link.ifindex, now, plan);
+                            if let Some((.., Some(plan))) = persisted {
+                                manager.wait_for_manager(&mac, link.ifindex, now, plan);
+                            }
                         }
+                        decide::startup::Reconcile::ResumeAttach => {
+                            tracing::info!(%mac, ifindex = link.ifindex, action = "attach", "an attach was waiting for IMDS when the agent stopped: asking again");
+                            let deadline =
+                                manager.imds.as_ref().map_or(Duration::ZERO, |i| i.attach_deadline());
+                            manager.start_attach(&mac, link.ifindex, None, deadline);
+                            manager.persist(&mac);
+                        }
+                        _ => {}
                     }
                 }
                 Ok(_) => {}
@@ -119,25 +141,24 @@ impl NicManager {
         let absent: Vec<String> = manager.nics.keys().filter(|m| !present.contains(*m)).cloned().collect();
         for mac in absent {
             let Some(nic) = manager.nics.get_mut(&mac) else { continue };
-            match &nic.state {
-                NicState::Present { .. } | NicState::DriverGone { .. } => {
-                    let name = match &nic.state {
-                        NicState::Present { name, .. } => name.clone(),
-                        _ => nic.snapshot.as_ref().map(|s| s.name.clone()).unwrap_or_default(),
-                    };
-                    tracing::warn!(%mac, %name, "NIC absent at start-up: expecting it back within {} s", timeout / 1_000_000_000);
-                    let cause = match nic.state {
-                        NicState::DriverGone { cause, .. } => cause,
-                        _ => Cause::Unknown,
-                    };
-                    nic.state = NicState::DriverGone {
-                        cause,
-                        since_ns: now,
-                        deadline_ns: now.saturating_add(timeout),
-                    };
-                    manager.persist(&mac);
-                }
-                NicState::Removed { .. } => {}
+            let persisted = decide::startup::Persisted {
+                state: &nic.state,
+                pending_restore: nic.pending_restore.is_some(),
+                attach_waiting: false,
+            };
+            if decide::startup::reconcile(Some(persisted), None) == decide::startup::Reconcile::ExpectBack {
+                let name = match &nic.state {
+                    NicState::Present { name, .. } => name.clone(),
+                    _ => nic.snapshot.as_ref().map(|s| s.name.clone()).unwrap_or_default(),
+                };
+                tracing::warn!(%mac, %name, "NIC absent at start-up: expecting it back within {} s", timeout / 1_000_000_000);
+                let cause = match nic.state {
+                    NicState::DriverGone { cause, .. } => cause,
+                    _ => Cause::Unknown,
+                };
+                nic.state =
+                    NicState::DriverGone { cause, since_ns: now, deadline_ns: now.saturating_add(timeout) };
+                manager.persist(&mac);
             }
         }
         // NICs the agent has never seen and that nobody configured yet are learned the way an attach
