@@ -59,7 +59,7 @@ fn cause() -> impl Strategy<Value = Cause> {
 fn op() -> impl Strategy<Value = Op> {
     let lost = prop::bool::weighted(0.15);
     prop_oneof![
-        4 => (0..NICS, cause(), lost.clone()).prop_map(|(nic, cause, lost)| Op::Leave { nic, cause, lost }),
+        4 => (0..NICS, cause(), lost).prop_map(|(nic, cause, lost)| Op::Leave { nic, cause, lost }),
         4 => (0..NICS, cause(), lost).prop_map(|(nic, cause, lost)| Op::Register { nic, cause, lost }),
         2 => (0..2 * TIMEOUT).prop_map(|ns| Op::Tick { ns }),
         1 => Just(Op::Resync),
