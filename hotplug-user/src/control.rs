@@ -146,6 +146,9 @@ pub fn print_status(socket: &Path, json: bool) -> Result<(), ControlError> {
                 attach.latency_ms.map(|l| format!(", {l} ms")).unwrap_or_default(),
                 attach.table.map(|t| format!(", table {t}")).unwrap_or_default()
             );
+            for error in &attach.errors {
+                let _ = writeln!(out, "      error: {error}");
+            }
         }
         if let Some(restore) = &nic.last_restore {
             let _ = writeln!(

@@ -15,6 +15,20 @@ pub mod host {
         unsafe { libc::geteuid() == 0 }
     }
 
+    /// Says loudly that `test` did not run and why: on stderr (past the test harness's capture),
+    /// and, under `cargo xtask test`, in the file `HOTPLUG_SKIP_LOG` names, so that the tally
+    /// counts it as skipped rather than passed. The caller returns right after.
+    pub fn skip(test: &str, why: &str) {
+        use std::io::Write as _;
+        let line = format!("SKIPPED {test}: {why}\n");
+        let _ = std::io::stderr().write_all(line.as_bytes());
+        if let Some(path) = std::env::var_os("HOTPLUG_SKIP_LOG") {
+            if let Ok(mut file) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+                let _ = file.write_all(line.as_bytes());
+            }
+        }
+    }
+
     /// Runs iproute2's `ip` with whitespace-separated `args` (in the calling thread's namespace).
     pub fn ip(args: &str) -> Result<(), String> {
         let status = Command::new("ip")

@@ -2,7 +2,7 @@
 //! network namespace while real veth and bridge links come and go.
 use std::{process::Command, time::Duration};
 
-use hotplug_tests::host::{ip, is_root};
+use hotplug_tests::host::{ip, is_root, skip};
 
 use hotplug::kernel::KernelEvent;
 use hotplug::{
@@ -50,7 +50,10 @@ fn find<'a>(events: &'a [NicEvent], action: Action, name: &str) -> Option<&'a Ni
 #[test]
 fn veth_and_bridge_changes_are_classified_by_the_heuristics() -> Result<(), String> {
     if !is_root() {
-        eprintln!("SKIPPED veth_and_bridge_changes_are_classified_by_the_heuristics: needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN) to create links in a private network namespace");
+        skip(
+            "veth_and_bridge_changes_are_classified_by_the_heuristics",
+            "needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN) to create links in a private network namespace",
+        );
         return Ok(());
     }
     let events = in_private_netns(6, || {
@@ -78,9 +81,7 @@ fn veth_and_bridge_changes_are_classified_by_the_heuristics() -> Result<(), Stri
 #[test]
 fn a_move_to_another_namespace_is_a_netns_move() -> Result<(), String> {
     if !is_root() {
-        eprintln!(
-            "SKIPPED a_move_to_another_namespace_is_a_netns_move: needs root to create namespaces and links"
-        );
+        skip("a_move_to_another_namespace_is_a_netns_move", "needs root to create namespaces and links");
         return Ok(());
     }
     let events = in_private_netns(3, || {

@@ -3,7 +3,7 @@
 //! the kernel's; the NIC manager must put its configuration back, idempotently.
 use std::time::Duration;
 
-use hotplug_tests::host::{ip, is_root};
+use hotplug_tests::host::{ip, is_root, skip};
 
 use hotplug::{
     agent::nics::NicManager,
@@ -110,7 +110,10 @@ async fn scenario(state_dir: std::path::PathBuf) -> Result<(), String> {
 #[test]
 fn a_reloaded_nic_gets_its_configuration_back() -> Result<(), String> {
     if !is_root() {
-        eprintln!("SKIPPED a_reloaded_nic_gets_its_configuration_back: needs root to create a network namespace and links");
+        skip(
+            "a_reloaded_nic_gets_its_configuration_back",
+            "needs root to create a network namespace and links",
+        );
         return Ok(());
     }
     let state_dir = std::env::temp_dir().join(format!("hotplug-restore-test-{}", std::process::id()));

@@ -35,7 +35,7 @@ pub fn guest_binaries() -> Result<Vec<PathBuf>> {
             ]),
     )?;
     let release = cmd::target_dir().join("release");
-    Ok(["hotplug-agent", "hotplug-bench", "mock-imds"].iter().map(|b| release.join(b)).collect())
+    Ok(["hotplug-agent", "hotplug-bench", "mock-imds", "flood"].iter().map(|b| release.join(b)).collect())
 }
 
 /// `cargo <subcommand>` for the eBPF crate with the flags hotplug-user's build script uses (same

@@ -7,6 +7,7 @@ mod bench;
 mod build;
 mod cmd;
 mod distro;
+mod fuzz;
 mod initramfs;
 mod kernels;
 mod package;
@@ -40,8 +41,11 @@ enum Command {
     Run(run::RunArgs),
     /// Benchmarks that print figures (not part of `test`).
     Bench(bench::BenchArgs),
-    /// Everything CI checks: fmt, clippy, unit and host tests, every VM scenario.
+    /// Everything CI checks: fmt, clippy, unit and host tests, a short fuzzing run, every VM
+    /// scenario.
     Test(test::TestArgs),
+    /// Run the fuzz targets (cargo-fuzz, nightly) for a while each.
+    Fuzz(fuzz::FuzzArgs),
     /// Boot a QEMU guest with a Debian kernel and run a script or scenario in it.
     Vm(vm::VmArgs),
 }
@@ -56,6 +60,7 @@ fn main() -> ExitCode {
         Command::Test(args) => test::run(&args),
         Command::Bench(args) => bench::run(&args),
         Command::Vm(args) => vm::run(&args),
+        Command::Fuzz(args) => fuzz::run(&args),
     };
     match result {
         Ok(code) => code,

@@ -26,6 +26,9 @@ pub const PACKAGING_PACKAGES: &[&str] = &["lintian", "rpm", "binutils", "gzip"];
 const CARGO_TOOLS: &[(&str, &str, &str)] =
     &[("cargo-deb", "3.8.0", "cargo-deb"), ("cargo-generate-rpm", "0.21.1", "cargo-generate-rpm")];
 
+/// The fuzzing front end (`cargo xtask fuzz`).
+const CARGO_FUZZ: (&str, &str, &str) = ("cargo-fuzz", "0.13.2", "cargo-fuzz");
+
 /// Debian packages for the distro guest's root file system: mmdebstrap and mke2fs.
 pub const DISTRO_PACKAGES: &[&str] = &["mmdebstrap", "e2fsprogs"];
 
@@ -170,11 +173,20 @@ fn ensure_bpf_linker() -> Result<()> {
     .context("building bpf-linker failed")
 }
 
+/// cargo-fuzz at its pinned version (the fuzz targets are built with it and nightly).
+pub fn ensure_cargo_fuzz() -> Result<()> {
+    ensure_cargo_tools(&[CARGO_FUZZ])
+}
+
 /// cargo-deb and cargo-generate-rpm at their pinned versions, and the Debian tools the package
 /// checks use.
 pub fn ensure_packaging_tools() -> Result<()> {
     ensure_debian_packages(PACKAGING_PACKAGES)?;
-    for (crate_name, version, binary) in CARGO_TOOLS {
+    ensure_cargo_tools(CARGO_TOOLS)
+}
+
+fn ensure_cargo_tools(tools: &[(&str, &str, &str)]) -> Result<()> {
+    for (crate_name, version, binary) in tools {
         let installed = cmd::which(binary)
             .and_then(|path| cmd::output(Command::new(path).arg("--version")).ok())
             .is_some_and(|v| v.split_whitespace().any(|w| w == *version));

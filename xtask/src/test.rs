@@ -1,5 +1,6 @@
 //! `cargo xtask test`: set-up, formatting, lints, unit and host tests, and every VM scenario on
-//! every guest kernel it names. Ends with one line `N passed, N failed`.
+//! every guest kernel it names. Ends with one line `N passed, N failed, N skipped`: a host test
+//! that could not run here (no root) records itself in `HOTPLUG_SKIP_LOG` and counts as skipped.
 use std::{
     io::{BufRead as _, BufReader},
     process::{ExitCode, Stdio},
@@ -9,7 +10,10 @@ use std::{
 use anyhow::{Context as _, Result};
 use clap::Args;
 
-use crate::{build, cmd, kernels, package, setup, vm};
+use crate::{build, cmd, fuzz, kernels, package, setup, vm};
+
+/// How long each fuzz target runs in `cargo xtask test` (`cargo xtask fuzz` runs longer).
+const FUZZ_SECONDS: u64 = 10;
 
 #[derive(Args, Debug)]
 pub struct TestArgs {
@@ -22,16 +26,24 @@ pub struct TestArgs {
     /// Only scenarios whose name contains this.
     #[arg(long)]
     pub scenario: Option<String>,
+    /// Skip the short fuzzing run.
+    #[arg(long)]
+    pub no_fuzz: bool,
 }
 
 #[derive(Default)]
 struct Tally {
     passed: u32,
     failed: u32,
+    skipped: Vec<String>,
     failures: Vec<String>,
 }
 
 impl Tally {
+    fn skip(&mut self, line: &str) {
+        self.skipped.push(line.to_owned());
+    }
+
     fn record(&mut self, name: &str, ok: bool) {
         if ok {
             self.passed += 1;
@@ -71,6 +83,22 @@ pub fn run(args: &TestArgs) -> Result<ExitCode> {
 
     step("unit and host tests (cargo test)");
     cargo_test(&mut tally)?;
+
+    if !args.no_fuzz {
+        step(&format!("fuzz targets, {FUZZ_SECONDS} s each (cargo xtask fuzz runs them longer)"));
+        setup::ensure_cargo_fuzz()?;
+        match fuzz::fuzz(&fuzz::FuzzArgs { seconds: FUZZ_SECONDS, target: None }) {
+            Ok(outcomes) => {
+                for outcome in outcomes {
+                    tally.record(&format!("fuzz {}", outcome.target), outcome.passed);
+                }
+            }
+            Err(error) => {
+                println!("fuzz: {error:#}");
+                tally.record("fuzz targets (did not build or run)", false);
+            }
+        }
+    }
 
     step("packages (.deb, .rpm) and their checks");
     let packages = package::build_packages()?;
@@ -123,11 +151,14 @@ pub fn run(args: &TestArgs) -> Result<ExitCode> {
     }
 
     println!();
+    for skipped in &tally.skipped {
+        println!("skipped: {skipped}");
+    }
     for failure in &tally.failures {
         println!("failed: {failure}");
     }
     println!("took {:.0} s", started.elapsed().as_secs_f64());
-    println!("{} passed, {} failed", tally.passed, tally.failed);
+    println!("{} passed, {} failed, {} skipped", tally.passed, tally.failed, tally.skipped.len());
     Ok(if tally.failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
@@ -137,15 +168,19 @@ fn step(name: &str) {
 
 /// Runs `cargo test`, streaming its output, and adds every test it ran to the tally.
 fn cargo_test(tally: &mut Tally) -> Result<()> {
+    let skip_log = std::env::temp_dir().join(format!("hotplug-skips-{}", std::process::id()));
+    let _ = std::fs::remove_file(&skip_log);
     let mut child = cmd::cargo()
         .current_dir(cmd::workspace_root())
         .env_remove("HOTPLUG_SKIP_EBPF")
+        .env("HOTPLUG_SKIP_LOG", &skip_log)
         .args(["test", "--no-fail-fast"])
         .stdout(Stdio::piped())
         .spawn()?;
     let stdout = child.stdout.take().context("cargo test has no stdout")?;
     let failed_before = tally.failed;
     let mut saw_results = false;
+    let mut passed = Vec::new();
     for line in BufReader::new(stdout).lines() {
         let line = line?;
         println!("{line}");
@@ -153,7 +188,7 @@ fn cargo_test(tally: &mut Tally) -> Result<()> {
         if let Some(rest) = line.strip_prefix("test ") {
             if let Some((name, result)) = rest.rsplit_once(" ... ") {
                 match result {
-                    "ok" => tally.record(name, true),
+                    "ok" => passed.push(name.to_owned()),
                     "FAILED" => tally.record(name, false),
                     _ => {}
                 }
@@ -162,6 +197,19 @@ fn cargo_test(tally: &mut Tally) -> Result<()> {
         saw_results |= line.starts_with("test result:");
     }
     let status = child.wait()?;
+    // A test that returned early because it could not run here passed nothing: it is skipped.
+    let skips = std::fs::read_to_string(&skip_log).unwrap_or_default();
+    let _ = std::fs::remove_file(&skip_log);
+    for name in passed {
+        let short = name.rsplit("::").next().unwrap_or(&name).to_owned();
+        match skips
+            .lines()
+            .find(|l| l.strip_prefix("SKIPPED ").is_some_and(|r| r.starts_with(&format!("{short}:"))))
+        {
+            Some(line) => tally.skip(line.trim_start_matches("SKIPPED ")),
+            None => tally.record(&name, true),
+        }
+    }
     // A test binary that crashed (abort, signal) prints no FAILED line for the test it was in.
     if !status.success() && tally.failed == failed_before {
         let what =

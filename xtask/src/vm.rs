@@ -819,6 +819,12 @@ fn serve(
                 Ok(()) => "ok".to_owned(),
                 Err(e) => format!("error {e:#}"),
             },
+            (Some("carrier"), Some(mac), Some(state @ ("on" | "off")), None) => {
+                match carrier(qmp, nics, mac, state == "on") {
+                    Ok(()) => "ok".to_owned(),
+                    Err(e) => format!("error {e:#}"),
+                }
+            }
             (Some("plug"), Some(name), new_mac, None) => match plug(qmp, nics, name, new_mac) {
                 Ok(mac) => format!("ok {mac}"),
                 Err(e) => format!("error {e:#}"),
@@ -861,6 +867,17 @@ fn attach(qmp: &mut Qmp, nics: &mut Vec<Nic>, model: &str, mac: &str) -> Result<
         present: true,
         guest_name: None,
     });
+    Ok(())
+}
+
+/// Takes the carrier of the NIC with `mac` away or gives it back (QMP `set_link`: the guest sees
+/// its link go down, as when a cable is pulled).
+fn carrier(qmp: &mut Qmp, nics: &[Nic], mac: &str, up: bool) -> Result<()> {
+    let nic = nics
+        .iter()
+        .find(|n| n.present && n.mac.eq_ignore_ascii_case(mac))
+        .with_context(|| format!("no plugged NIC has MAC {mac}"))?;
+    qmp.execute("set_link", json!({ "name": nic.id, "up": up }))?;
     Ok(())
 }
 

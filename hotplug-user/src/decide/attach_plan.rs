@@ -37,10 +37,26 @@ pub struct PolicyRouting {
     pub sources: Vec<Ipv4Addr>,
 }
 
-/// Checks `nic` and plans its configuration; `taken` holds the addresses other NICs carry now.
-pub fn attach_plan(nic: &NicMetadata, taken: &[IpAddr]) -> Result<AttachPlan, String> {
+/// What other NICs hold now, that an attach must never take over.
+#[derive(Clone, Debug, Default)]
+pub struct Taken {
+    /// Addresses other NICs carry.
+    pub addresses: Vec<IpAddr>,
+    /// Policy-routing tables the agent configured for other NICs.
+    pub tables: Vec<u32>,
+}
+
+/// Checks `nic` and plans its configuration, against what other NICs hold (`taken`).
+pub fn attach_plan(nic: &NicMetadata, taken: &Taken) -> Result<AttachPlan, String> {
     if nic.device_number > MAX_DEVICE_NUMBER {
         return Err(format!("device-number {} is out of range (0..={MAX_DEVICE_NUMBER})", nic.device_number));
+    }
+    let table = TABLE_BASE + nic.device_number;
+    if nic.device_number > 0 && taken.tables.contains(&table) {
+        return Err(format!(
+            "device-number {} is another NIC's already (its table {table}): not yet propagated, or a spoofed answer",
+            nic.device_number
+        ));
     }
     if !(16..=28).contains(&nic.subnet_ipv4.prefix) {
         return Err(format!(
@@ -93,11 +109,11 @@ pub fn attach_plan(nic: &NicMetadata, taken: &[IpAddr]) -> Result<AttachPlan, St
         }
         addresses.push((IpAddr::V6(*address), block.prefix));
     }
-    if let Some((address, _)) = addresses.iter().find(|(a, _)| taken.contains(a)) {
+    if let Some((address, _)) = addresses.iter().find(|(a, _)| taken.addresses.contains(a)) {
         return Err(format!("{address} is another NIC's address already: refusing to take it over"));
     }
     let policy = (nic.device_number > 0).then(|| PolicyRouting {
-        table: TABLE_BASE + nic.device_number,
+        table,
         gateway: nic.subnet_ipv4.gateway(),
         sources: nic.local_ipv4s.clone(),
     });
@@ -140,13 +156,13 @@ mod tests {
 
     #[test]
     fn a_good_answer_is_planned_with_each_ipv6_address_in_its_own_block() -> Result<(), String> {
-        let plan = attach_plan(&nic(), &[])?;
+        let plan = attach_plan(&nic(), &Taken::default())?;
         assert_eq!(plan.addresses.len(), 4);
         assert!(plan.addresses.contains(&("2001:db8:1:2::5".parse().map_err(|_| "ip")?, 56)), "{plan:?}");
         assert!(plan.addresses.contains(&("2001:db8:1:1::5".parse().map_err(|_| "ip")?, 64)));
         let policy = plan.policy.ok_or("no policy routing for a secondary ENI")?;
         assert_eq!((policy.table, policy.gateway), (10_001, Ipv4Addr::new(10, 0, 1, 1)));
-        let primary = attach_plan(&NicMetadata { device_number: 0, ..nic() }, &[])?;
+        let primary = attach_plan(&NicMetadata { device_number: 0, ..nic() }, &Taken::default())?;
         assert_eq!(primary.policy, None, "no rules for the primary ENI");
         Ok(())
     }
@@ -154,9 +170,11 @@ mod tests {
     #[test]
     fn hostile_answers_are_refused_with_a_reason() {
         let v4 = |a: [u8; 4]| Ipv4Addr::from(a);
-        let taken_elsewhere = [IpAddr::V4(v4([10, 0, 1, 6]))];
-        let cases: Vec<(&str, NicMetadata, &[IpAddr])> = vec![
-            ("outside", NicMetadata { local_ipv4s: vec![v4([192, 168, 0, 5])], ..nic() }, &[]),
+        let none = Taken::default();
+        let address_taken = Taken { addresses: vec![IpAddr::V4(v4([10, 0, 1, 6]))], tables: vec![] };
+        let table_taken = Taken { addresses: vec![], tables: vec![TABLE_BASE + 1] };
+        let cases: Vec<(&str, NicMetadata, &Taken)> = vec![
+            ("outside", NicMetadata { local_ipv4s: vec![v4([192, 168, 0, 5])], ..nic() }, &none),
             (
                 "EC2 hands out",
                 NicMetadata {
@@ -164,10 +182,10 @@ mod tests {
                     local_ipv4s: vec![v4([128, 0, 0, 5])],
                     ..nic()
                 },
-                &[],
+                &none,
             ),
-            ("host address", NicMetadata { local_ipv4s: vec![v4([10, 0, 1, 0])], ..nic() }, &[]),
-            ("host address", NicMetadata { local_ipv4s: vec![v4([10, 0, 1, 255])], ..nic() }, &[]),
+            ("host address", NicMetadata { local_ipv4s: vec![v4([10, 0, 1, 0])], ..nic() }, &none),
+            ("host address", NicMetadata { local_ipv4s: vec![v4([10, 0, 1, 255])], ..nic() }, &none),
             (
                 "EC2 hands out",
                 NicMetadata {
@@ -175,7 +193,7 @@ mod tests {
                     ipv6s: vec![],
                     ..nic()
                 },
-                &[],
+                &none,
             ),
             (
                 "none of its subnet",
@@ -183,16 +201,17 @@ mod tests {
                     ipv6s: vec!["2001:db8:9::1".parse().unwrap_or(Ipv6Addr::UNSPECIFIED)],
                     ..nic()
                 },
-                &[],
+                &none,
             ),
             (
                 "more than",
                 NicMetadata { local_ipv4s: (1..=70).map(|i| v4([10, 0, 1, i])).collect(), ..nic() },
-                &[],
+                &none,
             ),
-            ("device-number", NicMetadata { device_number: 4000, ..nic() }, &[]),
-            ("another NIC", nic(), &taken_elsewhere),
-            ("empty", NicMetadata { local_ipv4s: vec![], ..nic() }, &[]),
+            ("device-number", NicMetadata { device_number: 4000, ..nic() }, &none),
+            ("another NIC's address", nic(), &address_taken),
+            ("another NIC's already", nic(), &table_taken),
+            ("empty", NicMetadata { local_ipv4s: vec![], ..nic() }, &none),
         ];
         for (why, metadata, taken) in cases {
             match attach_plan(&metadata, taken) {

@@ -80,6 +80,36 @@ pub struct NicMetadata {
     pub subnet_ipv6: Vec<Ipv6Net>,
 }
 
+/// The values IMDS answered for a NIC's keys (`None`: the key is absent, a 404).
+#[derive(Clone, Copy, Debug)]
+pub struct NicValues<'a> {
+    pub mac: &'a str,
+    pub device_number: &'a str,
+    pub local_ipv4s: &'a str,
+    pub subnet_ipv4_cidr_block: &'a str,
+    pub ipv6s: Option<&'a str>,
+    pub subnet_ipv6_cidr_blocks: Option<&'a str>,
+}
+
+impl NicMetadata {
+    /// Parses a NIC's values, strictly (form only: what they mean is `decide::attach_plan`'s).
+    pub fn parse(values: &NicValues<'_>) -> Result<Self, Malformed> {
+        let ipv6s = values.ipv6s.map(|v| parse::ipv6_list("ipv6s", v)).transpose()?.unwrap_or_default();
+        let subnet_ipv6 = match (ipv6s.is_empty(), values.subnet_ipv6_cidr_blocks) {
+            (false, Some(v)) => parse::ipv6_cidrs("subnet-ipv6-cidr-blocks", v)?,
+            _ => Vec::new(),
+        };
+        Ok(Self {
+            mac: parse::mac("mac", values.mac)?,
+            device_number: parse::device_number("device-number", values.device_number)?,
+            local_ipv4s: parse::ipv4_list("local-ipv4s", values.local_ipv4s)?,
+            subnet_ipv4: parse::ipv4_cidr("subnet-ipv4-cidr-block", values.subnet_ipv4_cidr_block)?,
+            ipv6s,
+            subnet_ipv6,
+        })
+    }
+}
+
 /// The session token; its Debug output is redacted so it cannot reach a log by accident.
 struct Token {
     value: String,
@@ -256,27 +286,30 @@ impl ImdsClient {
             Fetched::Value(v) => Some(v),
             Fetched::NotFound => None,
         };
-        let Some(device) = value(self.get(&format!("{base}/device-number")).await?) else { return Ok(None) };
-        let device_number = parse::device_number("device-number", &device)?;
-        let Some(ipv4s) = value(self.get(&format!("{base}/local-ipv4s")).await?) else { return Ok(None) };
-        let local_ipv4s = parse::ipv4_list("local-ipv4s", &ipv4s)?;
-        let Some(cidr) = value(self.get(&format!("{base}/subnet-ipv4-cidr-block")).await?) else {
+        let Some(device_number) = value(self.get(&format!("{base}/device-number")).await?) else {
             return Ok(None);
         };
-        let subnet_ipv4 = parse::ipv4_cidr("subnet-ipv4-cidr-block", &cidr)?;
-        let ipv6s = match value(self.get(&format!("{base}/ipv6s")).await?) {
-            Some(v) => parse::ipv6_list("ipv6s", &v)?,
-            None => Vec::new(),
+        let Some(local_ipv4s) = value(self.get(&format!("{base}/local-ipv4s")).await?) else {
+            return Ok(None);
         };
-        let subnet_ipv6 = if ipv6s.is_empty() {
-            Vec::new()
-        } else {
-            match value(self.get(&format!("{base}/subnet-ipv6-cidr-blocks")).await?) {
-                Some(v) => parse::ipv6_cidrs("subnet-ipv6-cidr-blocks", &v)?,
-                None => Vec::new(),
-            }
+        let Some(subnet_ipv4_cidr_block) = value(self.get(&format!("{base}/subnet-ipv4-cidr-block")).await?)
+        else {
+            return Ok(None);
         };
-        Ok(Some(NicMetadata { mac, device_number, local_ipv4s, subnet_ipv4, ipv6s, subnet_ipv6 }))
+        let ipv6s = value(self.get(&format!("{base}/ipv6s")).await?);
+        let subnet_ipv6_cidr_blocks = match ipv6s {
+            Some(_) => value(self.get(&format!("{base}/subnet-ipv6-cidr-blocks")).await?),
+            None => None,
+        };
+        let values = NicValues {
+            mac: &mac,
+            device_number: &device_number,
+            local_ipv4s: &local_ipv4s,
+            subnet_ipv4_cidr_block: &subnet_ipv4_cidr_block,
+            ipv6s: ipv6s.as_deref(),
+            subnet_ipv6_cidr_blocks: subnet_ipv6_cidr_blocks.as_deref(),
+        };
+        Ok(Some(NicMetadata::parse(&values)?))
     }
 
     /// Asks until IMDS lists the NIC (it lags an attach), retrying transport errors and 5xx, with

@@ -25,6 +25,8 @@ pub enum BtfError {
 
 const MAGIC: u16 = 0xeb9f;
 
+/// Anonymous structs and unions nest a few levels in real kernels (`net_device` has 2).
+const MAX_ANONYMOUS_DEPTH: u32 = 16;
 const KIND_INT: u32 = 1;
 const KIND_PTR: u32 = 2;
 const KIND_ARRAY: u32 = 3;
@@ -195,20 +197,27 @@ impl Btf {
         Err(BtfError::Malformed("type chain too long"))
     }
 
-    /// Finds `member` in `ty`, looking inside anonymous struct and union members.
+    /// Finds `member` in `ty`, looking inside anonymous struct and union members (at most
+    /// [`MAX_ANONYMOUS_DEPTH`] deep: a malformed blob can make a type contain itself).
     fn find_member(
         &self,
         ty: &Type,
         member: &str,
         base_bits: u32,
+        depth: u32,
     ) -> Result<Option<(u32, u32, bool)>, BtfError> {
+        if depth > MAX_ANONYMOUS_DEPTH {
+            return Err(BtfError::Malformed("anonymous members nested too deep (a cycle?)"));
+        }
         for m in &ty.members {
+            let bits =
+                base_bits.checked_add(m.bit_offset).ok_or(BtfError::Malformed("member offset overflows"))?;
             if m.name == member {
-                return Ok(Some((base_bits + m.bit_offset, m.type_id, m.bitfield)));
+                return Ok(Some((bits, m.type_id, m.bitfield)));
             }
             if m.name.is_empty() {
                 let inner = self.resolve(m.type_id)?;
-                if let Some(found) = self.find_member(inner, member, base_bits + m.bit_offset)? {
+                if let Some(found) = self.find_member(inner, member, bits, depth + 1)? {
                     return Ok(Some(found));
                 }
             }
@@ -226,7 +235,7 @@ impl Btf {
         let steps: Vec<&str> = path.split('.').collect();
         for (i, step) in steps.iter().enumerate() {
             let (offset, type_id, bitfield) =
-                self.find_member(ty, step, bits)?.ok_or_else(|| BtfError::NoMember {
+                self.find_member(ty, step, bits, 0)?.ok_or_else(|| BtfError::NoMember {
                     strukt: format!("{strukt} ({})", steps[..i].join(".")),
                     member: (*step).to_owned(),
                 })?;
@@ -316,6 +325,29 @@ mod tests {
         assert_eq!(btf.member("outer", "u")?, MemberInfo { offset: 24, shape: Shape::Other });
         assert_eq!(btf.member("outer", "arr")?, MemberInfo { offset: 28, shape: Shape::Array });
         Ok(())
+    }
+
+    #[test]
+    fn a_type_that_contains_itself_is_an_error_not_a_stack_overflow() {
+        // Found by the `btf` fuzz target: an anonymous member whose type is its own struct.
+        let strings = b"\0outer\0x\0";
+        let mut types: Vec<u32> = Vec::new();
+        // 1: struct outer { <anonymous> struct outer @0 }
+        types.extend([1, (KIND_STRUCT << 24) | 1, 4, 0, 1, 0]);
+        let type_bytes: Vec<u8> = types.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let mut blob = Vec::new();
+        blob.extend(MAGIC.to_le_bytes());
+        blob.extend([1u8, 0]);
+        blob.extend(24u32.to_le_bytes());
+        blob.extend(0u32.to_le_bytes());
+        blob.extend((type_bytes.len() as u32).to_le_bytes());
+        blob.extend((type_bytes.len() as u32).to_le_bytes());
+        blob.extend((strings.len() as u32).to_le_bytes());
+        blob.extend(type_bytes);
+        blob.extend(strings);
+        let btf = Btf::parse(&blob);
+        let Ok(btf) = btf else { panic!("the blob itself is well formed") };
+        assert!(matches!(btf.member("outer", "x"), Err(BtfError::Malformed(_))));
     }
 
     #[test]

@@ -17,6 +17,7 @@ use rtnetlink::{
         address::{AddressAttribute, AddressFlags, AddressMessage},
         link::LinkMessage,
         route::{RouteAttribute, RouteFlags, RouteMessage, RouteNextHopFlags, RouteProtocol},
+        rule::RuleMessage,
     },
     Handle, LinkUnspec,
 };
@@ -120,6 +121,75 @@ fn replayable_route(
     Ok(message)
 }
 
+/// The addresses, routes and rules a restore sends, worked out from the snapshot alone (pure:
+/// what a state file read back from disk turns into).
+#[derive(Clone, Debug, Default)]
+pub struct ReplayPlan {
+    /// (summary, message) of each address to add, on `ifindex`.
+    pub addresses: Vec<(String, AddressMessage)>,
+    /// (summary, message) of each route to add, through `ifindex`.
+    pub routes: Vec<(String, RouteMessage)>,
+    /// (summary, message) of each rule.
+    pub rules: Vec<(String, RuleMessage)>,
+    /// What is not replayed, and why.
+    pub left_to_manager: Vec<String>,
+    /// The read-back differences that what was left explains.
+    pub expected_missing: Vec<String>,
+    /// Entries of the snapshot that do not make a message.
+    pub errors: Vec<String>,
+}
+
+/// Works out what replaying `want` onto `ifindex` sends.
+pub fn replay_plan(want: &NicSnapshot, ifindex: u32, options: RestoreOptions) -> ReplayPlan {
+    let mut plan = ReplayPlan::default();
+    let snapshot_age_s =
+        u32::try_from(options.now_ns.saturating_sub(want.taken_ns) / 1_000_000_000).unwrap_or(u32::MAX);
+    if !options.routes_and_rules_only {
+        for entry in &want.addresses {
+            let message = match snapshot::address_message(entry) {
+                Ok(m) => m,
+                Err(e) => {
+                    plan.errors.push(format!("address {}: {e}", entry.summary));
+                    continue;
+                }
+            };
+            match replayable_address(message, snapshot_age_s, options) {
+                Ok(mut message) => {
+                    message.header.index = ifindex;
+                    plan.addresses.push((entry.summary.clone(), message));
+                }
+                Err(why) => {
+                    plan.left_to_manager.push(format!("address {}: {why}", entry.summary));
+                    plan.expected_missing.push(format!("address missing: {}", entry.summary));
+                }
+            }
+        }
+    }
+    for entry in &want.routes {
+        let message = match snapshot::route_message(entry) {
+            Ok(m) => m,
+            Err(e) => {
+                plan.errors.push(format!("route {}: {e}", entry.summary));
+                continue;
+            }
+        };
+        match replayable_route(message, ifindex, options) {
+            Ok(message) => plan.routes.push((entry.summary.clone(), message)),
+            Err(why) => {
+                plan.left_to_manager.push(format!("route {}: {why}", entry.summary));
+                plan.expected_missing.push(format!("route missing: {}", entry.summary));
+            }
+        }
+    }
+    for entry in &want.rules {
+        match snapshot::rule_message(entry) {
+            Ok(message) => plan.rules.push((entry.summary.clone(), message)),
+            Err(e) => plan.errors.push(format!("rule {}: {e}", entry.summary)),
+        }
+    }
+    plan
+}
+
 struct Sender<'a> {
     handle: &'a Handle,
     report: RestoreReport,
@@ -158,9 +228,6 @@ pub async fn restore(
 ) -> RestoreReport {
     let mut tx = Sender { handle, report: RestoreReport::default(), expected_missing: Vec::new() };
     let have = snapshot::capture(handle, ifindex).await.ok();
-    let snapshot_age_s =
-        u32::try_from(options.now_ns.saturating_sub(want.taken_ns) / 1_000_000_000).unwrap_or(u32::MAX);
-
     let link_too = !options.routes_and_rules_only;
     if let Some(have) = have.as_ref().filter(|_| link_too) {
         if have.name != want.name {
@@ -183,27 +250,15 @@ pub async fn restore(
         }
     }
 
-    for entry in want.addresses.iter().filter(|_| link_too) {
-        let message = match snapshot::address_message(entry) {
-            Ok(m) => m,
-            Err(e) => {
-                tx.report.errors.push(format!("address {}: {e}", entry.summary));
-                continue;
-            }
-        };
-        let mut message = match replayable_address(message, snapshot_age_s, options) {
-            Ok(message) => message,
-            Err(why) => {
-                tx.report.left_to_manager.push(format!("address {}: {why}", entry.summary));
-                tx.expected_missing.push(format!("address missing: {}", entry.summary));
-                continue;
-            }
-        };
-        message.header.index = ifindex;
+    let plan = replay_plan(want, ifindex, options);
+    tx.report.errors.extend(plan.errors);
+    tx.report.left_to_manager.extend(plan.left_to_manager);
+    tx.expected_missing.extend(plan.expected_missing);
+    for (summary, message) in plan.addresses {
         let mut request = handle.address().add(ifindex, std::net::IpAddr::from([0, 0, 0, 0]), 0).replace();
         *request.message_mut() = message;
         let result = request.execute().await;
-        tx.outcome(&format!("address {}", entry.summary), result);
+        tx.outcome(&format!("address {summary}"), result);
     }
 
     if link_too && want.up && !have.as_ref().is_some_and(|h| h.up && h.name == want.name) {
@@ -211,44 +266,22 @@ pub async fn restore(
         tx.set_link("link up", up).await;
     }
 
-    for entry in &want.routes {
-        let message = match snapshot::route_message(entry) {
-            Ok(m) => m,
-            Err(e) => {
-                tx.report.errors.push(format!("route {}: {e}", entry.summary));
-                continue;
-            }
-        };
-        let message = match replayable_route(message, ifindex, options) {
-            Ok(message) => message,
-            Err(why) => {
-                tx.report.left_to_manager.push(format!("route {}: {why}", entry.summary));
-                tx.expected_missing.push(format!("route missing: {}", entry.summary));
-                continue;
-            }
-        };
+    for (summary, message) in plan.routes {
         let result = super::add_route_exclusive(handle, message).await;
         tx.report.requests += 1;
         tx.report.last_ack_ns = crate::clock::monotonic_ns();
         if let Err(error) = result {
-            tx.report.errors.push(format!("route {}: {error}", entry.summary));
+            tx.report.errors.push(format!("route {summary}: {error}"));
         }
     }
 
     let have_rules: Vec<String> =
         have.as_ref().map(|h| h.rules.iter().map(|r| r.summary.clone()).collect()).unwrap_or_default();
-    for entry in want.rules.iter().filter(|r| !have_rules.contains(&r.summary)) {
-        let message = match snapshot::rule_message(entry) {
-            Ok(m) => m,
-            Err(e) => {
-                tx.report.errors.push(format!("rule {}: {e}", entry.summary));
-                continue;
-            }
-        };
+    for (summary, message) in plan.rules.into_iter().filter(|(summary, _)| !have_rules.contains(summary)) {
         let mut request = handle.rule().add();
         *request.message_mut() = message;
         let result = request.execute().await;
-        tx.outcome(&format!("rule {}", entry.summary), result);
+        tx.outcome(&format!("rule {summary}"), result);
     }
 
     let last_ack_ns = tx.report.last_ack_ns;

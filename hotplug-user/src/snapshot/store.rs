@@ -121,16 +121,22 @@ impl Store {
         let tmp = path.with_extension("json.tmp");
         let bytes = serde_json::to_vec_pretty(value)
             .map_err(|source| StoreError::Serialize { path: path.clone(), source })?;
-        let mut file = fs::OpenOptions::new()
+        let written = fs::OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
             .mode(0o600)
             .custom_flags(libc::O_NOFOLLOW)
             .open(&tmp)
-            .map_err(io(&tmp))?;
-        file.write_all(&bytes).map_err(io(&tmp))?;
-        file.sync_all().map_err(io(&tmp))?;
+            .and_then(|mut file| {
+                file.write_all(&bytes)?;
+                file.sync_all()
+            });
+        if let Err(source) = written {
+            // A full disk, say: the previous file stays as it was, and no partial one is left.
+            let _ = fs::remove_file(&tmp);
+            return Err(StoreError::Io { path: tmp, source });
+        }
         fs::rename(&tmp, &path).map_err(io(&path))?;
         fs::File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io(&self.dir))?;
         Ok(())

@@ -111,14 +111,20 @@ impl NicManager {
             return;
         }
         // What other NICs carry now: an attach never takes one of their addresses.
-        let taken: Vec<std::net::IpAddr> = self
-            .nics
-            .iter()
-            .filter(|(other, _)| **other != mac)
-            .filter_map(|(_, n)| n.snapshot.as_ref())
-            .flat_map(|s| s.addresses.iter())
-            .filter_map(|a| a.summary.split('/').next().and_then(|ip| ip.parse().ok()))
-            .collect();
+        let others = || self.nics.iter().filter(|(other, _)| **other != mac).map(|(_, n)| n);
+        let taken = decide::attach_plan::Taken {
+            addresses: others()
+                .filter_map(|n| n.snapshot.as_ref())
+                .flat_map(|s| s.addresses.iter())
+                .filter_map(|a| a.summary.split('/').next().and_then(|ip| ip.parse().ok()))
+                .collect(),
+            tables: others()
+                .filter(|n| {
+                    matches!(n.state, decide::NicState::Present { .. } | decide::NicState::DriverGone { .. })
+                })
+                .filter_map(|n| n.attach.as_ref().and_then(|a| a.table))
+                .collect(),
+        };
         let planned = result.map_err(|e| e.to_string()).and_then(|metadata| attach_plan(&metadata, &taken));
         let outcome = match planned {
             Ok(plan) => {

@@ -81,10 +81,16 @@ Control API (same listeners, no token, JSON in and out, not counted as IMDS requ
            "drop"           close the TCP connection without any response
            "malformed"      200 with a garbage body: invalid UTF-8 then "not-an-ip"
            "expire-tokens"  invalidate every token issued so far, now (count not needed, ignored)
+           "redirect"       302 to "location" (given with the fault; a client that follows it
+                            shows up in stats.followed_redirects, e.g. with location
+                            http://127.0.0.1:8169/_mock/followed on a second listener)
          delay_ms, if given with another kind, is waited before that fault too.
   DELETE /_mock/fault                                clear the fault
   GET    /_mock/fault                                the fault in force (null if none)
+  ANY    /_mock/followed                     counts a request that followed a redirect (and
+                                                      whether it carried a token header)
   GET    /_mock/stats   {"requests", "token_requests", "metadata_requests", "by_status": {"200": n, ..},
+                         "followed_redirects", "followed_with_token",
                          "by_client": {"hotplug-agent": n, "cloud-init": n, "curl": n, ..},
                          "connections"}   IMDS requests only (status 0: dropped); connections
                                           counts every accepted TCP connection, control ones too
@@ -272,6 +278,8 @@ enum FaultKind {
     Malformed,
     #[serde(rename = "expire-tokens")]
     ExpireTokens,
+    #[serde(rename = "redirect")]
+    Redirect,
 }
 
 #[derive(Debug, Deserialize)]
@@ -280,6 +288,7 @@ struct FaultRequest {
     kind: FaultKind,
     count: Option<u64>,
     delay_ms: Option<u64>,
+    location: Option<String>,
 }
 
 /// The fault in force; `remaining: None` lasts until cleared.
@@ -329,6 +338,10 @@ struct Counters {
     /// amazon-ec2-net-utils uses), or the header as sent.
     by_client: BTreeMap<String, u64>,
     connections: u64,
+    /// Requests that came to `/_mock/followed` (a client followed a `redirect` fault), and how
+    /// many of them carried a token header.
+    followed_redirects: u64,
+    followed_with_token: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -362,6 +375,8 @@ struct Mock {
     /// Token -> expiry.
     tokens: HashMap<String, Instant>,
     fault: Option<Fault>,
+    /// Where a `redirect` fault points.
+    redirect_to: String,
     counters: Counters,
     log: VecDeque<LogEntry>,
 }
@@ -566,6 +581,10 @@ async fn imds(
                 // The connection's task drops the connection, and this future with it.
                 return std::future::pending().await;
             }
+            FaultKind::Redirect => {
+                let location = app.lock().redirect_to.clone();
+                Some((StatusCode::FOUND, [(header::LOCATION, location)], "Found").into_response())
+            }
             FaultKind::Delay | FaultKind::ExpireTokens => None,
         };
         if let Some(response) = response {
@@ -675,6 +694,16 @@ async fn set_fault(State(app): State<Arc<App>>, body: Bytes) -> Response {
     if request.kind == FaultKind::Delay && request.delay_ms.is_none() {
         return json_error(StatusCode::BAD_REQUEST, "a delay fault needs delay_ms");
     }
+    match (request.kind, request.location) {
+        (FaultKind::Redirect, Some(location)) => mock.redirect_to = location,
+        (FaultKind::Redirect, None) => {
+            return json_error(StatusCode::BAD_REQUEST, "a redirect fault needs location")
+        }
+        (_, Some(_)) => {
+            return json_error(StatusCode::BAD_REQUEST, "location goes with a redirect fault only")
+        }
+        (_, None) => {}
+    }
     let fault = Fault {
         kind: request.kind,
         remaining: (count > 0).then_some(count),
@@ -691,6 +720,15 @@ async fn get_fault(State(app): State<Arc<App>>) -> Response {
 async fn clear_fault(State(app): State<Arc<App>>) -> Response {
     let cleared = app.lock().fault.take();
     Json(json!({ "cleared": cleared })).into_response()
+}
+
+async fn followed(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    let mut mock = app.lock();
+    mock.counters.followed_redirects += 1;
+    if headers.contains_key(TOKEN_HEADER) {
+        mock.counters.followed_with_token += 1;
+    }
+    text(StatusCode::NOT_FOUND, "you followed a redirect")
 }
 
 async fn stats(State(app): State<Arc<App>>) -> Response {
@@ -736,6 +774,7 @@ fn router(app: Arc<App>) -> Router {
         .route("/_mock/detach", post(detach))
         .route("/_mock/fault", post(set_fault).get(get_fault).delete(clear_fault))
         .route("/_mock/stats", get(stats))
+        .route("/_mock/followed", any(followed))
         .route("/_mock/log", get(log))
         .route("/_mock/nics", get(nics))
         .route("/_mock/reset", post(reset))

@@ -1,0 +1,42 @@
+//! A state file read back from disk (the agent's own, or one an attacker or a crash left): it
+//! parses or is refused; what it turns into is restored only onto the NIC given, with none of
+//! the kernel's transient flags, and the start-up decision is total.
+#![no_main]
+use hotplug::{
+    agent::nics::Managed,
+    decide::startup::{reconcile, Persisted},
+    reconfigure::restore::{replay_plan, RestoreOptions},
+};
+use libfuzzer_sys::fuzz_target;
+use rtnetlink::packet_route::route::{RouteAttribute, RouteFlags};
+
+const IFINDEX: u32 = 7;
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(nic) = serde_json::from_slice::<Managed>(data) else { return };
+    let persisted = Persisted {
+        state: &nic.state,
+        pending_restore: nic.pending_restore.is_some(),
+        attach_waiting: nic.attach.as_ref().is_some_and(|a| a.status == "waiting-for-imds"),
+    };
+    let _ = reconcile(Some(persisted), Some(IFINDEX));
+    let _ = reconcile(Some(persisted), None);
+    let snapshots = nic.snapshot.iter().chain(nic.pending_restore.as_ref().map(|p| &p.snapshot));
+    for snapshot in snapshots {
+        for leave_dynamic in [false, true] {
+            let options = RestoreOptions { leave_dynamic, now_ns: snapshot.taken_ns.saturating_add(5_000_000_000), routes_and_rules_only: false };
+            let plan = replay_plan(snapshot, IFINDEX, options);
+            for (_, address) in &plan.addresses {
+                assert_eq!(address.header.index, IFINDEX, "an address restored onto another NIC");
+            }
+            for (_, route) in &plan.routes {
+                assert!((route.header.flags & !RouteFlags::Onlink).is_empty(), "kernel route flags replayed");
+                for attribute in &route.attributes {
+                    if let RouteAttribute::Oif(oif) = attribute {
+                        assert_eq!(*oif, IFINDEX, "a route restored through another NIC");
+                    }
+                }
+            }
+        }
+    }
+});

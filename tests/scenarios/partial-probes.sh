@@ -1,0 +1,31 @@
+#!/bin/sh
+# Context probes that fail to attach (made to, with --disable-probe): the agent says it is degraded and why, classifies NIC changes by its heuristics, and still restores a driver reload.
+# kernels: bookworm trixie sid
+. /opt/hotplug/scenarios/_lib.sh
+
+sysctl -qw net.ipv6.conf.all.accept_ra=0 net.ipv6.conf.default.accept_ra=0
+MAC=52:54:00:12:34:10
+ip link set "$(iface_of $MAC)" up
+ip addr add 10.0.0.5/24 dev "$(iface_of $MAC)"
+ip route add 192.168.50.0/24 via 10.0.0.254 dev "$(iface_of $MAC)"
+printf 'state_dir = "/tmp/hotplug-state"\nsocket = "/run/hotplug/agent.sock"\n[imds]\nenabled = false\n' >/tmp/hotplug.toml
+restored() { i=$(iface_of $MAC) && ip addr show dev "$i" | grep -q 10.0.0.5/24 && ip route show dev "$i" | grep -q 192.168.50.0; }
+
+check_header
+check "an unknown program name is refused" 2 "$(hotplug-agent --disable-probe no_such_probe features >/dev/null 2>&1; echo $?)"
+hotplug-agent --config /tmp/hotplug.toml --disable-probe delete_module_enter,delete_module_exit run 2>/tmp/agent.log &
+AGENT_PID=$!
+wait_for_line /tmp/agent.log "agent ready" 60 || { cat /tmp/agent.log; fail "the agent did not start"; }
+check "degraded mode announced" yes "$(grep -q 'mode: DEGRADED' /tmp/agent.log && echo yes || echo no)"
+check "the reason names the probe" yes "$(grep -q 'degraded because: delete_module_enter .*disabled' /tmp/agent.log && echo yes || echo no)"
+check "heuristic classification in use" yes "$(grep -q 'NIC hooks not attached' /tmp/agent.log && echo yes || echo no)"
+modprobe -r virtio_net
+sleep 1
+modprobe virtio_net
+j=0
+while ! restored && [ $j -lt 150 ]; do sleep 0.1; j=$((j + 1)); done
+check "reload restored in degraded mode" yes "$(restored && echo yes || echo no)"
+check "the removal was classified by the heuristics" yes "$(grep -q 'removal.*source=\"heuristic\"\|source=heuristic' /tmp/agent.log && echo yes || echo no)"
+grep -E "cause|restored" /tmp/agent.log | sed 's/^/  log: /' | tail -n 4
+stop_agent
+finish
