@@ -14,7 +14,7 @@ use aya_ebpf::{
     maps::{LruHashMap, PerCpuArray},
     programs::{ProbeContext, RetProbeContext},
 };
-use hotplug_common::{Cause, Counter, EventKind, NetdevEvent, MAX_UNREGISTER_BATCH};
+use hotplug_common::{Cause, Counter, EventKind, NetdevEvent, MAX_UNREGISTER_BATCH, MODULE_NAME_LEN};
 
 use crate::{
     context, count, current_task, current_tid, emit, global_u32,
@@ -102,7 +102,15 @@ fn netns_of(dev: u64) -> u32 {
 
 /// Fills the scratch event for `dev` and sends it, unless it concerns another namespace.
 #[inline(always)]
-fn send(kind: EventKind, cause: Cause, dev: u64, before_move: Option<(i32, u32)>) {
+/// `module`: the module the task is unloading or loading, for those causes (read once per
+/// program run by the caller: an unregister batch sends up to 16 events).
+fn send(
+    kind: EventKind,
+    cause: Cause,
+    dev: u64,
+    before_move: Option<(i32, u32)>,
+    module: Option<&[u8; MODULE_NAME_LEN]>,
+) {
     let netns = before_move.map_or_else(|| netns_of(dev), |(_, netns)| netns);
     let agent = global_u32(&AGENT_NETNS);
     if agent != 0 && netns != 0 && netns != agent {
@@ -120,10 +128,8 @@ fn send(kind: EventKind, cause: Cause, dev: u64, before_move: Option<(i32, u32)>
     event.cause = cause as u32;
     event.timestamp_ns = now_ns();
     event.task = current_task();
-    if let Some(ctx) = context::current() {
-        if matches!(cause, Cause::DriverUnload | Cause::DriverLoad) {
-            event.context_module = ctx.module;
-        }
+    if let Some(module) = module {
+        event.context_module = *module;
     }
     describe(event, dev);
     event.netns = netns;
@@ -208,14 +214,16 @@ pub fn netdev_unregister(ctx: ProbeContext) -> u32 {
 
 fn try_netdev_unregister(ctx: &ProbeContext) -> Result<(), ()> {
     let head: u64 = ctx.arg(0).ok_or(())?;
-    let cause = context::current().map_or(Cause::Unknown, |c| c.removal_cause());
+    let task = context::current();
+    let cause = task.as_ref().map_or(Cause::Unknown, |c| c.removal_cause());
+    let module = task.as_ref().filter(|_| cause == Cause::DriverUnload).map(|c| &c.module);
     let unreg_list = global_u32(&NETDEV_UNREG_LIST) as u64;
     let mut node = read::<u64>(head, 0).ok_or(())?;
     for _ in 0..MAX_UNREGISTER_BATCH {
         if node == head || node == 0 {
             return Ok(());
         }
-        send(EventKind::NetdevRemoval, cause, node - unreg_list, None);
+        send(EventKind::NetdevRemoval, cause, node - unreg_list, None, module);
         node = read::<u64>(node, 0).ok_or(())?;
     }
     if node != head {
@@ -245,8 +253,10 @@ pub fn netdev_register_exit(ctx: RetProbeContext) -> u32 {
     let _ = REGISTERING.remove(tid);
     let ret: i32 = ctx.ret();
     if ret == 0 {
-        let cause = context::current().map_or(Cause::Unknown, |c| c.registration_cause());
-        send(EventKind::NetdevRegistration, cause, dev, None);
+        let task = context::current();
+        let cause = task.as_ref().map_or(Cause::Unknown, |c| c.registration_cause());
+        let module = task.as_ref().filter(|_| cause == Cause::DriverLoad).map(|c| &c.module);
+        send(EventKind::NetdevRegistration, cause, dev, None, module);
     }
     0
 }
@@ -273,8 +283,8 @@ pub fn netns_move_exit(ctx: RetProbeContext) -> u32 {
     let _ = MOVING.remove(tid);
     let ret: i32 = ctx.ret();
     if ret == 0 {
-        send(EventKind::NetdevRemoval, Cause::NetnsMove, dev, Some((old_ifindex, old_netns)));
-        send(EventKind::NetdevRegistration, Cause::NetnsMove, dev, None);
+        send(EventKind::NetdevRemoval, Cause::NetnsMove, dev, Some((old_ifindex, old_netns)), None);
+        send(EventKind::NetdevRegistration, Cause::NetnsMove, dev, None, None);
     }
     0
 }

@@ -53,7 +53,7 @@ fn main() -> ExitCode {
             Command::Run => agent::run(cli.config.clone(), config()?, options, notifier).await,
             Command::Status { json } => Ok(hotplug::control::print_status(&config()?.socket, json)?),
             Command::Events { json } => agent::stream_events(json, options).await,
-            Command::Features { json } => agent::print_features(json),
+            Command::Features { json } => agent::print_features(json, &options),
             Command::BpfStats { json } => agent::print_bpf_stats(json),
             Command::CloudInitGate => Ok(()), // handled above, without a runtime
         }

@@ -78,7 +78,7 @@ sleep 1
 check "detach: rules removed" 0 "$(ip rule show | grep -c 'lookup 10001')"
 check "detach: table 10001 empty" 0 "$(ip route show table 10001 | wc -l)"
 check "detach: IMDS requests" 0 "$(($(imds_requests) - before))"
-check "detach: state file removed" no "$(ls /tmp/hotplug-state | grep -q 0e-01 && echo yes || echo no)"
+check "detach: state file removed" no "$(ls /tmp/hotplug-state | grep -q 0e_3a01 && echo yes || echo no)"
 
 # 3. Attach with faults while IMDS answers: three 503s and expired tokens.
 mock POST /_mock/attach "{\"nic\":$(nic_json $NEW2 2),\"lag_ms\":0}" >/dev/null

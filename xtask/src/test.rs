@@ -86,8 +86,9 @@ pub fn run(args: &TestArgs) -> Result<ExitCode> {
 
     if !args.no_fuzz {
         step(&format!("fuzz targets, {FUZZ_SECONDS} s each (cargo xtask fuzz runs them longer)"));
-        setup::ensure_cargo_fuzz()?;
-        match fuzz::fuzz(&fuzz::FuzzArgs { seconds: FUZZ_SECONDS, target: None }) {
+        let fuzzed = setup::ensure_cargo_fuzz()
+            .and_then(|()| fuzz::fuzz(&fuzz::FuzzArgs { seconds: FUZZ_SECONDS, target: None }));
+        match fuzzed {
             Ok(outcomes) => {
                 for outcome in outcomes {
                     tally.record(&format!("fuzz {}", outcome.target), outcome.passed);

@@ -417,6 +417,8 @@ pub fn describe(event: &KernelEvent) -> String {
             )
         }
         KernelEvent::Lost { events, counters } => {
+            let counters: Vec<String> =
+                counters.iter().map(|c| format!("{} +{}", c.counter, c.rise)).collect();
             format!("LOST {events} kernel events ({}); resynchronising", counters.join(", "))
         }
         KernelEvent::Resync { links } => {
@@ -443,8 +445,8 @@ pub fn describe(event: &KernelEvent) -> String {
 }
 
 /// `hotplug-agent features`: the probe result and the mode, then exit.
-pub fn print_features(json: bool) -> Result<(), AgentError> {
-    let startup = Startup::probe(&LoadOptions::with_defaults());
+pub fn print_features(json: bool, options: &LoadOptions) -> Result<(), AgentError> {
+    let startup = Startup::probe(options);
     let mut out = std::io::stdout().lock();
     if json {
         let header = startup.header();

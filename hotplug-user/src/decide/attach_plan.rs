@@ -3,8 +3,9 @@
 //! not put a route on the host that captures traffic (`128.0.0.0/1`, a `::/0` prefix route that
 //! beats the RA default) or a rule that captures another NIC's source address.
 //!
-//! Refused: a subnet EC2 could not have handed out (IPv4 /16../28, IPv6 /44../64), an address
-//! outside its subnet or not usable as a host address, an address another NIC has, more addresses
+//! Refused: a subnet EC2 could not have handed out (IPv4 /16../28, IPv6 /44../64, none in
+//! special-purpose space: loopback, link-local where IMDS lives, multicast, EC2's fd00:ec2::/32),
+//! an address outside its subnet or not usable as a host address (EC2 reserves the first four), an address another NIC has, more addresses
 //! than an ENI can carry, a device number or network card out of range. Each IPv6 address gets
 //! the prefix of the subnet block that contains it.
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -64,6 +65,12 @@ pub fn attach_plan(nic: &NicMetadata, taken: &Taken) -> Result<AttachPlan, Strin
             nic.subnet_ipv4.network, nic.subnet_ipv4.prefix
         ));
     }
+    if let Some(why) = special_ipv4(nic.subnet_ipv4.network) {
+        return Err(format!(
+            "subnet-ipv4-cidr-block {}/{} is {why}: no VPC subnet is",
+            nic.subnet_ipv4.network, nic.subnet_ipv4.prefix
+        ));
+    }
     if nic.local_ipv4s.is_empty() {
         return Err("local-ipv4s is empty: an ENI has a primary private address".into());
     }
@@ -90,12 +97,23 @@ pub fn attach_plan(nic: &NicMetadata, taken: &Taken) -> Result<AttachPlan, Strin
                 nic.subnet_ipv4.network, nic.subnet_ipv4.prefix
             ));
         }
+        if host <= 3 {
+            return Err(format!(
+                "local-ipv4s {address} is one of the addresses EC2 reserves in its subnet (router, DNS, future use)"
+            ));
+        }
         addresses.push((IpAddr::V4(*address), nic.subnet_ipv4.prefix));
     }
     for block in &nic.subnet_ipv6 {
         if !(44..=64).contains(&block.prefix) {
             return Err(format!(
                 "subnet-ipv6-cidr-blocks {}/{} is no subnet EC2 hands out (/44 to /64)",
+                block.network, block.prefix
+            ));
+        }
+        if let Some(why) = special_ipv6(block.network) {
+            return Err(format!(
+                "subnet-ipv6-cidr-blocks {}/{} is {why}: no VPC subnet is",
                 block.network, block.prefix
             ));
         }
@@ -118,6 +136,31 @@ pub fn attach_plan(nic: &NicMetadata, taken: &Taken) -> Result<AttachPlan, Strin
         sources: nic.local_ipv4s.clone(),
     });
     Ok(AttachPlan { addresses, policy })
+}
+
+/// Address space no VPC subnet can be in: what a spoofed answer would use to capture the host's
+/// own or the metadata service's traffic.
+fn special_ipv4(network: Ipv4Addr) -> Option<&'static str> {
+    let octets = network.octets();
+    match octets[0] {
+        0 => Some("in 0.0.0.0/8 (this network)"),
+        127 => Some("loopback"),
+        224..=239 => Some("multicast"),
+        240..=255 => Some("reserved (240.0.0.0/4)"),
+        169 if octets[1] == 254 => Some("link-local (where the metadata service is)"),
+        _ => None,
+    }
+}
+
+fn special_ipv6(network: Ipv6Addr) -> Option<&'static str> {
+    let first = network.segments()[0];
+    match first {
+        0x0000..=0x00ff => Some("in ::/8 (unspecified, loopback, IPv4-mapped)"),
+        0xfe80..=0xfebf => Some("link-local"),
+        0xff00..=0xffff => Some("multicast"),
+        0xfd00 if network.segments()[1] == 0x0ec2 => Some("EC2's own services' prefix (fd00:ec2::/32)"),
+        _ => None,
+    }
 }
 
 fn mask4(prefix: u8) -> u32 {
@@ -209,6 +252,37 @@ mod tests {
                 &none,
             ),
             ("device-number", NicMetadata { device_number: 4000, ..nic() }, &none),
+            (
+                "link-local",
+                NicMetadata {
+                    subnet_ipv4: Ipv4Net { network: v4([169, 254, 169, 0]), prefix: 24 },
+                    local_ipv4s: vec![v4([169, 254, 169, 254])],
+                    ..nic()
+                },
+                &none,
+            ),
+            (
+                "loopback",
+                NicMetadata {
+                    subnet_ipv4: Ipv4Net { network: v4([127, 0, 0, 0]), prefix: 16 },
+                    local_ipv4s: vec![v4([127, 0, 0, 5])],
+                    ..nic()
+                },
+                &none,
+            ),
+            ("EC2 reserves", NicMetadata { local_ipv4s: vec![v4([10, 0, 1, 1])], ..nic() }, &none),
+            (
+                "fd00:ec2::/32",
+                NicMetadata {
+                    subnet_ipv6: vec![Ipv6Net {
+                        network: "fd00:ec2::".parse().unwrap_or(Ipv6Addr::UNSPECIFIED),
+                        prefix: 64,
+                    }],
+                    ipv6s: vec!["fd00:ec2::254".parse().unwrap_or(Ipv6Addr::UNSPECIFIED)],
+                    ..nic()
+                },
+                &none,
+            ),
             ("another NIC's address", nic(), &address_taken),
             ("another NIC's already", nic(), &table_taken),
             ("empty", NicMetadata { local_ipv4s: vec![], ..nic() }, &none),

@@ -170,8 +170,10 @@ fn reload_half(action: UeventAction, facts: GateFacts<'_>) -> GateAnswer {
         {
             answer(Verdict::Skip, "its driver left and came back: hotplug-agent restored its configuration")
         }
+        // Both halves alike: a return after a removal of unknown cause (which cloud-init was
+        // let handle) is cloud-init's too.
         (UeventAction::Add, Some((NicAction::Registration, cause)), NicState::Present { .. })
-            if facts.returned_from_driver_gone =>
+            if facts.returned_from_driver_gone && facts.last_removal.is_some_and(Cause::expects_return) =>
         {
             answer(
                 Verdict::Skip,
@@ -201,7 +203,12 @@ mod tests {
         GateFacts {
             state,
             last: Some(last),
-            last_removal: (last.0 == NicAction::Removal).then_some(last.1),
+            // A NIC that returned left before: by a driver unload unless a case says otherwise.
+            last_removal: match (last.0, returned) {
+                (NicAction::Removal, _) => Some(last.1),
+                (NicAction::Registration, true) => Some(Cause::DriverUnload),
+                (NicAction::Registration, false) => None,
+            },
             returned_from_driver_gone: returned,
             policy: PolicyKind::Restore,
             credit: true,
@@ -237,7 +244,11 @@ mod tests {
             (UeventAction::Add, facts(&back, load, false), Verdict::Handle),
             // The uevent is ahead of the kernel event the agent reads.
             (UeventAction::Add, facts(&gone, unload, false), Verdict::Unknown),
-            (UeventAction::Remove, facts(&back, load, true), Verdict::Unknown),
+            (
+                UeventAction::Remove,
+                GateFacts { last_removal: None, ..facts(&back, load, true) },
+                Verdict::Unknown,
+            ),
             // cloud-init asks about the removal after the NIC came back and was restored.
             (
                 UeventAction::Remove,
@@ -259,6 +270,19 @@ mod tests {
             assert!(!got.reason.is_empty());
         }
         assert_eq!(cloud_init_gate(UeventAction::Add, None).verdict, Verdict::Unknown);
+    }
+
+    #[test]
+    fn both_halves_of_an_unexplained_removal_and_return_are_cloud_inits() {
+        let gone = NicState::DriverGone { cause: Cause::Unknown, since_ns: 1, deadline_ns: 2 };
+        let back = NicState::Present { ifindex: 8, name: "eth1".into() };
+        let removal = facts(&gone, (NicAction::Removal, Cause::Unknown), false);
+        assert_eq!(cloud_init_gate(UeventAction::Remove, Some(removal)).verdict, Verdict::Handle);
+        let ret = GateFacts {
+            last_removal: Some(Cause::Unknown),
+            ..facts(&back, (NicAction::Registration, Cause::Unknown), true)
+        };
+        assert_eq!(cloud_init_gate(UeventAction::Add, Some(ret)).verdict, Verdict::Handle);
     }
 
     #[test]

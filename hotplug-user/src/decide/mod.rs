@@ -96,7 +96,7 @@ pub fn decide(
             _ => no_change(state),
         },
         Input::Event(event) => match event.action {
-            NicAction::Removal if holds(event.cause) => {
+            NicAction::Removal if holds_event(event) => {
                 let mut actions = vec![Action::HoldSnapshot { before_ns: event.timestamp_ns }];
                 if policy == PolicyKind::Command {
                     actions.push(Action::RunCommand { phase: "driver-gone" });
@@ -158,10 +158,17 @@ pub fn decide(
     }
 }
 
-/// Whether a removal of this cause holds the NIC's snapshot for its return: a driver's leaving,
-/// and a removal nothing explains (restoring on a return beats losing the configuration).
+/// Whether a removal of this cause may hold the NIC's snapshot for its return: a driver's
+/// leaving, and a removal nothing explains (restoring on a return beats losing the
+/// configuration).
 pub const fn holds(cause: Cause) -> bool {
     cause.expects_return() || matches!(cause, Cause::Unknown)
+}
+
+/// Whether this removal holds the snapshot: [`holds`], except that a virtual link (a container's
+/// veth peer, torn down by a kworker with no context) that leaves for no known reason is gone.
+fn holds_event(event: &NicEvent) -> bool {
+    event.cause.expects_return() || (event.cause == Cause::Unknown && !event.key().contains('@'))
 }
 
 /// Whether `cause` names a NIC leaving for good (kept for the status output).
@@ -330,6 +337,17 @@ mod tests {
         );
         assert_eq!(back.actions, vec![Action::Restore { ifindex: 8 }, Action::Track { ifindex: 8 }]);
         assert!(!is_final(Cause::Unknown));
+    }
+
+    #[test]
+    fn an_unexplained_removal_of_a_virtual_link_is_final() {
+        let present = NicState::Present { ifindex: 3, name: "veth1".into() };
+        let mut veth = event(NicAction::Removal, Cause::Unknown, 3, 10);
+        veth.permanent_mac = None;
+        veth.driver = Some("veth".into());
+        assert!(veth.key().contains('@'));
+        let t = decide(Some(&present), &Input::Event(&veth), PolicyKind::Restore, TIMEOUT);
+        assert_eq!(t.next, Some(NicState::Removed { cause: Cause::Unknown, since_ns: 10 }));
     }
 
     #[test]

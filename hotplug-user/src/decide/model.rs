@@ -5,8 +5,10 @@
 //!
 //! - a snapshot is only restored to the MAC it was taken from, onto that NIC's current ifindex;
 //! - nothing is restored that was not snapshotted in this boot;
-//! - the detach path (which deletes only what the agent added) is never taken for a NIC the agent
-//!   believes present;
+//! - the detach path (which deletes only what the agent added) is never taken for a NIC that is
+//!   registered;
+//! - after the resync that follows every loss, each NIC the agent tracks is present under its
+//!   real ifindex, or held if it is not registered;
 //! - a driver reload whose two events both arrive, within the return timeout, is restored.
 use std::collections::HashMap;
 
@@ -81,6 +83,9 @@ struct World {
     /// A reload in flight whose removal event arrived: (MAC, deadline).
     reload: Option<(String, u64)>,
     restores: usize,
+    /// A kernel event was lost: the agent resyncs before it handles anything else (it notices
+    /// the loss when it next reads the ring).
+    resync_due: bool,
 }
 
 fn mac(nic: usize) -> String {
@@ -147,11 +152,19 @@ impl World {
 
     fn step(&mut self, op: Op) -> Result<(), TestCaseError> {
         self.now += 1_000;
+        // The agent notices a loss when it next reads the ring: before the next event it receives
+        // (lost ones pile up meanwhile) or the next tick.
+        let reads =
+            matches!(op, Op::Tick { .. } | Op::Leave { lost: false, .. } | Op::Register { lost: false, .. });
+        if self.resync_due && reads {
+            self.step(Op::Resync)?;
+        }
         match op {
             Op::Leave { nic, cause, lost } => {
                 let Some(ifindex) = self.registered[nic].take() else { return Ok(()) };
                 if lost {
                     self.reload = None;
+                    self.resync_due = true;
                     return Ok(());
                 }
                 let m = mac(nic);
@@ -169,6 +182,7 @@ impl World {
                 let m = mac(nic);
                 let due = self.reload.take().filter(|(r, deadline)| *r == m && self.now < *deadline);
                 if lost {
+                    self.resync_due = true;
                     return Ok(());
                 }
                 let e = event(NicAction::Registration, cause, &m, self.next_ifindex, self.now);
@@ -187,6 +201,7 @@ impl World {
             }
             Op::Resync => {
                 self.reload = None;
+                self.resync_due = false;
                 for nic in 0..NICS {
                     let m = mac(nic);
                     match self.registered[nic] {
@@ -200,10 +215,27 @@ impl World {
                         }
                         _ => {}
                     }
+                    match (self.registered[nic], self.state.get(&m)) {
+                        (Some(ifindex), Some(NicState::Present { ifindex: believed, .. })) => {
+                            prop_assert_eq!(
+                                *believed,
+                                ifindex,
+                                "after the resync, present under a stale ifindex"
+                            );
+                        }
+                        (Some(_), Some(NicState::DriverGone { .. })) => {
+                            prop_assert!(false, "after the resync, registered but still believed gone");
+                        }
+                        (None, Some(NicState::Present { .. })) => {
+                            prop_assert!(false, "after the resync, believed present but not registered");
+                        }
+                        _ => {}
+                    }
                 }
             }
             Op::Restart => {
                 self.reload = None;
+                self.resync_due = false;
                 for nic in 0..NICS {
                     let m = mac(nic);
                     let registered = self.registered[nic];
@@ -213,6 +245,7 @@ impl World {
                             state,
                             pending_restore: false,
                             attach_waiting: false,
+                            configured_by_hand: false,
                         }),
                         registered,
                     );

@@ -12,6 +12,9 @@ pub struct Persisted<'a> {
     pub pending_restore: bool,
     /// An attach was waiting for IMDS when the agent stopped.
     pub attach_waiting: bool,
+    /// The NIC registered now carries addresses somebody configured, and no network manager
+    /// of the host claims it: an operator's configuration, not to be overlaid with an old one.
+    pub configured_by_hand: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,7 +45,12 @@ pub fn reconcile(persisted: Option<Persisted<'_>>, registered: Option<u32>) -> R
         (NicState::DriverGone { .. }, Some(_)) => Reconcile::Restore,
         // Never configured yet: nothing to restore, whatever its ifindex now.
         (NicState::Present { .. }, Some(_)) if persisted.attach_waiting => Reconcile::ResumeAttach,
-        (NicState::Present { ifindex, .. }, Some(now)) if *ifindex != now => Reconcile::Restore,
+        // Registered again while the agent was down, with nobody's configuration on it yet.
+        (NicState::Present { ifindex, .. }, Some(now))
+            if *ifindex != now && !persisted.configured_by_hand =>
+        {
+            Reconcile::Restore
+        }
         (NicState::Present { .. }, Some(_)) if persisted.pending_restore => Reconcile::ResumeRestore,
         (NicState::Present { .. } | NicState::Removed { .. }, Some(_)) => Reconcile::Track,
         (NicState::Present { .. } | NicState::DriverGone { .. }, None) => Reconcile::ExpectBack,
@@ -56,7 +64,7 @@ mod tests {
     use crate::classify::Cause;
 
     fn persisted(state: &NicState) -> Persisted<'_> {
-        Persisted { state, pending_restore: false, attach_waiting: false }
+        Persisted { state, pending_restore: false, attach_waiting: false, configured_by_hand: false }
     }
 
     #[test]
@@ -84,6 +92,8 @@ mod tests {
             ),
             (Some(persisted(&removed)), Some(3), Reconcile::Track),
             (Some(persisted(&removed)), None, Reconcile::Keep),
+            // An operator configured it anew while the agent was down: theirs stands.
+            (Some(Persisted { configured_by_hand: true, ..persisted(&present) }), Some(8), Reconcile::Track),
         ];
         for (state, registered, want) in cases {
             assert_eq!(reconcile(state, registered), want, "{state:?} registered {registered:?}");
@@ -93,13 +103,13 @@ mod tests {
     #[test]
     fn a_new_registration_wins_over_a_pending_restore_but_not_over_an_attach() {
         let present = NicState::Present { ifindex: 3, name: "eth1".into() };
-        let pending = Persisted { state: &present, pending_restore: true, attach_waiting: false };
+        let pending = Persisted { pending_restore: true, ..persisted(&present) };
         assert_eq!(
             reconcile(Some(pending), Some(4)),
             Reconcile::Restore,
             "reloaded while the agent was down"
         );
-        let attach = Persisted { state: &present, pending_restore: false, attach_waiting: true };
+        let attach = Persisted { attach_waiting: true, ..persisted(&present) };
         assert_eq!(reconcile(Some(attach), Some(4)), Reconcile::ResumeAttach, "nothing was configured yet");
     }
 }

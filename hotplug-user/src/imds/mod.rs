@@ -158,7 +158,11 @@ fn check_endpoint(endpoint: &str, allow_any: bool) -> Result<String, ImdsError> 
         Some(url::Host::Ipv4(ip)) => ip.into(),
         Some(url::Host::Ipv6(ip)) => ip.into(),
         Some(url::Host::Domain("localhost")) => IpAddr::V4(Ipv4Addr::LOCALHOST),
-        Some(url::Host::Domain(_)) => return Err(bad("a name, not an IP address")),
+        Some(url::Host::Domain(_)) => {
+            return Err(bad(
+                "a name, not an IP address (the agent resolves no names, allow_any_endpoint or not)",
+            ))
+        }
         None => return Err(bad("no host")),
     };
     let port = url.port_or_known_default().unwrap_or(80);
@@ -346,7 +350,11 @@ impl ImdsClient {
 
 async fn read_limited(mut response: reqwest::Response, path: &str) -> Result<Vec<u8>, ImdsError> {
     if response.content_length().is_some_and(|l| l > parse::MAX_VALUE_BYTES as u64) {
-        return Err(Malformed { key: path.into(), problem: "response larger than accepted".into() }.into());
+        return Err(Malformed {
+            key: path.into(),
+            problem: format!("more than the {} bytes accepted", parse::MAX_VALUE_BYTES),
+        }
+        .into());
     }
     let mut body = Vec::new();
     while let Some(chunk) = response
@@ -356,9 +364,11 @@ async fn read_limited(mut response: reqwest::Response, path: &str) -> Result<Vec
     {
         body.extend_from_slice(&chunk);
         if body.len() > parse::MAX_VALUE_BYTES {
-            return Err(
-                Malformed { key: path.into(), problem: "response larger than accepted".into() }.into()
-            );
+            return Err(Malformed {
+                key: path.into(),
+                problem: format!("more than the {} bytes accepted", parse::MAX_VALUE_BYTES),
+            }
+            .into());
         }
     }
     Ok(body)

@@ -39,19 +39,26 @@ pub struct ModuleLifecycle {
     pub timestamp_ns: u64,
 }
 
+/// A kernel-side loss counter and how much it rose.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct CounterRise {
+    pub counter: &'static str,
+    pub rise: u64,
+}
+
 /// Everything the kernel side reports.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(tag = "type", rename_all = "kebab-case")]
 pub enum KernelEvent {
     Module(ModuleLifecycle),
     Nic(NicEvent),
-    /// Records were dropped in the kernel (a full ring buffer, a full context map, a truncated
-    /// batch) or went out incomplete (a failed kernel read): `events` is how many the `counters`
-    /// rose by. Whatever state a consumer built from the stream is incomplete until the `resync`
-    /// that follows.
+    /// Records were dropped in the kernel or went out incomplete: `events` records did not fit in
+    /// the ring buffer; `counters` names every loss counter that rose, with its rise (a full
+    /// context map, a truncated unregister batch, a failed kernel read). Whatever state a
+    /// consumer built from the stream is incomplete until the `resync` that follows.
     Lost {
         events: u64,
-        counters: Vec<&'static str>,
+        counters: Vec<CounterRise>,
     },
     /// Every link that exists now (an rtnetlink dump), sent after a loss.
     Resync {

@@ -68,7 +68,8 @@ impl ProbeHandle {
 }
 
 /// The programs kernel-side NIC classification needs. A `Pick::All` program counts as attached
-/// when at least one of its functions is (kernels have one or both variants).
+/// when it is on every one of its functions this kernel has (a kernel without one variant, e.g.
+/// `init_module`, is not asked to have it).
 const NIC_CLASSIFICATION: [&str; 15] = [
     "netdev_unregister",
     "netdev_register_enter",
@@ -341,7 +342,7 @@ impl KernelProbes {
     pub fn nic_hooks_attached(&self) -> bool {
         NIC_CLASSIFICATION.iter().all(|program| {
             let mine: Vec<_> = self.attachments.iter().filter(|a| a.program == *program).collect();
-            !mine.is_empty() && mine.iter().any(|a| a.error.is_none())
+            !mine.is_empty() && mine.iter().all(|a| a.error.is_none())
         })
     }
 

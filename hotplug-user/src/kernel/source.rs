@@ -8,10 +8,17 @@ use std::time::{Duration, Instant};
 use hotplug_common::Counter;
 use tokio::{io::unix::AsyncFd, sync::mpsc};
 
-use super::{decode, probes::KernelProbes, rtnl, KernelEvent};
+use super::{
+    decode::{self, CounterRise},
+    probes::KernelProbes,
+    rtnl, KernelEvent,
+};
 
 /// How often the filtered counts are summarised in the log, at most.
 const FILTER_SUMMARY: Duration = Duration::from_secs(60);
+/// How often the counters are read when no record wakes the reader (a loss that left no record
+/// behind still gets its resync).
+const COUNTER_POLL: Duration = Duration::from_secs(2);
 
 /// Forwards every record on the ring buffer to `tx` until `tx` closes. Records that do not decode
 /// are logged, never silently dropped. `nic_events` false: NIC records are dropped here (degraded
@@ -28,20 +35,27 @@ pub async fn forward(
     let mut seen = [0u64; Counter::ALL.len()];
     let mut summarised = Instant::now();
     let mut filtered_since = [0u64; Counter::ALL.len()];
+    let mut poll = tokio::time::interval(COUNTER_POLL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let mut guard = ring.readable_mut().await?;
-        while let Some(record) = guard.get_inner_mut().next() {
-            match decode::decode(&record) {
-                Ok(KernelEvent::Nic(_)) if !nic_events => {}
-                Ok(event) => {
-                    if tx.send(event).await.is_err() {
-                        return Ok(());
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard?;
+                while let Some(record) = guard.get_inner_mut().next() {
+                    match decode::decode(&record) {
+                        Ok(KernelEvent::Nic(_)) if !nic_events => {}
+                        Ok(event) => {
+                            if tx.send(event).await.is_err() {
+                                return Ok(());
+                            }
+                        }
+                        Err(error) => tracing::warn!(%error, "undecodable record from the kernel"),
                     }
                 }
-                Err(error) => tracing::warn!(%error, "undecodable record from the kernel"),
+                guard.clear_ready();
             }
+            _ = poll.tick() => {}
         }
-        guard.clear_ready();
         let mut losses = Vec::new();
         for counter in Counter::ALL {
             let now = probes.counter(counter);
@@ -77,8 +91,10 @@ pub async fn forward(
                 "kernel events lost or incomplete: resynchronising"
             );
         }
-        let events = losses.iter().map(|(_, rise)| rise).sum();
-        let counters = losses.iter().map(|(c, _)| c.name()).collect();
+        let events =
+            losses.iter().filter(|(c, _)| *c == Counter::RingReserveFailed).map(|(_, rise)| *rise).sum();
+        let counters =
+            losses.iter().map(|(c, rise)| CounterRise { counter: c.name(), rise: *rise }).collect();
         if tx.send(KernelEvent::Lost { events, counters }).await.is_err() {
             return Ok(());
         }

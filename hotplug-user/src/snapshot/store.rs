@@ -183,12 +183,39 @@ impl Store {
 
     /// Removes a file `load_all` returned that is not where `key` keeps its state now (written
     /// under an older naming): the state is saved under the new name first.
-    pub fn forget_stale(&self, key: &str, loaded_from: &Path) -> Result<(), StoreError> {
-        if loaded_from == self.path(key) {
-            return Ok(());
+    /// A file loaded under an older naming: saved again under the current name first, and only
+    /// then removed (a crash in between loses nothing). Where a file of the current name exists
+    /// as well, that one is the newer: the old one is superseded and removed unread.
+    pub fn migrate<T: Serialize>(
+        &self,
+        key: &str,
+        loaded_from: &Path,
+        value: &T,
+    ) -> Result<Migrated, StoreError> {
+        let current = self.path(key);
+        if loaded_from == current {
+            return Ok(Migrated::Current);
         }
-        fs::remove_file(loaded_from).map_err(io(loaded_from))
+        let outcome = if current.exists() {
+            Migrated::Superseded
+        } else {
+            self.save(key, value)?;
+            Migrated::Renamed
+        };
+        fs::remove_file(loaded_from).map_err(io(loaded_from))?;
+        Ok(outcome)
     }
+}
+
+/// What [`Store::migrate`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Migrated {
+    /// The file already had the current name.
+    Current,
+    /// Saved under the current name, the old file removed.
+    Renamed,
+    /// A file of the current name exists: the old one was removed, and is not to be used.
+    Superseded,
 }
 
 #[cfg(test)]

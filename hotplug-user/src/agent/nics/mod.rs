@@ -225,7 +225,9 @@ impl NicManager {
         let vanished: Vec<(String, u32, String)> = self
             .nics
             .iter()
-            .filter(|(mac, _)| !registered.contains(*mac))
+            // Physical NICs only: a virtual link's key holds its name and MAC, which change
+            // without it leaving.
+            .filter(|(mac, _)| !registered.contains(*mac) && !mac.contains('@'))
             .filter_map(|(mac, n)| match &n.state {
                 NicState::Present { ifindex, name } => Some((mac.clone(), *ifindex, name.clone())),
                 _ => None,

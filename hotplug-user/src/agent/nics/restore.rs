@@ -105,7 +105,13 @@ impl NicManager {
             });
         match candidate {
             Some(snapshot) => {
-                tracing::info!(%mac, interface = %snapshot.name, action = "hold", "driver left: holding {}", snapshot.summary_line());
+                let why = match event {
+                    Some(e) if e.cause == crate::classify::Cause::Unknown => {
+                        "left for no known reason (or its removal was lost)"
+                    }
+                    _ => "driver left",
+                };
+                tracing::info!(%mac, interface = %snapshot.name, action = "hold", "{why}: holding {}", snapshot.summary_line());
                 nic.snapshot = Some(snapshot);
             }
             None => {

@@ -60,8 +60,12 @@ impl NicManager {
                 let _ = std::fs::remove_file(&path);
                 continue;
             }
-            if let Err(error) = manager.store.forget_stale(&mac, &path) {
-                tracing::warn!(%error, "cannot remove a state file of the old naming");
+            match manager.store.migrate(&mac, &path, &nic) {
+                Ok(snapshot::store::Migrated::Superseded) => continue,
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::warn!(%error, "cannot move a state file of the old naming to the new one")
+                }
             }
             // A NIC that left for good and is back is new to the agent.
             if !matches!(nic.state, NicState::Removed { .. }) {
@@ -85,16 +89,24 @@ impl NicManager {
                         let pending = n.pending_restore.is_some();
                         (n.state.clone(), pending, waiting, n.pending_restore.as_ref().map(|p| p.plan))
                     });
+                    let configured_by_hand = snapshot.manager.is_none()
+                        && snapshot.addresses.iter().any(|a| is_configured_address(&a.summary));
                     let decision = decide::startup::reconcile(
                         persisted.as_ref().map(|(state, pending_restore, attach_waiting, _)| {
                             decide::startup::Persisted {
                                 state,
                                 pending_restore: *pending_restore,
                                 attach_waiting: *attach_waiting,
+                                configured_by_hand,
                             }
                         }),
                         Some(link.ifindex),
                     );
+                    if configured_by_hand
+                        && matches!(&persisted, Some((NicState::Present { ifindex, .. }, ..)) if *ifindex != link.ifindex)
+                    {
+                        tracing::info!(%mac, interface = %snapshot.name, "registered again while the agent was not running, and configured since: its configuration now is kept, the old one not restored");
+                    }
                     if decision == decide::startup::Reconcile::Restore {
                         // It came back while the agent was not running: restore now.
                         tracing::info!(%mac, interface = %snapshot.name, ifindex = link.ifindex, "NIC came back while the agent was not running: restoring");
@@ -145,6 +157,7 @@ impl NicManager {
                 state: &nic.state,
                 pending_restore: nic.pending_restore.is_some(),
                 attach_waiting: false,
+                configured_by_hand: false,
             };
             if decide::startup::reconcile(Some(persisted), None) == decide::startup::Reconcile::ExpectBack {
                 let name = match &nic.state {
