@@ -32,14 +32,21 @@ use crate::{
 #[map]
 pub static TASK_CONTEXT: LruHashMap<u32, TaskContext> = LruHashMap::with_max_entries(4096, 0);
 
-/// The current task's context, if it is inside any hooked path. An entry left by an earlier
-/// thread with the same id (its exit probe missed) is not this task's.
+/// The current task's context: an idle (zeroed) one unless it is inside a hooked path. An entry
+/// left by an earlier thread with the same id (its exit probe missed) is not this task's.
+///
+/// Always a whole, initialised value rather than an `Option`: a `None` of a 72-byte payload
+/// leaves the payload undefined, and LLVM may then copy an uninitialised register, which the
+/// verifier refuses ("R2 !read_ok" on Linux 6.1).
 #[inline(always)]
-pub fn current() -> Option<TaskContext> {
+pub fn current() -> TaskContext {
+    let task = current_task_ptr();
     // SAFETY: the value is copied out at once; a concurrent delete cannot free it under us
     // because only this thread touches its own entry.
-    let ctx = unsafe { TASK_CONTEXT.get(current_tid()) }.copied()?;
-    (ctx.task == current_task_ptr()).then_some(ctx)
+    match unsafe { TASK_CONTEXT.get(current_tid()) } {
+        Some(ctx) if ctx.task == task => *ctx,
+        _ => TaskContext::zeroed(),
+    }
 }
 
 /// Applies `update` to the current task's context, creating it if needed (and starting afresh
@@ -128,7 +135,7 @@ pub fn module_init_enter(_ctx: ProbeContext) -> u32 {
 /// Return of `__x64_sys_{init,finit}_module`.
 #[kretprobe]
 pub fn module_init_exit(_ctx: RetProbeContext) -> u32 {
-    if current().is_some_and(|c| c.inside(ContextKind::ModuleLoad)) {
+    if current().inside(ContextKind::ModuleLoad) {
         update(|ctx| ctx.module = [0; hotplug_common::MODULE_NAME_LEN]);
         leave(ContextKind::ModuleLoad);
     }

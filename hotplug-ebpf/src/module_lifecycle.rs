@@ -102,10 +102,11 @@ pub fn delete_module_exit(ctx: RetProbeContext) -> u32 {
 
 fn try_delete_module_exit(ctx: &RetProbeContext) -> Result<(), i64> {
     let mut event = new_event(EventKind::ModuleUnloadEnd);
-    let Some(task) = context::current().filter(|t| t.inside(ContextKind::ModuleUnload)) else {
+    let task = context::current();
+    if !task.inside(ContextKind::ModuleUnload) {
         // The entry raced with the agent's start, or the map was full: nothing to pair with.
         return Ok(());
-    };
+    }
     event.name = task.module;
     context::update(|task| task.module = [0; MODULE_NAME_LEN]);
     context::leave(ContextKind::ModuleUnload);
@@ -122,7 +123,7 @@ pub fn module_load(ctx: TracePointContext) -> u32 {
         return 1;
     };
     // NICs this task registers before its init_module returns belong to this module's load.
-    if context::current().is_some_and(|t| t.inside(ContextKind::ModuleLoad)) {
+    if context::current().inside(ContextKind::ModuleLoad) {
         context::update(|task| task.module = event.name);
     }
     emit(&event);

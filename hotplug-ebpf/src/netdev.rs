@@ -72,6 +72,9 @@ static NETNS_KNOWN: u32 = 0;
 #[unsafe(no_mangle)]
 static AGENT_NETNS: u32 = 0;
 
+/// The `context_module` of events whose cause is not a module unload or load.
+const NO_MODULE: [u8; MODULE_NAME_LEN] = [0; MODULE_NAME_LEN];
+
 /// How far up the device tree to look for the PCI device (virtio NICs sit one level below it).
 const MAX_PARENT_DEPTH: u32 = 4;
 
@@ -102,14 +105,14 @@ fn netns_of(dev: u64) -> u32 {
 
 /// Fills the scratch event for `dev` and sends it, unless it concerns another namespace.
 #[inline(always)]
-/// `module`: the module the task is unloading or loading, for those causes (read once per
-/// program run by the caller: an unregister batch sends up to 16 events).
+/// `module`: the module the task is unloading or loading, for those causes, else zeroes (read
+/// once per program run by the caller: an unregister batch sends up to 16 events).
 fn send(
     kind: EventKind,
     cause: Cause,
     dev: u64,
     before_move: Option<(i32, u32)>,
-    module: Option<&[u8; MODULE_NAME_LEN]>,
+    module: &[u8; MODULE_NAME_LEN],
 ) {
     let netns = before_move.map_or_else(|| netns_of(dev), |(_, netns)| netns);
     let agent = global_u32(&AGENT_NETNS);
@@ -128,9 +131,7 @@ fn send(
     event.cause = cause as u32;
     event.timestamp_ns = now_ns();
     event.task = current_task();
-    if let Some(module) = module {
-        event.context_module = *module;
-    }
+    event.context_module = *module;
     describe(event, dev);
     event.netns = netns;
     if let Some((ifindex, _)) = before_move {
@@ -215,15 +216,15 @@ pub fn netdev_unregister(ctx: ProbeContext) -> u32 {
 fn try_netdev_unregister(ctx: &ProbeContext) -> Result<(), ()> {
     let head: u64 = ctx.arg(0).ok_or(())?;
     let task = context::current();
-    let cause = task.as_ref().map_or(Cause::Unknown, |c| c.removal_cause());
-    let module = task.as_ref().filter(|_| cause == Cause::DriverUnload).map(|c| &c.module);
+    let cause = task.removal_cause();
+    let module = if cause == Cause::DriverUnload { task.module } else { NO_MODULE };
     let unreg_list = global_u32(&NETDEV_UNREG_LIST) as u64;
     let mut node = read::<u64>(head, 0).ok_or(())?;
     for _ in 0..MAX_UNREGISTER_BATCH {
         if node == head || node == 0 {
             return Ok(());
         }
-        send(EventKind::NetdevRemoval, cause, node - unreg_list, None, module);
+        send(EventKind::NetdevRemoval, cause, node - unreg_list, None, &module);
         node = read::<u64>(node, 0).ok_or(())?;
     }
     if node != head {
@@ -254,9 +255,9 @@ pub fn netdev_register_exit(ctx: RetProbeContext) -> u32 {
     let ret: i32 = ctx.ret();
     if ret == 0 {
         let task = context::current();
-        let cause = task.as_ref().map_or(Cause::Unknown, |c| c.registration_cause());
-        let module = task.as_ref().filter(|_| cause == Cause::DriverLoad).map(|c| &c.module);
-        send(EventKind::NetdevRegistration, cause, dev, None, module);
+        let cause = task.registration_cause();
+        let module = if cause == Cause::DriverLoad { task.module } else { NO_MODULE };
+        send(EventKind::NetdevRegistration, cause, dev, None, &module);
     }
     0
 }
@@ -283,8 +284,8 @@ pub fn netns_move_exit(ctx: RetProbeContext) -> u32 {
     let _ = MOVING.remove(tid);
     let ret: i32 = ctx.ret();
     if ret == 0 {
-        send(EventKind::NetdevRemoval, Cause::NetnsMove, dev, Some((old_ifindex, old_netns)), None);
-        send(EventKind::NetdevRegistration, Cause::NetnsMove, dev, None, None);
+        send(EventKind::NetdevRemoval, Cause::NetnsMove, dev, Some((old_ifindex, old_netns)), &NO_MODULE);
+        send(EventKind::NetdevRegistration, Cause::NetnsMove, dev, None, &NO_MODULE);
     }
     0
 }

@@ -318,6 +318,9 @@ fn mock_imds_speaks_imdsv2_with_lag_faults_and_stats() {
         // This test's client sends no User-Agent.
         "by_client": { "(none)": mock.sent.len() },
         "connections": mock.connections,
+        // Nothing here answered with a redirect.
+        "followed_redirects": 0,
+        "followed_with_token": 0,
     });
     assert_eq!(stats, expected);
     let log = mock.control_ok("GET", "/_mock/log", Value::Null);
@@ -341,7 +344,10 @@ fn mock_imds_speaks_imdsv2_with_lag_faults_and_stats() {
     let stats = mock.control_ok("GET", "/_mock/stats", Value::Null);
     assert_eq!(
         stats,
-        json!({ "requests": 0, "token_requests": 0, "metadata_requests": 0, "by_status": {}, "by_client": {}, "connections": 1 })
+        json!({
+            "requests": 0, "token_requests": 0, "metadata_requests": 0, "by_status": {}, "by_client": {},
+            "connections": 1, "followed_redirects": 0, "followed_with_token": 0,
+        })
     );
     assert_eq!(mock.control_ok("GET", "/_mock/log", Value::Null), json!([]));
 }

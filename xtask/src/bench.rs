@@ -27,16 +27,22 @@ pub enum Bench {
         /// Guest kernel.
         #[arg(long, value_enum, default_value = "trixie")]
         kernel: kernels::Suite,
+        /// Take the cloud-init-alone half from its last run
+        /// (target/vm-results/bench-cloud-init-alone-KERNEL.json, same kernel and reload count)
+        /// instead of running it again: it does not depend on hotplug's code and takes about 45
+        /// minutes. Its date is printed with the table.
+        #[arg(long)]
+        reuse_alone: bool,
     },
 }
 
 pub fn run(args: &BenchArgs) -> Result<ExitCode> {
     match &args.which {
-        Bench::CloudInit { reloads, kernel } => cloud_init(*reloads, *kernel),
+        Bench::CloudInit { reloads, kernel, reuse_alone } => cloud_init(*reloads, *kernel, *reuse_alone),
     }
 }
 
-fn cloud_init(reloads: u32, suite: kernels::Suite) -> Result<ExitCode> {
+fn cloud_init(reloads: u32, suite: kernels::Suite, reuse_alone: bool) -> Result<ExitCode> {
     let prepared = setup::run(&setup::SetupArgs {
         kernels: vec![suite],
         toolchain_only: false,
@@ -55,7 +61,14 @@ fn cloud_init(reloads: u32, suite: kernels::Suite) -> Result<ExitCode> {
     let script = dir.join("cloud-init-guest.sh");
     fs::write(&script, format!("BENCH_RELOADS={reloads}\n{body}"))?;
     let mut runs = Vec::new();
-    for (label, preinstall) in [("cloud-init alone", false), ("cloud-init + hotplug-agent", true)] {
+    let mut halves = vec![("cloud-init alone", false), ("cloud-init + hotplug-agent", true)];
+    if reuse_alone {
+        let (label, figures) = last_alone_run(&kernel.release, reloads)?;
+        eprintln!("bench: cloud-init alone: reusing {label}");
+        runs.push(("cloud-init alone", figures));
+        halves.remove(0);
+    }
+    for (label, preinstall) in halves {
         eprintln!(
             "bench: {label}: {reloads} reloads and an attach (this takes minutes without hotplug-agent)"
         );
@@ -87,6 +100,7 @@ fn cloud_init(reloads: u32, suite: kernels::Suite) -> Result<ExitCode> {
         "benchmark": "cloud-init",
         "kernel": kernel.release,
         "reloads": reloads,
+        "alone_half_reused": reuse_alone,
         "runs": runs.iter().map(|(label, figures)| json!({ "label": label, "figures": figures })).collect::<Vec<_>>(),
     });
     let path: PathBuf = dir.join("cloud-init.json");
@@ -94,6 +108,41 @@ fn cloud_init(reloads: u32, suite: kernels::Suite) -> Result<ExitCode> {
     print_table(reloads, &runs);
     eprintln!("bench: written to {}", path.display());
     Ok(ExitCode::SUCCESS)
+}
+
+/// The figures of the last cloud-init-alone run on this kernel, with a label saying which run.
+fn last_alone_run(
+    release: &str,
+    reloads: u32,
+) -> Result<(String, std::collections::BTreeMap<String, Value>)> {
+    let dir = cmd::target_dir().join("vm-results");
+    let candidates = fs::read_dir(&dir)
+        .with_context(|| format!("--reuse-alone: no results in {}", dir.display()))?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|path| {
+            path.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("bench-cloud-init-alone") && n.ends_with(".json"))
+        });
+    for path in candidates {
+        let text = fs::read_to_string(&path)?;
+        let run: Value =
+            serde_json::from_str(&text).with_context(|| format!("reading {}", path.display()))?;
+        let figures: std::collections::BTreeMap<String, Value> =
+            serde_json::from_value(run["figures"].clone()).unwrap_or_default();
+        let complete = (1..=reloads).all(|k| figures.contains_key(&format!("reload_{k}_imds_requests")))
+            && !figures.contains_key(&format!("reload_{}_imds_requests", reloads + 1));
+        if run["kernel_release"] == release && run["passed"] == true && complete {
+            let modified = fs::metadata(&path)?.modified()?;
+            let age = modified.elapsed().unwrap_or_default().as_secs() / 3600;
+            return Ok((format!("{} (written {age} h ago)", path.display()), figures));
+        }
+    }
+    bail!(
+        "--reuse-alone: no passed cloud-init-alone run with {reloads} reloads on {release} in {}; \
+         run the bench without --reuse-alone once",
+        dir.display()
+    )
 }
 
 fn print_table(reloads: u32, runs: &[(&str, std::collections::BTreeMap<String, Value>)]) {
