@@ -14,13 +14,16 @@ const IFINDEX: u32 = 7;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(nic) = serde_json::from_slice::<Managed>(data) else { return };
-    let persisted = Persisted {
-        state: &nic.state,
-        pending_restore: nic.pending_restore.is_some(),
-        attach_waiting: nic.attach.as_ref().is_some_and(|a| a.status == "waiting-for-imds"),
-    };
-    let _ = reconcile(Some(persisted), Some(IFINDEX));
-    let _ = reconcile(Some(persisted), None);
+    for configured_by_hand in [false, true] {
+        let persisted = Persisted {
+            state: &nic.state,
+            pending_restore: nic.pending_restore.is_some(),
+            attach_waiting: nic.attach.as_ref().is_some_and(|a| a.status == "waiting-for-imds"),
+            configured_by_hand,
+        };
+        let _ = reconcile(Some(persisted), Some(IFINDEX));
+        let _ = reconcile(Some(persisted), None);
+    }
     let snapshots = nic.snapshot.iter().chain(nic.pending_restore.as_ref().map(|p| &p.snapshot));
     for snapshot in snapshots {
         for leave_dynamic in [false, true] {
