@@ -6,6 +6,7 @@
 //! socket = "/run/hotplug/agent.sock"      # root-only status socket
 //! return_timeout_seconds = 60             # how long a NIC whose driver left may take to come back
 //! hook_timeout_seconds = 30               # a `command` hook's process group is killed after it
+//! attach_layout = "amazon-linux"          # amazon-linux | device-number: tables of attached ENIs
 //!
 //! [interfaces.default]
 //! policy = "restore"                      # restore | ignore | command
@@ -17,6 +18,7 @@
 //!
 //! [imds]                                  # asked only when a NIC is really attached
 //! enabled = true
+//! require_ec2 = true                      # only where the firmware says EC2
 //! endpoint = "http://169.254.169.254"     # link-local or loopback unless allow_any_endpoint
 //! token_ttl_seconds = 21600
 //! request_timeout_ms = 2000
@@ -32,7 +34,10 @@ use std::{
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::imds::{ImdsClient, ImdsConfig};
+use crate::{
+    decide::attach_plan::Layout,
+    imds::{ImdsClient, ImdsConfig},
+};
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -93,6 +98,9 @@ pub struct Config {
     /// How long a `command` policy's hook may run before its process group is killed.
     #[serde(default = "default_hook_timeout")]
     pub hook_timeout_seconds: u64,
+    /// How attached ENIs' tables, rules and metrics are numbered.
+    #[serde(default)]
+    pub attach_layout: Layout,
     /// Policies by interface name or MAC; `default` applies to the rest.
     #[serde(default)]
     pub interfaces: BTreeMap<String, Policy>,
@@ -124,6 +132,7 @@ impl Default for Config {
             socket: default_socket(),
             return_timeout_seconds: default_return_timeout(),
             hook_timeout_seconds: default_hook_timeout(),
+            attach_layout: Layout::default(),
             interfaces: BTreeMap::new(),
             imds: ImdsConfig::default(),
         }

@@ -16,6 +16,7 @@ pub mod identity;
 pub mod imds;
 pub mod kernel;
 pub mod managers;
+pub mod platform;
 pub mod reconfigure;
 pub mod snapshot;
 

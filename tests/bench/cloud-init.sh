@@ -9,15 +9,21 @@ RELOADS=${BENCH_RELOADS:-3}
 N0=52:54:00:12:34:10
 NEW=52:54:00:12:34:21
 imds() { curl -s http://169.254.169.254/_mock/stats | jq -r "$1"; }
-# hook_idle SECONDS: until cloud-init's hotplug service has nothing left to do.
+# hook_idle SECONDS: until cloud-init's hotplug service has nothing left to do (inactive, or
+# failed: cloud-init's remove handler exits 1 on a reload), twice 2 s apart.
 hook_idle() {
 	i=0
 	while [ $i -lt $(($1 * 2)) ]; do
-		if [ "$(systemctl is-active cloud-init-hotplugd.service)" != activating ] &&
-			[ "$(systemctl is-active cloud-init-hotplugd.service)" != active ]; then
+		case "$(systemctl is-active cloud-init-hotplugd.service)" in
+		active | activating | reloading) ;;
+		*)
 			sleep 2
-			[ "$(systemctl is-active cloud-init-hotplugd.service)" = inactive ] && return 0
-		fi
+			case "$(systemctl is-active cloud-init-hotplugd.service)" in
+			active | activating | reloading) ;;
+			*) return 0 ;;
+			esac
+			;;
+		esac
 		sleep 0.5
 		i=$((i + 1))
 	done

@@ -183,3 +183,30 @@ cloud_init_hotplug_for_emulated_nics() {
 	sed -i 's/"vif|ena|ixgbevf"/"vif|ena|ixgbevf|virtio_net|e1000e|e1000"/' $rule
 	udevadm control --reload
 }
+
+# The mock IMDS on the guest's loopback, on a privileged port (the agent refuses others unless
+# told). mock GET|POST PATH [JSON]: a control or metadata request.
+MOCK=127.0.0.1:80
+mock() {
+	if [ $# -ge 3 ]; then wget -q -O - --header 'Content-Type: application/json' --post-data "$3" "http://$MOCK$2"; else wget -q -O - "http://$MOCK$2"; fi
+}
+# start_mock [ARGS...]: mock-imds on $MOCK (and whatever else ARGS say), once it listens.
+start_mock() {
+	mock-imds --listen $MOCK "$@" >/tmp/mock.log 2>&1 &
+	MOCK_PID=$!
+	wait_for_line /tmp/mock.log "listening on" 10 || { cat /tmp/mock.log; fail "mock-imds did not start"; }
+}
+imds_requests() { mock GET /_mock/stats | sed -n 's/.*"requests":\([0-9]*\).*/\1/p'; }
+# status_of MAC: the agent's status block for MAC (configuration /tmp/hotplug.toml).
+status_of() { hotplug-agent --config /tmp/hotplug.toml status | awk -v m="$1" '$1 == m { f = 1; print; next } /^[0-9a-f][0-9a-f]:/ { f = 0 } f'; }
+# wait_attach MAC STATUS SECONDS: until the agent's status shows that attach status for MAC.
+wait_attach() {
+	j=0
+	while [ $j -lt $(($3 * 10)) ]; do
+		status_of "$1" | grep -q "attach: $2" && return 0
+		sleep 0.1
+		j=$((j + 1))
+	done
+	status_of "$1"
+	return 1
+}

@@ -7,13 +7,7 @@ sysctl -qw net.ipv6.conf.all.accept_ra=0 net.ipv6.conf.default.accept_ra=0
 for d in /proc/sys/net/ipv6/conf/eth*; do echo 0 >"$d/accept_ra"; done
 V=52:54:00:12:34:10
 E=52:54:00:12:34:11
-MOCK=127.0.0.1:80
-mock() {
-	if [ $# -ge 3 ]; then wget -q -O - --header 'Content-Type: application/json' --post-data "$3" "http://$MOCK$2"; else wget -q -O - "http://$MOCK$2"; fi
-}
-mock-imds --listen $MOCK >/tmp/mock.log 2>&1 &
-MOCK_PID=$!
-wait_for_line /tmp/mock.log "listening on" 10 || { cat /tmp/mock.log; fail "mock-imds did not start"; }
+start_mock
 write_config() { # write_config STATE_DIR
 	cat >/tmp/hotplug.toml <<TOML
 state_dir = "$1"
@@ -33,7 +27,6 @@ start_agent() { # a fresh log for each agent: what is checked after is this one'
 	wait_for_line /tmp/agent.log "agent ready" 60 || { cat /tmp/agent.log; fail "the agent did not start"; }
 }
 crash() { kill -9 "$AGENT_PID"; wait "$AGENT_PID" 2>/dev/null; }
-status_of() { hotplug-agent --config /tmp/hotplug.toml status | awk -v m="$1" '$1 == m { f = 1; print; next } /^[0-9a-f][0-9a-f]:/ { f = 0 } f'; }
 ok_v() { i=$(iface_of $V) && ip addr show dev "$i" | grep -q 10.0.0.5/24 && ip route show dev "$i" | grep -q 192.168.50.0; }
 ok_e() { i=$(iface_of $E) && ip addr show dev "$i" | grep -q 10.0.1.5/24; }
 wait_for() { j=0; while ! "$1" && [ $j -lt 100 ]; do sleep 0.1; j=$((j + 1)); done; "$1"; }

@@ -5,14 +5,8 @@
 
 sysctl -qw net.ipv6.conf.all.accept_ra=0 net.ipv6.conf.default.accept_ra=0
 for d in /proc/sys/net/ipv6/conf/eth*; do echo 0 >"$d/accept_ra"; done
-MOCK=127.0.0.1:80
-mock() { # mock GET|POST PATH [JSON]
-	if [ $# -ge 3 ]; then wget -q -O - --header 'Content-Type: application/json' --post-data "$3" "http://$MOCK$2"; else wget -q -O - "http://$MOCK$2"; fi
-}
 ETH2=52:54:00:12:34:12
-mock-imds --listen $MOCK --listen 127.0.0.1:8169 --nic "{\"mac\":\"$ETH2\",\"device_number\":5,\"local_ipv4s\":[\"10.1.5.5\"],\"subnet_ipv4_cidr_block\":\"10.1.5.0/24\"}" >/tmp/mock.log 2>&1 &
-MOCK_PID=$!
-wait_for_line /tmp/mock.log "listening on" 10 || { cat /tmp/mock.log; fail "mock-imds did not start"; }
+start_mock --listen 127.0.0.1:8169 --nic "{\"mac\":\"$ETH2\",\"device_number\":5,\"local_ipv4s\":[\"10.1.5.5\"],\"subnet_ipv4_cidr_block\":\"10.1.5.0/24\"}"
 cat >/tmp/hotplug.toml <<TOML
 state_dir = "/tmp/hotplug-state"
 socket = "/run/hotplug/agent.sock"
@@ -28,7 +22,6 @@ vmctl unplug $name
 hotplug-agent --config /tmp/hotplug.toml run 2>/tmp/agent.log &
 AGENT_PID=$!
 wait_for_line /tmp/agent.log "agent ready" 60 || { cat /tmp/agent.log; fail "the agent did not start"; }
-status_of() { hotplug-agent --config /tmp/hotplug.toml status | awk -v m="$1" '$1 == m { f = 1; print; next } /^[0-9a-f][0-9a-f]:/ { f = 0 } f'; }
 wait_until 15 "ip rule show | grep -q 'lookup 10005'" || echo "the start-up pass did not configure eth2"
 tables() {
 	ip -4 route show table all | grep -v 'table local'

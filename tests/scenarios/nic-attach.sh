@@ -3,18 +3,6 @@
 # kernels: bookworm trixie sid
 . /opt/hotplug/scenarios/_lib.sh
 
-# The mock IMDS on the guest's loopback, on a privileged port (the agent refuses others unless told).
-MOCK=127.0.0.1:80
-mock() { # mock METHOD PATH [JSON]
-	if [ $# -ge 3 ]; then wget -q -O - --header 'Content-Type: application/json' --post-data "$3" "http://$MOCK$2"; else wget -q -O - "http://$MOCK$2"; fi
-}
-start_mock() {
-	mock-imds --listen $MOCK "$@" >/tmp/mock.log 2>&1 &
-	MOCK_PID=$!
-	wait_for_line /tmp/mock.log "listening on" 10 || { cat /tmp/mock.log; fail "mock-imds did not start"; }
-}
-imds_requests() { mock GET /_mock/stats | sed -n 's/.*"requests":\([0-9]*\).*/\1/p'; }
-
 cat >/tmp/hotplug.toml <<TOML
 state_dir = "/tmp/hotplug-state"
 socket = "/run/hotplug/agent.sock"
@@ -23,20 +11,6 @@ endpoint = "http://$MOCK"
 request_timeout_ms = 1000
 attach_deadline_seconds = 60
 TOML
-status_of() { # the agent's status block for MAC
-	hotplug-agent --config /tmp/hotplug.toml status | awk -v m="$1" '$1 == m { f = 1; print; next } /^[0-9a-f][0-9a-f]:/ { f = 0 } f'
-}
-wait_attach() { # wait_attach MAC STATUS SECONDS
-	j=0
-	while [ $j -lt $(($3 * 10)) ]; do
-		status_of "$1" | grep -q "attach: $2" && return 0
-		sleep 0.1
-		j=$((j + 1))
-	done
-	status_of "$1"
-	return 1
-}
-
 NEW1=02:00:00:00:0e:01
 NEW2=02:00:00:00:0e:02
 NEW3=02:00:00:00:0e:03

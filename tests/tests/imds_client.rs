@@ -92,8 +92,14 @@ fn reads_the_nic_and_recovers_from_transient_faults() -> Result<(), String> {
     assert_eq!(nic.local_ipv4s.len(), 2);
     assert_eq!(nic.subnet_ipv4.gateway().to_string(), "10.0.1.1");
     assert_eq!(nic.ipv6s.len(), 1);
-    let clean = client.requests();
-    assert_eq!(clean, 6, "1 token + 5 keys: only this MAC's network keys are read");
+    assert_eq!(nic.network_card, 0);
+    let first = client.requests();
+    assert_eq!(first, 8, "1 token + 6 keys + the primary MAC: only this MAC's network keys are read");
+    rt.block_on(client.nic(MAC)).map_err(|e| e.to_string())?.ok_or("NIC not listed")?;
+    let clean = client.requests() - first;
+    // The token is remembered; this mock instance has no primary ENI (meta-data/mac is a 404),
+    // so the MAC is asked again (a primary MAC, once read, is remembered).
+    assert_eq!(clean, 7, "6 keys + meta-data/mac");
 
     // Each transient fault: retried within the deadline, then the NIC is read.
     // (fault, count, the status the mock logs for it: 0 = dropped, 401 = expired token)
@@ -107,7 +113,7 @@ fn reads_the_nic_and_recovers_from_transient_faults() -> Result<(), String> {
         mock.control("POST", "/_mock/reset", "{}")?;
         mock.fault(kind, count)?;
         let before = client.requests();
-        let nic = rt.block_on(client.nic_until_published(MAC, Duration::from_secs(20)));
+        let nic = rt.block_on(client.nic_until_published(MAC, Duration::from_secs(20), |_| Ok(())));
         assert!(nic.is_ok(), "{kind}: {nic:?}");
         let spent = client.requests() - before;
         eprintln!("fault {kind} x{count}: {spent} requests");
@@ -120,7 +126,8 @@ fn reads_the_nic_and_recovers_from_transient_faults() -> Result<(), String> {
 
     // A MAC IMDS does not list yet: retried until the deadline, bounded.
     let before = client.requests();
-    let missing = rt.block_on(client.nic_until_published("02:00:00:00:00:99", Duration::from_secs(2)));
+    let missing =
+        rt.block_on(client.nic_until_published("02:00:00:00:00:99", Duration::from_secs(2), |_| Ok(())));
     assert!(matches!(missing, Err(ImdsError::Deadline { .. })), "{missing:?}");
     let spent = client.requests() - before;
     assert!((1..=20).contains(&spent), "{spent} requests in 2 s");
@@ -134,14 +141,14 @@ fn malformed_values_and_a_disabled_imds_stop_at_once() -> Result<(), String> {
     let client = mock.client()?;
     // A garbage token answer (the first request of a fresh client), then a garbage value.
     mock.fault("malformed", 1)?;
-    let malformed = rt.block_on(client.nic_until_published(MAC, Duration::from_secs(20)));
+    let malformed = rt.block_on(client.nic_until_published(MAC, Duration::from_secs(20), |_| Ok(())));
     assert!(
         matches!(&malformed, Err(ImdsError::Malformed(m)) if m.key == "/latest/api/token"),
         "{malformed:?}"
     );
     rt.block_on(client.nic(MAC)).map_err(|e| e.to_string())?;
     mock.fault("malformed", 1)?;
-    let malformed = rt.block_on(client.nic_until_published(MAC, Duration::from_secs(20)));
+    let malformed = rt.block_on(client.nic_until_published(MAC, Duration::from_secs(20), |_| Ok(())));
     assert!(
         matches!(&malformed, Err(ImdsError::Malformed(m)) if m.key.ends_with("/device-number")),
         "{malformed:?}"
@@ -149,7 +156,7 @@ fn malformed_values_and_a_disabled_imds_stop_at_once() -> Result<(), String> {
 
     mock.fault("403", 0)?;
     let before = client.requests();
-    let disabled = rt.block_on(client.nic_until_published(MAC, Duration::from_secs(20)));
+    let disabled = rt.block_on(client.nic_until_published(MAC, Duration::from_secs(20), |_| Ok(())));
     assert!(matches!(disabled, Err(ImdsError::Disabled)), "{disabled:?}");
     assert!(client.requests() - before <= 2, "a 403 is not retried");
     assert!(ImdsError::Disabled.to_string().contains("disabled"));

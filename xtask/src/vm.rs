@@ -451,16 +451,15 @@ impl Guest {
             "-netdev",
             &format!("user,id={SPARE_NETDEV},restrict=on,net=10.0.{spare}.0/24,host=10.0.{spare}.1,dhcpstart=10.0.{spare}.5"),
         ]);
+        // Every guest is an EC2 instance as far as its firmware goes: what cloud-init's ds-identify
+        // and the agent (`hotplug::platform`) read to tell EC2 (SMBIOS type 1).
+        qemu.args([
+            "-smbios",
+            &format!("type=1,manufacturer={EC2_VENDOR},product=m5.large,serial={EC2_UUID},uuid={EC2_UUID}"),
+        ]);
         if let Some(distro) = &self.distro {
             qemu.arg("-drive")
-                .arg(format!("file={},format=raw,if=virtio,snapshot=on", distro.image.image.display()))
-                // What cloud-init's ds-identify and the agent read to tell EC2 (SMBIOS type 1).
-                .args([
-                    "-smbios",
-                    &format!(
-                        "type=1,manufacturer={EC2_VENDOR},product=m5.large,serial={EC2_UUID},uuid={EC2_UUID}"
-                    ),
-                ]);
+                .arg(format!("file={},format=raw,if=virtio,snapshot=on", distro.image.image.display()));
         }
         qemu.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         let started = Instant::now();
@@ -593,7 +592,7 @@ impl Guest {
     }
 }
 
-/// SMBIOS identity of the distro guest: what EC2's Nitro instances show (cloud-init's ds-identify
+/// SMBIOS identity of every guest: what EC2's Nitro instances show (cloud-init's ds-identify
 /// reads the vendor and a UUID starting with "ec2").
 const EC2_VENDOR: &str = "Amazon EC2";
 const EC2_UUID: &str = "ec2f1a2b-3c4d-5e6f-7a8b-9c0d1e2f3a4b";

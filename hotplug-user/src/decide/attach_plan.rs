@@ -8,12 +8,21 @@
 //! an address outside its subnet or not usable as a host address (EC2 reserves the first four), an address another NIC has, more addresses
 //! than an ENI can carry, a device number or network card out of range. Each IPv6 address gets
 //! the prefix of the subnet block that contains it.
+//!
+//! The layout is Amazon Linux 2023's (amazon-ec2-net-utils v2, `lib/lib.sh`) unless configured
+//! otherwise: table and rule priority `10000 + 100 × network-card + device-number`, route metric
+//! `512 + 100 × network-card + device-number`, and no policy routing for the primary ENI
+//! (device-number 0 on card 0: rules there broke Docker, its issues #97/#98).
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use serde::{Deserialize, Serialize};
 
 use crate::imds::{parse::Ipv6Net, NicMetadata};
 
-/// First policy-routing table and rule priority: `10000 + device-number`.
+/// First policy-routing table and rule priority.
 pub const TABLE_BASE: u32 = 10_000;
+/// First route metric of the Amazon Linux layout.
+pub const METRIC_BASE: u32 = 512;
 /// More private addresses than any instance type allows per ENI (50 today, either family).
 pub const MAX_ADDRESSES: usize = 64;
 /// Device numbers and network cards EC2 uses are far below these; above them tables would
@@ -21,6 +30,55 @@ pub const MAX_ADDRESSES: usize = 64;
 pub const MAX_DEVICE_NUMBER: u32 = 99;
 pub const MAX_NETWORK_CARD: u32 = 15;
 
+/// How an attached ENI's tables, rules and metrics are numbered (`attach_layout` in the
+/// configuration).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Layout {
+    /// Amazon Linux 2023's: `10000 + 100 × network-card + device-number`, metric `512 + …`.
+    #[default]
+    AmazonLinux,
+    /// hotplug 0.1's: `10000 + device-number`, the kernel's default metric; one network card only.
+    DeviceNumber,
+}
+
+impl Layout {
+    /// The ENI's table (and rule priority), and the metric of the routes in it.
+    pub fn numbers(self, network_card: u32, device_number: u32) -> Result<(u32, Option<u32>), String> {
+        if device_number > MAX_DEVICE_NUMBER {
+            return Err(format!("device-number {device_number} is out of range (0..={MAX_DEVICE_NUMBER})"));
+        }
+        if network_card > MAX_NETWORK_CARD {
+            return Err(format!("network-card {network_card} is out of range (0..={MAX_NETWORK_CARD})"));
+        }
+        let slot = 100 * network_card + device_number;
+        match self {
+            Self::AmazonLinux => Ok((TABLE_BASE + slot, Some(METRIC_BASE + slot))),
+            Self::DeviceNumber if network_card > 0 => Err(format!(
+                "network-card {network_card}: the device-number layout numbers tables by device-number alone, \
+                 and cards would collide; set attach_layout = \"amazon-linux\""
+            )),
+            Self::DeviceNumber => Ok((TABLE_BASE + device_number, None)),
+        }
+    }
+}
+
+/// Whether an answer is final. IMDS can list a secondary ENI before its device-number has
+/// propagated, reading 0 (amazon-ec2-net-utils #90): device-number 0 on card 0 belongs to the
+/// primary ENI only, so for another MAC it means "ask again".
+pub fn propagated(nic: &NicMetadata) -> Result<(), String> {
+    match &nic.primary_mac {
+        Some(primary)
+            if nic.device_number == 0 && nic.network_card == 0 && !primary.eq_ignore_ascii_case(&nic.mac) =>
+        {
+            Err(format!(
+                "device-number 0 for {} though the primary ENI is {primary}: not propagated yet",
+                nic.mac
+            ))
+        }
+        _ => Ok(()),
+    }
+}
 /// An attach, ready to apply.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AttachPlan {
@@ -33,9 +91,13 @@ pub struct AttachPlan {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PolicyRouting {
+    /// The table, and the priority of its rules.
     pub table: u32,
+    /// The metric of the routes in the table (`None`: the kernel's default).
+    pub metric: Option<u32>,
     pub gateway: Ipv4Addr,
-    pub sources: Vec<Ipv4Addr>,
+    /// One `from ADDRESS lookup TABLE` rule each: every private IPv4 and IPv6 address.
+    pub sources: Vec<IpAddr>,
 }
 
 /// What other NICs hold now, that an attach must never take over.
@@ -47,16 +109,14 @@ pub struct Taken {
     pub tables: Vec<u32>,
 }
 
-/// Checks `nic` and plans its configuration, against what other NICs hold (`taken`).
-pub fn attach_plan(nic: &NicMetadata, taken: &Taken) -> Result<AttachPlan, String> {
-    if nic.device_number > MAX_DEVICE_NUMBER {
-        return Err(format!("device-number {} is out of range (0..={MAX_DEVICE_NUMBER})", nic.device_number));
-    }
-    let table = TABLE_BASE + nic.device_number;
-    if nic.device_number > 0 && taken.tables.contains(&table) {
+/// Checks `nic` and plans its configuration in `layout`, against what other NICs hold (`taken`).
+pub fn attach_plan(nic: &NicMetadata, taken: &Taken, layout: Layout) -> Result<AttachPlan, String> {
+    let (table, metric) = layout.numbers(nic.network_card, nic.device_number)?;
+    let primary = nic.device_number == 0 && nic.network_card == 0;
+    if !primary && taken.tables.contains(&table) {
         return Err(format!(
-            "device-number {} is another NIC's already (its table {table}): not yet propagated, or a spoofed answer",
-            nic.device_number
+            "device-number {} on network-card {} is another NIC's already (its table {table}): not yet propagated, or a spoofed answer",
+            nic.device_number, nic.network_card
         ));
     }
     if !(16..=28).contains(&nic.subnet_ipv4.prefix) {
@@ -130,10 +190,17 @@ pub fn attach_plan(nic: &NicMetadata, taken: &Taken) -> Result<AttachPlan, Strin
     if let Some((address, _)) = addresses.iter().find(|(a, _)| taken.addresses.contains(a)) {
         return Err(format!("{address} is another NIC's address already: refusing to take it over"));
     }
-    let policy = (nic.device_number > 0).then(|| PolicyRouting {
+    let policy = (!primary).then(|| PolicyRouting {
         table,
+        metric,
         gateway: nic.subnet_ipv4.gateway(),
-        sources: nic.local_ipv4s.clone(),
+        sources: nic
+            .local_ipv4s
+            .iter()
+            .copied()
+            .map(IpAddr::V4)
+            .chain(nic.ipv6s.iter().copied().map(IpAddr::V6))
+            .collect(),
     });
     Ok(AttachPlan { addresses, policy })
 }
@@ -184,6 +251,8 @@ mod tests {
         NicMetadata {
             mac: "52:54:00:12:34:11".into(),
             device_number: 1,
+            network_card: 0,
+            primary_mac: Some("52:54:00:12:34:10".into()),
             local_ipv4s: vec![Ipv4Addr::new(10, 0, 1, 5), Ipv4Addr::new(10, 0, 1, 6)],
             subnet_ipv4: Ipv4Net { network: Ipv4Addr::new(10, 0, 1, 0), prefix: 24 },
             ipv6s: vec![
@@ -199,15 +268,63 @@ mod tests {
 
     #[test]
     fn a_good_answer_is_planned_with_each_ipv6_address_in_its_own_block() -> Result<(), String> {
-        let plan = attach_plan(&nic(), &Taken::default())?;
+        let plan = attach_plan(&nic(), &Taken::default(), Layout::AmazonLinux)?;
         assert_eq!(plan.addresses.len(), 4);
         assert!(plan.addresses.contains(&("2001:db8:1:2::5".parse().map_err(|_| "ip")?, 56)), "{plan:?}");
         assert!(plan.addresses.contains(&("2001:db8:1:1::5".parse().map_err(|_| "ip")?, 64)));
         let policy = plan.policy.ok_or("no policy routing for a secondary ENI")?;
-        assert_eq!((policy.table, policy.gateway), (10_001, Ipv4Addr::new(10, 0, 1, 1)));
-        let primary = attach_plan(&NicMetadata { device_number: 0, ..nic() }, &Taken::default())?;
-        assert_eq!(primary.policy, None, "no rules for the primary ENI");
+        assert_eq!(policy.sources.len(), 4, "a rule for each IPv4 and IPv6 address: {policy:?}");
+        assert_eq!(
+            (policy.table, policy.metric, policy.gateway),
+            (10_001, Some(513), Ipv4Addr::new(10, 0, 1, 1))
+        );
+        let primary = NicMetadata { device_number: 0, mac: "52:54:00:12:34:10".into(), ..nic() };
+        assert_eq!(
+            attach_plan(&primary, &Taken::default(), Layout::AmazonLinux)?.policy,
+            None,
+            "no rules for the primary ENI"
+        );
         Ok(())
+    }
+
+    #[test]
+    fn tables_and_metrics_follow_amazon_linux_or_the_old_layout() {
+        let cases = [
+            // (layout, card, device) -> (table, metric), as amazon-ec2-net-utils numbers them.
+            (Layout::AmazonLinux, 0, 1, (10_001, Some(513))),
+            (Layout::AmazonLinux, 1, 0, (10_100, Some(612))),
+            (Layout::AmazonLinux, 1, 3, (10_103, Some(615))),
+            (Layout::AmazonLinux, 15, 99, (11_599, Some(2_111))),
+            (Layout::DeviceNumber, 0, 2, (10_002, None)),
+        ];
+        for (layout, card, device, expected) in cases {
+            assert_eq!(layout.numbers(card, device), Ok(expected), "{layout:?} {card} {device}");
+        }
+        for (layout, card, device, why) in [
+            (Layout::DeviceNumber, 1, 0, "cards would collide"),
+            (Layout::AmazonLinux, 16, 0, "network-card 16 is out of range"),
+            (Layout::AmazonLinux, 0, 100, "device-number 100 is out of range"),
+        ] {
+            let error = layout.numbers(card, device).err().unwrap_or_default();
+            assert!(error.contains(why), "{layout:?} {card} {device}: {error}");
+        }
+        // The first ENI of the second card has its own table and rules; only card 0's 0 is primary.
+        let second_card = NicMetadata { device_number: 0, network_card: 1, ..nic() };
+        let plan = attach_plan(&second_card, &Taken::default(), Layout::AmazonLinux);
+        assert_eq!(plan.ok().and_then(|p| p.policy).map(|p| p.table), Some(10_100));
+    }
+
+    #[test]
+    fn device_number_zero_for_a_secondary_mac_is_not_final() {
+        assert!(propagated(&nic()).is_ok());
+        let premature = NicMetadata { device_number: 0, ..nic() };
+        assert!(propagated(&premature).is_err_and(|e| e.contains("not propagated yet")));
+        let primary = NicMetadata { device_number: 0, mac: "52:54:00:12:34:10".into(), ..nic() };
+        assert!(propagated(&primary).is_ok());
+        let second_card = NicMetadata { device_number: 0, network_card: 1, ..nic() };
+        assert!(propagated(&second_card).is_ok());
+        // Without the primary's MAC there is nothing to tell by.
+        assert!(propagated(&NicMetadata { primary_mac: None, ..premature }).is_ok());
     }
 
     #[test]
@@ -252,6 +369,7 @@ mod tests {
                 &none,
             ),
             ("device-number", NicMetadata { device_number: 4000, ..nic() }, &none),
+            ("network-card", NicMetadata { network_card: 99, ..nic() }, &none),
             (
                 "link-local",
                 NicMetadata {
@@ -288,7 +406,7 @@ mod tests {
             ("empty", NicMetadata { local_ipv4s: vec![], ..nic() }, &none),
         ];
         for (why, metadata, taken) in cases {
-            match attach_plan(&metadata, taken) {
+            match attach_plan(&metadata, taken, Layout::AmazonLinux) {
                 Ok(plan) => panic!("accepted ({why}): {plan:?}"),
                 Err(error) => assert!(error.contains(why), "{why}: {error}"),
             }

@@ -53,6 +53,9 @@ pub struct ImdsConfig {
     /// How long an attach waits for IMDS to publish a new NIC.
     pub attach_deadline_seconds: u64,
     pub allow_any_endpoint: bool,
+    /// Use IMDS only where the firmware says EC2 (`crate::platform`); `false` for an
+    /// IMDS-compatible service elsewhere, or a test bench.
+    pub require_ec2: bool,
 }
 
 impl Default for ImdsConfig {
@@ -65,6 +68,7 @@ impl Default for ImdsConfig {
             requests_per_second: 20,
             attach_deadline_seconds: 120,
             allow_any_endpoint: false,
+            require_ec2: true,
         }
     }
 }
@@ -74,6 +78,12 @@ impl Default for ImdsConfig {
 pub struct NicMetadata {
     pub mac: String,
     pub device_number: u32,
+    /// The network card the ENI is on (0 on instances with one card; absent key: 0).
+    #[serde(default)]
+    pub network_card: u32,
+    /// The instance's primary ENI's MAC (`meta-data/mac`), when IMDS gave it.
+    #[serde(default)]
+    pub primary_mac: Option<String>,
     pub local_ipv4s: Vec<Ipv4Addr>,
     pub subnet_ipv4: Ipv4Net,
     pub ipv6s: Vec<Ipv6Addr>,
@@ -85,6 +95,8 @@ pub struct NicMetadata {
 pub struct NicValues<'a> {
     pub mac: &'a str,
     pub device_number: &'a str,
+    pub network_card: Option<&'a str>,
+    pub primary_mac: Option<&'a str>,
     pub local_ipv4s: &'a str,
     pub subnet_ipv4_cidr_block: &'a str,
     pub ipv6s: Option<&'a str>,
@@ -102,6 +114,12 @@ impl NicMetadata {
         Ok(Self {
             mac: parse::mac("mac", values.mac)?,
             device_number: parse::device_number("device-number", values.device_number)?,
+            network_card: values
+                .network_card
+                .map(|v| parse::device_number("network-card", v))
+                .transpose()?
+                .unwrap_or(0),
+            primary_mac: values.primary_mac.map(|v| parse::mac("mac", v)).transpose()?,
             local_ipv4s: parse::ipv4_list("local-ipv4s", values.local_ipv4s)?,
             subnet_ipv4: parse::ipv4_cidr("subnet-ipv4-cidr-block", values.subnet_ipv4_cidr_block)?,
             ipv6s,
@@ -135,6 +153,9 @@ pub struct ImdsClient {
     budget: Budget,
     deadline: Duration,
     requests: AtomicU64,
+    /// The instance's primary MAC (`meta-data/mac`), asked once: it never changes while the
+    /// instance runs.
+    primary_mac: Mutex<Option<String>>,
 }
 
 /// The base URL the client talks to, checked as a URL (never as a string): `http`, no user or
@@ -208,6 +229,7 @@ impl ImdsClient {
             budget: Budget::new(config.requests_per_second),
             deadline: Duration::from_secs(config.attach_deadline_seconds.max(1)),
             requests: AtomicU64::new(0),
+            primary_mac: Mutex::new(None),
         })
     }
 
@@ -282,6 +304,20 @@ impl ImdsClient {
         Err(ImdsError::Status { path, status: 401 })
     }
 
+    /// The instance's primary MAC, asked once and remembered (`None` while IMDS has no `mac`).
+    async fn primary_mac(&self) -> Result<Option<String>, ImdsError> {
+        if let Some(mac) = self.primary_mac.lock().await.clone() {
+            return Ok(Some(mac));
+        }
+        match self.get("mac").await? {
+            Fetched::Value(mac) => {
+                *self.primary_mac.lock().await = Some(mac.clone());
+                Ok(Some(mac))
+            }
+            Fetched::NotFound => Ok(None),
+        }
+    }
+
     /// The NIC's network keys, or `None` while IMDS does not list the MAC.
     pub async fn nic(&self, mac: &str) -> Result<Option<NicMetadata>, ImdsError> {
         let mac = parse::mac("mac", mac)?;
@@ -300,6 +336,8 @@ impl ImdsClient {
         else {
             return Ok(None);
         };
+        let network_card = value(self.get(&format!("{base}/network-card")).await?);
+        let primary_mac = self.primary_mac().await?;
         let ipv6s = value(self.get(&format!("{base}/ipv6s")).await?);
         let subnet_ipv6_cidr_blocks = match ipv6s {
             Some(_) => value(self.get(&format!("{base}/subnet-ipv6-cidr-blocks")).await?),
@@ -308,6 +346,8 @@ impl ImdsClient {
         let values = NicValues {
             mac: &mac,
             device_number: &device_number,
+            network_card: network_card.as_deref(),
+            primary_mac: primary_mac.as_deref(),
             local_ipv4s: &local_ipv4s,
             subnet_ipv4_cidr_block: &subnet_ipv4_cidr_block,
             ipv6s: ipv6s.as_deref(),
@@ -318,14 +358,25 @@ impl ImdsClient {
 
     /// Asks until IMDS lists the NIC (it lags an attach), retrying transport errors and 5xx, with
     /// backoff, within the deadline. A 403 or a malformed value stops at once.
-    pub async fn nic_until_published(&self, mac: &str, deadline: Duration) -> Result<NicMetadata, ImdsError> {
+    ///
+    /// `ready` says whether an answer is final; its reason for not (a secondary NIC listed with
+    /// device-number 0 before IMDS has propagated it) is retried like an unpublished NIC.
+    pub async fn nic_until_published(
+        &self,
+        mac: &str,
+        deadline: Duration,
+        ready: impl Fn(&NicMetadata) -> Result<(), String>,
+    ) -> Result<NicMetadata, ImdsError> {
         let started = Instant::now();
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
         let mut attempts = 0;
         loop {
             attempts += 1;
             let last = match self.nic(mac).await {
-                Ok(Some(metadata)) => return Ok(metadata),
+                Ok(Some(metadata)) => match ready(&metadata) {
+                    Ok(()) => return Ok(metadata),
+                    Err(why) => why,
+                },
                 Ok(None) => "not published yet".to_owned(),
                 Err(
                     error @ (ImdsError::Disabled | ImdsError::Malformed(_) | ImdsError::EndpointRefused(..)),

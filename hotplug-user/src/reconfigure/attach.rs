@@ -1,9 +1,11 @@
 //! Applies an attach plan (`decide::attach_plan`: what IMDS says about a NIC really attached,
 //! checked for meaning) the way users know from amazon-ec2-net-utils: its private IPv4 addresses
-//! (primary and secondary) and IPv6 addresses; for a secondary NIC a policy-routing table with a
-//! default route via the subnet's router and one rule per address. The main table's default route
+//! (primary and secondary) and IPv6 addresses; for any ENI but the primary a policy-routing table
+//! with a default route via the subnet's router and one rule per address (IPv4 and IPv6). The main table's default route
 //! is never touched, and nothing that is there is replaced. Then [`detach`] undoes exactly the
 //! rules it added.
+use std::net::IpAddr;
+
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 use serde::{Deserialize, Serialize};
 
@@ -39,24 +41,43 @@ pub async fn configure(handle: &Handle, ifindex: u32, plan: &AttachPlan) -> Atta
     }
     let Some(policy) = &plan.policy else { return report };
     report.table = Some(policy.table);
-    let route = RouteMessageBuilder::<std::net::Ipv4Addr>::new()
+    let mut route = RouteMessageBuilder::<std::net::Ipv4Addr>::new()
         .gateway(policy.gateway)
         .output_interface(ifindex)
-        .table_id(policy.table)
-        .build();
+        .table_id(policy.table);
+    if let Some(metric) = policy.metric {
+        route = route.priority(metric);
+    }
+    let route = route.build();
     if let Err(error) = super::add_route_exclusive(handle, route).await {
         report.errors.push(format!("default via {} table {}: {error}", policy.gateway, policy.table));
     }
     for address in &policy.sources {
-        let mut request = handle
-            .rule()
-            .add()
-            .v4()
-            .source_prefix(*address, 32)
-            .table_id(policy.table)
-            .priority(policy.table);
-        let message = request.message_mut().clone();
-        let result = request.execute().await;
+        // One rule per address, of its family (`ip rule add from ADDRESS lookup TABLE priority TABLE`).
+        let (result, message) = match address {
+            IpAddr::V4(v4) => {
+                let mut request = handle
+                    .rule()
+                    .add()
+                    .v4()
+                    .source_prefix(*v4, 32)
+                    .table_id(policy.table)
+                    .priority(policy.table);
+                let message = request.message_mut().clone();
+                (request.execute().await, message)
+            }
+            IpAddr::V6(v6) => {
+                let mut request = handle
+                    .rule()
+                    .add()
+                    .v6()
+                    .source_prefix(*v6, 128)
+                    .table_id(policy.table)
+                    .priority(policy.table);
+                let message = request.message_mut().clone();
+                (request.execute().await, message)
+            }
+        };
         note(&mut report, format!("rule from {address} lookup {}", policy.table), result);
         report
             .rules

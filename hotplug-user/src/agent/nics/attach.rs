@@ -15,6 +15,7 @@ use crate::{
     },
     imds::{ImdsClient, ImdsError, NicMetadata},
     managers::cloud_init,
+    platform::Platform,
     reconfigure::attach as attach_config,
 };
 
@@ -68,13 +69,13 @@ impl NicManager {
     ) {
         let Some(nic) = self.nics.get_mut(mac) else { return };
         let Some(imds) = self.imds.clone() else {
-            tracing::warn!(%mac, action = "attach", "NIC attached, but IMDS is disabled or unusable: not configuring it");
+            tracing::warn!(%mac, action = "attach", "NIC attached, but IMDS is off (disabled, unusable, or not EC2: see the start-up log): not configuring it");
             nic.attach = Some(AttachOutcome {
-                status: "failed".into(),
+                status: "imds-off".into(),
                 latency_ms: None,
                 imds_requests: 0,
                 table: None,
-                errors: vec!["IMDS disabled".into()],
+                errors: vec!["IMDS off (disabled, unusable, or this host is not EC2)".into()],
             });
             return;
         };
@@ -91,7 +92,7 @@ impl NicManager {
         let mac = mac.to_owned();
         tokio::spawn(async move {
             let before = imds.requests();
-            let result = imds.nic_until_published(&mac, deadline).await;
+            let result = imds.nic_until_published(&mac, deadline, decide::attach_plan::propagated).await;
             let requests = imds.requests().saturating_sub(before);
             let startup = deadline.is_zero();
             let attach = AttachResult { mac, ifindex, started_ns, requests, startup, result };
@@ -125,7 +126,9 @@ impl NicManager {
                 .filter_map(|n| n.attach.as_ref().and_then(|a| a.table))
                 .collect(),
         };
-        let planned = result.map_err(|e| e.to_string()).and_then(|metadata| attach_plan(&metadata, &taken));
+        let planned = result
+            .map_err(|e| e.to_string())
+            .and_then(|metadata| attach_plan(&metadata, &taken, self.config.attach_layout));
         let outcome = match planned {
             Ok(plan) => {
                 let report = attach_config::configure(&self.handle, ifindex, &plan).await;
@@ -165,10 +168,21 @@ impl NicManager {
     }
 }
 
-/// The IMDS client the configuration asks for, if any.
-pub(super) fn imds_client(config: &Config) -> Option<Arc<ImdsClient>> {
+/// The IMDS client the configuration asks for, if any: none where IMDS is disabled, or where
+/// the platform is not EC2 (one INFO line, not an error per NIC).
+pub(super) fn imds_client(config: &Config, platform: &Platform) -> Option<Arc<ImdsClient>> {
     if !config.imds.enabled {
+        tracing::info!("IMDS off (imds.enabled = false): real attaches are not configured by the agent");
         return None;
+    }
+    if config.imds.require_ec2 {
+        match platform {
+            Platform::Ec2(evidence) => tracing::debug!(%evidence, "EC2: IMDS on"),
+            Platform::Other(seen) => {
+                tracing::info!(%seen, "IMDS off: this host is not an EC2 instance (set imds.require_ec2 = false to use an IMDS-compatible service anyway); driver reloads are restored as always");
+                return None;
+            }
+        }
     }
     match ImdsClient::new(&config.imds) {
         Ok(client) => Some(Arc::new(client)),

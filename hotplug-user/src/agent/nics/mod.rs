@@ -139,6 +139,8 @@ pub struct NicManager {
     dirty_due: Option<tokio::time::Instant>,
     bursts: HashMap<u32, (u64, u64)>,
     imds: Option<Arc<ImdsClient>>,
+    /// EC2 or not, read from the firmware once at start.
+    platform: crate::platform::Platform,
     background: mpsc::Sender<Background>,
     /// Inode of the agent's own network namespace.
     own_netns: Option<u32>,
@@ -181,7 +183,7 @@ impl NicManager {
         }
         if config.imds != self.config.imds {
             // Attaches under way keep the client they started with.
-            self.imds = attach::imds_client(&config);
+            self.imds = attach::imds_client(&config, &self.platform);
         }
         self.config = config;
         kept

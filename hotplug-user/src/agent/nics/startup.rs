@@ -27,13 +27,15 @@ impl NicManager {
         let store = Store::open(&config.state_dir)?;
         let (connection, handle, _) = rtnetlink::new_connection()?;
         tokio::spawn(connection);
-        let imds = imds_client(&config);
+        let platform = crate::platform::detect(std::path::Path::new("/"));
+        let imds = imds_client(&config, &platform);
         let (background, background_rx) = mpsc::channel(64);
         let own_netns = crate::kernel::probes::own_netns();
         let mut manager = Self {
             boot_id: boot_id(),
             own_netns,
             imds,
+            platform,
             background,
             host: Host::default(),
             config,
@@ -201,8 +203,11 @@ impl NicManager {
                 manager.host.detect().names().join(", ")
             );
         }
-        for (mac, ifindex) in unconfigured {
-            manager.start_attach(&mac, ifindex, None, Duration::ZERO);
+        // Without IMDS (off, or not EC2) the start-up log already said so once.
+        if manager.imds.is_some() {
+            for (mac, ifindex) in unconfigured {
+                manager.start_attach(&mac, ifindex, None, Duration::ZERO);
+            }
         }
         Ok((manager, background_rx))
     }

@@ -71,7 +71,9 @@ NIC JSON (--nic, --nics-file, POST /_mock/attach):
 
 Control API (same listeners, no token, JSON in and out, not counted as IMDS requests):
   POST   /_mock/attach {"nic": NIC, "lag_ms": 2000}  publish NIC lag_ms from now (lag_ms defaults
-                                                      to 0; a MAC already published is replaced)
+                                                      to 0; a MAC already published is replaced;
+                                                      "device_number_lag_ms": N shows device-number
+                                                      0 for N ms first, as IMDS before propagation)
   POST   /_mock/detach {"mac": MAC, "lag_ms": 500}   unpublish it lag_ms from now (404: unknown MAC)
   POST   /_mock/fault  {"kind": K, "count": N, "delay_ms": M}
          the next N IMDS requests (N = 0: until cleared) get fault K, replacing any fault before:
@@ -148,6 +150,9 @@ struct Nic {
     ipv6s: Vec<Ipv6Addr>,
     #[serde(default)]
     subnet_ipv6_cidr_blocks: Vec<String>,
+    /// Published with device-number 0 before its real one (never the instance's primary).
+    #[serde(skip)]
+    premature: bool,
 }
 
 impl Nic {
@@ -305,6 +310,10 @@ struct AttachRequest {
     nic: Nic,
     #[serde(default)]
     lag_ms: u64,
+    /// Publish the NIC with device-number 0 first, its real one this many ms later (IMDS
+    /// before it has propagated: amazon-ec2-net-utils #90).
+    #[serde(default)]
+    device_number_lag_ms: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -443,7 +452,7 @@ impl Mock {
         let primary = self
             .nics
             .values()
-            .find(|n| n.network_card == 0 && n.device_number == 0)
+            .find(|n| n.network_card == 0 && n.device_number == 0 && !n.premature)
             .map(|n| Primary { mac: &n.mac, ipv4: n.local_ipv4s.first().copied() });
         let instance = self.instance.as_ref();
         match parts.as_slice() {
@@ -658,7 +667,14 @@ async fn attach(State(app): State<Arc<App>>, body: Bytes) -> Response {
         Err(e) => return json_error(StatusCode::BAD_REQUEST, e),
     };
     let mac = nic.mac.clone();
-    app.lock().schedule(Instant::now() + Duration::from_millis(request.lag_ms), Change::Attach(nic));
+    let visible = Instant::now() + Duration::from_millis(request.lag_ms);
+    let mut mock = app.lock();
+    if request.device_number_lag_ms > 0 {
+        mock.schedule(visible, Change::Attach(Nic { device_number: 0, premature: true, ..nic.clone() }));
+        mock.schedule(visible + Duration::from_millis(request.device_number_lag_ms), Change::Attach(nic));
+    } else {
+        mock.schedule(visible, Change::Attach(nic));
+    }
     Json(json!({ "mac": mac, "visible_in_ms": request.lag_ms })).into_response()
 }
 
