@@ -65,7 +65,7 @@ pub struct RestoreOutcome {
 /// Where an attach stands.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AttachOutcome {
-    /// `waiting-for-imds`, `configured`, `failed`, `abandoned` or `left-to-cloud-init`.
+    /// `waiting-for-imds`, `configured`, `failed`, `abandoned`, `left-to-cloud-init` or `imds-off`.
     pub status: String,
     /// From the kernel's device-added timestamp to the end of the configuration.
     pub latency_ms: Option<u64>,

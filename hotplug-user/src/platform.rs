@@ -6,8 +6,11 @@
 //! Kernel files read (sysfs, present since Linux 2.6; `product_uuid` and `product_serial` are
 //! readable by root only, which the agent is):
 //! - `/sys/class/dmi/id/sys_vendor`: "Amazon EC2" on Nitro instances (and on metal);
-//! - `/sys/class/dmi/id/product_uuid`, `product_serial`: start with "ec2" on Xen instances;
-//! - `/sys/hypervisor/uuid`: starts with "ec2" on Xen PV instances without DMI.
+//! - `/sys/hypervisor/uuid`: starts with "ec2" on Xen instances;
+//! - `/sys/class/dmi/id/product_uuid` and `product_serial`: on Xen HVM instances both start with
+//!   "ec2" and are equal (ds-identify asks for both, so that a random UUID starting with "ec2" --
+//!   one VM in 4096 -- is not taken for EC2); AWS documents that some instances show the UUID's
+//!   first field byte-swapped (`45E12AEC-…` for `EC2AE145-…`), which is read both ways.
 use std::path::{Path, PathBuf};
 
 /// What the firmware says about the platform.
@@ -39,10 +42,18 @@ pub fn detect(root: &Path) -> Platform {
     if vendor.as_deref() == Some("Amazon EC2") {
         return Platform::Ec2("DMI sys_vendor is \"Amazon EC2\"".into());
     }
-    for path in ["sys/class/dmi/id/product_uuid", "sys/class/dmi/id/product_serial", "sys/hypervisor/uuid"] {
-        if let Some(value) = read(path) {
-            if value.get(..3).is_some_and(|p| p.eq_ignore_ascii_case("ec2")) {
-                return Platform::Ec2(format!("/{path} starts with \"ec2\""));
+    if read("sys/hypervisor/uuid").is_some_and(|uuid| starts_with_ec2(&uuid)) {
+        return Platform::Ec2("/sys/hypervisor/uuid starts with \"ec2\"".into());
+    }
+    if let (Some(uuid), Some(serial)) =
+        (read("sys/class/dmi/id/product_uuid"), read("sys/class/dmi/id/product_serial"))
+    {
+        let swapped = swap_first_field(&uuid);
+        for (form, uuid) in [("", uuid.as_str()), (" (its first field byte-swapped)", swapped.as_str())] {
+            if starts_with_ec2(uuid) && uuid.eq_ignore_ascii_case(&serial) {
+                return Platform::Ec2(format!(
+                    "DMI product_uuid{form} and product_serial are the same ec2 UUID"
+                ));
             }
         }
     }
@@ -50,6 +61,21 @@ pub fn detect(root: &Path) -> Platform {
         Some(vendor) if !vendor.is_empty() => format!("DMI sys_vendor is {vendor:?}, no ec2 UUID"),
         _ => "no DMI vendor and no ec2 UUID".into(),
     })
+}
+
+fn starts_with_ec2(value: &str) -> bool {
+    value.get(..3).is_some_and(|p| p.eq_ignore_ascii_case("ec2"))
+}
+
+/// `45E12AEC-DCD1-…` → `EC2AE145-DCD1-…`: the first field's four bytes in the other order.
+fn swap_first_field(uuid: &str) -> String {
+    match uuid.get(..8) {
+        Some(field) if field.is_ascii() && uuid.get(8..9) == Some("-") => {
+            let bytes: Vec<&str> = (0..4).rev().filter_map(|i| field.get(2 * i..2 * i + 2)).collect();
+            format!("{}{}", bytes.concat(), &uuid[8..])
+        }
+        _ => uuid.to_owned(),
+    }
 }
 
 #[cfg(test)]
@@ -70,24 +96,37 @@ mod tests {
 
     #[test]
     fn ec2_is_told_by_vendor_or_uuid_like_ds_identify() -> std::io::Result<()> {
+        const UUID: &str = "sys/class/dmi/id/product_uuid";
+        const SERIAL: &str = "sys/class/dmi/id/product_serial";
         let cases: &[(&[(&str, &str)], bool)] = &[
             (&[("sys/class/dmi/id/sys_vendor", "Amazon EC2\n")], true),
-            (
-                &[
-                    ("sys/class/dmi/id/sys_vendor", "Xen\n"),
-                    ("sys/class/dmi/id/product_uuid", "EC2E1916-9099-7CAF-FD21-012345ABCDEF\n"),
-                ],
-                true,
-            ),
-            (&[("sys/class/dmi/id/product_serial", "ec2f1a2b-3c4d\n")], true),
             (&[("sys/hypervisor/uuid", "ec2a0b1c-0000\n")], true),
             (
                 &[
+                    ("sys/class/dmi/id/sys_vendor", "Xen\n"),
+                    (UUID, "EC2E1916-9099-7CAF-FD21-012345ABCDEF\n"),
+                    (SERIAL, "ec2e1916-9099-7caf-fd21-012345abcdef\n"),
+                ],
+                true,
+            ),
+            // AWS's documented little-endian example.
+            (
+                &[
+                    (UUID, "45E12AEC-DCD1-B213-94ED-012345ABCDEF\n"),
+                    (SERIAL, "EC2AE145-DCD1-B213-94ED-012345ABCDEF\n"),
+                ],
+                true,
+            ),
+            // A UUID alone that happens to start with ec2, or a serial alone, is not EC2.
+            (
+                &[
                     ("sys/class/dmi/id/sys_vendor", "QEMU\n"),
-                    ("sys/class/dmi/id/product_uuid", "5a1b2c3d-0000\n"),
+                    (UUID, "ec2d3c4b-0000-0000-0000-000000000000\n"),
                 ],
                 false,
             ),
+            (&[(SERIAL, "ec2f1a2b-3c4d\n")], false),
+            (&[("sys/class/dmi/id/sys_vendor", "QEMU\n"), (UUID, "5a1b2c3d-0000\n")], false),
             // A vendor string that only contains the name is not the name.
             (&[("sys/class/dmi/id/sys_vendor", "Not Amazon EC2\n")], false),
             (&[], false),

@@ -15,11 +15,11 @@ hook_idle() {
 	i=0
 	while [ $i -lt $(($1 * 2)) ]; do
 		case "$(systemctl is-active cloud-init-hotplugd.service)" in
-		active | activating | reloading) ;;
+		active | activating | deactivating | reloading) ;;
 		*)
 			sleep 2
 			case "$(systemctl is-active cloud-init-hotplugd.service)" in
-			active | activating | reloading) ;;
+			active | activating | deactivating | reloading) ;;
 			*) return 0 ;;
 			esac
 			;;

@@ -63,6 +63,9 @@ impl Layout {
     }
 }
 
+/// How [`propagated`]'s reason ends (an answer to ask again, even in the start-up pass).
+pub const NOT_PROPAGATED: &str = "not propagated yet";
+
 /// Whether an answer is final. IMDS can list a secondary ENI before its device-number has
 /// propagated, reading 0 (amazon-ec2-net-utils #90): device-number 0 on card 0 belongs to the
 /// primary ENI only, so for another MAC it means "ask again".
@@ -72,7 +75,7 @@ pub fn propagated(nic: &NicMetadata) -> Result<(), String> {
             if nic.device_number == 0 && nic.network_card == 0 && !primary.eq_ignore_ascii_case(&nic.mac) =>
         {
             Err(format!(
-                "device-number 0 for {} though the primary ENI is {primary}: not propagated yet",
+                "device-number 0 for {} though the primary ENI is {primary}: {NOT_PROPAGATED}",
                 nic.mac
             ))
         }
@@ -318,7 +321,7 @@ mod tests {
     fn device_number_zero_for_a_secondary_mac_is_not_final() {
         assert!(propagated(&nic()).is_ok());
         let premature = NicMetadata { device_number: 0, ..nic() };
-        assert!(propagated(&premature).is_err_and(|e| e.contains("not propagated yet")));
+        assert!(propagated(&premature).is_err_and(|e| e.ends_with(NOT_PROPAGATED)));
         let primary = NicMetadata { device_number: 0, mac: "52:54:00:12:34:10".into(), ..nic() };
         assert!(propagated(&primary).is_ok());
         let second_card = NicMetadata { device_number: 0, network_card: 1, ..nic() };

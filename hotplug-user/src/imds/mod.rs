@@ -119,7 +119,7 @@ impl NicMetadata {
                 .map(|v| parse::device_number("network-card", v))
                 .transpose()?
                 .unwrap_or(0),
-            primary_mac: values.primary_mac.map(|v| parse::mac("mac", v)).transpose()?,
+            primary_mac: values.primary_mac.map(|v| parse::mac("meta-data/mac", v)).transpose()?,
             local_ipv4s: parse::ipv4_list("local-ipv4s", values.local_ipv4s)?,
             subnet_ipv4: parse::ipv4_cidr("subnet-ipv4-cidr-block", values.subnet_ipv4_cidr_block)?,
             ipv6s,
@@ -304,13 +304,15 @@ impl ImdsClient {
         Err(ImdsError::Status { path, status: 401 })
     }
 
-    /// The instance's primary MAC, asked once and remembered (`None` while IMDS has no `mac`).
+    /// The instance's primary MAC, asked once and remembered once it parses (`None` while IMDS
+    /// has no `mac`); a malformed answer is an error and never remembered.
     async fn primary_mac(&self) -> Result<Option<String>, ImdsError> {
         if let Some(mac) = self.primary_mac.lock().await.clone() {
             return Ok(Some(mac));
         }
         match self.get("mac").await? {
-            Fetched::Value(mac) => {
+            Fetched::Value(value) => {
+                let mac = parse::mac("meta-data/mac", &value)?;
                 *self.primary_mac.lock().await = Some(mac.clone());
                 Ok(Some(mac))
             }

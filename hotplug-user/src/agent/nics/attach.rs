@@ -69,7 +69,7 @@ impl NicManager {
     ) {
         let Some(nic) = self.nics.get_mut(mac) else { return };
         let Some(imds) = self.imds.clone() else {
-            tracing::warn!(%mac, action = "attach", "NIC attached, but IMDS is off (disabled, unusable, or not EC2: see the start-up log): not configuring it");
+            tracing::info!(%mac, action = "attach", "NIC attached; IMDS is off (disabled, unusable, or not EC2: see the start-up log), so the agent does not configure it");
             nic.attach = Some(AttachOutcome {
                 status: "imds-off".into(),
                 latency_ms: None,
@@ -110,6 +110,18 @@ impl NicManager {
                 attach.imds_requests = requests;
             }
             return;
+        }
+        // The start-up pass asks once; a NIC IMDS lists but has not propagated yet is asked again
+        // as for an attach, rather than left failed.
+        if startup {
+            if let (Err(ImdsError::Deadline { last, .. }), Some(imds)) = (&result, &self.imds) {
+                if last.ends_with(decide::attach_plan::NOT_PROPAGATED) {
+                    tracing::info!(%mac, action = "attach", "IMDS lists this NIC but has not propagated its device-number yet: asking again");
+                    let deadline = imds.attach_deadline();
+                    self.start_attach(&mac, ifindex, None, deadline);
+                    return;
+                }
+            }
         }
         // What other NICs carry now: an attach never takes one of their addresses.
         let others = || self.nics.iter().filter(|(other, _)| **other != mac).map(|(_, n)| n);
