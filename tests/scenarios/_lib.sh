@@ -196,6 +196,17 @@ start_mock() {
 	MOCK_PID=$!
 	wait_for_line /tmp/mock.log "listening on" 10 || { cat /tmp/mock.log; fail "mock-imds did not start"; }
 }
+# mock_config [ATTACH_DEADLINE_SECONDS]: /tmp/hotplug.toml for an agent that asks the mock.
+mock_config() {
+	cat >/tmp/hotplug.toml <<TOML
+state_dir = "/tmp/hotplug-state"
+socket = "/run/hotplug/agent.sock"
+[imds]
+endpoint = "http://$MOCK"
+request_timeout_ms = 1000
+attach_deadline_seconds = ${1:-60}
+TOML
+}
 imds_requests() { mock GET /_mock/stats | sed -n 's/.*"requests":\([0-9]*\).*/\1/p'; }
 # status_of MAC: the agent's status block for MAC (configuration /tmp/hotplug.toml).
 status_of() { hotplug-agent --config /tmp/hotplug.toml status | awk -v m="$1" '$1 == m { f = 1; print; next } /^[0-9a-f][0-9a-f]:/ { f = 0 } f'; }

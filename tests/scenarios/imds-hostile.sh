@@ -7,14 +7,7 @@ sysctl -qw net.ipv6.conf.all.accept_ra=0 net.ipv6.conf.default.accept_ra=0
 for d in /proc/sys/net/ipv6/conf/eth*; do echo 0 >"$d/accept_ra"; done
 ETH2=52:54:00:12:34:12
 start_mock --listen 127.0.0.1:8169 --nic "{\"mac\":\"$ETH2\",\"device_number\":5,\"local_ipv4s\":[\"10.1.5.5\"],\"subnet_ipv4_cidr_block\":\"10.1.5.0/24\"}"
-cat >/tmp/hotplug.toml <<TOML
-state_dir = "/tmp/hotplug-state"
-socket = "/run/hotplug/agent.sock"
-[imds]
-endpoint = "http://$MOCK"
-request_timeout_ms = 1000
-attach_deadline_seconds = 4
-TOML
+mock_config 4
 ip link set eth0 up
 ip addr add 10.0.0.5/24 dev eth0
 name=eth1

@@ -11,14 +11,7 @@ NEW2=02:00:00:00:0f:02
 nic_json() { # MAC CARD DEVICE SUBNET
 	echo "{\"mac\":\"$1\",\"network_card\":$2,\"device_number\":$3,\"local_ipv4s\":[\"10.2.$4.5\",\"10.2.$4.6\"],\"subnet_ipv4_cidr_block\":\"10.2.$4.0/24\"}"
 }
-cat >/tmp/hotplug.toml <<TOML
-state_dir = "/tmp/hotplug-state"
-socket = "/run/hotplug/agent.sock"
-[imds]
-endpoint = "http://$MOCK"
-request_timeout_ms = 1000
-attach_deadline_seconds = 60
-TOML
+mock_config
 
 # IMDS knows the instance (meta-data/mac: its primary ENI, eth0) from the start: the start-up
 # pass configures the primary ENI's address only.

@@ -3,14 +3,7 @@
 # kernels: bookworm trixie sid
 . /opt/hotplug/scenarios/_lib.sh
 
-cat >/tmp/hotplug.toml <<TOML
-state_dir = "/tmp/hotplug-state"
-socket = "/run/hotplug/agent.sock"
-[imds]
-endpoint = "http://$MOCK"
-request_timeout_ms = 1000
-attach_deadline_seconds = 60
-TOML
+mock_config
 NEW1=02:00:00:00:0e:01
 NEW2=02:00:00:00:0e:02
 NEW3=02:00:00:00:0e:03
