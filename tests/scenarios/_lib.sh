@@ -221,3 +221,16 @@ wait_attach() {
 	status_of "$1"
 	return 1
 }
+
+# one_nic_configured: eth0 (MAC) up with 10.0.0.5/24 and a route to 192.168.50.0/24, no router
+# advertisements, and /tmp/hotplug.toml for an agent without IMDS; restored says whether eth0
+# has both back (after a reload).
+one_nic_configured() {
+	sysctl -qw net.ipv6.conf.all.accept_ra=0 net.ipv6.conf.default.accept_ra=0
+	MAC=52:54:00:12:34:10
+	ip link set "$(iface_of $MAC)" up
+	ip addr add 10.0.0.5/24 dev "$(iface_of $MAC)"
+	ip route add 192.168.50.0/24 via 10.0.0.254 dev "$(iface_of $MAC)"
+	printf 'state_dir = "/tmp/hotplug-state"\nsocket = "/run/hotplug/agent.sock"\n[imds]\nenabled = false\n' >/tmp/hotplug.toml
+}
+restored() { i=$(iface_of $MAC) && ip addr show dev "$i" | grep -q 10.0.0.5/24 && ip route show dev "$i" | grep -q 192.168.50.0; }

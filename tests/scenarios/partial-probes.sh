@@ -3,13 +3,7 @@
 # kernels: bookworm trixie sid
 . /opt/hotplug/scenarios/_lib.sh
 
-sysctl -qw net.ipv6.conf.all.accept_ra=0 net.ipv6.conf.default.accept_ra=0
-MAC=52:54:00:12:34:10
-ip link set "$(iface_of $MAC)" up
-ip addr add 10.0.0.5/24 dev "$(iface_of $MAC)"
-ip route add 192.168.50.0/24 via 10.0.0.254 dev "$(iface_of $MAC)"
-printf 'state_dir = "/tmp/hotplug-state"\nsocket = "/run/hotplug/agent.sock"\n[imds]\nenabled = false\n' >/tmp/hotplug.toml
-restored() { i=$(iface_of $MAC) && ip addr show dev "$i" | grep -q 10.0.0.5/24 && ip route show dev "$i" | grep -q 192.168.50.0; }
+one_nic_configured
 
 check_header
 check "an unknown program name is refused" 2 "$(hotplug-agent --disable-probe no_such_probe features >/dev/null 2>&1; echo $?)"

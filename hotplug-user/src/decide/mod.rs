@@ -196,27 +196,11 @@ pub fn attach_result_applies(state: Option<&NicState>, ifindex: u32) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::classify::Source;
 
     const TIMEOUT: u64 = 60_000_000_000;
 
-    fn event(action: NicAction, cause: Cause, ifindex: i32, ts: u64) -> NicEvent {
-        NicEvent {
-            action,
-            cause,
-            source: Source::Kernel,
-            ifindex,
-            name: "eth1".into(),
-            mac: "52:54:00:12:34:11".into(),
-            permanent_mac: Some("52:54:00:12:34:11".into()),
-            bus: None,
-            driver: None,
-            module: None,
-            context_module: None,
-            task: None,
-            timestamp_ns: ts,
-            netns: None,
-        }
+    fn event(action: NicAction, cause: Cause, ifindex: u32, ts: u64) -> NicEvent {
+        super::model::event(action, cause, "52:54:00:12:34:11", ifindex, ts)
     }
 
     #[test]

@@ -92,7 +92,8 @@ fn mac(nic: usize) -> String {
     format!("02:00:00:00:00:{nic:02x}")
 }
 
-fn event(action: NicAction, cause: Cause, mac: &str, ifindex: u32, ts: u64) -> NicEvent {
+/// A kernel NIC event of `mac` named eth1 (the decide unit tests build theirs here too).
+pub(super) fn event(action: NicAction, cause: Cause, mac: &str, ifindex: u32, ts: u64) -> NicEvent {
     NicEvent {
         action,
         cause,

@@ -580,8 +580,9 @@ impl NicManager {
     }
 }
 
-/// A NIC event the kernel's were lost for, replayed after a resync (cause unknown).
-fn lost_event(action: crate::classify::Action, key: &str, ifindex: u32, name: &str) -> NicEvent {
+/// A NIC event the agent did not receive but knows happened (cause unknown): one lost before a
+/// resync, or a return while the agent was not running.
+pub(super) fn lost_event(action: crate::classify::Action, key: &str, ifindex: u32, name: &str) -> NicEvent {
     NicEvent {
         action,
         cause: Cause::Unknown,

@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 
 use super::{attach::imds_client, key, Background, Managed, ManagerError, NicManager};
 use crate::{
-    classify::{Cause, NicEvent, Source},
+    classify::{Cause, NicEvent},
     clock::monotonic_ns,
     config::Config,
     decide::{self, NicState},
@@ -221,23 +221,7 @@ fn is_configured_address(summary: &str) -> bool {
 /// A registration event for a NIC found present at start-up while its state said its driver was
 /// gone (it came back while the agent was not running).
 fn synthetic_return(snapshot: &NicSnapshot) -> NicEvent {
-    // `permanent_mac` carries the snapshot's key so that `NicEvent::key` gives it back.
-    NicEvent {
-        action: crate::classify::Action::Registration,
-        cause: Cause::Unknown,
-        source: Source::Heuristic,
-        ifindex: i32::try_from(snapshot.ifindex).unwrap_or(0),
-        name: snapshot.name.clone(),
-        mac: snapshot.mac.clone(),
-        permanent_mac: Some(snapshot.mac.clone()),
-        bus: None,
-        driver: None,
-        module: None,
-        context_module: None,
-        task: None,
-        timestamp_ns: monotonic_ns(),
-        netns: None,
-    }
+    super::lost_event(crate::classify::Action::Registration, &snapshot.mac, snapshot.ifindex, &snapshot.name)
 }
 
 /// This boot's id (`/proc/sys/kernel/random/boot_id`); empty if it cannot be read.
