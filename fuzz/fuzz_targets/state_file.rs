@@ -27,7 +27,11 @@ fuzz_target!(|data: &[u8]| {
     let snapshots = nic.snapshot.iter().chain(nic.pending_restore.as_ref().map(|p| &p.snapshot));
     for snapshot in snapshots {
         for leave_dynamic in [false, true] {
-            let options = RestoreOptions { leave_dynamic, now_ns: snapshot.taken_ns.saturating_add(5_000_000_000), routes_and_rules_only: false };
+            let options = RestoreOptions {
+                leave_dynamic,
+                now_ns: snapshot.taken_ns.saturating_add(5_000_000_000),
+                routes_and_rules_only: false,
+            };
             let plan = replay_plan(snapshot, IFINDEX, options);
             for (_, address) in &plan.addresses {
                 assert_eq!(address.header.index, IFINDEX, "an address restored onto another NIC");

@@ -50,7 +50,7 @@ fn parse_ring_bytes(value: &str) -> Result<u32, String> {
     Ok(bytes)
 }
 
-#[derive(Subcommand, Debug, Clone, Copy)]
+#[derive(Subcommand, Debug, Clone)]
 pub enum Command {
     /// Run the agent (the default). SIGHUP re-reads the configuration; SIGTERM stops it.
     Run,
@@ -67,6 +67,16 @@ pub enum Command {
     },
     /// Ask the running agent for each NIC's state, snapshot, last event and last restore.
     Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask IMDS again for an attached ENI (a secondary address, IPv6 address or delegated prefix
+    /// assigned or unassigned since) and bring the NIC in line: what IMDS lists now is added,
+    /// what the agent had added and IMDS no longer lists is removed. One IMDS look-up; an IMDS
+    /// error or a doubtful answer changes nothing. Exit status 1 when it failed.
+    Refresh {
+        /// The NIC's name, e.g. `ens6`.
+        iface: String,
         #[arg(long)]
         json: bool,
     },

@@ -44,6 +44,22 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         mac: Option<String>,
     },
+    /// Ask IMDS again for an attached ENI and bring its configuration in line.
+    Refresh { iface: String },
+}
+
+/// What a refresh did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefreshOutcome {
+    pub iface: String,
+    pub mac: String,
+    /// `refreshed` (something changed), `unchanged`, or `failed` (nothing changed: see `errors`).
+    pub status: String,
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    /// IMDS requests this refresh made (token requests included).
+    pub imds_requests: u64,
+    pub errors: Vec<String>,
 }
 
 /// The outcome of the last restore of a NIC.
@@ -109,6 +125,35 @@ pub fn ask(socket: &Path, request: &Request, timeout: Duration) -> Result<Vec<u8
 /// Asks the agent whether cloud-init should handle a uevent.
 pub fn ask_gate(socket: &Path, request: &Request, timeout: Duration) -> Result<GateAnswer, ControlError> {
     Ok(serde_json::from_slice(&ask(socket, request, timeout)?)?)
+}
+
+/// `hotplug-agent refresh IFACE`: asks the running agent to refresh the NIC and prints what
+/// changed; an error (nothing changed) when it failed.
+pub fn print_refresh(socket: &Path, iface: &str, json: bool) -> Result<bool, ControlError> {
+    // One IMDS look-up, within the client's request budget: well under a minute.
+    let body = ask(socket, &Request::Refresh { iface: iface.to_owned() }, Duration::from_secs(60))?;
+    let outcome: RefreshOutcome = serde_json::from_slice(&body)?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        let _ = out.write_all(&body);
+        let _ = writeln!(out);
+        return Ok(outcome.status != "failed");
+    }
+    let _ = writeln!(
+        out,
+        "{} ({}): {}, {} IMDS requests",
+        outcome.iface, outcome.mac, outcome.status, outcome.imds_requests
+    );
+    for added in &outcome.added {
+        let _ = writeln!(out, "  + {added}");
+    }
+    for removed in &outcome.removed {
+        let _ = writeln!(out, "  - {removed}");
+    }
+    for error in &outcome.errors {
+        let _ = writeln!(out, "  error: {error}");
+    }
+    Ok(outcome.status != "failed")
 }
 
 /// `hotplug-agent status`: asks the running agent and prints its answer.

@@ -52,6 +52,13 @@ fn main() -> ExitCode {
         match cli.command.unwrap_or(Command::Run) {
             Command::Run => agent::run(cli.config.clone(), config()?, options, notifier).await,
             Command::Status { json } => Ok(hotplug::control::print_status(&config()?.socket, json)?),
+            Command::Refresh { iface, json } => {
+                if hotplug::control::print_refresh(&config()?.socket, &iface, json)? {
+                    Ok(())
+                } else {
+                    Err(agent::AgentError::RefreshFailed(iface))
+                }
+            }
             Command::Events { json } => agent::stream_events(json, options).await,
             Command::Features { json } => agent::print_features(json, &options),
             Command::BpfStats { json } => agent::print_bpf_stats(json),

@@ -1,7 +1,9 @@
 #!/bin/sh
 # Amazon Linux 2023's numbering and IMDS quirks: a secondary ENI that IMDS first lists with
 # device-number 0 (not propagated yet) is asked again, not configured as the primary; an ENI on
-# the second network card gets its own table; the primary ENI gets no policy routing.
+# the second network card gets its own table; the primary ENI gets no policy routing; `refresh`
+# picks up a secondary address assigned (and one unassigned) while attached, and changes nothing
+# when IMDS answers 500.
 # kernels: bookworm
 . /opt/hotplug/scenarios/_lib.sh
 
@@ -49,6 +51,32 @@ vmctl plug eth2 --mac $NEW2
 wait_attach $NEW2 configured 30 || true
 check "card 1, device 0: rule of table 10100" yes "$(ip rule show | grep -q '^10100:.*from 10.2.3.5 lookup 10100' && echo yes || echo no)"
 check "card 1, device 0: default route, metric 612" yes "$(ip route show table 10100 | grep -q 'default via 10.2.3.1 .*metric 612' && echo yes || echo no)"
+# 3. Refresh: IMDS failing (a 500) changes nothing; then a secondary address assigned (10.2.2.7)
+# and one unassigned (10.2.2.6) while attached are added and removed, rules with them.
+dev1=$(iface_of $NEW1)
+objects() { ip -4 addr show dev "$dev1" | grep -o 'inet [0-9./]*'; ip rule show | grep 'lookup 10002'; }
+objects >/tmp/objects.before
+mock POST /_mock/fault '{"kind":"500","count":1}' >/dev/null
+hotplug-agent --config /tmp/hotplug.toml refresh "$dev1" >/tmp/refresh.out 2>&1
+check "refresh while IMDS answers 500: exit status" 1 "$?"
+cat /tmp/refresh.out
+check "refresh while IMDS answers 500: says so" yes "$(grep -q '500' /tmp/refresh.out && echo yes || echo no)"
+check "refresh while IMDS answers 500: nothing removed" yes "$(objects | cmp -s /tmp/objects.before - && echo yes || echo no)"
+mock POST /_mock/attach "{\"nic\":{\"mac\":\"$NEW1\",\"network_card\":0,\"device_number\":2,\"local_ipv4s\":[\"10.2.2.5\",\"10.2.2.7\"],\"subnet_ipv4_cidr_block\":\"10.2.2.0/24\"}}" >/dev/null
+mock POST /_mock/reset '{}' >/dev/null
+hotplug-agent --config /tmp/hotplug.toml refresh "$dev1" --json >/tmp/refresh.json
+check "refresh: exit status" 0 "$?"
+cat /tmp/refresh.json
+echo
+requests=$(imds_requests)
+echo "  refresh: $requests IMDS requests"
+vmctl report refresh_imds_requests "$requests"
+check "refresh: the new secondary address" yes "$(ip -4 addr show dev "$dev1" | grep -q 'inet 10.2.2.7/24' && echo yes || echo no)"
+check "refresh: its rule" yes "$(ip rule show | grep -q '^10002:.*from 10.2.2.7 lookup 10002' && echo yes || echo no)"
+check "refresh: the unassigned address gone" no "$(ip -4 addr show dev "$dev1" | grep -q 'inet 10.2.2.6/' && echo yes || echo no)"
+check "refresh: its rule gone" 0 "$(ip rule show | grep -c 'from 10.2.2.6 lookup')"
+check "refresh: the primary address kept" yes "$(ip -4 addr show dev "$dev1" | grep -q 'inet 10.2.2.5/24' && echo yes || echo no)"
+
 echo "--- rules and tables:"
 ip rule show
 ip route show table all | grep -E 'table 10[0-9]{3}'

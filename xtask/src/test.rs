@@ -135,7 +135,7 @@ pub fn run(args: &TestArgs) -> Result<ExitCode> {
                 });
                 let guest = vm::Guest {
                     kernel: kernel.clone(),
-                    nics: vm::DEFAULT_NICS.to_vec(),
+                    nics: scenario.nics.clone(),
                     memory_mib: 1024,
                     binaries: binaries.clone(),
                     distro,

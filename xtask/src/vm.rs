@@ -188,7 +188,12 @@ pub fn run(args: &VmArgs) -> Result<ExitCode> {
         }
         None => None,
     };
-    let guest = Guest { kernel, nics: args.nics.clone(), memory_mib: args.memory, binaries, distro };
+    // A scenario that says which NICs it needs gets them; otherwise --nics.
+    let nics = scenario
+        .as_ref()
+        .filter(|s| s.nics != DEFAULT_NICS)
+        .map_or_else(|| args.nics.clone(), |s| s.nics.clone());
+    let guest = Guest { kernel, nics, memory_mib: args.memory, binaries, distro };
     let outcome = guest.run(&script, Duration::from_secs(args.timeout), Console::Stream)?;
     if let Some(scenario) = scenario {
         let path = write_result(&scenario.name, &guest, &outcome)?;
@@ -217,7 +222,13 @@ pub struct Scenario {
     pub preinstall: bool,
     /// The mock IMDS publishes no NIC at boot (`# imds: no-nics`).
     pub imds_no_nics: bool,
+    /// The guest's NICs (`# nics: virtio virtio e1000e ...`, at most [`MAX_NICS`]), else
+    /// [`DEFAULT_NICS`].
+    pub nics: Vec<NicModel>,
 }
+
+/// The most NICs a guest gets (each on a PCIe root port of its own, plus the spare slot).
+pub const MAX_NICS: usize = 16;
 
 pub fn scenarios() -> Result<Vec<Scenario>> {
     let dir = cmd::workspace_root().join("tests/scenarios");
@@ -265,7 +276,20 @@ pub fn scenarios() -> Result<Vec<Scenario>> {
             Some("no-nics") => true,
             Some(other) => bail!("{}: `# imds: {other}`: only no-nics is known", path.display()),
         };
+        let nics = words("nics:")
+            .map(|list| {
+                list.into_iter()
+                    .map(|m| NicModel::from_str(m, true).map_err(anyhow::Error::msg))
+                    .collect::<Result<Vec<_>>>()
+            })
+            .transpose()
+            .with_context(|| format!("{}: `# nics:`", path.display()))?
+            .unwrap_or_else(|| DEFAULT_NICS.to_vec());
+        if nics.is_empty() || nics.len() > MAX_NICS {
+            bail!("{}: `# nics:` lists {} NICs (1 to {MAX_NICS})", path.display(), nics.len());
+        }
         found.push(Scenario {
+            nics,
             name: name.to_owned(),
             summary,
             path,

@@ -41,6 +41,8 @@ pub enum AgentError {
     Output(std::io::Error),
     #[error("serializing an event: {0}")]
     Json(#[from] serde_json::Error),
+    #[error("refresh of {0} failed: nothing was changed (the errors above say why)")]
+    RefreshFailed(String),
     #[error("the {} stopped ({}): stopping so that the service manager restarts the agent", .0.source, .0.why)]
     SourceEnded(SourceEnded),
 }
@@ -299,7 +301,7 @@ pub async fn run(
             },
             Some(message) = background.recv() => manager.on_background(message).await,
             Some((request, reply)) = queries.recv() => {
-                let _ = reply.send(manager.answer(&request));
+                manager.query(request, reply);
             }
             () = sleep_until(wakeup) => manager.wake().await,
             accepted = listener.accept(), if accept_after.is_none() => {

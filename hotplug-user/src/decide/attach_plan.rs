@@ -87,6 +87,10 @@ pub fn propagated(nic: &NicMetadata) -> Result<(), String> {
 pub struct AttachPlan {
     /// Address and prefix length.
     pub addresses: Vec<(IpAddr, u8)>,
+    /// The NIC's altnames, as amazon-ec2-net-utils adds them: the ENI's id (`eni-…`) and
+    /// `device-number-N` (`device-number-N.C` where IMDS has a `network-card` key). None in the
+    /// device-number layout.
+    pub altnames: Vec<String>,
     /// For a secondary ENI: its policy-routing table, the router in its subnet, and the
     /// addresses whose traffic the table carries (one `from ADDRESS lookup TABLE` rule each).
     pub policy: Option<PolicyRouting>,
@@ -96,11 +100,21 @@ pub struct AttachPlan {
 pub struct PolicyRouting {
     /// The table, and the priority of its rules.
     pub table: u32,
-    /// The metric of the routes in the table (`None`: the kernel's default).
+    /// The metric of the default routes (`None`: the kernel's default).
     pub metric: Option<u32>,
     pub gateway: Ipv4Addr,
-    /// One `from ADDRESS lookup TABLE` rule each: every private IPv4 and IPv6 address.
-    pub sources: Vec<IpAddr>,
+    /// On-link routes in the table: the subnet's IPv4 block and, for an ENI with IPv6, its IPv6
+    /// blocks (amazon-linux layout; amazon-ec2-net-utils' `Destination=` routes, no metric).
+    pub subnets: Vec<(IpAddr, u8)>,
+    /// A default route in the table via the IPv6 router the NIC learns from router
+    /// advertisements (amazon-linux layout, an ENI with IPv6 addresses; `Gateway=_ipv6ra`).
+    pub ipv6_default: bool,
+    /// A default route in `main` via the subnet's router with `metric` (amazon-linux layout: what
+    /// DHCP gives every ENI on Amazon Linux 2023, behind the primary's lower metric).
+    pub main_default: bool,
+    /// One `from SOURCE lookup TABLE` rule each: every private IPv4 (/32) and IPv6 (/128) address
+    /// and every delegated prefix.
+    pub sources: Vec<(IpAddr, u8)>,
 }
 
 /// What other NICs hold now, that an attach must never take over.
@@ -193,19 +207,105 @@ pub fn attach_plan(nic: &NicMetadata, taken: &Taken, layout: Layout) -> Result<A
     if let Some((address, _)) = addresses.iter().find(|(a, _)| taken.addresses.contains(a)) {
         return Err(format!("{address} is another NIC's address already: refusing to take it over"));
     }
+    let prefixes = delegated_prefixes(nic, taken)?;
+    let amazon_linux = layout == Layout::AmazonLinux;
+    let altnames = if amazon_linux { altnames(nic) } else { Vec::new() };
+    let has_ipv6 = !nic.ipv6s.is_empty();
     let policy = (!primary).then(|| PolicyRouting {
         table,
         metric,
         gateway: nic.subnet_ipv4.gateway(),
+        subnets: if amazon_linux {
+            std::iter::once((IpAddr::V4(nic.subnet_ipv4.network), nic.subnet_ipv4.prefix))
+                .chain(nic.subnet_ipv6.iter().filter(|_| has_ipv6).map(|b| (IpAddr::V6(b.network), b.prefix)))
+                .collect()
+        } else {
+            Vec::new()
+        },
+        ipv6_default: amazon_linux && has_ipv6,
+        main_default: amazon_linux,
         sources: nic
             .local_ipv4s
             .iter()
-            .copied()
-            .map(IpAddr::V4)
-            .chain(nic.ipv6s.iter().copied().map(IpAddr::V6))
+            .map(|a| (IpAddr::V4(*a), 32))
+            .chain(nic.ipv6s.iter().map(|a| (IpAddr::V6(*a), 128)))
+            .chain(prefixes)
             .collect(),
     });
-    Ok(AttachPlan { addresses, policy })
+    Ok(AttachPlan { addresses, altnames, policy })
+}
+
+/// What a refresh takes away: of what the agent configured before (`before`), what the new
+/// plan's configuration (`now`) no longer holds. Only ever called with a plan made from a whole,
+/// checked IMDS answer: an error, a timeout or a doubtful answer removes nothing (unlike
+/// amazon-ec2-net-utils #161, where a transient IMDS error deleted the ENI's rules).
+pub fn refresh_removals<T: PartialEq + Clone>(before: &[T], now: &[T]) -> Vec<T> {
+    before.iter().filter(|b| !now.contains(b)).cloned().collect()
+}
+
+/// `eni-…` and `device-number-N[.C]`, as amazon-ec2-net-utils' `add_altnames` names them.
+fn altnames(nic: &NicMetadata) -> Vec<String> {
+    let device = if nic.network_card_listed {
+        format!("device-number-{}.{}", nic.device_number, nic.network_card)
+    } else {
+        format!("device-number-{}", nic.device_number)
+    };
+    nic.interface_id.iter().cloned().chain(std::iter::once(device)).collect()
+}
+
+/// The ENI's delegated prefixes, checked: each inside its subnet (IPv4) or one of its subnet's
+/// blocks (IPv6), no wider than EC2 delegates (/28, /80) and never over another NIC's address --
+/// a `from PREFIX` rule would take that address's traffic.
+fn delegated_prefixes(nic: &NicMetadata, taken: &Taken) -> Result<Vec<(IpAddr, u8)>, String> {
+    if nic.ipv4_prefixes.len() > MAX_ADDRESSES || nic.ipv6_prefixes.len() > MAX_ADDRESSES {
+        return Err(format!(
+            "{} IPv4 and {} IPv6 delegated prefixes: more than an ENI can carry ({MAX_ADDRESSES})",
+            nic.ipv4_prefixes.len(),
+            nic.ipv6_prefixes.len()
+        ));
+    }
+    let mut prefixes = Vec::new();
+    for prefix in &nic.ipv4_prefixes {
+        let inside = prefix.prefix >= nic.subnet_ipv4.prefix && nic.subnet_ipv4.contains(prefix.network);
+        if !inside || !(28..=32).contains(&prefix.prefix) {
+            return Err(format!(
+                "ipv4-prefix {}/{} is not a /28 (or longer) inside its subnet {}/{}",
+                prefix.network, prefix.prefix, nic.subnet_ipv4.network, nic.subnet_ipv4.prefix
+            ));
+        }
+        if let Some(other) =
+            taken.addresses.iter().find(|a| matches!(a, IpAddr::V4(v4) if prefix.contains(*v4)))
+        {
+            return Err(format!(
+                "ipv4-prefix {}/{} covers {other}, another NIC's address: refusing to take its traffic",
+                prefix.network, prefix.prefix
+            ));
+        }
+        prefixes.push((IpAddr::V4(prefix.network), prefix.prefix));
+    }
+    for prefix in &nic.ipv6_prefixes {
+        let inside = nic.subnet_ipv6.iter().any(|b| prefix.prefix >= b.prefix && b.contains(prefix.network));
+        let network_only = prefix.contains(prefix.network) && {
+            let host_bits = u128::MAX.checked_shr(u32::from(prefix.prefix)).unwrap_or(0);
+            u128::from(prefix.network) & host_bits == 0
+        };
+        if !inside || !network_only || !(80..=128).contains(&prefix.prefix) {
+            return Err(format!(
+                "ipv6-prefix {}/{} is not an /80 (or longer) network inside one of its subnet's blocks",
+                prefix.network, prefix.prefix
+            ));
+        }
+        if let Some(other) =
+            taken.addresses.iter().find(|a| matches!(a, IpAddr::V6(v6) if prefix.contains(*v6)))
+        {
+            return Err(format!(
+                "ipv6-prefix {}/{} covers {other}, another NIC's address: refusing to take its traffic",
+                prefix.network, prefix.prefix
+            ));
+        }
+        prefixes.push((IpAddr::V6(prefix.network), prefix.prefix));
+    }
+    Ok(prefixes)
 }
 
 /// Address space no VPC subnet can be in: what a spoofed answer would use to capture the host's
@@ -266,6 +366,92 @@ mod tests {
                 Ipv6Net { network: "2001:db8:1:1::".parse().unwrap_or(Ipv6Addr::UNSPECIFIED), prefix: 64 },
                 Ipv6Net { network: "2001:db8:1:2::".parse().unwrap_or(Ipv6Addr::UNSPECIFIED), prefix: 56 },
             ],
+            network_card_listed: true,
+            interface_id: Some("eni-0123456789abcdef0".into()),
+            ipv4_prefixes: vec![],
+            ipv6_prefixes: vec![],
+        }
+    }
+
+    fn v6net(text: &str, prefix: u8) -> Ipv6Net {
+        Ipv6Net { network: text.parse().unwrap_or(Ipv6Addr::UNSPECIFIED), prefix }
+    }
+
+    #[test]
+    fn prefixes_get_rules_subnets_get_routes_and_the_nic_its_altnames() -> Result<(), String> {
+        let with_prefixes = NicMetadata {
+            ipv4_prefixes: vec![Ipv4Net { network: Ipv4Addr::new(10, 0, 1, 32), prefix: 28 }],
+            ipv6_prefixes: vec![v6net("2001:db8:1:1:5::", 80)],
+            ..nic()
+        };
+        let plan = attach_plan(&with_prefixes, &Taken::default(), Layout::AmazonLinux)?;
+        assert_eq!(plan.altnames, ["eni-0123456789abcdef0", "device-number-1.0"]);
+        let policy = plan.policy.ok_or("no policy routing")?;
+        assert_eq!(policy.sources.len(), 6, "{policy:?}");
+        assert!(policy.sources.contains(&(IpAddr::V4(Ipv4Addr::new(10, 0, 1, 32)), 28)));
+        assert!(policy.sources.contains(&(IpAddr::V4(Ipv4Addr::new(10, 0, 1, 5)), 32)));
+        assert!(policy.sources.contains(&(IpAddr::V6(v6net("2001:db8:1:1:5::", 80).network), 80)));
+        assert_eq!(policy.subnets.len(), 3, "the IPv4 subnet and both IPv6 blocks: {policy:?}");
+        assert!(policy.ipv6_default && policy.main_default);
+        // No network-card key: `device-number-N`, as on instance types without one.
+        let old_type = NicMetadata { network_card_listed: false, interface_id: None, ..nic() };
+        assert_eq!(
+            attach_plan(&old_type, &Taken::default(), Layout::AmazonLinux)?.altnames,
+            ["device-number-1"]
+        );
+        // The old layout stays as it was: no altnames, subnet routes or main-table default.
+        let old = attach_plan(&with_prefixes, &Taken::default(), Layout::DeviceNumber)?;
+        let old_policy = old.policy.ok_or("no policy routing")?;
+        assert!(old.altnames.is_empty() && old_policy.subnets.is_empty() && !old_policy.main_default);
+        // An IPv4-only ENI: no IPv6 routes in its table.
+        let v4_only = NicMetadata { ipv6s: vec![], subnet_ipv6: vec![], ..nic() };
+        let v4_policy =
+            attach_plan(&v4_only, &Taken::default(), Layout::AmazonLinux)?.policy.ok_or("none")?;
+        assert_eq!((v4_policy.subnets.len(), v4_policy.ipv6_default), (1, false));
+        Ok(())
+    }
+
+    #[test]
+    fn prefixes_outside_the_subnet_too_wide_or_over_another_nic_are_refused() {
+        let v4 = |a: [u8; 4], prefix| Ipv4Net { network: Ipv4Addr::from(a), prefix };
+        let other = Taken { addresses: vec![IpAddr::V4(Ipv4Addr::new(10, 0, 1, 40))], tables: vec![] };
+        let cases = [
+            (
+                "not a /28",
+                NicMetadata { ipv4_prefixes: vec![v4([10, 0, 2, 0], 28)], ..nic() },
+                Taken::default(),
+            ),
+            (
+                "not a /28",
+                NicMetadata { ipv4_prefixes: vec![v4([10, 0, 1, 0], 24)], ..nic() },
+                Taken::default(),
+            ),
+            (
+                "another NIC's address",
+                NicMetadata { ipv4_prefixes: vec![v4([10, 0, 1, 32], 28)], ..nic() },
+                other,
+            ),
+            (
+                "not an /80",
+                NicMetadata { ipv6_prefixes: vec![v6net("2001:db8:9::", 80)], ..nic() },
+                Taken::default(),
+            ),
+            (
+                "not an /80",
+                NicMetadata { ipv6_prefixes: vec![v6net("2001:db8:1:1::", 64)], ..nic() },
+                Taken::default(),
+            ),
+            (
+                "not an /80",
+                NicMetadata { ipv6_prefixes: vec![v6net("2001:db8:1:1:5::1", 80)], ..nic() },
+                Taken::default(),
+            ),
+        ];
+        for (why, metadata, taken) in cases {
+            match attach_plan(&metadata, &taken, Layout::AmazonLinux) {
+                Ok(plan) => panic!("accepted ({why}): {plan:?}"),
+                Err(error) => assert!(error.contains(why), "{why}: {error}"),
+            }
         }
     }
 

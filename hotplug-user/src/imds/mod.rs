@@ -88,6 +88,19 @@ pub struct NicMetadata {
     pub subnet_ipv4: Ipv4Net,
     pub ipv6s: Vec<Ipv6Addr>,
     pub subnet_ipv6: Vec<Ipv6Net>,
+    /// Whether IMDS has a `network-card` key at all (instance types without one get the altname
+    /// `device-number-N`, the others `device-number-N.C`, as amazon-ec2-net-utils names them).
+    #[serde(default)]
+    pub network_card_listed: bool,
+    /// `interface-id`: the ENI's id (`eni-…`), an altname of the NIC.
+    #[serde(default)]
+    pub interface_id: Option<String>,
+    /// `ipv4-prefix`: IPv4 prefixes delegated to the ENI.
+    #[serde(default)]
+    pub ipv4_prefixes: Vec<Ipv4Net>,
+    /// `ipv6-prefix`: IPv6 prefixes delegated to the ENI.
+    #[serde(default)]
+    pub ipv6_prefixes: Vec<Ipv6Net>,
 }
 
 /// The values IMDS answered for a NIC's keys (`None`: the key is absent, a 404).
@@ -101,13 +114,19 @@ pub struct NicValues<'a> {
     pub subnet_ipv4_cidr_block: &'a str,
     pub ipv6s: Option<&'a str>,
     pub subnet_ipv6_cidr_blocks: Option<&'a str>,
+    pub interface_id: Option<&'a str>,
+    pub ipv4_prefix: Option<&'a str>,
+    pub ipv6_prefix: Option<&'a str>,
 }
 
 impl NicMetadata {
     /// Parses a NIC's values, strictly (form only: what they mean is `decide::attach_plan`'s).
     pub fn parse(values: &NicValues<'_>) -> Result<Self, Malformed> {
         let ipv6s = values.ipv6s.map(|v| parse::ipv6_list("ipv6s", v)).transpose()?.unwrap_or_default();
-        let subnet_ipv6 = match (ipv6s.is_empty(), values.subnet_ipv6_cidr_blocks) {
+        let ipv6_prefixes =
+            values.ipv6_prefix.map(|v| parse::ipv6_cidrs("ipv6-prefix", v)).transpose()?.unwrap_or_default();
+        let subnet_ipv6 = match (ipv6s.is_empty() && ipv6_prefixes.is_empty(), values.subnet_ipv6_cidr_blocks)
+        {
             (false, Some(v)) => parse::ipv6_cidrs("subnet-ipv6-cidr-blocks", v)?,
             _ => Vec::new(),
         };
@@ -124,6 +143,14 @@ impl NicMetadata {
             subnet_ipv4: parse::ipv4_cidr("subnet-ipv4-cidr-block", values.subnet_ipv4_cidr_block)?,
             ipv6s,
             subnet_ipv6,
+            network_card_listed: values.network_card.is_some(),
+            interface_id: values.interface_id.map(|v| parse::interface_id("interface-id", v)).transpose()?,
+            ipv4_prefixes: values
+                .ipv4_prefix
+                .map(|v| parse::ipv4_cidrs("ipv4-prefix", v))
+                .transpose()?
+                .unwrap_or_default(),
+            ipv6_prefixes,
         })
     }
 }
@@ -341,9 +368,14 @@ impl ImdsClient {
         let network_card = value(self.get(&format!("{base}/network-card")).await?);
         let primary_mac = self.primary_mac().await?;
         let ipv6s = value(self.get(&format!("{base}/ipv6s")).await?);
-        let subnet_ipv6_cidr_blocks = match ipv6s {
-            Some(_) => value(self.get(&format!("{base}/subnet-ipv6-cidr-blocks")).await?),
-            None => None,
+        let interface_id = value(self.get(&format!("{base}/interface-id")).await?);
+        // Absent (a 404) when the ENI has no delegated prefix; any other failure is an error and
+        // the whole look-up is asked again (amazon-ec2-net-utils takes every error for "none").
+        let ipv4_prefix = value(self.get(&format!("{base}/ipv4-prefix")).await?);
+        let ipv6_prefix = value(self.get(&format!("{base}/ipv6-prefix")).await?);
+        let subnet_ipv6_cidr_blocks = match (&ipv6s, &ipv6_prefix) {
+            (None, None) => None,
+            _ => value(self.get(&format!("{base}/subnet-ipv6-cidr-blocks")).await?),
         };
         let values = NicValues {
             mac: &mac,
@@ -354,6 +386,9 @@ impl ImdsClient {
             subnet_ipv4_cidr_block: &subnet_ipv4_cidr_block,
             ipv6s: ipv6s.as_deref(),
             subnet_ipv6_cidr_blocks: subnet_ipv6_cidr_blocks.as_deref(),
+            interface_id: interface_id.as_deref(),
+            ipv4_prefix: ipv4_prefix.as_deref(),
+            ipv6_prefix: ipv6_prefix.as_deref(),
         };
         Ok(Some(NicMetadata::parse(&values)?))
     }

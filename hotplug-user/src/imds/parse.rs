@@ -143,6 +143,24 @@ pub fn ipv6_cidrs(key: &str, value: &str) -> Result<Vec<Ipv6Net>, Malformed> {
         .collect()
 }
 
+/// IPv4 CIDR blocks, one a line (`ipv4-prefix`: the ENI's delegated prefixes); empty is none.
+pub fn ipv4_cidrs(key: &str, value: &str) -> Result<Vec<Ipv4Net>, Malformed> {
+    lines(value).map(|l| ipv4_cidr(key, l)).collect()
+}
+
+/// An ENI's id as EC2 writes it (`eni-` and 8 or 17 lowercase hex digits): the agent makes it an
+/// altname, so nothing else may pass (an altname shares the namespace of interface names).
+pub fn interface_id(key: &str, value: &str) -> Result<String, Malformed> {
+    let value = value.trim();
+    let ok = value.strip_prefix("eni-").is_some_and(|hex| {
+        matches!(hex.len(), 8 | 17) && hex.chars().all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
+    });
+    if !ok {
+        return Err(malformed(key, format!("{value:?} is not an ENI id (eni- and 8 or 17 hex digits)")));
+    }
+    Ok(value.to_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
@@ -162,12 +180,16 @@ mod tests {
         assert!(net.contains(Ipv4Addr::new(10, 0, 1, 200)) && !net.contains(Ipv4Addr::new(10, 0, 2, 1)));
         assert_eq!(ipv6_cidrs("subnet-ipv6-cidr-blocks", "fd00:1::/64")?.len(), 1);
         assert!(ipv6_list("ipv6s", "")?.is_empty());
+        assert_eq!(ipv4_cidrs("ipv4-prefix", "10.0.1.16/28\n10.0.1.32/28\n")?.len(), 2);
+        assert!(ipv4_cidrs("ipv4-prefix", "")?.is_empty());
+        assert_eq!(interface_id("interface-id", "eni-0123456789abcdef0\n")?, "eni-0123456789abcdef0");
+        assert_eq!(interface_id("interface-id", "eni-12345678")?, "eni-12345678");
         Ok(())
     }
 
     #[test]
     fn rejects_bad_values_naming_the_key() {
-        let cases: [(Result<(), Malformed>, &str); 10] = [
+        let cases: [(Result<(), Malformed>, &str); 14] = [
             (mac("mac", "52:54:00:12:34").map(|_| ()), "mac"),
             (mac("mac", "52:54:00:12:34:zz").map(|_| ()), "mac"),
             (device_number("device-number", "-1").map(|_| ()), "device-number"),
@@ -178,6 +200,10 @@ mod tests {
             (ipv4_cidr("subnet-ipv4-cidr-block", "10.0.1.0/33").map(|_| ()), "longer than 32"),
             (ipv4_cidr("subnet-ipv4-cidr-block", "10.0.1.0").map(|_| ()), "no /prefix"),
             (ipv6_cidrs("subnet-ipv6-cidr-blocks", "fd00::/129").map(|_| ()), "longer than 128"),
+            (ipv4_cidrs("ipv4-prefix", "10.0.1.17/28").map(|_| ()), "host bits"),
+            (interface_id("interface-id", "eth0").map(|_| ()), "not an ENI id"),
+            (interface_id("interface-id", "eni-0123456789ABCDEF0").map(|_| ()), "not an ENI id"),
+            (interface_id("interface-id", "eni-0123456789abcdef0 x").map(|_| ()), "not an ENI id"),
         ];
         for (result, expected) in cases {
             let error = result.err().map(|e| e.to_string()).unwrap_or_default();
@@ -199,6 +225,8 @@ mod tests {
                 let _ = ipv6_list("k", value);
                 let _ = ipv4_cidr("k", value);
                 let _ = ipv6_cidrs("k", value);
+                let _ = ipv4_cidrs("k", value);
+                let _ = interface_id("k", value);
             }
         }
 

@@ -1,23 +1,39 @@
 //! Applies an attach plan (`decide::attach_plan`: what IMDS says about a NIC really attached,
-//! checked for meaning) the way users know from amazon-ec2-net-utils: its private IPv4 addresses
-//! (primary and secondary) and IPv6 addresses; for any ENI but the primary a policy-routing table
-//! with a default route via the subnet's router and one rule per address (IPv4 and IPv6). The main table's default route
-//! is never touched, and nothing that is there is replaced. Then [`detach`] undoes exactly the
-//! rules it added.
-use std::net::IpAddr;
+//! checked for meaning) the way Amazon Linux 2023's amazon-ec2-net-utils configures an ENI: its
+//! private IPv4 and IPv6 addresses, its altnames, and for any ENI but the primary a
+//! policy-routing table (default routes via the subnet's router and, once one advertises
+//! itself, the IPv6 router; the subnet's blocks on-link) with one rule per address and delegated
+//! prefix. The main table gets at most a default route behind the primary's (a higher metric);
+//! nothing that is there is replaced. [`detach`] and [`remove`] undo exactly what was added.
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::Duration,
+};
 
+use futures::TryStreamExt as _;
+use rtnetlink::packet_route::{
+    link::{LinkAttribute, Prop},
+    neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags},
+    route::{RouteAttribute, RouteProtocol, RouteScope},
+};
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    decide::attach_plan::AttachPlan,
+    decide::attach_plan::{AttachPlan, PolicyRouting},
     snapshot::{self, Entry},
 };
+
+/// How long a new ENI's IPv6 router may take to advertise itself (the kernel solicits one when
+/// the link comes up; EC2's answers within a second).
+const ROUTER_WAIT: Duration = Duration::from_secs(10);
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct AttachReport {
     /// The rules the agent added (the detach path removes exactly these).
     pub rules: Vec<Entry>,
+    /// The addresses the plan holds (a refresh removes one IMDS no longer lists).
+    pub addresses: Vec<(IpAddr, u8)>,
     pub table: Option<u32>,
     pub errors: Vec<String>,
 }
@@ -31,7 +47,7 @@ fn note(report: &mut AttachReport, what: String, result: Result<(), rtnetlink::E
 }
 
 pub async fn configure(handle: &Handle, ifindex: u32, plan: &AttachPlan) -> AttachReport {
-    let mut report = AttachReport::default();
+    let mut report = AttachReport { addresses: plan.addresses.clone(), ..AttachReport::default() };
     let up = handle.link().set(LinkUnspec::new_with_index(ifindex).up().build()).execute().await;
     note(&mut report, "link up".into(), up);
     for (address, prefix) in &plan.addresses {
@@ -39,28 +55,20 @@ pub async fn configure(handle: &Handle, ifindex: u32, plan: &AttachPlan) -> Atta
         let result = handle.address().add(ifindex, *address, *prefix).execute().await;
         note(&mut report, format!("address {address}/{prefix}"), result);
     }
+    add_altnames(handle, ifindex, &plan.altnames, &mut report).await;
     let Some(policy) = &plan.policy else { return report };
     report.table = Some(policy.table);
-    let mut route = RouteMessageBuilder::<std::net::Ipv4Addr>::new()
-        .gateway(policy.gateway)
-        .output_interface(ifindex)
-        .table_id(policy.table);
-    if let Some(metric) = policy.metric {
-        route = route.priority(metric);
-    }
-    let route = route.build();
-    if let Err(error) = super::add_route_exclusive(handle, route).await {
-        report.errors.push(format!("default via {} table {}: {error}", policy.gateway, policy.table));
-    }
-    for address in &policy.sources {
-        // One rule per address, of its family (`ip rule add from ADDRESS lookup TABLE priority TABLE`).
-        let (result, message) = match address {
+    routes(handle, ifindex, policy, &mut report).await;
+    for (source, length) in &policy.sources {
+        // One rule per address or prefix, of its family
+        // (`ip rule add from SOURCE lookup TABLE priority TABLE`).
+        let (result, message) = match source {
             IpAddr::V4(v4) => {
                 let mut request = handle
                     .rule()
                     .add()
                     .v4()
-                    .source_prefix(*v4, 32)
+                    .source_prefix(*v4, *length)
                     .table_id(policy.table)
                     .priority(policy.table);
                 let message = request.message_mut().clone();
@@ -71,19 +79,182 @@ pub async fn configure(handle: &Handle, ifindex: u32, plan: &AttachPlan) -> Atta
                     .rule()
                     .add()
                     .v6()
-                    .source_prefix(*v6, 128)
+                    .source_prefix(*v6, *length)
                     .table_id(policy.table)
                     .priority(policy.table);
                 let message = request.message_mut().clone();
                 (request.execute().await, message)
             }
         };
-        note(&mut report, format!("rule from {address} lookup {}", policy.table), result);
+        note(&mut report, format!("rule from {source}/{length} lookup {}", policy.table), result);
         report
             .rules
             .push(Entry { summary: snapshot::rule_summary(&message), message: snapshot::to_hex(&message) });
     }
+    if policy.ipv6_default {
+        // Learnt, never assumed: the router EC2 advertises (`fe80::1` there) may not have spoken
+        // yet; a task of its own waits for it so that the agent's loop does not.
+        let (handle, policy) = (handle.clone(), policy.clone());
+        tokio::spawn(async move { ipv6_default(&handle, ifindex, &policy).await });
+    }
     report
+}
+
+/// The table's default route via the subnet's router and its on-link subnet routes; the main
+/// table's default behind the primary's.
+async fn routes(handle: &Handle, ifindex: u32, policy: &PolicyRouting, report: &mut AttachReport) {
+    let mut default = RouteMessageBuilder::<Ipv4Addr>::new()
+        .gateway(policy.gateway)
+        .output_interface(ifindex)
+        .table_id(policy.table);
+    if let Some(metric) = policy.metric {
+        default = default.priority(metric);
+    }
+    if let Err(error) = super::add_route_exclusive(handle, default.build()).await {
+        report.errors.push(format!("default via {} table {}: {error}", policy.gateway, policy.table));
+    }
+    for (network, length) in &policy.subnets {
+        let message = match network {
+            IpAddr::V4(v4) => RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(*v4, *length)
+                .output_interface(ifindex)
+                .table_id(policy.table)
+                .scope(RouteScope::Link)
+                .build(),
+            IpAddr::V6(v6) => RouteMessageBuilder::<Ipv6Addr>::new()
+                .destination_prefix(*v6, *length)
+                .output_interface(ifindex)
+                .table_id(policy.table)
+                .build(),
+        };
+        if let Err(error) = super::add_route_exclusive(handle, message).await {
+            report.errors.push(format!("{network}/{length} table {}: {error}", policy.table));
+        }
+    }
+    if let (true, Some(metric)) = (policy.main_default, policy.metric) {
+        let main = RouteMessageBuilder::<Ipv4Addr>::new()
+            .gateway(policy.gateway)
+            .output_interface(ifindex)
+            .priority(metric)
+            .build();
+        if let Err(error) = super::add_route_exclusive(handle, main).await {
+            report.errors.push(format!("default via {} metric {metric} (main): {error}", policy.gateway));
+        }
+    }
+}
+
+/// Adds the altnames the NIC does not have yet. One another interface has is an error naming it
+/// (altnames and names share one namespace).
+async fn add_altnames(handle: &Handle, ifindex: u32, altnames: &[String], report: &mut AttachReport) {
+    if altnames.is_empty() {
+        return;
+    }
+    let own: Vec<String> = match handle.link().get().match_index(ifindex).execute().try_next().await {
+        Ok(Some(link)) => link
+            .attributes
+            .iter()
+            .filter_map(|a| match a {
+                LinkAttribute::PropList(props) => Some(props.iter().filter_map(|p| match p {
+                    Prop::AltIfName(name) => Some(name.clone()),
+                    _ => None,
+                })),
+                _ => None,
+            })
+            .flatten()
+            .collect(),
+        Ok(None) => Vec::new(),
+        Err(error) => {
+            report.errors.push(format!("altnames: cannot read the link: {error}"));
+            return;
+        }
+    };
+    for altname in altnames.iter().filter(|a| !own.contains(a)) {
+        let result = handle.link().property_add(ifindex).alt_ifname(&[altname.as_str()]).execute().await;
+        match result {
+            Ok(()) => {}
+            Err(error) if super::failed_with(&error, libc::EEXIST) => {
+                report
+                    .errors
+                    .push(format!("altname {altname}: another interface has this name or altname already"));
+            }
+            Err(error) => report.errors.push(format!("altname {altname}: {error}")),
+        }
+    }
+}
+
+/// Waits (at most [`ROUTER_WAIT`]) for the NIC's IPv6 router and puts the table's default route
+/// via it.
+async fn ipv6_default(handle: &Handle, ifindex: u32, policy: &PolicyRouting) {
+    let started = tokio::time::Instant::now();
+    let router = loop {
+        match ipv6_router(handle, ifindex).await {
+            Ok(Some(router)) => break router,
+            Ok(None) if started.elapsed() < ROUTER_WAIT => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            Ok(None) => {
+                tracing::warn!(ifindex, table = policy.table, "no IPv6 router advertised itself on the NIC within {} s: its table has no IPv6 default route, so IPv6 from its addresses goes by the main table (`hotplug-agent refresh` tries again)", ROUTER_WAIT.as_secs());
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(ifindex, %error, "cannot read the NIC's IPv6 routes and neighbours: no IPv6 default route in its table");
+                return;
+            }
+        }
+    };
+    let mut route = RouteMessageBuilder::<Ipv6Addr>::new()
+        .gateway(router)
+        .output_interface(ifindex)
+        .table_id(policy.table);
+    if let Some(metric) = policy.metric {
+        route = route.priority(metric);
+    }
+    match super::add_route_exclusive(handle, route.build()).await {
+        Ok(()) => {
+            tracing::info!(ifindex, table = policy.table, %router, "IPv6 default route via the advertised router")
+        }
+        Err(error) => {
+            tracing::warn!(ifindex, table = policy.table, %router, %error, "IPv6 default route not added")
+        }
+    }
+}
+
+/// The NIC's IPv6 router: the gateway of the default route the kernel made from a router
+/// advertisement on it, else a neighbour flagged as a router on it.
+///
+/// Kernel assumption: `addrconf` installs an RA's default route with `RTPROT_RA` in `main` (all
+/// kernels since 2.6.x; with `accept_ra` on, the default where forwarding is off), and
+/// `ndisc_router_discovery` sets `NTF_ROUTER` on the router's neighbour entry.
+pub async fn ipv6_router(handle: &Handle, ifindex: u32) -> Result<Option<Ipv6Addr>, rtnetlink::Error> {
+    let probe = RouteMessageBuilder::<Ipv6Addr>::new().build();
+    let mut routes = handle.route().get(probe).execute();
+    while let Some(route) = routes.try_next().await? {
+        let oif = route.attributes.iter().any(|a| matches!(a, RouteAttribute::Oif(i) if *i == ifindex));
+        let gateway = route.attributes.iter().find_map(|a| match a {
+            RouteAttribute::Gateway(rtnetlink::packet_route::route::RouteAddress::Inet6(g)) => Some(*g),
+            _ => None,
+        });
+        if oif && route.header.destination_prefix_length == 0 && route.header.protocol == RouteProtocol::Ra {
+            if let Some(gateway) = gateway {
+                return Ok(Some(gateway));
+            }
+        }
+    }
+    let mut neighbours =
+        handle.neighbours().get().set_address_family(rtnetlink::packet_route::AddressFamily::Inet6).execute();
+    while let Some(neighbour) = neighbours.try_next().await? {
+        if neighbour.header.ifindex != ifindex || !neighbour.header.flags.contains(NeighbourFlags::Router) {
+            continue;
+        }
+        let address = neighbour.attributes.iter().find_map(|a| match a {
+            NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => Some(*v6),
+            _ => None,
+        });
+        if let Some(address) = address {
+            return Ok(Some(address));
+        }
+    }
+    Ok(None)
 }
 
 /// Removes the rules an attach added (routes in its table went with the device).
@@ -101,6 +272,41 @@ pub async fn detach(handle: &Handle, rules: &[Entry]) -> Vec<String> {
                 }
             }
             Err(error) => errors.push(format!("rule {}: {error}", entry.summary)),
+        }
+    }
+    errors
+}
+
+/// Removes addresses an attach added that IMDS no longer lists (a refresh), and the rules.
+pub async fn remove(
+    handle: &Handle,
+    ifindex: u32,
+    addresses: &[(IpAddr, u8)],
+    rules: &[Entry],
+) -> Vec<String> {
+    let mut errors = detach(handle, rules).await;
+    for (address, length) in addresses {
+        let mut found = handle.address().get().set_link_index_filter(ifindex).execute();
+        loop {
+            match found.try_next().await {
+                Ok(Some(message)) => {
+                    let same = message.header.prefix_len == *length
+                        && message.attributes.iter().any(|a| {
+                            matches!(a, rtnetlink::packet_route::address::AddressAttribute::Address(ip) if ip == address)
+                        });
+                    if same {
+                        if let Err(error) = handle.address().del(message).execute().await {
+                            errors.push(format!("address {address}/{length}: {error}"));
+                        }
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(error) => {
+                    errors.push(format!("address {address}/{length}: {error}"));
+                    break;
+                }
+            }
         }
     }
     errors

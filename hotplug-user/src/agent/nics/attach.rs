@@ -123,21 +123,7 @@ impl NicManager {
                 }
             }
         }
-        // What other NICs carry now: an attach never takes one of their addresses.
-        let others = || self.nics.iter().filter(|(other, _)| **other != mac).map(|(_, n)| n);
-        let taken = decide::attach_plan::Taken {
-            addresses: others()
-                .filter_map(|n| n.snapshot.as_ref())
-                .flat_map(|s| s.addresses.iter())
-                .filter_map(|a| a.summary.split('/').next().and_then(|ip| ip.parse().ok()))
-                .collect(),
-            tables: others()
-                .filter(|n| {
-                    matches!(n.state, decide::NicState::Present { .. } | decide::NicState::DriverGone { .. })
-                })
-                .filter_map(|n| n.attach.as_ref().and_then(|a| a.table))
-                .collect(),
-        };
+        let taken = self.taken(&mac);
         let planned = result
             .map_err(|e| e.to_string())
             .and_then(|metadata| attach_plan(&metadata, &taken, self.config.attach_layout));
@@ -148,6 +134,7 @@ impl NicManager {
                 tracing::info!(%mac, ifindex, action = "attach", latency_ms, imds_requests = requests, table = ?report.table, errors = ?report.errors, "attached NIC configured from IMDS");
                 if let Some(nic) = self.nics.get_mut(&mac) {
                     nic.configured_rules = report.rules;
+                    nic.configured_addresses = report.addresses;
                 }
                 AttachOutcome {
                     status: if report.errors.is_empty() { "configured".into() } else { "failed".into() },
@@ -177,6 +164,27 @@ impl NicManager {
         }
         self.persist(&mac);
         self.note_change(Some(ifindex));
+    }
+}
+
+impl NicManager {
+    /// What NICs other than `mac` carry now: an attach never takes one of their addresses or
+    /// tables.
+    pub(super) fn taken(&self, mac: &str) -> decide::attach_plan::Taken {
+        let others = || self.nics.iter().filter(|(other, _)| *other != mac).map(|(_, n)| n);
+        decide::attach_plan::Taken {
+            addresses: others()
+                .filter_map(|n| n.snapshot.as_ref())
+                .flat_map(|s| s.addresses.iter())
+                .filter_map(|a| a.summary.split('/').next().and_then(|ip| ip.parse().ok()))
+                .collect(),
+            tables: others()
+                .filter(|n| {
+                    matches!(n.state, decide::NicState::Present { .. } | decide::NicState::DriverGone { .. })
+                })
+                .filter_map(|n| n.attach.as_ref().and_then(|a| a.table))
+                .collect(),
+        }
     }
 }
 

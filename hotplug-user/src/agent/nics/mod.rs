@@ -8,6 +8,7 @@
 //! to IMDS for NICs really attached, `changes.rs` turns rtnetlink notifications into re-reads.
 mod attach;
 mod changes;
+mod refresh;
 mod restore;
 mod startup;
 
@@ -20,7 +21,7 @@ use std::{
 use rtnetlink::Handle;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 pub use self::{attach::AttachResult, changes::config_changes};
 use crate::{
@@ -72,6 +73,8 @@ pub enum Background {
     Attach(AttachResult),
     /// The returning NIC's network manager is done with it (or the wait ran out).
     ManagerSettled(restore::Settled),
+    /// IMDS answered (or failed) for a `refresh`.
+    Refresh(refresh::RefreshResult),
     /// A `command` policy's hook ended (or was killed).
     Hook { mac: String, phase: &'static str, outcome: command::HookOutcome },
 }
@@ -93,6 +96,9 @@ pub struct Managed {
     /// Rules the agent added on attach (the detach path removes exactly these).
     #[serde(default)]
     pub configured_rules: Vec<snapshot::Entry>,
+    /// Addresses the agent configured from IMDS (a refresh removes one IMDS no longer lists).
+    #[serde(default)]
+    pub configured_addresses: Vec<(std::net::IpAddr, u8)>,
     /// The NIC registered again after its driver had left (what cloud-init's gate asks).
     #[serde(default)]
     pub returned_from_driver_gone: bool,
@@ -120,6 +126,7 @@ impl Managed {
             last_restore: None,
             attach: None,
             configured_rules: Vec::new(),
+            configured_addresses: Vec::new(),
             returned_from_driver_gone: false,
             last_removal: None,
             pending_restore: None,
@@ -454,6 +461,7 @@ impl NicManager {
                 // The kernel is authoritative: clean up at once, no IMDS round trip.
                 let Some(nic) = self.nics.get_mut(mac) else { return };
                 let rules = std::mem::take(&mut nic.configured_rules);
+                nic.configured_addresses.clear();
                 nic.snapshot = None;
                 nic.history.clear();
                 let errors = attach_config::detach(&self.handle, &rules).await;
@@ -475,8 +483,21 @@ impl NicManager {
     }
 
     /// The agent's answer to a control request (the body the client reads).
+    /// Answers a control request: at once, or (a refresh) once its IMDS look-up is back.
+    pub fn query(&mut self, request: Request, reply: oneshot::Sender<Vec<u8>>) {
+        match request {
+            Request::Refresh { iface } => self.refresh_eni(&iface, reply),
+            request => {
+                let _ = reply.send(self.answer(&request));
+            }
+        }
+    }
+
     pub fn answer(&mut self, request: &Request) -> Vec<u8> {
         let body = match request {
+            Request::Refresh { iface } => serde_json::to_vec(
+                &serde_json::json!({ "error": format!("refresh {iface}: ask through query()") }),
+            ),
             Request::Status => serde_json::to_vec_pretty(&self.status()),
             Request::CloudInitGate { action, devpath, mac } => {
                 let answer = self.cloud_init_gate(*action, devpath, mac.as_deref());
@@ -568,6 +589,7 @@ impl NicManager {
         match message {
             Background::Attach(result) => self.on_attach_result(result).await,
             Background::ManagerSettled(settled) => self.finish_restore(settled).await,
+            Background::Refresh(result) => self.on_refresh_result(result).await,
             Background::Hook { mac, phase, outcome } => {
                 let command::HookOutcome { status, succeeded, stdout, stderr } = outcome;
                 if succeeded {

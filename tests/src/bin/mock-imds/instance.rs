@@ -96,10 +96,12 @@ impl Instance {
         "vpc-ipv4-cidr-blocks",
     ];
 
-    /// One of [`Instance::NIC_KEYS`] for the NIC with `device_number` and first address `ipv4`.
-    pub fn nic_key(&self, key: &str, device_number: u32, ipv4: Option<Ipv4Addr>) -> Option<String> {
+    /// One of [`Instance::NIC_KEYS`] for the NIC in `slot` (network card, device number) with
+    /// first address `ipv4`.
+    pub fn nic_key(&self, key: &str, slot: (u32, u32), ipv4: Option<Ipv4Addr>) -> Option<String> {
+        let (network_card, device_number) = slot;
         match key {
-            "interface-id" => Some(format!("eni-0{device_number:016x}")),
+            "interface-id" => Some(format!("eni-0{network_card:08x}{device_number:08x}")),
             "local-hostname" => ipv4.map(|ip| {
                 format!("ip-{}.{}.compute.internal", ip.to_string().replace('.', "-"), self.region)
             }),

@@ -52,7 +52,7 @@ const HELP: &str = r#"IMDS (what the agent reads):
   GET /latest/meta-data/network/interfaces/macs/           -> one "<mac>/" a line
   GET /latest/meta-data/network/interfaces/macs/<mac>/     -> the key names, one a line
   GET .../macs/<mac>/{device-number,network-card,mac,local-ipv4s,subnet-ipv4-cidr-block,
-                      ipv6s,subnet-ipv6-cidr-blocks}
+                      ipv6s,subnet-ipv6-cidr-blocks,ipv4-prefix,ipv6-prefix,interface-id}
   With --instance, also what an instance has (what cloud-init's Ec2 datasource crawls):
   GET /latest/meta-data/   -> ami-id hostname instance-id instance-type local-hostname local-ipv4
                               mac network/ placement/ services/ (mac and local-ipv4: the NIC with
@@ -67,7 +67,10 @@ const HELP: &str = r#"IMDS (what the agent reads):
 NIC JSON (--nic, --nics-file, POST /_mock/attach):
   {"mac":"52:54:00:12:34:11","device_number":1,"local_ipv4s":["10.0.1.5","10.0.1.6"],
    "subnet_ipv4_cidr_block":"10.0.1.0/24","ipv6s":["fd00:1::5"],"subnet_ipv6_cidr_blocks":["fd00:1::/64"]}
-  The first IPv4 is the primary. Optional: ipv6s, subnet_ipv6_cidr_blocks, network_card (default 0).
+  The first IPv4 is the primary. Optional: ipv6s, subnet_ipv6_cidr_blocks, network_card (default 0),
+  ipv4_prefixes, ipv6_prefixes (delegated prefixes, e.g. ["10.0.1.32/28"], ["fd00:1::5:0:0:0/80"]),
+  interface_id ("eni-..."). Several network cards: give each NIC its network_card; a card's
+  device numbers are its own (card 1 has its own device-number 0).
 
 Control API (same listeners, no token, JSON in and out, not counted as IMDS requests):
   POST   /_mock/attach {"nic": NIC, "lag_ms": 2000}  publish NIC lag_ms from now (lag_ms defaults
@@ -150,6 +153,14 @@ struct Nic {
     ipv6s: Vec<Ipv6Addr>,
     #[serde(default)]
     subnet_ipv6_cidr_blocks: Vec<String>,
+    /// Delegated prefixes (`ipv4-prefix`, `ipv6-prefix`: a 404 when none, as EC2 answers).
+    #[serde(default)]
+    ipv4_prefixes: Vec<String>,
+    #[serde(default)]
+    ipv6_prefixes: Vec<String>,
+    /// `interface-id` (with --instance, one is made up from the device number when not given).
+    #[serde(default)]
+    interface_id: Option<String>,
     /// Published with device-number 0 before its real one (never the instance's primary).
     #[serde(skip)]
     premature: bool,
@@ -167,12 +178,27 @@ impl Nic {
         for block in &self.subnet_ipv6_cidr_blocks {
             check_cidr(block, true)?;
         }
+        for prefix in &self.ipv4_prefixes {
+            check_cidr(prefix, false)?;
+        }
+        for prefix in &self.ipv6_prefixes {
+            check_cidr(prefix, true)?;
+        }
         Ok(self)
     }
 
     /// The key names under `macs/<mac>/`, sorted as IMDS lists them.
     fn keys(&self) -> Vec<&'static str> {
         let mut keys = vec!["device-number"];
+        if self.interface_id.is_some() {
+            keys.push("interface-id");
+        }
+        if !self.ipv4_prefixes.is_empty() {
+            keys.push("ipv4-prefix");
+        }
+        if !self.ipv6_prefixes.is_empty() {
+            keys.push("ipv6-prefix");
+        }
         if !self.ipv6s.is_empty() {
             keys.push("ipv6s");
         }
@@ -198,6 +224,9 @@ impl Nic {
             "subnet-ipv4-cidr-block" => Some(self.subnet_ipv4_cidr_block.clone()),
             "ipv6s" => lines(&self.ipv6s),
             "subnet-ipv6-cidr-blocks" => lines(&self.subnet_ipv6_cidr_blocks),
+            "ipv4-prefix" => lines(&self.ipv4_prefixes),
+            "ipv6-prefix" => lines(&self.ipv6_prefixes),
+            "interface-id" => self.interface_id.clone(),
             _ => None,
         }
     }
@@ -477,11 +506,12 @@ impl Mock {
                         let mut keys = nic.keys();
                         keys.extend(Instance::NIC_KEYS);
                         keys.sort_unstable();
+                        keys.dedup();
                         Some(keys.join("\n"))
                     }
-                    ([key], instance) => nic
-                        .key(key)
-                        .or_else(|| instance.and_then(|i| i.nic_key(key, nic.device_number, ipv4))),
+                    ([key], instance) => nic.key(key).or_else(|| {
+                        instance.and_then(|i| i.nic_key(key, (nic.network_card, nic.device_number), ipv4))
+                    }),
                     _ => None,
                 }
             }
