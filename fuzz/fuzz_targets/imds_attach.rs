@@ -38,8 +38,11 @@ fuzz_target!(|data: &[u8]| {
     };
     let Ok(nic) = NicMetadata::parse(&values) else { return };
     let _ = propagated(&nic);
-    let taken =
-        Taken { addresses: vec![IpAddr::V4(Ipv4Addr::new(10, 0, 0, 5))], tables: vec![TABLE_BASE + 1] };
+    let taken = Taken {
+        addresses: vec![IpAddr::V4(Ipv4Addr::new(10, 0, 0, 5))],
+        tables: vec![TABLE_BASE + 1],
+        prefixes: vec![(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 32)), 28)],
+    };
     for layout in [Layout::AmazonLinux, Layout::DeviceNumber] {
         check(&nic, &taken, layout);
     }
@@ -80,6 +83,9 @@ fn check(nic: &NicMetadata, taken: &Taken, layout: Layout) {
                 _ => false,
             });
             assert!(!covers_taken, "a delegated prefix over another NIC's address");
+            let over_taken_prefix = *length < 32
+                && matches!(source, IpAddr::V4(s) if u32::from(*s) >> 4 == u32::from(Ipv4Addr::new(10, 0, 0, 32)) >> 4);
+            assert!(!over_taken_prefix, "a delegated prefix over another NIC's prefix");
             if let IpAddr::V4(s) = source {
                 assert!(nic.subnet_ipv4.contains(*s), "a rule source {s} outside the subnet");
             }

@@ -53,7 +53,8 @@ pub enum Request {
 pub struct RefreshOutcome {
     pub iface: String,
     pub mac: String,
-    /// `refreshed` (something changed), `unchanged`, or `failed` (nothing changed: see `errors`).
+    /// `refreshed` (something changed), `unchanged`, `partial` (some changes made, some failed:
+    /// see `errors`) or `failed` (nothing changed).
     pub status: String,
     pub added: Vec<String>,
     pub removed: Vec<String>,
@@ -132,12 +133,19 @@ pub fn ask_gate(socket: &Path, request: &Request, timeout: Duration) -> Result<G
 pub fn print_refresh(socket: &Path, iface: &str, json: bool) -> Result<bool, ControlError> {
     // One IMDS look-up, within the client's request budget: well under a minute.
     let body = ask(socket, &Request::Refresh { iface: iface.to_owned() }, Duration::from_secs(60))?;
+    if let Ok(serde_json::Value::Object(answer)) = serde_json::from_slice::<serde_json::Value>(&body) {
+        if let Some(error) = answer.get("error").and_then(|e| e.as_str()) {
+            // An agent that does not know the request (an older one), or refused it as malformed.
+            eprintln!("hotplug-agent: the agent refused the refresh: {error}");
+            return Ok(false);
+        }
+    }
     let outcome: RefreshOutcome = serde_json::from_slice(&body)?;
     let mut out = std::io::stdout().lock();
     if json {
         let _ = out.write_all(&body);
         let _ = writeln!(out);
-        return Ok(outcome.status != "failed");
+        return Ok(outcome.status == "refreshed" || outcome.status == "unchanged");
     }
     let _ = writeln!(
         out,
@@ -153,7 +161,7 @@ pub fn print_refresh(socket: &Path, iface: &str, json: bool) -> Result<bool, Con
     for error in &outcome.errors {
         let _ = writeln!(out, "  error: {error}");
     }
-    Ok(outcome.status != "failed")
+    Ok(outcome.status == "refreshed" || outcome.status == "unchanged")
 }
 
 /// `hotplug-agent status`: asks the running agent and prints its answer.

@@ -108,6 +108,9 @@ AGENT_PID=$!
 wait_for_line /tmp/agent.log "agent ready" 60 || { cat /tmp/agent.log; fail "the agent did not start"; }
 check_header
 wait_attach $E0 configured 15 || echo "start-up pass did not configure the primary ENI"
+# The primary's default route, as DHCP gives it on Amazon Linux (metric 512): a secondary ENI's
+# default in main goes only behind such a one.
+ip route add default via 10.0.0.1 dev "$(iface_of $E0)" metric 512 onlink
 
 # Attach ENIs 1-4 in a random order (printed: a failing order can be replayed).
 seed=$(od -An -N2 -tu2 /dev/urandom | tr -d ' ')
@@ -120,7 +123,9 @@ for n in $order; do
 	mac=52:54:00:12:34:1$n
 	mock POST /_mock/attach "{\"nic\":$(json_of $mac),\"lag_ms\":300}" >/dev/null
 	vmctl plug "$(eval echo "\$slot_$n")"
-	dev=$(iface_of "$mac") && ip link set "$dev" up && ip -6 neigh replace fe80::1 lladdr 02:00:00:00:ec:02 dev "$dev" router nud permanent
+	dev=$(iface_of "$mac") || fail "ENI $n ($mac) did not register after its hot-plug"
+	ip link set "$dev" up
+	ip -6 neigh replace fe80::1 lladdr 02:00:00:00:ec:02 dev "$dev" router nud permanent
 	wait_attach "$mac" configured 30 || echo "ENI $n ($mac) was not configured"
 done
 vmctl report attach_four_ms "$(($(uptime_ms) - started))"
@@ -148,7 +153,7 @@ table_of() { case $1 in 1) echo 10001 ;; 2) echo 10002 ;; 3) echo 10100 ;; 4) ec
 left=0
 for n in $gone; do
 	t=$(table_of "$n")
-	left=$((left + $(ip rule show | grep -c "lookup $t\b") + $(ip -6 rule show | grep -c "lookup $t\b") + $(ip route show table "$t" 2>/dev/null | wc -l)))
+	left=$((left + $(ip rule show | grep -c "lookup $t\b") + $(ip -6 rule show | grep -c "lookup $t\b") + $(ip route show table "$t" 2>/dev/null | wc -l) + $(ip -6 route show table "$t" 2>/dev/null | wc -l)))
 done
 check "detached ENIs: rules and routes left" 0 "$left"
 # shellcheck disable=SC2086

@@ -94,12 +94,16 @@ fn reads_the_nic_and_recovers_from_transient_faults() -> Result<(), String> {
     assert_eq!(nic.ipv6s.len(), 1);
     assert_eq!(nic.network_card, 0);
     let first = client.requests();
-    assert_eq!(first, 8, "1 token + 6 keys + the primary MAC: only this MAC's network keys are read");
+    assert_eq!(
+        first, 11,
+        "1 token + 9 keys (device-number, local-ipv4s, subnet-ipv4-cidr-block, network-card, ipv6s, interface-id, \
+         ipv4-prefix, ipv6-prefix, subnet-ipv6-cidr-blocks) + the primary MAC: only this MAC's network keys are read"
+    );
     rt.block_on(client.nic(MAC)).map_err(|e| e.to_string())?.ok_or("NIC not listed")?;
     let clean = client.requests() - first;
     // The token is remembered; this mock instance has no primary ENI (meta-data/mac is a 404),
     // so the MAC is asked again (a primary MAC, once read, is remembered).
-    assert_eq!(clean, 7, "6 keys + meta-data/mac");
+    assert_eq!(clean, 10, "9 keys + meta-data/mac");
 
     // Each transient fault: retried within the deadline, then the NIC is read.
     // (fault, count, the status the mock logs for it: 0 = dropped, 401 = expired token)

@@ -41,7 +41,7 @@ pub enum AgentError {
     Output(std::io::Error),
     #[error("serializing an event: {0}")]
     Json(#[from] serde_json::Error),
-    #[error("refresh of {0} failed: nothing was changed (the errors above say why)")]
+    #[error("refresh of {0} failed (the lines above say why, and what was changed, if anything)")]
     RefreshFailed(String),
     #[error("the {} stopped ({}): stopping so that the service manager restarts the agent", .0.source, .0.why)]
     SourceEnded(SourceEnded),

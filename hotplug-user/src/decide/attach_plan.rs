@@ -124,6 +124,24 @@ pub struct Taken {
     pub addresses: Vec<IpAddr>,
     /// Policy-routing tables the agent configured for other NICs.
     pub tables: Vec<u32>,
+    /// Prefixes other NICs' rules take traffic from (their delegated prefixes).
+    pub prefixes: Vec<(IpAddr, u8)>,
+}
+
+/// Whether two prefixes overlap (one holds the other's network).
+fn overlap(a: (IpAddr, u8), b: (IpAddr, u8)) -> bool {
+    let shorter = a.1.min(b.1);
+    match (a.0, b.0) {
+        (IpAddr::V4(x), IpAddr::V4(y)) => {
+            let mask = if shorter == 0 { 0 } else { u32::MAX << (32 - u32::from(shorter.min(32))) };
+            u32::from(x) & mask == u32::from(y) & mask
+        }
+        (IpAddr::V6(x), IpAddr::V6(y)) => {
+            let mask = if shorter == 0 { 0 } else { u128::MAX << (128 - u32::from(shorter.min(128))) };
+            u128::from(x) & mask == u128::from(y) & mask
+        }
+        _ => false,
+    }
 }
 
 /// Checks `nic` and plans its configuration in `layout`, against what other NICs hold (`taken`).
@@ -243,6 +261,17 @@ pub fn refresh_removals<T: PartialEq + Clone>(before: &[T], now: &[T]) -> Vec<T>
     before.iter().filter(|b| !now.contains(b)).cloned().collect()
 }
 
+/// Refuses a delegated prefix that overlaps one another NIC's rules take traffic from.
+fn claimed(taken: &Taken, prefix: (IpAddr, u8)) -> Result<(), String> {
+    match taken.prefixes.iter().find(|other| overlap(**other, prefix)) {
+        Some((network, length)) => Err(format!(
+            "delegated prefix {}/{} overlaps {network}/{length}, another NIC's delegated prefix: refusing to take its traffic",
+            prefix.0, prefix.1
+        )),
+        None => Ok(()),
+    }
+}
+
 /// `eni-…` and `device-number-N[.C]`, as amazon-ec2-net-utils' `add_altnames` names them.
 fn altnames(nic: &NicMetadata) -> Vec<String> {
     let device = if nic.network_card_listed {
@@ -281,6 +310,7 @@ fn delegated_prefixes(nic: &NicMetadata, taken: &Taken) -> Result<Vec<(IpAddr, u
                 prefix.network, prefix.prefix
             ));
         }
+        claimed(taken, (IpAddr::V4(prefix.network), prefix.prefix))?;
         prefixes.push((IpAddr::V4(prefix.network), prefix.prefix));
     }
     for prefix in &nic.ipv6_prefixes {
@@ -303,6 +333,7 @@ fn delegated_prefixes(nic: &NicMetadata, taken: &Taken) -> Result<Vec<(IpAddr, u
                 prefix.network, prefix.prefix
             ));
         }
+        claimed(taken, (IpAddr::V6(prefix.network), prefix.prefix))?;
         prefixes.push((IpAddr::V6(prefix.network), prefix.prefix));
     }
     Ok(prefixes)
@@ -399,7 +430,7 @@ mod tests {
             attach_plan(&old_type, &Taken::default(), Layout::AmazonLinux)?.altnames,
             ["device-number-1"]
         );
-        // The old layout stays as it was: no altnames, subnet routes or main-table default.
+        // The old layout keeps its objects (only the prefixes' rules are new): no altnames, subnet routes or main-table default.
         let old = attach_plan(&with_prefixes, &Taken::default(), Layout::DeviceNumber)?;
         let old_policy = old.policy.ok_or("no policy routing")?;
         assert!(old.altnames.is_empty() && old_policy.subnets.is_empty() && !old_policy.main_default);
@@ -414,7 +445,15 @@ mod tests {
     #[test]
     fn prefixes_outside_the_subnet_too_wide_or_over_another_nic_are_refused() {
         let v4 = |a: [u8; 4], prefix| Ipv4Net { network: Ipv4Addr::from(a), prefix };
-        let other = Taken { addresses: vec![IpAddr::V4(Ipv4Addr::new(10, 0, 1, 40))], tables: vec![] };
+        let other = Taken {
+            addresses: vec![IpAddr::V4(Ipv4Addr::new(10, 0, 1, 40))],
+            tables: vec![],
+            prefixes: vec![],
+        };
+        let other_prefix = Taken {
+            prefixes: vec![(IpAddr::V6(v6net("2001:db8:1:1:5::", 80).network), 80)],
+            ..Taken::default()
+        };
         let cases = [
             (
                 "not a /28",
@@ -435,6 +474,11 @@ mod tests {
                 "not an /80",
                 NicMetadata { ipv6_prefixes: vec![v6net("2001:db8:9::", 80)], ..nic() },
                 Taken::default(),
+            ),
+            (
+                "another NIC's delegated prefix",
+                NicMetadata { ipv6_prefixes: vec![v6net("2001:db8:1:1:5::", 96)], ..nic() },
+                other_prefix,
             ),
             (
                 "not an /80",
@@ -520,8 +564,9 @@ mod tests {
     fn hostile_answers_are_refused_with_a_reason() {
         let v4 = |a: [u8; 4]| Ipv4Addr::from(a);
         let none = Taken::default();
-        let address_taken = Taken { addresses: vec![IpAddr::V4(v4([10, 0, 1, 6]))], tables: vec![] };
-        let table_taken = Taken { addresses: vec![], tables: vec![TABLE_BASE + 1] };
+        let address_taken =
+            Taken { addresses: vec![IpAddr::V4(v4([10, 0, 1, 6]))], tables: vec![], prefixes: vec![] };
+        let table_taken = Taken { addresses: vec![], tables: vec![TABLE_BASE + 1], prefixes: vec![] };
         let cases: Vec<(&str, NicMetadata, &Taken)> = vec![
             ("outside", NicMetadata { local_ipv4s: vec![v4([192, 168, 0, 5])], ..nic() }, &none),
             (

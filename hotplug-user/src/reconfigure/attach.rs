@@ -32,7 +32,8 @@ const ROUTER_WAIT: Duration = Duration::from_secs(10);
 pub struct AttachReport {
     /// The rules the agent added (the detach path removes exactly these).
     pub rules: Vec<Entry>,
-    /// The addresses the plan holds (a refresh removes one IMDS no longer lists).
+    /// The addresses this call added (not those already there: a refresh removes only the
+    /// agent's own that IMDS no longer lists).
     pub addresses: Vec<(IpAddr, u8)>,
     pub table: Option<u32>,
     pub errors: Vec<String>,
@@ -47,12 +48,16 @@ fn note(report: &mut AttachReport, what: String, result: Result<(), rtnetlink::E
 }
 
 pub async fn configure(handle: &Handle, ifindex: u32, plan: &AttachPlan) -> AttachReport {
-    let mut report = AttachReport { addresses: plan.addresses.clone(), ..AttachReport::default() };
+    let mut report = AttachReport::default();
     let up = handle.link().set(LinkUnspec::new_with_index(ifindex).up().build()).execute().await;
     note(&mut report, "link up".into(), up);
     for (address, prefix) in &plan.addresses {
-        // Added, not replaced: an address already there (on this NIC) stays as it is.
+        // Added, not replaced: an address already there (on this NIC) stays as it is, and is not
+        // the agent's (a refresh never removes it).
         let result = handle.address().add(ifindex, *address, *prefix).execute().await;
+        if result.is_ok() {
+            report.addresses.push((*address, *prefix));
+        }
         note(&mut report, format!("address {address}/{prefix}"), result);
     }
     add_altnames(handle, ifindex, &plan.altnames, &mut report).await;
@@ -132,15 +137,59 @@ async fn routes(handle: &Handle, ifindex: u32, policy: &PolicyRouting, report: &
         }
     }
     if let (true, Some(metric)) = (policy.main_default, policy.metric) {
-        let main = RouteMessageBuilder::<Ipv4Addr>::new()
-            .gateway(policy.gateway)
-            .output_interface(ifindex)
-            .priority(metric)
-            .build();
-        if let Err(error) = super::add_route_exclusive(handle, main).await {
-            report.errors.push(format!("default via {} metric {metric} (main): {error}", policy.gateway));
+        // Only behind another default route: one with a lower metric must be there already (the
+        // primary's; 512 on Amazon Linux). Elsewhere (networkd's 1024, dhcpcd's 1000+) this one
+        // would win, and replies from the primary's address would leave through this ENI.
+        match lowest_default_metric(handle).await {
+            Ok(Some(lowest)) if lowest < metric => {
+                let main = RouteMessageBuilder::<Ipv4Addr>::new()
+                    .gateway(policy.gateway)
+                    .output_interface(ifindex)
+                    .priority(metric)
+                    .build();
+                if let Err(error) = super::add_route_exclusive(handle, main).await {
+                    report.errors.push(format!("default via {} metric {metric} (main): {error}", policy.gateway));
+                }
+            }
+            Ok(lowest) => tracing::info!(
+                ifindex,
+                metric,
+                ?lowest,
+                "no default route in main with a lower metric than this ENI's: none added there (it would take the host's traffic)"
+            ),
+            Err(error) => report.errors.push(format!("reading main's default routes: {error}")),
         }
     }
+}
+
+/// The lowest metric of the IPv4 default routes in `main`, if there is one.
+async fn lowest_default_metric(handle: &Handle) -> Result<Option<u32>, rtnetlink::Error> {
+    let probe = RouteMessageBuilder::<Ipv4Addr>::new().build();
+    let mut routes = handle.route().get(probe).execute();
+    let mut lowest: Option<u32> = None;
+    while let Some(route) = routes.try_next().await? {
+        let table = route
+            .attributes
+            .iter()
+            .find_map(|a| match a {
+                RouteAttribute::Table(t) => Some(*t),
+                _ => None,
+            })
+            .unwrap_or(u32::from(route.header.table));
+        if table != u32::from(libc::RT_TABLE_MAIN) || route.header.destination_prefix_length != 0 {
+            continue;
+        }
+        let metric = route
+            .attributes
+            .iter()
+            .find_map(|a| match a {
+                RouteAttribute::Priority(p) => Some(*p),
+                _ => None,
+            })
+            .unwrap_or(0);
+        lowest = Some(lowest.map_or(metric, |l| l.min(metric)));
+    }
+    Ok(lowest)
 }
 
 /// Adds the altnames the NIC does not have yet. One another interface has is an error naming it
@@ -187,17 +236,18 @@ async fn add_altnames(handle: &Handle, ifindex: u32, altnames: &[String], report
 async fn ipv6_default(handle: &Handle, ifindex: u32, policy: &PolicyRouting) {
     let started = tokio::time::Instant::now();
     let router = loop {
-        match ipv6_router(handle, ifindex).await {
+        // A dump can meet another on the agent's shared socket (EBUSY): asked again, like
+        // "no router yet", until the wait is over.
+        let found = ipv6_router(handle, ifindex).await;
+        match found {
             Ok(Some(router)) => break router,
-            Ok(None) if started.elapsed() < ROUTER_WAIT => {
-                tokio::time::sleep(Duration::from_millis(200)).await
-            }
+            _ if started.elapsed() < ROUTER_WAIT => tokio::time::sleep(Duration::from_millis(200)).await,
             Ok(None) => {
                 tracing::warn!(ifindex, table = policy.table, "no IPv6 router advertised itself on the NIC within {} s: its table has no IPv6 default route, so IPv6 from its addresses goes by the main table (`hotplug-agent refresh` tries again)", ROUTER_WAIT.as_secs());
                 return;
             }
             Err(error) => {
-                tracing::warn!(ifindex, %error, "cannot read the NIC's IPv6 routes and neighbours: no IPv6 default route in its table");
+                tracing::warn!(ifindex, %error, "cannot read the NIC's IPv6 routes and neighbours: no IPv6 default route in its table (`hotplug-agent refresh` tries again)");
                 return;
             }
         }
@@ -250,7 +300,8 @@ pub async fn ipv6_router(handle: &Handle, ifindex: u32) -> Result<Option<Ipv6Add
             NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => Some(*v6),
             _ => None,
         });
-        if let Some(address) = address {
+        // A router is on-link: its address is link-local (EC2's `fe80::1`).
+        if let Some(address) = address.filter(|a| a.segments()[0] & 0xffc0 == 0xfe80) {
             return Ok(Some(address));
         }
     }

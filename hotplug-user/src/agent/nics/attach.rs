@@ -184,6 +184,21 @@ impl NicManager {
                 })
                 .filter_map(|n| n.attach.as_ref().and_then(|a| a.table))
                 .collect(),
+            prefixes: others()
+                .flat_map(|n| n.configured_rules.iter())
+                .filter_map(|entry| crate::snapshot::rule_message(entry).ok())
+                .filter_map(|rule| {
+                    let length = rule.header.src_len;
+                    rule.attributes.iter().find_map(|a| match a {
+                        rtnetlink::packet_route::rule::RuleAttribute::Source(source) => {
+                            Some((*source, length))
+                        }
+                        _ => None,
+                    })
+                })
+                // A single address's rule (/32, /128) is the address itself: `addresses` has it.
+                .filter(|(source, length)| *length < if source.is_ipv4() { 32 } else { 128 })
+                .collect(),
         }
     }
 }

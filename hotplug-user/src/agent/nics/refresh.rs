@@ -1,8 +1,8 @@
 //! `hotplug-agent refresh IFACE`: one IMDS look-up for an ENI the agent configured, then the NIC
 //! brought in line with it -- what IMDS lists now (a secondary address, an IPv6 address, a
 //! delegated prefix assigned since the attach) is added, and what the agent had added and IMDS
-//! no longer lists is removed. An IMDS error, a not-yet-propagated or refused answer changes
-//! nothing (`decide::attach_plan::refresh_removals`).
+//! no longer lists is removed (an address that was there before the agent's is never the
+//! agent's). An IMDS error, a not-yet-propagated or refused answer changes nothing.
 use tokio::sync::oneshot;
 
 use super::{Background, NicManager};
@@ -109,30 +109,44 @@ impl NicManager {
         let Some(nic) = self.nics.get(&mac) else { return send(reply, &outcome) };
         let (old_addresses, old_rules) = (nic.configured_addresses.clone(), nic.configured_rules.clone());
         let report = attach_config::configure(&self.handle, ifindex, &plan).await;
-        let stale_addresses = refresh_removals(&old_addresses, &report.addresses);
+        // The agent's addresses now: its earlier ones IMDS still lists (by address: a new prefix
+        // length does not make it another), and those this call added.
+        let planned = |a: &std::net::IpAddr| plan.addresses.iter().any(|(p, _)| p == a);
+        let (mut addresses, stale_addresses): (Vec<_>, Vec<_>) =
+            old_addresses.iter().copied().partition(|(a, _)| planned(a));
+        let new: Vec<_> = report
+            .addresses
+            .iter()
+            .copied()
+            .filter(|(a, _)| !addresses.iter().any(|(k, _)| k == a))
+            .collect();
+        addresses.extend(new);
         let stale_rules = refresh_removals(&old_rules, &report.rules);
         let mut errors = report.errors.clone();
         errors.extend(attach_config::remove(&self.handle, ifindex, &stale_addresses, &stale_rules).await);
         let show = |(a, l): &(std::net::IpAddr, u8)| format!("address {a}/{l}");
-        outcome.added = refresh_removals(&report.addresses, &old_addresses).iter().map(show).collect();
+        outcome.added = report.addresses.iter().map(show).collect();
         outcome.added.extend(refresh_removals(&report.rules, &old_rules).into_iter().map(|r| r.summary));
         outcome.removed = stale_addresses.iter().map(show).collect();
         outcome.removed.extend(stale_rules.into_iter().map(|r| r.summary));
-        outcome.status = if !errors.is_empty() {
-            "failed".into()
-        } else if outcome.added.is_empty() && outcome.removed.is_empty() {
-            "unchanged".into()
-        } else {
-            "refreshed".into()
+        let changed = !outcome.added.is_empty() || !outcome.removed.is_empty();
+        outcome.status = match (errors.is_empty(), changed) {
+            (false, true) => "partial".into(),
+            (false, false) => "failed".into(),
+            (true, true) => "refreshed".into(),
+            (true, false) => "unchanged".into(),
         };
         outcome.errors = errors;
         tracing::info!(%mac, ifindex, action = "refresh", status = %outcome.status, added = ?outcome.added, removed = ?outcome.removed, errors = ?outcome.errors, imds_requests = requests, "ENI refreshed from IMDS");
         if let Some(nic) = self.nics.get_mut(&mac) {
             nic.configured_rules = report.rules;
-            nic.configured_addresses = report.addresses;
+            nic.configured_addresses = addresses;
             if let Some(attach) = nic.attach.as_mut() {
                 attach.imds_requests += requests;
                 attach.table = report.table;
+                // What `status` shows is the NIC's configuration now: the refresh's outcome.
+                attach.status = if outcome.errors.is_empty() { "configured".into() } else { "failed".into() };
+                attach.errors.clone_from(&outcome.errors);
             }
         }
         self.persist(&mac);
