@@ -65,10 +65,15 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Ask the running agent for each NIC's state, snapshot, last event and last restore.
+    /// Ask the running agent for each NIC's state, last event, last restore and attach: a table
+    /// (`--detail`: one block per NIC with its configuration and every error; `--json`: all of
+    /// it for scripts).
     Status {
         #[arg(long)]
         json: bool,
+        /// One block per NIC: its configuration, last event and restore in full, errors.
+        #[arg(long, conflicts_with = "json")]
+        detail: bool,
     },
     /// Ask IMDS again for an attached ENI (a secondary address, IPv6 address or delegated prefix
     /// assigned or unassigned since) and bring the NIC in line: what IMDS lists now is added,

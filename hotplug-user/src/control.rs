@@ -96,6 +96,10 @@ pub struct AttachOutcome {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct NicStatus {
     pub mac: String,
+    /// Its interface name now (while present), else the last one known. (`name` is the
+    /// present state's own field.)
+    #[serde(default, rename = "interface", skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     #[serde(flatten)]
     pub state: NicState,
     /// The network manager that configures it besides hotplug-agent, if any.
@@ -103,9 +107,79 @@ pub struct NicStatus {
     pub manager: Option<String>,
     pub snapshot: Option<String>,
     pub last_event: Option<String>,
+    /// How long ago the last event happened (by the kernel's clock), when the status was taken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_event_age_ms: Option<u64>,
     pub last_restore: Option<RestoreOutcome>,
     #[serde(default)]
     pub attach: Option<AttachOutcome>,
+}
+
+/// A short age: `850 ms`, `12 s`, `7 min`, `3 h`, `2 d`.
+pub fn age(ms: u64) -> String {
+    match ms {
+        0..=999 => format!("{ms} ms"),
+        1_000..=119_999 => format!("{} s", ms / 1_000),
+        120_000..=7_199_999 => format!("{} min", ms / 60_000),
+        7_200_000..=172_799_999 => format!("{} h", ms / 3_600_000),
+        _ => format!("{} d", ms / 86_400_000),
+    }
+}
+
+/// One row of `status`'s table: NIC, MAC, state, last event, last restore, attach.
+pub fn table_row(nic: &NicStatus) -> [String; 6] {
+    let state = serde_json::to_value(&nic.state).unwrap_or_default();
+    let state_name = state["state"].as_str().unwrap_or("?");
+    let state = match state["cause"].as_str() {
+        Some(cause) => format!("{state_name} ({cause})"),
+        None => state_name.to_owned(),
+    };
+    let event = nic.last_event.as_deref().map_or_else(
+        || "-".to_owned(),
+        |e| {
+            let words: Vec<&str> = e.split_whitespace().take(2).collect();
+            let ago = nic.last_event_age_ms.map(|a| format!(", {} ago", age(a))).unwrap_or_default();
+            format!("{}{ago}", words.join(" "))
+        },
+    );
+    let restore = nic.last_restore.as_ref().map_or_else(
+        || "-".to_owned(),
+        |r| {
+            let verdict = if !r.errors.is_empty() {
+                format!("{} errors", r.errors.len())
+            } else if !r.differences.is_empty() {
+                format!("{} differences", r.differences.len())
+            } else {
+                "ok".to_owned()
+            };
+            format!("{verdict}, {} ms", r.latency_us / 1_000)
+        },
+    );
+    let attach = nic.attach.as_ref().map_or_else(
+        || "-".to_owned(),
+        |a| format!("{}{}", a.status, a.table.map(|t| format!(", table {t}")).unwrap_or_default()),
+    );
+    let name = nic.name.clone().unwrap_or_else(|| "-".to_owned());
+    [name, nic.mac.clone(), state, event, restore, attach]
+}
+
+/// The rows laid out in columns under a header.
+pub fn table(rows: &[[String; 6]]) -> String {
+    let header = ["NIC", "MAC", "STATE", "LAST EVENT", "LAST RESTORE", "ATTACH"].map(str::to_owned);
+    let mut widths = header.clone().map(|h| h.chars().count());
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in std::iter::once(&header).chain(rows) {
+        let cells: Vec<String> =
+            row.iter().zip(widths).map(|(cell, width)| format!("{cell:<width$}")).collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
 }
 
 /// Sends `request` and returns the agent's answer.
@@ -164,8 +238,9 @@ pub fn print_refresh(socket: &Path, iface: &str, json: bool) -> Result<bool, Con
     Ok(outcome.status == "refreshed" || outcome.status == "unchanged")
 }
 
-/// `hotplug-agent status`: asks the running agent and prints its answer.
-pub fn print_status(socket: &Path, json: bool) -> Result<(), ControlError> {
+/// `hotplug-agent status`: asks the running agent and prints its answer: a table, one block per
+/// NIC with everything (`detail`), or the JSON.
+pub fn print_status(socket: &Path, json: bool, detail: bool) -> Result<(), ControlError> {
     let body = ask(socket, &Request::Status, Duration::from_secs(10))?;
     let status: Vec<NicStatus> = serde_json::from_slice(&body)?;
     let mut out = std::io::stdout().lock();
@@ -178,6 +253,11 @@ pub fn print_status(socket: &Path, json: bool) -> Result<(), ControlError> {
     if managers.any() || managers.cloud_init_hotplug.is_some() {
         let names = managers.names().join(", ");
         let _ = writeln!(out, "other network managers: {names}");
+    }
+    if !detail {
+        let rows: Vec<[String; 6]> = status.iter().map(table_row).collect();
+        let _ = out.write_all(table(&rows).as_bytes());
+        return Ok(());
     }
     for nic in status {
         let state = serde_json::to_value(&nic.state).ok();
@@ -219,4 +299,94 @@ pub fn print_status(socket: &Path, json: bool) -> Result<(), ControlError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::classify::Cause;
+
+    fn nic(mac: &str, state: NicState) -> NicStatus {
+        NicStatus {
+            mac: mac.into(),
+            name: None,
+            state,
+            manager: None,
+            snapshot: None,
+            last_event: None,
+            last_event_age_ms: None,
+            last_restore: None,
+            attach: None,
+        }
+    }
+
+    #[test]
+    fn the_status_table_has_a_row_per_nic_in_aligned_columns() {
+        let mut present = nic("52:54:00:12:34:10", NicState::Present { ifindex: 2, name: "eth0".into() });
+        present.name = Some("eth0".into());
+        present.last_event = Some("registration driver-load (kernel) ifindex 2".into());
+        present.last_event_age_ms = Some(12_345);
+        present.last_restore = Some(RestoreOutcome {
+            latency_us: 71_500,
+            requests: 4,
+            errors: vec![],
+            differences: vec!["route x".into()],
+            left_to_manager: vec![],
+            waited_for_manager_ms: None,
+        });
+        present.attach = Some(AttachOutcome {
+            status: "configured".into(),
+            latency_ms: Some(200),
+            imds_requests: 11,
+            table: Some(10_001),
+            errors: vec![],
+        });
+        let gone = nic(
+            "52:54:00:12:34:11",
+            NicState::DriverGone { cause: Cause::DriverUnload, since_ns: 1, deadline_ns: 2 },
+        );
+        let rows = [table_row(&present), table_row(&gone)];
+        assert_eq!(
+            rows[0],
+            [
+                "eth0",
+                "52:54:00:12:34:10",
+                "present",
+                "registration driver-load, 12 s ago",
+                "1 differences, 71 ms",
+                "configured, table 10001"
+            ]
+            .map(str::to_owned)
+        );
+        assert_eq!(rows[1][2], "driver-gone (driver-unload)");
+        assert_eq!(rows[1][3], "-");
+        let text = table(&rows);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert!(lines[0].starts_with("NIC   MAC"), "{text}");
+        // Every column starts at the same offset on every line.
+        let column = |line: &str, needle: &str| line.find(needle);
+        assert_eq!(column(lines[0], "STATE"), column(lines[1], "present"), "{text}");
+        assert_eq!(column(lines[0], "STATE"), column(lines[2], "driver-gone"), "{text}");
+        assert_eq!(column(lines[0], "ATTACH"), column(lines[1], "configured"), "{text}");
+    }
+
+    #[test]
+    fn the_json_has_no_duplicate_keys_and_reads_back() -> Result<(), serde_json::Error> {
+        let mut present = nic("52:54:00:12:34:10", NicState::Present { ifindex: 2, name: "eth0".into() });
+        present.name = Some("eth0".into());
+        let text = serde_json::to_string(&[present])?;
+        let back: Vec<NicStatus> = serde_json::from_str(&text)?;
+        assert_eq!(back[0].name.as_deref(), Some("eth0"), "{text}");
+        Ok(())
+    }
+
+    #[test]
+    fn ages_are_short() {
+        assert_eq!(age(850), "850 ms");
+        assert_eq!(age(12_000), "12 s");
+        assert_eq!(age(7 * 60_000), "7 min");
+        assert_eq!(age(3 * 3_600_000), "3 h");
+        assert_eq!(age(2 * 86_400_000), "2 d");
+    }
 }

@@ -51,7 +51,9 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command.unwrap_or(Command::Run) {
             Command::Run => agent::run(cli.config.clone(), config()?, options, notifier).await,
-            Command::Status { json } => Ok(hotplug::control::print_status(&config()?.socket, json)?),
+            Command::Status { json, detail } => {
+                Ok(hotplug::control::print_status(&config()?.socket, json, detail)?)
+            }
             Command::Refresh { iface, json } => {
                 if hotplug::control::print_refresh(&config()?.socket, &iface, json)? {
                     Ok(())

@@ -209,7 +209,7 @@ TOML
 }
 imds_requests() { mock GET /_mock/stats | sed -n 's/.*"requests":\([0-9]*\).*/\1/p'; }
 # status_of MAC: the agent's status block for MAC (configuration /tmp/hotplug.toml).
-status_of() { hotplug-agent --config /tmp/hotplug.toml status | awk -v m="$1" '$1 == m { f = 1; print; next } /^[0-9a-f][0-9a-f]:/ { f = 0 } f'; }
+status_of() { hotplug-agent --config /tmp/hotplug.toml status --detail | awk -v m="$1" '$1 == m { f = 1; print; next } /^[0-9a-f][0-9a-f]:/ { f = 0 } f'; }
 # wait_attach MAC STATUS SECONDS: until the agent's status shows that attach status for MAC.
 wait_attach() {
 	j=0

@@ -71,7 +71,7 @@ NEW=02:00:00:00:0c:01
 vmctl unplug eth2
 mock POST /_mock/attach "{\"nic\":{\"mac\":\"$NEW\",\"device_number\":1,\"local_ipv4s\":[\"10.1.1.5\"],\"subnet_ipv4_cidr_block\":\"10.1.1.0/24\"},\"lag_ms\":8000}" >/dev/null
 vmctl plug eth2 --mac $NEW
-wait_until 10 "hotplug-agent --config /tmp/hotplug.toml status | grep -q 'attach: waiting-for-imds'" || echo "the attach did not start"
+wait_until 10 "hotplug-agent --config /tmp/hotplug.toml status --detail | grep -q 'attach: waiting-for-imds'" || echo "the attach did not start"
 crash
 start_agent
 wait_until 30 "ip rule show | grep -q 'lookup 10001'" || status_of $NEW

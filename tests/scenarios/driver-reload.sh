@@ -100,7 +100,7 @@ for mac in $MACS; do
 	diff /tmp/before.txt /tmp/after.txt >/tmp/diff.txt
 	check "$module reload: config diff lines" 0 "$(wc -l </tmp/diff.txt)"
 	[ -s /tmp/diff.txt ] && cat /tmp/diff.txt
-	latency=$(hotplug-agent --config /tmp/hotplug.toml status |
+	latency=$(hotplug-agent --config /tmp/hotplug.toml status --detail |
 		awk -v m="$mac" '$1 == m { f = 1; next } /^[0-9a-f][0-9a-f]:/ { f = 0 } f && /last restore:/ { print $3 }')
 	vmctl report "restore_latency_us_$module" "${latency:-null}"
 	echo "  $module: restore latency ${latency:-?} us"

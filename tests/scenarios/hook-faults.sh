@@ -55,7 +55,7 @@ while ! restored && [ $j -lt 100 ]; do sleep 0.1; j=$((j + 1)); done
 check "virtio NIC restored while the hook hangs" yes "$(restored && echo yes || echo no)"
 
 t0=$(uptime_ms)
-hotplug-agent --config /tmp/hotplug.toml status >/tmp/status.txt 2>&1
+hotplug-agent --config /tmp/hotplug.toml status --detail >/tmp/status.txt 2>&1
 status_ms=$(($(uptime_ms) - t0))
 check "status answers within 1 s" yes "$([ $status_ms -lt 1000 ] && grep -q "$V" /tmp/status.txt && echo yes || echo no)"
 vmctl report status_ms_while_hook_hangs $status_ms

@@ -77,6 +77,11 @@ check "refresh: the unassigned address gone" no "$(ip -4 addr show dev "$dev1" |
 check "refresh: its rule gone" 0 "$(ip rule show | grep -c 'from 10.2.2.6 lookup')"
 check "refresh: the primary address kept" yes "$(ip -4 addr show dev "$dev1" | grep -q 'inet 10.2.2.5/24' && echo yes || echo no)"
 
+# `status` for people: a table, a row per NIC.
+hotplug-agent --config /tmp/hotplug.toml status | tee /tmp/status.table
+check "status table: header" yes "$(head -1 /tmp/status.table | grep -q '^NIC  *MAC  *STATE  *LAST EVENT  *LAST RESTORE  *ATTACH$' && echo yes || echo no)"
+check "status table: the refreshed ENI's row" yes "$(grep -q "^$dev1  *$NEW1  *present  .*configured, table 10002\$" /tmp/status.table && echo yes || echo no)"
+
 echo "--- rules and tables:"
 ip rule show
 ip route show table all | grep -E 'table 10[0-9]{3}'

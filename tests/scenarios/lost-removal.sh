@@ -19,7 +19,7 @@ kill -CONT "$AGENT_PID"
 wait_until 10 "grep -q 'removal lost' /tmp/agent.log" || echo "the agent did not notice the lost removal"
 check "the loss reported" yes "$(grep -q 'kernel events lost' /tmp/agent.log && echo yes || echo no)"
 check "the lost removal recovered at the resync" yes "$(grep -q 'removal lost with the kernel events' /tmp/agent.log && echo yes || echo no)"
-state=$(hotplug-agent --config /tmp/hotplug.toml status | awk -v m="$MAC" '$1 == m { print $2 }')
+state=$(hotplug-agent --config /tmp/hotplug.toml status --detail | awk -v m="$MAC" '$1 == m { print $2 }')
 check "the NIC is held for its return" driver-gone "$state"
 modprobe virtio_net
 j=0

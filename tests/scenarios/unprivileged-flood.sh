@@ -20,7 +20,7 @@ start_events /tmp/events.jsonl
 
 restored() { ip addr show dev "$(iface_of $MAC)" 2>/dev/null | grep -q 10.0.0.5/24 && ip route show dev "$(iface_of $MAC)" | grep -q 192.168.50.0; }
 latency() { # the latency of the NIC's last restore, us
-	hotplug-agent --config /tmp/hotplug.toml status |
+	hotplug-agent --config /tmp/hotplug.toml status --detail |
 		awk -v m="$MAC" '$1 == m { f = 1; next } /^[0-9a-f][0-9a-f]:/ { f = 0 } f && /last restore:/ { print $3 }'
 }
 reload() {

@@ -261,11 +261,19 @@ pub fn refresh_removals<T: PartialEq + Clone>(before: &[T], now: &[T]) -> Vec<T>
     before.iter().filter(|b| !now.contains(b)).cloned().collect()
 }
 
-/// Refuses a delegated prefix that overlaps one another NIC's rules take traffic from.
-fn claimed(taken: &Taken, prefix: (IpAddr, u8)) -> Result<(), String> {
+/// Refuses a delegated prefix over another NIC's address, or overlapping a prefix another NIC's
+/// rules take traffic from: its `from` rule would take their traffic.
+fn claimed(taken: &Taken, key: &str, prefix: (IpAddr, u8)) -> Result<(), String> {
+    let full = |a: &IpAddr| (*a, if a.is_ipv4() { 32 } else { 128 });
+    if let Some(other) = taken.addresses.iter().find(|a| overlap(full(a), prefix)) {
+        return Err(format!(
+            "{key} {}/{} covers {other}, another NIC's address: refusing to take its traffic",
+            prefix.0, prefix.1
+        ));
+    }
     match taken.prefixes.iter().find(|other| overlap(**other, prefix)) {
         Some((network, length)) => Err(format!(
-            "delegated prefix {}/{} overlaps {network}/{length}, another NIC's delegated prefix: refusing to take its traffic",
+            "{key} {}/{} overlaps {network}/{length}, another NIC's delegated prefix: refusing to take its traffic",
             prefix.0, prefix.1
         )),
         None => Ok(()),
@@ -302,15 +310,7 @@ fn delegated_prefixes(nic: &NicMetadata, taken: &Taken) -> Result<Vec<(IpAddr, u
                 prefix.network, prefix.prefix, nic.subnet_ipv4.network, nic.subnet_ipv4.prefix
             ));
         }
-        if let Some(other) =
-            taken.addresses.iter().find(|a| matches!(a, IpAddr::V4(v4) if prefix.contains(*v4)))
-        {
-            return Err(format!(
-                "ipv4-prefix {}/{} covers {other}, another NIC's address: refusing to take its traffic",
-                prefix.network, prefix.prefix
-            ));
-        }
-        claimed(taken, (IpAddr::V4(prefix.network), prefix.prefix))?;
+        claimed(taken, "ipv4-prefix", (IpAddr::V4(prefix.network), prefix.prefix))?;
         prefixes.push((IpAddr::V4(prefix.network), prefix.prefix));
     }
     for prefix in &nic.ipv6_prefixes {
@@ -325,15 +325,7 @@ fn delegated_prefixes(nic: &NicMetadata, taken: &Taken) -> Result<Vec<(IpAddr, u
                 prefix.network, prefix.prefix
             ));
         }
-        if let Some(other) =
-            taken.addresses.iter().find(|a| matches!(a, IpAddr::V6(v6) if prefix.contains(*v6)))
-        {
-            return Err(format!(
-                "ipv6-prefix {}/{} covers {other}, another NIC's address: refusing to take its traffic",
-                prefix.network, prefix.prefix
-            ));
-        }
-        claimed(taken, (IpAddr::V6(prefix.network), prefix.prefix))?;
+        claimed(taken, "ipv6-prefix", (IpAddr::V6(prefix.network), prefix.prefix))?;
         prefixes.push((IpAddr::V6(prefix.network), prefix.prefix));
     }
     Ok(prefixes)

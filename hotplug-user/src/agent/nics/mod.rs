@@ -569,6 +569,14 @@ impl NicManager {
             .values()
             .map(|n| NicStatus {
                 mac: n.mac.clone(),
+                name: match &n.state {
+                    NicState::Present { name, .. } => Some(name.clone()),
+                    _ => n.snapshot.as_ref().map(|s| s.name.clone()),
+                },
+                last_event_age_ms: n
+                    .last_event
+                    .as_ref()
+                    .map(|e| monotonic_ns().saturating_sub(e.timestamp_ns) / 1_000_000),
                 state: n.state.clone(),
                 manager: n.snapshot.as_ref().and_then(|s| s.manager).map(|m| m.as_str().to_owned()),
                 snapshot: n.snapshot.as_ref().map(NicSnapshot::summary_line),
