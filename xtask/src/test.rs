@@ -37,6 +37,8 @@ struct Tally {
     failed: u32,
     skipped: Vec<String>,
     failures: Vec<String>,
+    /// Scenarios run twice because QEMU died under the first run.
+    retried: Vec<String>,
 }
 
 impl Tally {
@@ -140,7 +142,16 @@ pub fn run(args: &TestArgs) -> Result<ExitCode> {
                     binaries: binaries.clone(),
                     distro,
                 };
-                let outcome = guest.run(&scenario.path, Duration::from_secs(600), vm::Console::Capture)?;
+                let mut outcome =
+                    guest.run(&scenario.path, Duration::from_secs(600), vm::Console::Capture)?;
+                if outcome.emulator_died() {
+                    // QEMU exited under the guest, no check failed: said loudly, run once more,
+                    // and the second run counts.
+                    println!("{label}: RETRY, QEMU died under the guest: {}", outcome.summary());
+                    println!("----- guest console ({label}, first run) -----\n{}-----", outcome.console);
+                    tally.retried.push(label.clone());
+                    outcome = guest.run(&scenario.path, Duration::from_secs(600), vm::Console::Capture)?;
+                }
                 vm::write_result(&scenario.name, &guest, &outcome)?;
                 println!("{label}: {} {}", if outcome.passed() { "PASS" } else { "FAIL" }, outcome.summary());
                 if !outcome.passed() {
@@ -158,8 +169,17 @@ pub fn run(args: &TestArgs) -> Result<ExitCode> {
     for failure in &tally.failures {
         println!("failed: {failure}");
     }
+    for retried in &tally.retried {
+        println!("retried (QEMU died under the first run): {retried}");
+    }
     println!("took {:.0} s", started.elapsed().as_secs_f64());
-    println!("{} passed, {} failed, {} skipped", tally.passed, tally.failed, tally.skipped.len());
+    println!(
+        "{} passed, {} failed, {} skipped, {} retried",
+        tally.passed,
+        tally.failed,
+        tally.skipped.len(),
+        tally.retried.len()
+    );
     Ok(if tally.failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 

@@ -352,9 +352,19 @@ pub struct Outcome {
     pub files: BTreeMap<String, Vec<u8>>,
 }
 
+/// What `serve` says when the guest's control channel reaches its end: QEMU exited (or the guest
+/// closed its serial port) with no exit status reported.
+const CHANNEL_CLOSED: &str = "the guest's control channel closed";
+
 impl Outcome {
     pub fn passed(&self) -> bool {
         self.exit_status == Some(0)
+    }
+
+    /// The guest vanished before its script reported anything: QEMU exited under it, with no
+    /// check failed (an emulator failure, worth one more try).
+    pub fn emulator_died(&self) -> bool {
+        self.exit_status.is_none() && self.failure.as_deref().is_some_and(|f| f.contains(CHANNEL_CLOSED))
     }
 
     pub fn summary(&self) -> String {
@@ -528,6 +538,9 @@ impl Guest {
         if outcome.exit_status.is_none() && outcome.failure.is_none() {
             outcome.failure =
                 Some(format!("QEMU exited ({status}) before the script finished: {}", stderr.trim()));
+        } else if let Some(failure) = outcome.failure.as_mut().filter(|f| f.contains(CHANNEL_CLOSED)) {
+            // Say what became of QEMU: the channel closes when it exits.
+            failure.push_str(&format!("; QEMU exited ({status}): {}", stderr.trim()));
         }
         Ok(outcome)
     }
@@ -788,7 +801,7 @@ fn serve(
             bail!("the guest did not finish within {} s", timeout.as_secs());
         }
         match reader.read_line(&mut line) {
-            Ok(0) => bail!("the guest's control channel closed"),
+            Ok(0) => bail!("{CHANNEL_CLOSED}"),
             Ok(_) if line.ends_with('\n') => {}
             Ok(_) => continue,
             Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
