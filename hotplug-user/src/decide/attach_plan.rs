@@ -280,6 +280,33 @@ fn claimed(taken: &Taken, key: &str, prefix: (IpAddr, u8)) -> Result<(), String>
     }
 }
 
+/// Whether a secondary ENI's default route (with `metric`) may go into `main`, given the lowest
+/// metric of the defaults there now: only behind another one (the primary's; 512 on Amazon
+/// Linux). Without one, or behind a higher one (networkd's 1024, dhcpcd's 1000+), it would win,
+/// and replies from the primary's address would leave through this ENI.
+pub fn main_default_allowed(metric: u32, lowest_there: Option<u32>) -> bool {
+    lowest_there.is_some_and(|lowest| lowest < metric)
+}
+
+/// An address or prefix and its length.
+pub type Prefixed = (IpAddr, u8);
+
+/// A refresh's addresses: (the agent's now, the agent's to remove). The agent's earlier ones the
+/// new plan still lists are kept (by address: a new prefix length does not make it another),
+/// and those this refresh `added`; the rest of its earlier ones go. Addresses that were on the
+/// NIC before the agent's are in neither list, so they are never removed.
+pub fn refresh_addresses(
+    before: &[Prefixed],
+    planned: &[Prefixed],
+    added: &[Prefixed],
+) -> (Vec<Prefixed>, Vec<Prefixed>) {
+    let (mut now, stale): (Vec<_>, Vec<_>) =
+        before.iter().copied().partition(|(a, _)| planned.iter().any(|(p, _)| p == a));
+    let new: Vec<_> = added.iter().copied().filter(|(a, _)| !now.iter().any(|(k, _)| k == a)).collect();
+    now.extend(new);
+    (now, stale)
+}
+
 /// `eni-…` and `device-number-N[.C]`, as amazon-ec2-net-utils' `add_altnames` names them.
 fn altnames(nic: &NicMetadata) -> Vec<String> {
     let device = if nic.network_card_listed {
@@ -537,6 +564,22 @@ mod tests {
         let second_card = NicMetadata { device_number: 0, network_card: 1, ..nic() };
         let plan = attach_plan(&second_card, &Taken::default(), Layout::AmazonLinux);
         assert_eq!(plan.ok().and_then(|p| p.policy).map(|p| p.table), Some(10_100));
+    }
+
+    #[test]
+    fn a_main_default_goes_only_behind_a_lower_one_and_a_refresh_removes_only_the_agents() {
+        assert!(main_default_allowed(513, Some(512)));
+        assert!(!main_default_allowed(513, Some(1024)), "networkd's primary would lose");
+        assert!(!main_default_allowed(513, Some(513)));
+        assert!(!main_default_allowed(513, None), "no default: this one would take everything");
+        let a = |last: u8, length| (IpAddr::V4(Ipv4Addr::new(10, 0, 1, last)), length);
+        // Before: .5 and .6 the agent's; plan: .5 (now /25), .7; this refresh added .7.
+        let (now, stale) = refresh_addresses(&[a(5, 24), a(6, 24)], &[a(5, 25), a(7, 24)], &[a(7, 24)]);
+        assert_eq!(now, [a(5, 24), a(7, 24)]);
+        assert_eq!(stale, [a(6, 24)]);
+        // An address already there at attach (not added, so not the agent's) is never stale.
+        let (now, stale) = refresh_addresses(&[], &[a(7, 24)], &[]);
+        assert!(now.is_empty() && stale.is_empty());
     }
 
     #[test]

@@ -12,7 +12,6 @@ use std::{
 
 use futures::TryStreamExt as _;
 use rtnetlink::packet_route::{
-    link::{LinkAttribute, Prop},
     neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags},
     route::{RouteAttribute, RouteProtocol, RouteScope},
 };
@@ -20,7 +19,7 @@ use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    decide::attach_plan::{AttachPlan, PolicyRouting},
+    decide::attach_plan::{main_default_allowed, AttachPlan, PolicyRouting},
     snapshot::{self, Entry},
 };
 
@@ -137,11 +136,8 @@ async fn routes(handle: &Handle, ifindex: u32, policy: &PolicyRouting, report: &
         }
     }
     if let (true, Some(metric)) = (policy.main_default, policy.metric) {
-        // Only behind another default route: one with a lower metric must be there already (the
-        // primary's; 512 on Amazon Linux). Elsewhere (networkd's 1024, dhcpcd's 1000+) this one
-        // would win, and replies from the primary's address would leave through this ENI.
         match lowest_default_metric(handle).await {
-            Ok(Some(lowest)) if lowest < metric => {
+            Ok(lowest) if main_default_allowed(metric, lowest) => {
                 let main = RouteMessageBuilder::<Ipv4Addr>::new()
                     .gateway(policy.gateway)
                     .output_interface(ifindex)
@@ -198,20 +194,8 @@ async fn add_altnames(handle: &Handle, ifindex: u32, altnames: &[String], report
     if altnames.is_empty() {
         return;
     }
-    let own: Vec<String> = match handle.link().get().match_index(ifindex).execute().try_next().await {
-        Ok(Some(link)) => link
-            .attributes
-            .iter()
-            .filter_map(|a| match a {
-                LinkAttribute::PropList(props) => Some(props.iter().filter_map(|p| match p {
-                    Prop::AltIfName(name) => Some(name.clone()),
-                    _ => None,
-                })),
-                _ => None,
-            })
-            .flatten()
-            .collect(),
-        Ok(None) => Vec::new(),
+    let own = match handle.link().get().match_index(ifindex).execute().try_next().await {
+        Ok(link) => link.as_ref().map(snapshot::link_altnames).unwrap_or_default(),
         Err(error) => {
             report.errors.push(format!("altnames: cannot read the link: {error}"));
             return;

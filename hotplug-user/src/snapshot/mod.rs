@@ -357,6 +357,26 @@ pub fn rule_summary(message: &RuleMessage) -> String {
     text
 }
 
+/// The altnames in a link's property list.
+fn altnames_of(props: &[Prop]) -> impl Iterator<Item = String> + '_ {
+    props.iter().filter_map(|p| match p {
+        Prop::AltIfName(n) => Some(n.clone()),
+        _ => None,
+    })
+}
+
+/// A link's altnames.
+pub fn link_altnames(link: &LinkMessage) -> Vec<String> {
+    link.attributes
+        .iter()
+        .filter_map(|a| match a {
+            LinkAttribute::PropList(props) => Some(altnames_of(props)),
+            _ => None,
+        })
+        .flatten()
+        .collect()
+}
+
 /// The link's settings: (name, mtu, up, altnames, permanent/current MAC).
 fn link_settings(link: &LinkMessage) -> (String, Option<u32>, bool, Vec<String>, String) {
     let mut name = String::new();
@@ -369,12 +389,7 @@ fn link_settings(link: &LinkMessage) -> (String, Option<u32>, bool, Vec<String>,
         match attribute {
             LinkAttribute::IfName(n) => name.clone_from(n),
             LinkAttribute::Mtu(m) => mtu = Some(*m),
-            LinkAttribute::PropList(props) => {
-                altnames.extend(props.iter().filter_map(|p| match p {
-                    Prop::AltIfName(n) => Some(n.clone()),
-                    _ => None,
-                }));
-            }
+            LinkAttribute::PropList(props) => altnames.extend(altnames_of(props)),
             LinkAttribute::PermAddress(a) if a.iter().any(|&b| b != 0) => {
                 permanent = Some(crate::identity::format_mac(a, a.len()));
             }

@@ -10,7 +10,7 @@ use crate::{
     control::RefreshOutcome,
     decide::{
         self,
-        attach_plan::{attach_plan, refresh_removals},
+        attach_plan::{attach_plan, refresh_addresses, refresh_removals},
         NicState,
     },
     imds::{ImdsError, NicMetadata},
@@ -109,18 +109,8 @@ impl NicManager {
         let Some(nic) = self.nics.get(&mac) else { return send(reply, &outcome) };
         let (old_addresses, old_rules) = (nic.configured_addresses.clone(), nic.configured_rules.clone());
         let report = attach_config::configure(&self.handle, ifindex, &plan).await;
-        // The agent's addresses now: its earlier ones IMDS still lists (by address: a new prefix
-        // length does not make it another), and those this call added.
-        let planned = |a: &std::net::IpAddr| plan.addresses.iter().any(|(p, _)| p == a);
-        let (mut addresses, stale_addresses): (Vec<_>, Vec<_>) =
-            old_addresses.iter().copied().partition(|(a, _)| planned(a));
-        let new: Vec<_> = report
-            .addresses
-            .iter()
-            .copied()
-            .filter(|(a, _)| !addresses.iter().any(|(k, _)| k == a))
-            .collect();
-        addresses.extend(new);
+        let (addresses, stale_addresses) =
+            refresh_addresses(&old_addresses, &plan.addresses, &report.addresses);
         let stale_rules = refresh_removals(&old_rules, &report.rules);
         let mut errors = report.errors.clone();
         errors.extend(attach_config::remove(&self.handle, ifindex, &stale_addresses, &stale_rules).await);
