@@ -16,6 +16,14 @@ pub struct BenchArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum Bench {
+    /// The benchmark scenarios (`# bench: yes` in tests/scenarios: restore latency against the
+    /// netlink floor, event delivery, storms, idle cost), each on its kernels. Writes
+    /// target/bench/results.json (every figure of every run) and prints them.
+    Scenarios {
+        /// Only scenarios whose name contains this.
+        #[arg(long)]
+        scenario: Option<String>,
+    },
     /// cloud-init's hotplug hook against hotplug-agent, side by side: the distro guest with
     /// cloud-init (Ec2 datasource, hotplug hook as Debian ships it) booted twice, without then with
     /// the package; the same virtio_net reloads and a real attach in each. Writes
@@ -39,7 +47,77 @@ pub enum Bench {
 pub fn run(args: &BenchArgs) -> Result<ExitCode> {
     match &args.which {
         Bench::CloudInit { reloads, kernel, reuse_alone } => cloud_init(*reloads, *kernel, *reuse_alone),
+        Bench::Scenarios { scenario } => scenarios(scenario.as_deref()),
     }
+}
+
+fn scenarios(only: Option<&str>) -> Result<ExitCode> {
+    let benches: Vec<vm::Scenario> = vm::scenarios()?
+        .into_iter()
+        .filter(|s| s.bench && only.is_none_or(|name| s.name.contains(name)))
+        .collect();
+    if benches.is_empty() {
+        bail!("no benchmark scenario (`# bench: yes`) matches {only:?}");
+    }
+    let mut suites: Vec<kernels::Suite> = Vec::new();
+    for suite in benches.iter().flat_map(|s| s.kernels.iter().copied()) {
+        if !suites.contains(&suite) {
+            suites.push(suite);
+        }
+    }
+    let prepared = setup::run(&setup::SetupArgs {
+        kernels: suites,
+        toolchain_only: false,
+        refresh_kernels: false,
+        rebuild_distro: false,
+    })?;
+    let binaries = build::guest_binaries()?;
+    let mut runs = Vec::new();
+    let mut failed = false;
+    for scenario in &benches {
+        if scenario.distro.is_some() {
+            bail!("{}: a benchmark runs in the busybox guest", scenario.name);
+        }
+        for kernel in prepared.kernels.iter().filter(|k| scenario.kernels.contains(&k.suite)) {
+            eprintln!("bench: {} on {}", scenario.name, kernel.release);
+            let guest = vm::Guest {
+                kernel: kernel.clone(),
+                nics: scenario.nics.clone(),
+                memory_mib: 1024,
+                binaries: binaries.clone(),
+                distro: None,
+            };
+            let outcome = guest.run(&scenario.path, Duration::from_secs(900), vm::Console::Stream)?;
+            vm::write_result(&scenario.name, &guest, &outcome)?;
+            failed |= !outcome.passed();
+            runs.push(json!({
+                "scenario": scenario.name,
+                "kernel": kernel.release,
+                "passed": outcome.passed(),
+                "figures": outcome.figures,
+            }));
+        }
+    }
+    let dir = cmd::target_dir().join("bench");
+    fs::create_dir_all(&dir)?;
+    let path = dir.join("results.json");
+    let result = json!({
+        "date": cmd::utc_now(),
+        "machine": cmd::machine_summary(),
+        "command": "cargo xtask bench scenarios",
+        "runs": runs,
+    });
+    fs::write(&path, serde_json::to_string_pretty(&result)? + "\n")?;
+    for run in &runs {
+        println!("{} on {}:", run["scenario"], run["kernel"]);
+        if let Some(figures) = run["figures"].as_object() {
+            for (key, value) in figures {
+                println!("  {key:<40} {value}");
+            }
+        }
+    }
+    eprintln!("bench: written to {}", path.display());
+    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
 }
 
 fn cloud_init(reloads: u32, suite: kernels::Suite, reuse_alone: bool) -> Result<ExitCode> {

@@ -79,3 +79,26 @@ pub fn cache_dir() -> PathBuf {
 pub fn cargo() -> Command {
     Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
 }
+
+/// The current UTC time as `date -u` prints it (ISO 8601), or "unknown".
+pub fn utc_now() -> String {
+    output(Command::new("date").args(["-u", "+%Y-%m-%dT%H:%M:%SZ"]))
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".to_owned())
+}
+
+/// This machine in one line (kernel, architecture, CPUs, memory), for benchmark results.
+pub fn machine_summary() -> String {
+    let kernel =
+        output(Command::new("uname").args(["-srm"])).map(|s| s.trim().to_owned()).unwrap_or_default();
+    let cpus = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
+    let memory_gib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib / 1024 / 1024);
+    format!("{kernel}, {cpus} CPUs, {memory_gib} GiB")
+}

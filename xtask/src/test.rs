@@ -58,6 +58,7 @@ impl Tally {
 
 pub fn run(args: &TestArgs) -> Result<ExitCode> {
     let started = Instant::now();
+    step("set-up (toolchains, guest kernels, distro image)");
     let prepared = setup::run(&setup::SetupArgs {
         kernels: args.kernels.clone(),
         toolchain_only: false,
@@ -114,10 +115,17 @@ pub fn run(args: &TestArgs) -> Result<ExitCode> {
     if !args.no_vm {
         step("VM scenarios");
         let binaries = build::guest_binaries()?;
-        let scenarios: Vec<vm::Scenario> = vm::scenarios()?
+        let (benches, scenarios): (Vec<vm::Scenario>, Vec<vm::Scenario>) = vm::scenarios()?
             .into_iter()
             .filter(|s| args.scenario.as_deref().is_none_or(|name| s.name.contains(name)))
-            .collect();
+            .partition(|s| s.bench);
+        if !benches.is_empty() {
+            let names: Vec<&str> = benches.iter().map(|s| s.name.as_str()).collect();
+            println!(
+                "benchmarks not run here (figures only): {}; `cargo xtask bench scenarios` runs them",
+                names.join(", ")
+            );
+        }
         for scenario in &scenarios {
             for kernel in prepared.kernels.iter().filter(|k| scenario.kernels.contains(&k.suite)) {
                 let label = format!(
@@ -162,6 +170,7 @@ pub fn run(args: &TestArgs) -> Result<ExitCode> {
         }
     }
 
+    step_done();
     println!();
     for skipped in &tally.skipped {
         println!("skipped: {skipped}");
@@ -183,9 +192,23 @@ pub fn run(args: &TestArgs) -> Result<ExitCode> {
     Ok(if tally.failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
+/// Prints a step's title, and how long the step before it took (the last one's time is printed
+/// by [`step_done`]), so a slow run shows where its minutes went.
 fn step(name: &str) {
+    step_done();
     println!("\n=== {name} ===");
+    if let Ok(mut current) = CURRENT_STEP.lock() {
+        *current = Some((name.to_owned(), Instant::now()));
+    }
 }
+
+fn step_done() {
+    if let Some((name, started)) = CURRENT_STEP.lock().ok().and_then(|mut c| c.take()) {
+        println!("--- {name}: {:.0} s", started.elapsed().as_secs_f64());
+    }
+}
+
+static CURRENT_STEP: std::sync::Mutex<Option<(String, Instant)>> = std::sync::Mutex::new(None);
 
 /// Runs `cargo test`, streaming its output, and adds every test it ran to the tally.
 fn cargo_test(tally: &mut Tally) -> Result<()> {

@@ -225,6 +225,9 @@ pub struct Scenario {
     /// The guest's NICs (`# nics: virtio virtio e1000e ...`, at most [`MAX_NICS`]), else
     /// [`DEFAULT_NICS`].
     pub nics: Vec<NicModel>,
+    /// A benchmark (`# bench: yes`): figures only, run by `cargo xtask bench scenarios`, not by
+    /// `cargo xtask test`.
+    pub bench: bool,
 }
 
 /// The most NICs a guest gets (each on a PCIe root port of its own, plus the spare slot).
@@ -276,6 +279,11 @@ pub fn scenarios() -> Result<Vec<Scenario>> {
             Some("no-nics") => true,
             Some(other) => bail!("{}: `# imds: {other}`: only no-nics is known", path.display()),
         };
+        let bench = match header("bench:") {
+            None | Some("no") => false,
+            Some("yes") => true,
+            Some(other) => bail!("{}: `# bench: {other}`: yes or no", path.display()),
+        };
         let nics = words("nics:")
             .map(|list| {
                 list.into_iter()
@@ -298,6 +306,7 @@ pub fn scenarios() -> Result<Vec<Scenario>> {
             managers,
             preinstall,
             imds_no_nics,
+            bench,
         });
     }
     found.sort_by(|a, b| a.name.cmp(&b.name));
