@@ -57,6 +57,11 @@ pub struct TaskInfo {
     pub tid: u32,
     /// `task->comm`, NUL-padded.
     pub comm: [u8; TASK_COMM_LEN],
+    /// The task's real uid as the initial user namespace sees it (`bpf_get_current_uid_gid`).
+    pub uid: u32,
+    /// `task->real_parent->tgid`: the parent's pid; 0 when the kernel's BTF did not give the
+    /// offsets (`PARENT_KNOWN` 0) or the read failed.
+    pub ppid: u32,
 }
 
 /// A module lifecycle record: unload begin and end, load, free.
@@ -80,7 +85,7 @@ impl ModuleEvent {
             kind: 0,
             ret: 0,
             timestamp_ns: 0,
-            task: TaskInfo { pid: 0, tid: 0, comm: [0; TASK_COMM_LEN] },
+            task: TaskInfo { pid: 0, tid: 0, comm: [0; TASK_COMM_LEN], uid: 0, ppid: 0 },
             name: [0; MODULE_NAME_LEN],
         }
     }
@@ -178,7 +183,7 @@ impl NetdevEvent {
             kind: 0,
             cause: 0,
             timestamp_ns: 0,
-            task: TaskInfo { pid: 0, tid: 0, comm: [0; TASK_COMM_LEN] },
+            task: TaskInfo { pid: 0, tid: 0, comm: [0; TASK_COMM_LEN], uid: 0, ppid: 0 },
             ifindex: 0,
             addr_len: 0,
             name: [0; IFNAMSIZ],
@@ -382,6 +387,11 @@ pub mod globals {
         ("USER_NS_LEVEL", "user_namespace", "level"),
     ];
     pub const PRIV_KNOWN: &str = "PRIV_KNOWN";
+    /// Optional offsets for the acting task's parent (the audit trail): `task_struct.real_parent`
+    /// and `task_struct.tgid`. `PARENT_KNOWN` is 1 when both are set.
+    pub const PARENT_OFFSETS: [(&str, &str, &str); 2] =
+        [("TASK_REAL_PARENT", "task_struct", "real_parent"), ("TASK_TGID", "task_struct", "tgid")];
+    pub const PARENT_KNOWN: &str = "PARENT_KNOWN";
 }
 
 #[cfg(feature = "user")]
@@ -401,14 +411,14 @@ mod tests {
 
     #[test]
     fn module_event_layout_is_fixed() {
-        // 4 + 4 + 8 + (4 + 4 + 16) + 56: no implicit padding, same on both sides.
-        assert_eq!(core::mem::size_of::<ModuleEvent>(), 96);
+        // 4 + 4 + 8 + (4 + 4 + 16 + 4 + 4) + 56: no implicit padding, same on both sides.
+        assert_eq!(core::mem::size_of::<ModuleEvent>(), 104);
         assert_eq!(core::mem::align_of::<ModuleEvent>(), 8);
     }
 
     #[test]
     fn netdev_event_layout_is_fixed() {
-        assert_eq!(core::mem::size_of::<NetdevEvent>(), 312);
+        assert_eq!(core::mem::size_of::<NetdevEvent>(), 320);
         assert_eq!(core::mem::size_of::<TaskContext>(), 72);
     }
 

@@ -20,6 +20,28 @@ static USER_NS_LEVEL: u32 = 0;
 #[unsafe(no_mangle)]
 static PRIV_KNOWN: u32 = 0;
 
+// `task_struct.real_parent` and `task_struct.tgid`: set by user space from BTF; `PARENT_KNOWN` is 1
+// only when both are (else the parent is reported as 0 and user space reads /proc).
+#[unsafe(no_mangle)]
+static TASK_REAL_PARENT: u32 = 0;
+#[unsafe(no_mangle)]
+static TASK_TGID: u32 = 0;
+#[unsafe(no_mangle)]
+static PARENT_KNOWN: u32 = 0;
+
+/// The current task's parent's pid (`current->real_parent->tgid`), 0 when the offsets are unknown
+/// or a read fails. `real_parent` is RCU-protected; a BPF program runs inside an RCU read-side
+/// section, and `bpf_probe_read_kernel` fails cleanly on a stale pointer.
+#[inline(always)]
+pub fn current_parent_pid() -> u32 {
+    if global_u32(&PARENT_KNOWN) == 0 {
+        return 0;
+    }
+    let parent = read::<u64>(current_task_ptr(), global_u32(&TASK_REAL_PARENT)).unwrap_or(0);
+    // `pid_t tgid`: an `int` in every kernel.
+    read::<i32>(parent, global_u32(&TASK_TGID)).map_or(0, |tgid| tgid as u32)
+}
+
 /// `CAP_SYS_MODULE` in `include/uapi/linux/capability.h`.
 const CAP_SYS_MODULE: u64 = 16;
 

@@ -13,7 +13,7 @@ mod module_lifecycle;
 mod netdev;
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns},
     macros::map,
     maps::{PerCpuArray, RingBuf},
 };
@@ -56,6 +56,9 @@ fn current_task() -> TaskInfo {
         pid: (pid_tgid >> 32) as u32,
         tid: pid_tgid as u32,
         comm: bpf_get_current_comm().unwrap_or_default(),
+        // The low half is the uid, in the initial user namespace.
+        uid: bpf_get_current_uid_gid() as u32,
+        ppid: kernel::current_parent_pid(),
     }
 }
 

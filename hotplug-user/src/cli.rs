@@ -85,6 +85,20 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The audit trail, oldest first: every module unload and load, every NIC removal and
+    /// registration with its cause and the task behind it (pid, uid, parent, command line while
+    /// it could still be read), the agent's decision and how its restore, attach or detach
+    /// ended. Read from the state directory (`audit.jsonl` and its rotated files): works with the
+    /// agent stopped.
+    History {
+        /// Only entries since then: a duration back from now (`10m`, `2h`, `1day`) or a time
+        /// (`2026-11-29T22:00:00Z`).
+        #[arg(long)]
+        since: Option<String>,
+        /// One JSON object per line, as stored.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run counts and run time of hotplug's loaded eBPF programs (needs
     /// `sysctl kernel.bpf_stats_enabled=1` for run time).
     BpfStats {

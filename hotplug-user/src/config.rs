@@ -7,6 +7,7 @@
 //! return_timeout_seconds = 60             # how long a NIC whose driver left may take to come back
 //! hook_timeout_seconds = 30               # a `command` hook's process group is killed after it
 //! attach_layout = "amazon-linux"          # amazon-linux | device-number: tables of attached ENIs
+//! metrics_listen = "127.0.0.1:9464"       # OpenMetrics: loopback or unix:/run/hotplug/…; off if unset
 //!
 //! [interfaces.default]
 //! policy = "restore"                      # restore | ignore | command
@@ -107,6 +108,10 @@ pub struct Config {
     /// The instance metadata service, asked only for real attaches.
     #[serde(default)]
     pub imds: ImdsConfig,
+    /// Where to serve OpenMetrics (`127.0.0.1:9464`, `unix:/run/hotplug/metrics.sock`); off
+    /// without it. Read at start only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<String>,
 }
 
 fn default_state_dir() -> PathBuf {
@@ -135,6 +140,7 @@ impl Default for Config {
             attach_layout: Layout::default(),
             interfaces: BTreeMap::new(),
             imds: ImdsConfig::default(),
+            metrics_listen: None,
         }
     }
 }
@@ -209,6 +215,11 @@ impl Config {
                 self.imds.requests_per_second.to_string(),
                 "must be between 1 and 500 (IMDS drops traffic above ~1024 packets/s per ENI)",
             ));
+        }
+        if let Some(listen) = &self.metrics_listen {
+            if let Err(problem) = crate::metrics::serve::Listen::parse(listen) {
+                return Err(invalid("metrics_listen", format!("{listen:?}"), &problem));
+            }
         }
         for (name, policy) in &self.interfaces {
             let key = format!("interfaces.\"{name}\"");

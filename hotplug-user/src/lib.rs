@@ -6,6 +6,7 @@
 //! `imds` (the metadata service); `managers` knows the host's other network managers, `control`
 //! is the control socket's protocol; `agent` runs the loop, `config` reads the TOML file.
 pub mod agent;
+pub mod audit;
 pub mod classify;
 pub mod cli;
 pub mod clock;
@@ -16,6 +17,7 @@ pub mod identity;
 pub mod imds;
 pub mod kernel;
 pub mod managers;
+pub mod metrics;
 pub mod platform;
 pub mod reconfigure;
 pub mod snapshot;

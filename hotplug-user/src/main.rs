@@ -61,6 +61,19 @@ fn main() -> ExitCode {
                     Err(agent::AgentError::RefreshFailed(iface))
                 }
             }
+            Command::History { since, json } => {
+                // A broken file must not hide the history: its state directory is then the
+                // default one, and the line says so.
+                let state_dir = match Config::load(cli.config.as_deref()) {
+                    Ok(config) => config.state_dir,
+                    Err(error) => {
+                        let fallback = Config::default().state_dir;
+                        eprintln!("hotplug-agent: {error}; reading the trail in {}", fallback.display());
+                        fallback
+                    }
+                };
+                Ok(agent::print_history(&state_dir, since.as_deref(), json)?)
+            }
             Command::Events { json } => agent::stream_events(json, options).await,
             Command::Features { json } => agent::print_features(json, &options),
             Command::BpfStats { json } => agent::print_bpf_stats(json),

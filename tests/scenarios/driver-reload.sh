@@ -7,7 +7,12 @@ cat >/tmp/hotplug.toml <<'TOML'
 state_dir = "/tmp/hotplug-state"
 socket = "/run/hotplug/agent.sock"
 return_timeout_seconds = 120
+metrics_listen = "127.0.0.1:9464"
 TOML
+# metric NAME{LABELS}: its value in a scrape of the agent's endpoint (0 when absent).
+metric() { wget -q -O - http://127.0.0.1:9464/metrics | awk -v k="$1" '$1 == k { v = $2 } END { print v + 0 }'; }
+# metric_sum NAME: the sum of NAME's samples, whatever their labels.
+metric_sum() { wget -q -O - http://127.0.0.1:9464/metrics | awk -v k="$1" 'index($1, k "{") == 1 || $1 == k { s += $2 } END { print s + 0 }'; }
 
 # QEMU's user-mode network sends IPv6 router advertisements; their routes and SLAAC addresses come
 # and go on their own clock. This scenario is about configuration an operator made: turn RA off.
@@ -89,6 +94,14 @@ before=$(config)
 echo "$before" >/tmp/before.txt
 start_agent
 
+REMOVALS='hotplug_nic_events_total{action="removal",cause="driver-unload",source="kernel"}'
+REGISTRATIONS='hotplug_nic_events_total{action="registration",cause="driver-load",source="kernel"}'
+RESTORES='hotplug_restores_total{outcome="ok"}'
+LATENCIES=hotplug_restore_latency_seconds_count
+removals=$(metric "$REMOVALS") registrations=$(metric "$REGISTRATIONS")
+restores=$(metric "$RESTORES") latencies=$(metric "$LATENCIES")
+check "metrics: mode full" 1 "$(metric 'hotplug_mode{mode="full"}')"
+check "metrics: NICs present" 3 "$(metric 'hotplug_nics{state="present"}')"
 n=0
 for mac in $MACS; do
 	i=$(iface_of "$mac")
@@ -106,6 +119,14 @@ for mac in $MACS; do
 	echo "  $module: restore latency ${latency:-?} us"
 	n=$((n + 1))
 done
+
+# Three reloads: each counter moved by exactly three.
+check "metrics: driver-unload removals, +3" $((removals + 3)) "$(metric "$REMOVALS")"
+check "metrics: driver-load registrations, +3" $((registrations + 3)) "$(metric "$REGISTRATIONS")"
+check "metrics: restores ok, +3" $((restores + 3)) "$(metric "$RESTORES")"
+check "metrics: restore latencies observed, +3" $((latencies + 3)) "$(metric "$LATENCIES")"
+check "metrics: no IMDS request" 0 "$(metric_sum hotplug_imds_requests_total)"
+check "metrics: no lost record" 0 "$(metric hotplug_lost_records_total)"
 
 # SIGKILL while the driver is away, restart, then bring the driver back.
 modprobe -r e1000e

@@ -8,6 +8,15 @@ start_events "$EVENTS"
 mode=$(json_str "$(head -n 1 "$EVENTS")" mode)
 [ "$mode" = full ] || { head -n 1 "$EVENTS"; fail "the agent runs in mode '$mode', not full"; }
 
+# The agent proper beside the event stream: its audit trail must name each event's task.
+cat >/tmp/hotplug.toml <<'TOML'
+state_dir = "/tmp/hotplug-state"
+socket = "/run/hotplug/agent.sock"
+TOML
+hotplug-agent --config /tmp/hotplug.toml run 2>/tmp/agent.log &
+RUN_PID=$!
+wait_for_line /tmp/agent.log 'agent ready' 30 || { cat /tmp/agent.log; fail "the agent did not start"; }
+
 
 # expect OP MAC ACTION CAUSE [FROM_LINE]: the first ACTION event for MAC after FROM_LINE has CAUSE.
 expect() {
@@ -101,6 +110,40 @@ arrived=$(echo "$moved" | grep '"action":"registration"' | head -n 1)
 check "netns move in: registration in this namespace" "$here" "$(json_num "$arrived" netns)"
 check "netns move in: removal in the other one reported" 0 "$(echo "$moved" | grep -c '"action":"removal"')"
 stop_agent
+
+# The audit trail: every NIC event the stream saw has its entry, with the task that made it.
+sleep 0.5
+hotplug-agent --config /tmp/hotplug.toml history --json >/tmp/history.jsonl 2>/tmp/history.err
+kill "$RUN_PID" 2>/dev/null
+wait "$RUN_PID" 2>/dev/null
+# audited KIND ACTION MAC-OR-MODULE CAUSE COMM: entries with all of these, the task a child of this script, uid 0.
+audited() {
+	grep "\"kind\":\"$1\"" /tmp/history.jsonl | grep "\"action\":\"$2\"" | grep "\"$3\"" |
+		grep "\"cause\":\"$4\"\|\"kind\":\"module\"" | grep "\"comm\":\"$5\"" |
+		grep "\"uid\":0[,}]" | grep -c "\"ppid\":$$[,}]"
+}
+for mac in 52:54:00:12:34:10 52:54:00:12:34:11 52:54:00:12:34:12; do
+	module=$(grep "\"mac\":\"$mac\"" "$EVENTS" | grep -o '"module":"[^"]*"' | head -n 1 | cut -d'"' -f4)
+	check "audit $module: modprobe -r unloads, by this script, uid 0" 1 "$(audited module unload "$module" - modprobe)"
+	check "audit $module: rmmod unloads, by this script, uid 0" 1 "$(audited module unload "$module" - rmmod)"
+	check "audit $mac: removal by modprobe" 1 "$(audited nic removal "$mac" driver-unload modprobe)"
+	check "audit $mac: removal by rmmod" 1 "$(audited nic removal "$mac" driver-unload rmmod)"
+	check "audit $mac: registration by insmod" 1 "$(audited nic registration "$mac" driver-load insmod)"
+	check "audit $mac: the removal held its snapshot" 2 \
+		"$(grep "\"mac\":\"$mac\"" /tmp/history.jsonl | grep '"cause":"driver-unload"' | grep -c 'driver-gone: hold the last snapshot')"
+	hotplugged=$(grep "\"mac\":\"$mac\"" /tmp/history.jsonl | grep '"cause":"device-removed"' | grep -c '"uid":0')
+	check "audit $mac: hot-unplug entry, uid 0" 1 "$hotplugged"
+done
+check "audit: veth va created by ip, by this script" 1 "$(audited nic registration va link-created ip)"
+stream=$(grep '"type":"nic"' "$EVENTS" | grep -v '"name":"lo"' | grep -vc '"mac":""')
+trail=$(grep -Ec '"kind":"nic","action":"(removal|registration)"' /tmp/history.jsonl)
+check "audit: one entry per NIC event of the stream" "$stream" "$trail"
+# busybox runs its applets in a forked shell without exec: their /proc command line is the
+# shell's (a real modprobe's is its own). Reported, not checked.
+with_cmdline=$(grep '"comm":"modprobe"' /tmp/history.jsonl | grep -c '"cmdline":')
+echo "  audit: $with_cmdline modprobe entries of $(grep -c '"comm":"modprobe"' /tmp/history.jsonl) had a readable command line"
+check "history: no unreadable line" "" "$(cat /tmp/history.err)"
+vmctl report audit_entries "$(wc -l </tmp/history.jsonl)"
 
 lost=$(grep -c '"lost"' "$EVENTS")
 check "events lost" 0 "$lost"

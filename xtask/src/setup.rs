@@ -72,6 +72,7 @@ pub fn run(args: &SetupArgs) -> Result<Prepared> {
             prepared.kernels.push(kernels::ensure(suite, args.refresh_kernels)?);
         }
         prepared.distros.push(distro::ensure(distro::Distro::Trixie, args.rebuild_distro)?);
+        ensure_promtool()?;
     }
     eprintln!("setup: ready in {:.1} s", started.elapsed().as_secs_f64());
     Ok(prepared)
@@ -232,4 +233,44 @@ pub fn ensure_debian_packages(packages: &[&str]) -> Result<()> {
             .args(["install", "-y", "-qq", "--no-install-recommends"])
             .args(&missing),
     )
+}
+
+/// `promtool` (from Debian's `prometheus` package, which would also install and start a
+/// Prometheus server): the .deb is fetched with `apt-get download` and only `promtool` is
+/// unpacked into the cache, never installed on the host. The metrics test checks the agent's
+/// exposition with `promtool check metrics`.
+pub fn promtool() -> PathBuf {
+    cmd::cache_dir().join("promtool").join("promtool")
+}
+
+pub fn ensure_promtool() -> Result<()> {
+    let path = promtool();
+    if path.is_file() {
+        return Ok(());
+    }
+    let dir = path.parent().context("promtool path has no parent")?.to_path_buf();
+    let work = dir.join("download");
+    let _ = fs::remove_dir_all(&work);
+    fs::create_dir_all(&work)?;
+    eprintln!(
+        "setup: fetching promtool (apt-get download prometheus, unpacked into {}; nothing installed)",
+        dir.display()
+    );
+    cmd::run(Command::new("apt-get").current_dir(&work).args([
+        "-o",
+        "APT::Sandbox::User=root",
+        "download",
+        "prometheus",
+    ]))
+    .context("cannot download Debian's prometheus package for promtool (apt-get download prometheus)")?;
+    let deb = fs::read_dir(&work)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .context("apt-get download prometheus left no .deb")?;
+    let unpacked = work.join("x");
+    cmd::run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacked))?;
+    fs::copy(unpacked.join("usr/bin/promtool"), &path)
+        .context("the prometheus package has no usr/bin/promtool")?;
+    fs::remove_dir_all(&work)?;
+    Ok(())
 }

@@ -218,6 +218,7 @@ fn cargo_test(tally: &mut Tally) -> Result<()> {
         .current_dir(cmd::workspace_root())
         .env_remove("HOTPLUG_SKIP_EBPF")
         .env("HOTPLUG_SKIP_LOG", &skip_log)
+        .env("HOTPLUG_PROMTOOL", setup::promtool())
         .args(["test", "--no-fail-fast"])
         .stdout(Stdio::piped())
         .spawn()?;

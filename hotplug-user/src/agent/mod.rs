@@ -39,6 +39,10 @@ pub enum AgentError {
     Signals(std::io::Error),
     #[error("writing events: {0}")]
     Output(std::io::Error),
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
+    #[error("{0}")]
+    Usage(String),
     #[error("serializing an event: {0}")]
     Json(#[from] serde_json::Error),
     #[error("refresh of {0} failed (the lines above say why, and what was changed, if anything)")]
@@ -206,7 +210,7 @@ mod tests {
         let event = KernelEvent::Module(ModuleLifecycle {
             kind: ModuleEventKind::Load,
             module: "e1000".into(),
-            task: Task { pid: 1, tid: 1, comm: "modprobe".into() },
+            task: Task { pid: 1, tid: 1, comm: "modprobe".into(), uid: None, ppid: None },
             ret: None,
             timestamp_ns: 5,
         });
@@ -240,6 +244,20 @@ pub async fn run(
     let listener = control::bind(&config.socket)?;
     let (queries_tx, mut queries) = mpsc::channel::<control::Query>(16);
     let (mut events, mut ended) = startup.events();
+    let metrics = crate::metrics::global();
+    metrics.set_mode(startup.mode == Mode::Full);
+    manager.count_states();
+    if let Some(listen) = &config.metrics_listen {
+        // Checked when the file was read; a port taken or a path refused costs the metrics only.
+        match crate::metrics::serve::Listen::parse(listen) {
+            Ok(listen) => {
+                if let Err(error) = crate::metrics::serve::start(&listen) {
+                    tracing::error!("{error}: the agent runs without metrics");
+                }
+            }
+            Err(problem) => tracing::error!("metrics_listen {listen:?}: {problem}"),
+        }
+    }
     let status = service_status(&startup.mode, manager.nic_count());
     tracing::info!(socket = %config.socket.display(), state = %config.state_dir.display(), "agent ready: {status}");
     notifier.ready(&status);
@@ -273,22 +291,32 @@ pub async fn run(
                 notifier.ready(&service_status(&startup.mode, manager.nic_count()));
             }
             Some(event) = events.recv() => match event {
+                // Its audit entry (cause, task, the agent's decision) is its log line.
                 KernelEvent::Nic(nic) => {
-                    let key = nic.key();
-                    tracing::info!(
-                        mac = %key,
-                        interface = %nic.name,
-                        ifindex = nic.ifindex,
-                        cause = nic.cause.as_str(),
-                        action = nic.action.as_str(),
-                        source = nic.source.as_str(),
-                        "{}",
-                        describe(&KernelEvent::Nic(nic.clone()))
-                    );
+                    if nic.source == crate::classify::Source::Kernel {
+                        metrics.delivered(monotonic_ns().saturating_sub(nic.timestamp_ns));
+                    }
+                    tracing::debug!("{}", describe(&KernelEvent::Nic(nic.clone())));
                     manager.on_event(&nic).await;
                 }
-                KernelEvent::Resync { links } => manager.resync(&links).await,
-                other => tracing::info!("{}", describe(&other)),
+                KernelEvent::Resync { links } => {
+                    metrics.resyncs.inc();
+                    manager.resync(&links).await;
+                }
+                KernelEvent::Module(module) => {
+                    metrics.delivered(monotonic_ns().saturating_sub(module.timestamp_ns));
+                    match crate::audit::module_entry(&module) {
+                        Some(entry) => {
+                            metrics.module_event(&entry.action);
+                            manager.audit(&entry);
+                        }
+                        None => tracing::info!("{}", describe(&KernelEvent::Module(module))),
+                    }
+                }
+                KernelEvent::Lost { events: lost, counters } => {
+                    metrics.lost_records.inc_by(lost);
+                    tracing::info!("{}", describe(&KernelEvent::Lost { events: lost, counters }));
+                }
             },
             change = changes.next() => match change {
                 Some(change) => manager.note_change(change),
@@ -406,6 +434,38 @@ pub fn json_line(event: &KernelEvent, received_ns: u64) -> Result<String, serde_
         line.push_str(&format!(",\"received_ns\":{received_ns}}}"));
     }
     Ok(line)
+}
+
+/// `hotplug-agent history`: the audit trail, oldest first.
+pub fn print_history(state_dir: &Path, since: Option<&str>, json: bool) -> Result<(), AgentError> {
+    let since_ms = since
+        .map(|text| crate::audit::parse_since(text, std::time::SystemTime::now()))
+        .transpose()
+        .map_err(AgentError::Usage)?;
+    let history = crate::audit::read(state_dir, since_ms)?;
+    let mut out = std::io::stdout().lock();
+    for entry in &history.entries {
+        let line =
+            if json { serde_json::to_string(entry)? } else { format!("{}  {}", entry.time, entry.summary()) };
+        writeln!(out, "{line}").map_err(AgentError::Output)?;
+    }
+    if history.entries.is_empty() && !json {
+        let path = state_dir.join(crate::audit::FILE_NAME);
+        writeln!(
+            out,
+            "no entries{} in {}",
+            since.map(|s| format!(" since {s}")).unwrap_or_default(),
+            path.display()
+        )
+        .map_err(AgentError::Output)?;
+    }
+    if history.unreadable_lines > 0 {
+        eprintln!(
+            "hotplug-agent: {} lines of the trail were not entries (a line torn by a crash?)",
+            history.unreadable_lines
+        );
+    }
+    Ok(())
 }
 
 /// One human-readable line for an event.

@@ -17,6 +17,25 @@ pub struct Task {
     pub pid: u32,
     pub tid: u32,
     pub comm: String,
+    /// The task's real uid (initial user namespace).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    /// Its parent's pid, where the kernel's BTF let the programs read it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ppid: Option<u32>,
+}
+
+impl Task {
+    /// The task a kernel record names.
+    pub fn from_kernel(task: &hotplug_common::TaskInfo) -> Self {
+        Self {
+            pid: task.pid,
+            tid: task.tid,
+            comm: c_string(&task.comm),
+            uid: Some(task.uid),
+            ppid: (task.ppid != 0).then_some(task.ppid),
+        }
+    }
 }
 
 /// A NUL-padded C string from a fixed-size buffer, lossily as UTF-8.
@@ -196,11 +215,7 @@ impl NicEvent {
             driver: non_empty(c_string(&record.driver)),
             module: non_empty(c_string(&record.module)),
             context_module: non_empty(c_string(&record.context_module)),
-            task: Some(Task {
-                pid: record.task.pid,
-                tid: record.task.tid,
-                comm: c_string(&record.task.comm),
-            }),
+            task: Some(Task::from_kernel(&record.task)),
             timestamp_ns: record.timestamp_ns,
             netns: (record.netns != 0).then_some(record.netns),
         }
@@ -225,7 +240,7 @@ mod tests {
         record.bus_addr[..12].copy_from_slice(b"0000:01:00.0");
         record.driver[..10].copy_from_slice(b"virtio_net");
         record.context_module[..10].copy_from_slice(b"virtio_net");
-        record.task = TaskInfo { pid: 9, tid: 9, comm: *b"modprobe\0\0\0\0\0\0\0\0" };
+        record.task = TaskInfo { pid: 9, tid: 9, comm: *b"modprobe\0\0\0\0\0\0\0\0", uid: 0, ppid: 1 };
         let event = NicEvent::from_kernel(&record);
         assert_eq!(event.action, Action::Removal);
         assert_eq!(event.cause, Cause::DriverUnload);

@@ -70,6 +70,46 @@ pub struct Transition {
     pub actions: Vec<Action>,
 }
 
+impl NicState {
+    /// The state's name as `status` prints it.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Present { .. } => "present",
+            Self::DriverGone { .. } => "driver-gone",
+            Self::Removed { .. } => "removed",
+        }
+    }
+}
+
+impl Action {
+    /// What the action does, for the audit trail.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::HoldSnapshot { .. } => "hold the last snapshot for the NIC's return".to_owned(),
+            Self::Restore { ifindex } => format!("restore the held snapshot on ifindex {ifindex}"),
+            Self::RunCommand { phase } => format!("run the policy's command ({phase})"),
+            Self::HandToDetach { reason } => format!("hand to the detach path ({reason})"),
+            Self::Track { .. } => "track its configuration".to_owned(),
+            Self::Attach { .. } => "configure it from IMDS".to_owned(),
+        }
+    }
+}
+
+impl Transition {
+    /// The decision in one line: `present -> driver-gone: hold the last snapshot …`, from the
+    /// state before it (none for a NIC the agent did not know).
+    pub fn describe(&self, before: Option<&NicState>) -> String {
+        let from = before.map_or("unknown", NicState::label);
+        let to = self.next.as_ref().map_or("unknown", NicState::label);
+        let actions: Vec<String> = self.actions.iter().map(Action::describe).collect();
+        if actions.is_empty() {
+            format!("{from} -> {to}: nothing to do")
+        } else {
+            format!("{from} -> {to}: {}", actions.join("; "))
+        }
+    }
+}
+
 fn no_change(state: Option<&NicState>) -> Transition {
     Transition { next: state.cloned(), actions: Vec::new() }
 }

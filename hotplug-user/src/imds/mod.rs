@@ -276,10 +276,19 @@ impl ImdsClient {
     ) -> Result<reqwest::Response, ImdsError> {
         self.budget.acquire().await;
         self.requests.fetch_add(1, Ordering::Relaxed);
-        request
-            .send()
-            .await
-            .map_err(|e| ImdsError::Transport { path: path.to_owned(), message: crate::error_chain(&e) })
+        let sent = request.send().await;
+        let outcome = match &sent {
+            Ok(response) => match response.status().as_u16() {
+                200..=299 => "ok",
+                404 => "not-found",
+                400..=499 => "http-4xx",
+                _ => "http-5xx",
+            },
+            Err(error) if error.is_timeout() => "timeout",
+            Err(_) => "error",
+        };
+        crate::metrics::global().imds_request(outcome);
+        sent.map_err(|e| ImdsError::Transport { path: path.to_owned(), message: crate::error_chain(&e) })
     }
 
     async fn token(&self, renew: bool) -> Result<String, ImdsError> {

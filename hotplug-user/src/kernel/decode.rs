@@ -95,7 +95,7 @@ pub fn decode(record: &[u8]) -> Result<KernelEvent, DecodeError> {
     Ok(KernelEvent::Module(ModuleLifecycle {
         kind: module_kind,
         module: c_string(&event.name),
-        task: Task { pid: event.task.pid, tid: event.task.tid, comm: c_string(&event.task.comm) },
+        task: Task::from_kernel(&event.task),
         ret: (kind == EventKind::ModuleUnloadEnd).then_some(event.ret),
         timestamp_ns: event.timestamp_ns,
     }))
@@ -130,14 +130,14 @@ mod tests {
             kind: EventKind::ModuleUnloadEnd as u32,
             ret: -16,
             timestamp_ns: 42,
-            task: TaskInfo { pid: 7, tid: 8, comm: padded::<TASK_COMM_LEN>("modprobe") },
+            task: TaskInfo { pid: 7, tid: 8, comm: padded::<TASK_COMM_LEN>("modprobe"), uid: 1000, ppid: 6 },
             name: padded::<MODULE_NAME_LEN>("virtio_net"),
         };
         let decoded = decode(&record(&event));
         let expected = KernelEvent::Module(ModuleLifecycle {
             kind: ModuleEventKind::UnloadEnd,
             module: "virtio_net".into(),
-            task: Task { pid: 7, tid: 8, comm: "modprobe".into() },
+            task: Task { pid: 7, tid: 8, comm: "modprobe".into(), uid: Some(1000), ppid: Some(6) },
             ret: Some(-16),
             timestamp_ns: 42,
         });
@@ -166,7 +166,7 @@ mod tests {
         assert_eq!(decode(&[99, 0, 0, 0]), Err(DecodeError::UnknownKind(99)));
         assert!(matches!(
             decode(&[3, 0, 0, 0, 0, 0]),
-            Err(DecodeError::WrongSize { got: 6, expected: 96, .. })
+            Err(DecodeError::WrongSize { got: 6, expected: 104, .. })
         ));
     }
 

@@ -221,6 +221,7 @@ impl KernelProbes {
         let struct_layout = btf.as_ref().map_err(Clone::clone).and_then(struct_layout);
         let netns_layout = btf.as_ref().ok().and_then(|b| optional_layout(b, &globals::NETNS_OFFSETS));
         let priv_layout = btf.as_ref().ok().and_then(|b| optional_layout(b, &globals::PRIV_OFFSETS));
+        let parent_layout = btf.as_ref().ok().and_then(|b| optional_layout(b, &globals::PARENT_OFFSETS));
         drop(btf);
         let mut limitations = Vec::new();
         if netns_layout.is_none() {
@@ -259,6 +260,11 @@ impl KernelProbes {
             loader.override_global(name, value, true);
         }
         loader.override_global(globals::PRIV_KNOWN, &priv_known, true);
+        let parent_known = u32::from(parent_layout.is_some());
+        for (name, value) in parent_layout.iter().flatten() {
+            loader.override_global(name, value, true);
+        }
+        loader.override_global(globals::PARENT_KNOWN, &parent_known, true);
         let mut ebpf = loader.load(object)?;
         if let Err(error) = aya_log::EbpfLogger::init(&mut ebpf) {
             tracing::debug!(%error, "no eBPF log channel");

@@ -159,6 +159,12 @@ impl NicManager {
                 }
             }
         };
+        let summary = match (&outcome.latency_ms, outcome.errors.is_empty()) {
+            (Some(ms), true) => format!("ok: configured in {ms} ms, {} IMDS requests", outcome.imds_requests),
+            _ => format!("failed ({} IMDS requests): {}", outcome.imds_requests, outcome.errors.join("; ")),
+        };
+        self.audit_outcome(crate::audit::Kind::Attach, &mac, &outcome.status.clone(), summary);
+        crate::metrics::global().attach(&outcome.status);
         if let Some(nic) = self.nics.get_mut(&mac) {
             nic.attach = Some(outcome);
         }

@@ -155,6 +155,8 @@ pub struct NicManager {
     host: Host,
     /// This boot's id, written into every state file.
     boot_id: String,
+    /// Who did what, and what the agent made of it.
+    audit: crate::audit::Trail,
 }
 
 fn key(mac: &str) -> String {
@@ -360,7 +362,48 @@ impl NicManager {
         if mac.is_empty() || event.name == "lo" {
             return;
         }
+        crate::metrics::global().nic_event(
+            &format!("{:?}", event.action).to_lowercase(),
+            event.cause.as_str(),
+            event.source.as_str(),
+        );
         self.apply(&mac, &Input::Event(event), Some(event)).await;
+    }
+
+    /// The `hotplug_nics` gauge, from the NICs' states now.
+    pub fn count_states(&self) {
+        let count = |label: &str| self.nics.values().filter(|n| n.state.label() == label).count();
+        crate::metrics::global().set_nics(count("present"), count("driver-gone"), count("removed"));
+    }
+
+    /// Adds an entry to the audit trail.
+    pub fn audit(&mut self, entry: &crate::audit::Entry) {
+        self.audit.record(entry);
+    }
+
+    /// The audit entry of a NIC event (before the agent acts on it), with its decision.
+    fn audit_event(&mut self, mac: &str, event: &NicEvent, decision: String) {
+        let action = format!("{:?}", event.action).to_lowercase();
+        let mut entry = crate::audit::Entry::now(crate::audit::Kind::Nic, &action).by(event.task.as_ref());
+        entry.mac = Some(mac.to_owned());
+        entry.interface = Some(event.name.clone());
+        entry.module = event.context_module.clone().or_else(|| event.module.clone());
+        entry.cause = Some(event.cause.as_str().to_owned());
+        entry.source = Some(event.source.as_str().to_owned());
+        entry.decision = Some(decision);
+        self.audit.record(&entry);
+    }
+
+    /// An audit entry for how something the agent did ended.
+    fn audit_outcome(&mut self, kind: crate::audit::Kind, mac: &str, action: &str, outcome: String) {
+        let mut entry = crate::audit::Entry::now(kind, action);
+        entry.mac = Some(mac.to_owned());
+        entry.interface = self.nics.get(mac).and_then(|n| match &n.state {
+            NicState::Present { name, .. } => Some(name.clone()),
+            _ => n.snapshot.as_ref().map(|s| s.name.clone()),
+        });
+        entry.outcome = Some(outcome);
+        self.audit.record(&entry);
     }
 
     async fn apply(&mut self, mac: &str, input: &Input<'_>, event: Option<&NicEvent>) {
@@ -372,7 +415,21 @@ impl NicManager {
         let timeout = u64::try_from(self.config.return_timeout().as_nanos()).unwrap_or(u64::MAX);
         let state = self.nics.get(mac).map(|n| n.state.clone());
         let transition = decide::decide(state.as_ref(), input, policy, timeout);
-        if transition.next == state && transition.actions.is_empty() {
+        let unchanged = transition.next == state && transition.actions.is_empty();
+        match event {
+            Some(event) => self.audit_event(mac, event, transition.describe(state.as_ref())),
+            None if !unchanged => {
+                let (kind, action) =
+                    if transition.actions.iter().any(|a| matches!(a, Action::HandToDetach { .. })) {
+                        (crate::audit::Kind::Detach, "deadline")
+                    } else {
+                        (crate::audit::Kind::Nic, "deadline")
+                    };
+                self.audit_outcome(kind, mac, action, transition.describe(state.as_ref()));
+            }
+            None => {}
+        }
+        if unchanged {
             return;
         }
         let Some(next) = transition.next else { return };
@@ -415,6 +472,7 @@ impl NicManager {
         }
         self.persist(mac);
         self.forget_old_removals();
+        self.count_states();
     }
 
     /// Keeps the memory of NICs that left for good bounded (hosts that churn links, containers):
@@ -465,11 +523,14 @@ impl NicManager {
                 nic.snapshot = None;
                 nic.history.clear();
                 let errors = attach_config::detach(&self.handle, &rules).await;
-                if errors.is_empty() {
+                let outcome = if errors.is_empty() {
                     tracing::info!(%mac, action = "detach", rules = rules.len(), "NIC left for good: {reason}; removed the rules the agent had added");
+                    format!("ok: {} rules the agent had added removed", rules.len())
                 } else {
                     tracing::warn!(%mac, action = "detach", ?errors, "NIC left for good: {reason}; cleanup incomplete");
-                }
+                    format!("failed: {}", errors.join("; "))
+                };
+                self.audit_outcome(crate::audit::Kind::Detach, mac, "cleaned-up", outcome);
             }
             Action::Attach { ifindex } => self.attach(mac, ifindex, event),
             Action::Track { ifindex } => {

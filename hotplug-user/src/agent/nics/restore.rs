@@ -223,6 +223,19 @@ impl NicManager {
         } else {
             tracing::warn!(%mac, interface = %want.name, ifindex, action = "restore", latency_us, errors = ?report.errors, differences = ?report.differences, "restore incomplete");
         }
+        let (action, outcome) = if report.errors.is_empty() && report.differences.is_empty() {
+            let done = if report.requests == 0 {
+                "nothing was missing".to_owned()
+            } else {
+                format!("restored in {} ms, {} netlink requests", latency_us / 1000, report.requests)
+            };
+            ("restored", format!("ok: {done}"))
+        } else {
+            let problems: Vec<String> = report.errors.iter().chain(&report.differences).cloned().collect();
+            ("incomplete", format!("failed: {}", problems.join("; ")))
+        };
+        self.audit_outcome(crate::audit::Kind::Restore, &mac, action, outcome);
+        crate::metrics::global().restore(if action == "restored" { "ok" } else { "incomplete" }, latency_us);
         let waited_for_manager_ms =
             plan.wait_for_manager.then(|| u64::try_from(waited.as_millis()).unwrap_or(u64::MAX));
         if let Some(nic) = self.nics.get_mut(&mac) {

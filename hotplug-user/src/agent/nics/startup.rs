@@ -38,6 +38,7 @@ impl NicManager {
             platform,
             background,
             host: Host::default(),
+            audit: crate::audit::Trail::new(&config.state_dir),
             config,
             store,
             handle,
