@@ -99,6 +99,26 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Reload a NIC driver through the running agent, so that it does not ride on this session:
+    /// it lists the NICs bound to DRIVER, refuses if it could not restore one (degraded mode, a
+    /// snapshot not current, a policy other than restore), runs `modprobe -r DRIVER` and
+    /// `modprobe DRIVER KEY=VALUE…`, waits for every NIC to register and be restored, reads each
+    /// back and asks the kernel to resolve each default gateway (ARP / neighbour solicitation,
+    /// nothing beyond the link). If the load fails or a NIC does not return, it loads the module
+    /// again without the new parameters. The report is printed and kept in `status --detail`;
+    /// killing this client does not stop the reload. Exit status 1 unless it went as asked.
+    Reload {
+        /// The module, e.g. `ena` or `e1000e`.
+        driver: String,
+        /// A load-time parameter (repeatable), e.g. `--param rx_queue_size=2048`.
+        #[arg(long = "param", value_name = "KEY=VALUE")]
+        params: Vec<String>,
+        /// Show the plan (NICs, commands, gateways) and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Run counts and run time of hotplug's loaded eBPF programs (needs
     /// `sysctl kernel.bpf_stats_enabled=1` for run time).
     BpfStats {

@@ -217,8 +217,16 @@ impl Config {
             ));
         }
         if let Some(listen) = &self.metrics_listen {
-            if let Err(problem) = crate::metrics::serve::Listen::parse(listen) {
-                return Err(invalid("metrics_listen", format!("{listen:?}"), &problem));
+            match crate::metrics::serve::Listen::parse(listen) {
+                Err(problem) => return Err(invalid("metrics_listen", format!("{listen:?}"), &problem)),
+                Ok(crate::metrics::serve::Listen::Unix(path)) if path == self.socket => {
+                    return Err(invalid(
+                        "metrics_listen",
+                        format!("{listen:?}"),
+                        "is the control socket's path",
+                    ));
+                }
+                Ok(_) => {}
             }
         }
         for (name, policy) in &self.interfaces {

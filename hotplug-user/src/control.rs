@@ -46,6 +46,14 @@ pub enum Request {
     },
     /// Ask IMDS again for an attached ENI and bring its configuration in line.
     Refresh { iface: String },
+    /// Unload and load a driver (with new parameters), restoring and checking its NICs.
+    Reload {
+        driver: String,
+        #[serde(default)]
+        params: Vec<String>,
+        #[serde(default)]
+        dry_run: bool,
+    },
 }
 
 /// What a refresh did.
@@ -111,6 +119,9 @@ pub struct NicStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_event_age_ms: Option<u64>,
     pub last_restore: Option<RestoreOutcome>,
+    /// Its part of the last guided reload of its driver.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_reload: Option<crate::decide::reload::NicReport>,
     #[serde(default)]
     pub attach: Option<AttachOutcome>,
 }
@@ -180,6 +191,77 @@ pub fn table(rows: &[[String; 6]]) -> String {
         out.push('\n');
     }
     out
+}
+
+/// One NIC's part of a reload report, in a line.
+fn describe_nic_reload(nic: &crate::decide::reload::NicReport) -> String {
+    let ms = |v: Option<u64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v} ms"));
+    format!(
+        "down {}, restore {}, read-back {}, gateway: {}",
+        ms(nic.down_ms),
+        ms(nic.restore_ms),
+        nic.read_back,
+        if nic.reachability.is_empty() { "-".to_owned() } else { nic.reachability.join(", ") }
+    )
+}
+
+/// `hotplug-agent reload DRIVER`: asks the running agent to carry out the reload and prints its
+/// report (or its plan, or why it refused). True when the reload went as asked.
+pub fn print_reload(
+    socket: &Path,
+    driver: &str,
+    params: &[String],
+    dry_run: bool,
+    json: bool,
+) -> Result<bool, ControlError> {
+    let request = Request::Reload { driver: driver.to_owned(), params: params.to_vec(), dry_run };
+    // Two module commands (a minute each at most), the NICs' return (a minute), the rollback's.
+    let body = ask(socket, &request, Duration::from_secs(300))?;
+    if let Ok(serde_json::Value::Object(answer)) = serde_json::from_slice::<serde_json::Value>(&body) {
+        if let Some(error) = answer.get("error").and_then(|e| e.as_str()) {
+            eprintln!("hotplug-agent: the agent refused the reload: {error}");
+            return Ok(false);
+        }
+    }
+    let report: crate::decide::reload::ReloadReport = serde_json::from_slice(&body)?;
+    let mut out = std::io::stdout().lock();
+    let ok = report.status == "ok" || report.status == "planned";
+    if json {
+        let _ = out.write_all(&body);
+        let _ = writeln!(out);
+        return Ok(ok);
+    }
+    let params =
+        if report.params.is_empty() { String::new() } else { format!(" {}", report.params.join(" ")) };
+    let _ = writeln!(out, "reload {}{params}: {}", report.driver, report.status);
+    if let Some(plan) = &report.plan {
+        for step in &plan.steps {
+            let _ = writeln!(out, "  would run: {step}");
+        }
+        for nic in &plan.nics {
+            let gateways: Vec<String> = nic.gateways.iter().map(ToString::to_string).collect();
+            let _ = writeln!(
+                out,
+                "  NIC {} ({}): restored from its snapshot, then gateway {}",
+                nic.name,
+                nic.mac,
+                if gateways.is_empty() { "-".to_owned() } else { gateways.join(", ") }
+            );
+        }
+    }
+    for step in &report.steps {
+        let _ = writeln!(out, "  ran: {step}");
+    }
+    for nic in &report.nics {
+        let _ = writeln!(out, "  NIC {} ({}): {}", nic.name, nic.mac, describe_nic_reload(nic));
+    }
+    for error in &report.errors {
+        let _ = writeln!(out, "  error: {error}");
+    }
+    if !report.dry_run && report.status != "refused" {
+        let _ = writeln!(out, "  total {} ms", report.total_ms);
+    }
+    Ok(ok)
 }
 
 /// Sends `request` and returns the agent's answer.
@@ -297,6 +379,9 @@ pub fn print_status(socket: &Path, json: bool, detail: bool) -> Result<(), Contr
                     .unwrap_or_default()
             );
         }
+        if let Some(reload) = &nic.last_reload {
+            let _ = writeln!(out, "    last reload: {}", describe_nic_reload(reload));
+        }
     }
     Ok(())
 }
@@ -317,6 +402,7 @@ mod tests {
             last_event_age_ms: None,
             last_restore: None,
             attach: None,
+            last_reload: None,
         }
     }
 

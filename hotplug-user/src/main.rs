@@ -61,6 +61,13 @@ fn main() -> ExitCode {
                     Err(agent::AgentError::RefreshFailed(iface))
                 }
             }
+            Command::Reload { driver, params, dry_run, json } => {
+                if hotplug::control::print_reload(&config()?.socket, &driver, &params, dry_run, json)? {
+                    Ok(())
+                } else {
+                    Err(agent::AgentError::ReloadFailed(driver))
+                }
+            }
             Command::History { since, json } => {
                 // A broken file must not hide the history: its state directory is then the
                 // default one, and the line says so.

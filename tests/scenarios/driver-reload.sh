@@ -96,7 +96,7 @@ start_agent
 
 REMOVALS='hotplug_nic_events_total{action="removal",cause="driver-unload",source="kernel"}'
 REGISTRATIONS='hotplug_nic_events_total{action="registration",cause="driver-load",source="kernel"}'
-RESTORES='hotplug_restores_total{outcome="ok"}'
+RESTORES='hotplug_restores_total{outcome="ok",reason="driver-reload"}'
 LATENCIES=hotplug_restore_latency_seconds_count
 removals=$(metric "$REMOVALS") registrations=$(metric "$REGISTRATIONS")
 restores=$(metric "$RESTORES") latencies=$(metric "$LATENCIES")

@@ -269,8 +269,11 @@ pub fn ensure_promtool() -> Result<()> {
         .context("apt-get download prometheus left no .deb")?;
     let unpacked = work.join("x");
     cmd::run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacked))?;
-    fs::copy(unpacked.join("usr/bin/promtool"), &path)
+    // Into place by a rename: an interrupted copy never leaves a broken promtool behind.
+    let partial = dir.join("promtool.partial");
+    fs::copy(unpacked.join("usr/bin/promtool"), &partial)
         .context("the prometheus package has no usr/bin/promtool")?;
+    fs::rename(&partial, &path)?;
     fs::remove_dir_all(&work)?;
     Ok(())
 }

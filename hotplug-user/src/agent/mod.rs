@@ -43,6 +43,8 @@ pub enum AgentError {
     Audit(#[from] crate::audit::AuditError),
     #[error("{0}")]
     Usage(String),
+    #[error("reload of {0} did not go as asked (the report above says what happened)")]
+    ReloadFailed(String),
     #[error("serializing an event: {0}")]
     Json(#[from] serde_json::Error),
     #[error("refresh of {0} failed (the lines above say why, and what was changed, if anything)")]
@@ -246,6 +248,7 @@ pub async fn run(
     let (mut events, mut ended) = startup.events();
     let metrics = crate::metrics::global();
     metrics.set_mode(startup.mode == Mode::Full);
+    manager.set_full_mode(startup.mode == Mode::Full);
     manager.count_states();
     if let Some(listen) = &config.metrics_listen {
         // Checked when the file was read; a port taken or a path refused costs the metrics only.
@@ -305,7 +308,7 @@ pub async fn run(
                 }
                 KernelEvent::Module(module) => {
                     metrics.delivered(monotonic_ns().saturating_sub(module.timestamp_ns));
-                    match crate::audit::module_entry(&module) {
+                    match crate::audit::module_entry(&module).await {
                         Some(entry) => {
                             metrics.module_event(&entry.action);
                             manager.audit(&entry);
@@ -329,7 +332,7 @@ pub async fn run(
             },
             Some(message) = background.recv() => manager.on_background(message).await,
             Some((request, reply)) = queries.recv() => {
-                manager.query(request, reply);
+                manager.query(request, reply).await;
             }
             () = sleep_until(wakeup) => manager.wake().await,
             accepted = listener.accept(), if accept_after.is_none() => {

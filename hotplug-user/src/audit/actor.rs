@@ -27,36 +27,67 @@ pub struct Actor {
 }
 
 impl Actor {
-    /// The kernel's task, completed from `/proc`.
-    pub fn read(task: &Task) -> Self {
-        Self::read_from(Path::new("/proc"), task)
-    }
-
-    /// As [`Actor::read`], with `/proc` at `proc`. A pid is trusted only while `/proc/PID/comm`
-    /// still names the kernel's `comm`: a task that exited, its pid reused by another, must not
-    /// lend that one's command line.
-    pub fn read_from(proc: &Path, task: &Task) -> Self {
-        let mut actor = Self {
+    /// The kernel's task only, nothing read from `/proc`.
+    pub fn from_kernel(task: &Task) -> Self {
+        Self {
             pid: task.pid,
             uid: task.uid,
             comm: task.comm.clone(),
             ppid: task.ppid,
             parent_comm: None,
             cmdline: None,
-        };
+        }
+    }
+
+    /// The kernel's task, completed from `/proc` on a blocking thread: a read of
+    /// `/proc/PID/cmdline` takes the task's memory-map lock and reads its memory, which a
+    /// process stuck in the kernel (or paging from its own FUSE mount) can hold up for ever. The
+    /// agent's loop waits at most [`READ_LIMIT`], then records the kernel's part alone.
+    pub async fn read_soon(task: &Task, event_ns: u64) -> Self {
+        let owned = task.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            Self::read_from(Path::new("/proc"), &owned, event_ns, boot_ns())
+        });
+        match tokio::time::timeout(READ_LIMIT, read).await {
+            Ok(Ok(actor)) => actor,
+            _ => Self::from_kernel(task),
+        }
+    }
+
+    /// As [`Actor::read_soon`], with `/proc` at `proc`, `boot_ns` the clock of `event_ns`
+    /// (CLOCK_MONOTONIC) at boot, in the same units as `/proc/PID/stat`'s start time. A pid is
+    /// trusted only while it is still the same task: the thread `/proc/PID/task/TID/comm`
+    /// names the kernel's `comm`, its real uid is the kernel's uid, and it started before the
+    /// event; a task that exited, its pid reused by another (even one that named itself the
+    /// same), lends nothing. The parent is named only if it too started before the event.
+    pub fn read_from(proc: &Path, task: &Task, event_ns: u64, boot_ns: u64) -> Self {
+        let mut actor = Self::from_kernel(task);
         let dir = proc.join(task.pid.to_string());
-        let same_task = std::fs::read_to_string(dir.join("comm"))
+        let started_before = |dir: &Path| {
+            std::fs::read_to_string(dir.join("stat"))
+                .ok()
+                .and_then(|s| stat_start_ns(&s))
+                .is_some_and(|start| start.saturating_sub(boot_ns) <= event_ns)
+        };
+        let comm_matches = std::fs::read_to_string(dir.join("task").join(task.tid.to_string()).join("comm"))
             .is_ok_and(|comm| sanitize(comm.trim_end_matches('\n')) == task.comm);
-        if same_task {
-            actor.cmdline = std::fs::read(dir.join("cmdline")).ok().and_then(|raw| cmdline(&raw));
+        let uid_matches = std::fs::read_to_string(dir.join("status"))
+            .ok()
+            .and_then(|s| status_uid(&s))
+            .is_some_and(|uid| task.uid.is_none_or(|kernel| kernel == uid));
+        if comm_matches && uid_matches && started_before(&dir) {
+            actor.cmdline = read_cmdline(&dir.join("cmdline"));
             if actor.ppid.is_none() {
                 actor.ppid = std::fs::read_to_string(dir.join("stat")).ok().and_then(|s| stat_ppid(&s));
             }
         }
         if let Some(ppid) = actor.ppid.filter(|&p| p != 0) {
-            actor.parent_comm = std::fs::read_to_string(proc.join(ppid.to_string()).join("comm"))
-                .ok()
-                .map(|c| sanitize(c.trim_end_matches('\n')));
+            let parent = proc.join(ppid.to_string());
+            if started_before(&parent) {
+                actor.parent_comm = std::fs::read_to_string(parent.join("comm"))
+                    .ok()
+                    .map(|c| sanitize(c.trim_end_matches('\n')));
+            }
         }
         actor
     }
@@ -88,6 +119,44 @@ impl Actor {
             }
         }
     }
+}
+
+/// How long the agent's loop waits for `/proc` (see [`Actor::read_soon`]).
+const READ_LIMIT: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// At most this much of a command line is read (the rest is never looked at).
+const CMDLINE_READ_MAX: u64 = 4 * CMDLINE_MAX as u64;
+
+fn read_cmdline(path: &Path) -> Option<String> {
+    use std::io::Read as _;
+    let mut raw = Vec::new();
+    std::fs::File::open(path).ok()?.take(CMDLINE_READ_MAX).read_to_end(&mut raw).ok()?;
+    cmdline(&raw)
+}
+
+/// Clock ticks per second of `/proc/PID/stat`'s start time.
+fn clock_ticks() -> u64 {
+    // SAFETY: sysconf has no preconditions; it returns -1 for an unknown name.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    u64::try_from(ticks).ok().filter(|&t| t > 0).unwrap_or(100)
+}
+
+/// CLOCK_MONOTONIC at boot, in ns: 0 (the kernel starts both clocks at boot; a suspended host's
+/// start times run ahead of the monotonic clock, which only makes the check stricter).
+fn boot_ns() -> u64 {
+    0
+}
+
+/// The 22nd field of `/proc/PID/stat` (start time after boot, clock ticks), in ns.
+fn stat_start_ns(stat: &str) -> Option<u64> {
+    let after = &stat[stat.rfind(')')? + 1..];
+    let ticks: u64 = after.split_whitespace().nth(19)?.parse().ok()?;
+    ticks.checked_mul(1_000_000_000 / clock_ticks())
+}
+
+/// The real uid in `/proc/PID/status` (`Uid:\treal\teffective\t…`).
+fn status_uid(status: &str) -> Option<u32> {
+    status.lines().find_map(|l| l.strip_prefix("Uid:"))?.split_whitespace().next()?.parse().ok()
 }
 
 /// `/proc/PID/cmdline`: NUL-separated arguments, joined by spaces, control characters escaped,
@@ -127,40 +196,66 @@ mod tests {
         Task { pid, tid: pid, comm: comm.to_owned(), uid: Some(1000), ppid: None }
     }
 
-    fn fake_proc(entries: &[(u32, &str, &[u8], &str)]) -> std::io::Result<tempfile::TempDir> {
+    /// A fake /proc: (pid, comm, cmdline, stat, uid); every task's one thread is the pid.
+    fn fake_proc(entries: &[(u32, &str, &[u8], &str, u32)]) -> std::io::Result<tempfile::TempDir> {
         let dir = tempfile::tempdir()?;
-        for (pid, comm, cmdline, stat) in entries {
+        for (pid, comm, cmdline, stat, uid) in entries {
             let p = dir.path().join(pid.to_string());
-            std::fs::create_dir_all(&p)?;
+            std::fs::create_dir_all(p.join("task").join(pid.to_string()))?;
             std::fs::write(p.join("comm"), format!("{comm}\n"))?;
+            std::fs::write(p.join("task").join(pid.to_string()).join("comm"), format!("{comm}\n"))?;
             std::fs::write(p.join("cmdline"), cmdline)?;
             std::fs::write(p.join("stat"), stat)?;
+            std::fs::write(p.join("status"), format!("Name:\t{comm}\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\n"))?;
         }
         Ok(dir)
     }
 
+    /// A stat line whose start time is `start_ticks`.
+    fn stat(pid: u32, comm: &str, ppid: u32, start_ticks: u64) -> String {
+        format!("{pid} ({comm}) S {ppid} {pid} {ppid} 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 {start_ticks} 0 0")
+    }
+
+    /// An event 10 s after boot; tasks started at 5 s (500 ticks) came before it.
+    const EVENT_NS: u64 = 10_000_000_000;
+
     #[test]
     fn a_live_task_gets_its_command_line_and_parent() -> std::io::Result<()> {
         let proc = fake_proc(&[
-            (812, "modprobe", b"modprobe\0-r\0e1000e\0", "812 (modprobe) S 790 812 790 0"),
-            (790, "bash", b"-bash\0", "790 (bash) S 1 790 790 0"),
+            (812, "modprobe", b"modprobe\0-r\0e1000e\0", &stat(812, "modprobe", 790, 500), 0),
+            (790, "bash", b"-bash\0", &stat(790, "bash", 1, 100), 0),
         ])?;
-        let actor = Actor::read_from(proc.path(), &task(812, "modprobe"));
+        let mut root = task(812, "modprobe");
+        root.uid = Some(0);
+        let actor = Actor::read_from(proc.path(), &root, EVENT_NS, 0);
         assert_eq!(actor.cmdline.as_deref(), Some("modprobe -r e1000e"));
         assert_eq!(actor.ppid, Some(790));
         assert_eq!(actor.parent_comm.as_deref(), Some("bash"));
-        assert_eq!(actor.describe(), "modprobe[812] uid 1000 (parent bash[790]) `modprobe -r e1000e`");
+        assert_eq!(actor.describe(), "modprobe[812] uid 0 (parent bash[790]) `modprobe -r e1000e`");
         Ok(())
     }
 
     #[test]
     fn a_reused_pid_lends_nothing() -> std::io::Result<()> {
         // pid 812 is now another program: its command line is not the modprobe's.
-        let proc = fake_proc(&[(812, "sshd", b"sshd: root\0", "812 (sshd) S 1 812 812 0")])?;
-        let actor = Actor::read_from(proc.path(), &task(812, "modprobe"));
+        let proc = fake_proc(&[(812, "sshd", b"sshd: root\0", &stat(812, "sshd", 1, 500), 1000)])?;
+        let actor = Actor::read_from(proc.path(), &task(812, "modprobe"), EVENT_NS, 0);
         assert_eq!(actor.cmdline, None);
         assert_eq!(actor.ppid, None);
         assert_eq!(actor.describe(), "modprobe[812] uid 1000");
+        Ok(())
+    }
+
+    #[test]
+    fn an_impostor_with_the_same_name_lends_nothing() -> std::io::Result<()> {
+        // Same comm (prctl(PR_SET_NAME) is anyone's), but another uid: not root's modprobe.
+        let proc = fake_proc(&[(812, "modprobe", b"evil\0", &stat(812, "modprobe", 1, 500), 1000)])?;
+        let mut root = task(812, "modprobe");
+        root.uid = Some(0);
+        assert_eq!(Actor::read_from(proc.path(), &root, EVENT_NS, 0).cmdline, None);
+        // Same comm and uid, but started after the event: a new process on a reused pid.
+        let proc = fake_proc(&[(812, "modprobe", b"later\0", &stat(812, "modprobe", 1, 5000), 1000)])?;
+        assert_eq!(Actor::read_from(proc.path(), &task(812, "modprobe"), EVENT_NS, 0).cmdline, None);
         Ok(())
     }
 
@@ -169,7 +264,7 @@ mod tests {
         let proc = fake_proc(&[])?;
         let mut kernel_task = task(812, "modprobe");
         kernel_task.ppid = Some(4242);
-        let actor = Actor::read_from(proc.path(), &kernel_task);
+        let actor = Actor::read_from(proc.path(), &kernel_task, EVENT_NS, 0);
         assert_eq!(actor.describe(), "modprobe[812] uid 1000 (parent 4242)");
         Ok(())
     }

@@ -52,6 +52,8 @@ pub enum Kind {
     Attach,
     /// A NIC handed to the detach path.
     Detach,
+    /// A guided driver reload (`hotplug-agent reload`) and its report.
+    Reload,
 }
 
 /// One entry of the trail.
@@ -107,10 +109,12 @@ impl Entry {
         }
     }
 
-    /// With the acting task, read from `/proc` now (see [`Actor::read`]).
-    #[must_use]
-    pub fn by(mut self, task: Option<&Task>) -> Self {
-        self.task = task.map(Actor::read);
+    /// With the acting task, completed from `/proc` (see [`Actor::read_soon`]); `event_ns` is
+    /// the kernel's timestamp of what it did.
+    pub async fn by(mut self, task: Option<&Task>, event_ns: u64) -> Self {
+        if let Some(task) = task {
+            self.task = Some(Actor::read_soon(task, event_ns).await);
+        }
         self
     }
 
@@ -142,7 +146,7 @@ impl Entry {
 
 /// The entry of a module event: `unload` (the `delete_module` call began), `unloaded` (it
 /// returned, with its result), `load`. A module's free (the kernel's own step) has none.
-pub fn module_entry(event: &crate::kernel::ModuleLifecycle) -> Option<Entry> {
+pub async fn module_entry(event: &crate::kernel::ModuleLifecycle) -> Option<Entry> {
     use crate::kernel::ModuleEventKind;
     let (action, outcome) = match event.kind {
         ModuleEventKind::UnloadBegin => ("unload", None),
@@ -153,7 +157,7 @@ pub fn module_entry(event: &crate::kernel::ModuleLifecycle) -> Option<Entry> {
         ModuleEventKind::Load => ("load", Some("ok".to_owned())),
         ModuleEventKind::Free => return None,
     };
-    let mut entry = Entry::now(Kind::Module, action).by(Some(&event.task));
+    let mut entry = Entry::now(Kind::Module, action).by(Some(&event.task), event.timestamp_ns).await;
     entry.module = Some(event.module.clone());
     entry.outcome = outcome;
     Some(entry)
@@ -214,17 +218,15 @@ impl Trail {
         line.push('\n');
         let bytes = line.len() as u64;
         if self.file.is_none() {
-            let path = self.dir.join(FILE_NAME);
-            let file = OpenOptions::new().create(true).append(true).mode(0o600).open(&path)?;
-            self.size = file.metadata()?.len();
+            let (file, size) = open_for_append(&self.dir.join(FILE_NAME))?;
+            self.size = size;
             self.file = Some(file);
         }
         if self.size + bytes > MAX_FILE_BYTES && self.size > 0 {
             self.file = None;
             rotate(&self.dir)?;
-            let file =
-                OpenOptions::new().create(true).append(true).mode(0o600).open(self.dir.join(FILE_NAME))?;
-            self.size = 0;
+            let (file, size) = open_for_append(&self.dir.join(FILE_NAME))?;
+            self.size = size;
             self.file = Some(file);
         }
         let Some(file) = self.file.as_mut() else { return Ok(()) };
@@ -234,6 +236,30 @@ impl Trail {
         self.size += bytes;
         Ok(())
     }
+}
+
+/// Opens the trail for appending (never through a symlink), and ends a line a crash or a full
+/// disk left torn, so that the next entry starts a line of its own.
+fn open_for_append(path: &Path) -> std::io::Result<(File, u64)> {
+    use std::io::{Read as _, Seek as _};
+    let mut file = OpenOptions::new()
+        .create(true)
+        .read(true)
+        .append(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
+    let mut size = file.metadata()?.len();
+    if size > 0 {
+        let mut last = [0u8];
+        file.seek(std::io::SeekFrom::End(-1))?;
+        file.read_exact(&mut last)?;
+        if last[0] != b'\n' {
+            file.write_all(b"\n")?;
+            size += 1;
+        }
+    }
+    Ok((file, size))
 }
 
 /// `audit.jsonl.{N-1}` → `.N` … `audit.jsonl` → `.1`; the oldest falls off.

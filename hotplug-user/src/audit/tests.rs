@@ -99,3 +99,29 @@ fn summary_names_who_and_what() {
         "nic removal ens5 52:54:00:12:34:56 cause driver-unload by modprobe[9] uid 0: hold the snapshot"
     );
 }
+
+#[test]
+fn an_entry_after_a_torn_line_starts_a_line_of_its_own() -> Result<(), Box<dyn std::error::Error>> {
+    let dir = tempfile::tempdir()?;
+    std::fs::write(dir.path().join(FILE_NAME), "{\"time_ms\":7,\"kin")?;
+    let mut trail = Trail::new(dir.path());
+    trail.record(&entry(9, "registration"));
+    let history = read(dir.path(), None)?;
+    assert_eq!(history.unreadable_lines, 1);
+    assert_eq!(history.entries.len(), 1);
+    assert_eq!(history.entries[0].action, "registration");
+    Ok(())
+}
+
+#[test]
+fn the_trail_is_never_written_through_a_symlink() -> Result<(), Box<dyn std::error::Error>> {
+    let dir = tempfile::tempdir()?;
+    let target = dir.path().join("elsewhere");
+    std::fs::write(&target, "")?;
+    std::os::unix::fs::symlink(&target, dir.path().join(FILE_NAME))?;
+    let mut trail = Trail::new(dir.path());
+    trail.record(&entry(1, "removal"));
+    assert!(trail.failing);
+    assert_eq!(std::fs::read_to_string(&target)?, "");
+    Ok(())
+}

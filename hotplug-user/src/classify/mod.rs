@@ -53,11 +53,19 @@ pub fn sanitize(text: &str) -> String {
     for c in text.chars() {
         match c {
             c if c.is_control() && c.is_ascii() => clean.push_str(&format!("\\x{:02x}", u32::from(c))),
-            c if c.is_control() => clean.push_str(&format!("\\u{{{:04x}}}", u32::from(c))),
+            c if c.is_control() || is_invisible_format(c) => {
+                clean.push_str(&format!("\\u{{{:04x}}}", u32::from(c)));
+            }
             c => clean.push(c),
         }
     }
     clean
+}
+
+/// Characters that change how a line reads without being seen: bidirectional overrides and
+/// isolates (a `comm` that renders backwards), zero-width characters, the byte order mark.
+fn is_invisible_format(c: char) -> bool {
+    matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{feff}' | '\u{061c}')
 }
 
 /// Why a NIC went away or appeared.

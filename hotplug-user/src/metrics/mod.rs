@@ -37,6 +37,14 @@ pub struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RestoreLabels {
+    pub outcome: String,
+    /// `driver-reload` (the NIC came back), `manager-cycle` (networkd dropped routes and rules
+    /// it does not own, which went back once it was done).
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StateLabels {
     pub state: String,
 }
@@ -51,7 +59,7 @@ pub struct Metrics {
     registry: Registry,
     pub nic_events: Family<NicEventLabels, Counter>,
     pub module_events: Family<ActionLabels, Counter>,
-    pub restores: Family<OutcomeLabels, Counter>,
+    pub restores: Family<RestoreLabels, Counter>,
     pub attaches: Family<OutcomeLabels, Counter>,
     pub imds_requests: Family<OutcomeLabels, Counter>,
     pub lost_records: Counter,
@@ -89,8 +97,12 @@ impl Metrics {
             "Module unloads and loads seen in the kernel",
             module_events.clone(),
         );
-        let restores = Family::<OutcomeLabels, Counter>::default();
-        registry.register("restores", "Restores after a driver reload, by outcome", restores.clone());
+        let restores = Family::<RestoreLabels, Counter>::default();
+        registry.register(
+            "restores",
+            "Restores of a NIC's configuration, by outcome and reason",
+            restores.clone(),
+        );
         let attaches = Family::<OutcomeLabels, Counter>::default();
         registry.register(
             "attaches",
@@ -178,18 +190,23 @@ impl Metrics {
         self.module_events.get_or_create(&ActionLabels { action: action.to_owned() }).inc();
     }
 
-    pub fn restore(&self, outcome: &str, latency_us: u64) {
-        self.restores.get_or_create(&OutcomeLabels { outcome: outcome.to_owned() }).inc();
-        // Microseconds to seconds; precision well below a bucket's width.
-        #[allow(clippy::cast_precision_loss)]
-        self.restore_latency.observe(latency_us as f64 / 1e6);
+    /// A restore ended; only a driver reload's has a latency from the kernel's registration.
+    pub fn restore(&self, outcome: &str, reason: &str, latency_us: u64) {
+        let labels = RestoreLabels { outcome: outcome.to_owned(), reason: reason.to_owned() };
+        self.restores.get_or_create(&labels).inc();
+        if reason == "driver-reload" {
+            // Microseconds to seconds; precision well below a bucket's width.
+            #[allow(clippy::cast_precision_loss)]
+            self.restore_latency.observe(latency_us as f64 / 1e6);
+        }
     }
 
     pub fn attach(&self, outcome: &str) {
         self.attaches.get_or_create(&OutcomeLabels { outcome: outcome.to_owned() }).inc();
     }
 
-    /// One IMDS request: `ok`, `http-4xx`, `http-5xx`, `timeout`, `error`, `refused` (budget).
+    /// One IMDS request: `ok`, `not-found`, `http-4xx`, `http-5xx`, `http-other`, `timeout`,
+    /// `error` (no answer: connection refused, reset, unreachable).
     pub fn imds_request(&self, outcome: &str) {
         self.imds_requests.get_or_create(&OutcomeLabels { outcome: outcome.to_owned() }).inc();
     }

@@ -13,7 +13,9 @@ use tokio::{
 
 /// The most request bytes read before the request line and headers must have ended.
 const MAX_REQUEST: usize = 8192;
-/// A scraper that has not sent its request (or read the answer) by then is dropped.
+/// A scraper that has not sent its request by then is dropped.
+const READ_DEADLINE: Duration = Duration::from_secs(1);
+/// Nor one that has not read the whole answer by then.
 const DEADLINE: Duration = Duration::from_secs(5);
 /// Connections served at once; more wait in the kernel's backlog.
 const MAX_CONNECTIONS: usize = 16;
@@ -87,11 +89,11 @@ pub fn start(listen: &Listen) -> Result<(), ServeError> {
             });
         }
         Listen::Unix(path) => {
+            safe_directory(path).map_err(bind_error)?;
             remove_stale_socket(path).map_err(bind_error)?;
+            // Its mode comes from the umask (root's alone under the service's UMask=0077); who
+            // else may scrape is the directory's and the socket's owner's business.
             let listener = UnixListener::bind(path).map_err(bind_error)?;
-            // Anyone who can reach the path may scrape (the directory decides who can).
-            use std::os::unix::fs::PermissionsExt as _;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).map_err(bind_error)?;
             tokio::spawn(async move {
                 loop {
                     match listener.accept().await {
@@ -103,6 +105,21 @@ pub fn start(listen: &Listen) -> Result<(), ServeError> {
         }
     }
     tracing::info!(listen = %listen, "metrics: serving GET /metrics (OpenMetrics)");
+    Ok(())
+}
+
+/// The socket's directory must be root's and writable by nobody else: otherwise another user
+/// could put a file of theirs where the agent removes and binds.
+fn safe_directory(path: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    let dir = path.parent().ok_or_else(|| std::io::Error::other("the path has no directory"))?;
+    let meta = std::fs::metadata(dir)?;
+    if meta.uid() != 0 || meta.mode() & 0o022 != 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!("{} must be root's and writable by no one else", dir.display()),
+        ));
+    }
     Ok(())
 }
 
@@ -146,15 +163,26 @@ pub async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> std::io::Result<()> {
     let mut request = Vec::with_capacity(512);
     let mut chunk = [0u8; 1024];
-    while !request.windows(4).any(|w| w == b"\r\n\r\n") && !request.windows(2).any(|w| w == b"\n\n") {
-        if request.len() >= MAX_REQUEST {
+    let read_head = async {
+        while !request.windows(4).any(|w| w == b"\r\n\r\n") && !request.windows(2).any(|w| w == b"\n\n") {
+            if request.len() >= MAX_REQUEST {
+                return Ok(false);
+            }
+            let n = stream.read(&mut chunk).await?;
+            if n == 0 {
+                break;
+            }
+            request.extend_from_slice(&chunk[..n]);
+        }
+        Ok::<_, std::io::Error>(true)
+    };
+    match tokio::time::timeout(READ_DEADLINE, read_head).await {
+        Err(_) => return Ok(()), // a client that says nothing is dropped
+        Ok(Err(error)) => return Err(error),
+        Ok(Ok(false)) => {
             return respond(&mut stream, "431 Request Header Fields Too Large", "text/plain", "").await;
         }
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            break;
-        }
-        request.extend_from_slice(&chunk[..n]);
+        Ok(Ok(true)) => {}
     }
     let line = request.split(|&b| b == b'\n').next().unwrap_or_default();
     let line = String::from_utf8_lossy(line);
@@ -176,7 +204,9 @@ pub async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
         }
         ("GET", _) => respond(&mut stream, "404 Not Found", "text/plain", "GET /metrics\n").await,
         ("", _) => respond(&mut stream, "400 Bad Request", "text/plain", "").await,
-        _ => respond(&mut stream, "405 Method Not Allowed", "text/plain", "GET /metrics\n").await,
+        _ => {
+            respond(&mut stream, "405 Method Not Allowed\r\nAllow: GET", "text/plain", "GET /metrics\n").await
+        }
     }
 }
 

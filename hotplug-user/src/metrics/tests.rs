@@ -8,7 +8,8 @@ fn counters_and_histograms_show_in_the_exposition() {
     metrics.nic_event("removal", "driver-unload", "kernel");
     metrics.nic_event("removal", "driver-unload", "kernel");
     metrics.module_event("unload");
-    metrics.restore("ok", 42_000);
+    metrics.restore("ok", "driver-reload", 42_000);
+    metrics.restore("ok", "manager-cycle", 1);
     metrics.imds_request("http-5xx");
     metrics.delivered(150_000);
     metrics.lost_records.inc_by(3);
@@ -16,7 +17,8 @@ fn counters_and_histograms_show_in_the_exposition() {
     for line in [
         "hotplug_nic_events_total{action=\"removal\",cause=\"driver-unload\",source=\"kernel\"} 2",
         "hotplug_module_events_total{action=\"unload\"} 1",
-        "hotplug_restores_total{outcome=\"ok\"} 1",
+        "hotplug_restores_total{outcome=\"ok\",reason=\"driver-reload\"} 1",
+        "hotplug_restores_total{outcome=\"ok\",reason=\"manager-cycle\"} 1",
         "hotplug_imds_requests_total{outcome=\"http-5xx\"} 1",
         "hotplug_lost_records_total 3",
         "hotplug_resyncs_total 0",

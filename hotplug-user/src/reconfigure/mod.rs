@@ -1,10 +1,14 @@
 //! Where a NIC is reconfigured: restoring a snapshot over netlink (`restore`), configuring a NIC
-//! really attached (`attach`), or handing the NIC to a site's own command (`command`).
+//! really attached (`attach`), or handing the NIC to a site's own command (`command`); and the
+//! two outside actions of a guided reload: the module commands (`module`) and the gateway's
+//! reachability probe (`neighbour`).
 //!
 //! Nothing here replaces what is there: routes are added exclusively, and a route with the same
 //! key (table, destination, metric) through another NIC or gateway is reported, never taken over.
 pub mod attach;
 pub mod command;
+pub mod module;
+pub mod neighbour;
 pub mod restore;
 
 use futures::TryStreamExt as _;

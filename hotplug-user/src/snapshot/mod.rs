@@ -270,6 +270,26 @@ pub fn route_table(message: &RouteMessage) -> u32 {
         .unwrap_or(u32::from(message.header.table))
 }
 
+/// The gateways of the snapshot's default routes (IPv4 and IPv6, any table), each once.
+pub fn default_gateways(snapshot: &NicSnapshot) -> Vec<IpAddr> {
+    let mut gateways = Vec::new();
+    for entry in &snapshot.routes {
+        let Ok(message) = route_message(entry) else { continue };
+        if message.header.destination_prefix_length != 0 {
+            continue;
+        }
+        let gateway = message.attributes.iter().find_map(|a| match a {
+            RouteAttribute::Gateway(RouteAddress::Inet(v4)) => Some(IpAddr::V4(*v4)),
+            RouteAttribute::Gateway(RouteAddress::Inet6(v6)) => Some(IpAddr::V6(*v6)),
+            _ => None,
+        });
+        if let Some(gateway) = gateway.filter(|g| !gateways.contains(g)) {
+            gateways.push(gateway);
+        }
+    }
+    gateways
+}
+
 pub fn route_oif(message: &RouteMessage) -> Option<u32> {
     message.attributes.iter().find_map(|a| if let RouteAttribute::Oif(i) = a { Some(*i) } else { None })
 }

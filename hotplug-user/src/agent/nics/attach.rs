@@ -109,6 +109,10 @@ impl NicManager {
                 attach.status = "abandoned".into();
                 attach.imds_requests = requests;
             }
+            let outcome =
+                format!("abandoned ({requests} IMDS requests): the NIC is gone or was re-registered");
+            self.audit_outcome(crate::audit::Kind::Attach, &mac, "abandoned", outcome);
+            crate::metrics::global().attach("abandoned");
             return;
         }
         // The start-up pass asks once; a NIC IMDS lists but has not propagated yet is asked again

@@ -9,6 +9,7 @@
 mod attach;
 mod changes;
 mod refresh;
+mod reload;
 mod restore;
 mod startup;
 
@@ -77,6 +78,8 @@ pub enum Background {
     Refresh(refresh::RefreshResult),
     /// A `command` policy's hook ended (or was killed).
     Hook { mac: String, phase: &'static str, outcome: command::HookOutcome },
+    /// A guided reload ended.
+    ReloadDone(decide::reload::ReloadReport),
 }
 
 /// One NIC as the agent manages and persists it.
@@ -111,6 +114,9 @@ pub struct Managed {
     /// Reload halves cloud-init's hook has not asked about yet.
     #[serde(default)]
     pub gate_credits: decide::gate::Credits,
+    /// Its part of the last guided reload of its driver.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_reload: Option<decide::reload::NicReport>,
     #[serde(skip)]
     history: VecDeque<NicSnapshot>,
 }
@@ -131,6 +137,7 @@ impl Managed {
             last_removal: None,
             pending_restore: None,
             gate_credits: decide::gate::Credits::default(),
+            last_reload: None,
             history: VecDeque::new(),
         }
     }
@@ -157,6 +164,12 @@ pub struct NicManager {
     boot_id: String,
     /// Who did what, and what the agent made of it.
     audit: crate::audit::Trail,
+    /// Every kernel hook attached: a reload's removals can be told from anything else.
+    full_mode: bool,
+    /// A guided reload is under way (one at a time).
+    reload_running: bool,
+    /// Each NIC's removals and restores, for a guided reload's task to follow.
+    progress: tokio::sync::watch::Sender<reload::Progress>,
 }
 
 fn key(mac: &str) -> String {
@@ -376,15 +389,22 @@ impl NicManager {
         crate::metrics::global().set_nics(count("present"), count("driver-gone"), count("removed"));
     }
 
+    /// Every kernel hook attached (a guided reload needs it).
+    pub fn set_full_mode(&mut self, full: bool) {
+        self.full_mode = full;
+    }
+
     /// Adds an entry to the audit trail.
     pub fn audit(&mut self, entry: &crate::audit::Entry) {
         self.audit.record(entry);
     }
 
     /// The audit entry of a NIC event (before the agent acts on it), with its decision.
-    fn audit_event(&mut self, mac: &str, event: &NicEvent, decision: String) {
+    async fn audit_event(&mut self, mac: &str, event: &NicEvent, decision: String) {
         let action = format!("{:?}", event.action).to_lowercase();
-        let mut entry = crate::audit::Entry::now(crate::audit::Kind::Nic, &action).by(event.task.as_ref());
+        let mut entry = crate::audit::Entry::now(crate::audit::Kind::Nic, &action)
+            .by(event.task.as_ref(), event.timestamp_ns)
+            .await;
         entry.mac = Some(mac.to_owned());
         entry.interface = Some(event.name.clone());
         entry.module = event.context_module.clone().or_else(|| event.module.clone());
@@ -417,7 +437,7 @@ impl NicManager {
         let transition = decide::decide(state.as_ref(), input, policy, timeout);
         let unchanged = transition.next == state && transition.actions.is_empty();
         match event {
-            Some(event) => self.audit_event(mac, event, transition.describe(state.as_ref())),
+            Some(event) => self.audit_event(mac, event, transition.describe(state.as_ref())).await,
             None if !unchanged => {
                 let (kind, action) =
                     if transition.actions.iter().any(|a| matches!(a, Action::HandToDetach { .. })) {
@@ -466,6 +486,18 @@ impl NicManager {
                 nic.last_removal = Some((event.cause, event.name.clone()));
             }
             nic.last_event = Some(event.clone());
+        }
+        if let Some(event) = event {
+            let removal = event.action == crate::classify::Action::Removal;
+            let (timestamp_ns, ifindex) = (event.timestamp_ns, u32::try_from(event.ifindex).ok());
+            self.publish_progress(mac, |p| {
+                if removal {
+                    p.removed_ns = Some(timestamp_ns);
+                    p.ifindex = None;
+                } else {
+                    p.ifindex = ifindex;
+                }
+            });
         }
         for action in transition.actions {
             self.act(mac, action, event).await;
@@ -518,6 +550,7 @@ impl NicManager {
             Action::HandToDetach { reason } => {
                 // The kernel is authoritative: clean up at once, no IMDS round trip.
                 let Some(nic) = self.nics.get_mut(mac) else { return };
+                let interface = nic.snapshot.as_ref().map(|s| s.name.clone());
                 let rules = std::mem::take(&mut nic.configured_rules);
                 nic.configured_addresses.clear();
                 nic.snapshot = None;
@@ -530,7 +563,11 @@ impl NicManager {
                     tracing::warn!(%mac, action = "detach", ?errors, "NIC left for good: {reason}; cleanup incomplete");
                     format!("failed: {}", errors.join("; "))
                 };
-                self.audit_outcome(crate::audit::Kind::Detach, mac, "cleaned-up", outcome);
+                let mut entry = crate::audit::Entry::now(crate::audit::Kind::Detach, "cleaned-up");
+                entry.mac = Some(mac.to_owned());
+                entry.interface = interface;
+                entry.outcome = Some(outcome);
+                self.audit(&entry);
             }
             Action::Attach { ifindex } => self.attach(mac, ifindex, event),
             Action::Track { ifindex } => {
@@ -545,9 +582,12 @@ impl NicManager {
 
     /// The agent's answer to a control request (the body the client reads).
     /// Answers a control request: at once, or (a refresh) once its IMDS look-up is back.
-    pub fn query(&mut self, request: Request, reply: oneshot::Sender<Vec<u8>>) {
+    pub async fn query(&mut self, request: Request, reply: oneshot::Sender<Vec<u8>>) {
         match request {
             Request::Refresh { iface } => self.refresh_eni(&iface, reply),
+            Request::Reload { driver, params, dry_run } => {
+                self.start_reload(&driver, &params, dry_run, reply).await;
+            }
             request => {
                 let _ = reply.send(self.answer(&request));
             }
@@ -558,6 +598,9 @@ impl NicManager {
         let body = match request {
             Request::Refresh { iface } => serde_json::to_vec(
                 &serde_json::json!({ "error": format!("refresh {iface}: ask through query()") }),
+            ),
+            Request::Reload { driver, .. } => serde_json::to_vec(
+                &serde_json::json!({ "error": format!("reload {driver}: ask through query()") }),
             ),
             Request::Status => serde_json::to_vec_pretty(&self.status()),
             Request::CloudInitGate { action, devpath, mac } => {
@@ -647,6 +690,7 @@ impl NicManager {
                 }),
                 last_restore: n.last_restore.clone(),
                 attach: n.attach.clone(),
+                last_reload: n.last_reload.clone(),
             })
             .collect();
         nics.sort_by(|a, b| a.mac.cmp(&b.mac));
@@ -659,6 +703,7 @@ impl NicManager {
             Background::Attach(result) => self.on_attach_result(result).await,
             Background::ManagerSettled(settled) => self.finish_restore(settled).await,
             Background::Refresh(result) => self.on_refresh_result(result).await,
+            Background::ReloadDone(report) => self.finish_reload(report),
             Background::Hook { mac, phase, outcome } => {
                 let command::HookOutcome { status, succeeded, stdout, stderr } = outcome;
                 if succeeded {

@@ -137,6 +137,8 @@ impl NicManager {
             }
             (None, None) => {
                 tracing::warn!(%mac, ifindex, action = "restore", "NIC is back but there is no snapshot to restore");
+                let outcome = "failed: no snapshot from before its driver left".to_owned();
+                self.audit_outcome(crate::audit::Kind::Restore, mac, "nothing-held", outcome);
                 return;
             }
         };
@@ -207,7 +209,8 @@ impl NicManager {
             tracing::info!(%mac, ifindex, action = "restore", "the NIC left again before its manager was done: the restore waits for its return");
             return;
         }
-        let Some(Pending { snapshot: want, .. }) = nic.pending_restore.take() else { return };
+        let Some(Pending { snapshot: want, reason, .. }) = nic.pending_restore.take() else { return };
+        let after_reload = reason == PendingReason::Reload;
         if !settled {
             tracing::warn!(%mac, ifindex, action = "restore", "udev or the NIC's manager did not finish within {} s: restoring anyway", waited.as_secs());
         }
@@ -235,7 +238,23 @@ impl NicManager {
             ("incomplete", format!("failed: {}", problems.join("; ")))
         };
         self.audit_outcome(crate::audit::Kind::Restore, &mac, action, outcome);
-        crate::metrics::global().restore(if action == "restored" { "ok" } else { "incomplete" }, latency_us);
+        let problems: Vec<String> = report.errors.iter().chain(&report.differences).cloned().collect();
+        // A guided reload follows the restores of a driver's return, not a manager's cycle.
+        self.publish_progress(&mac, |p| {
+            if !after_reload {
+                return;
+            }
+            p.restores += 1;
+            p.registered_ns = registered_ns;
+            p.latency_us = latency_us;
+            p.problems = problems;
+            p.ifindex = Some(ifindex);
+        });
+        crate::metrics::global().restore(
+            if action == "restored" { "ok" } else { "incomplete" },
+            if after_reload { "driver-reload" } else { "manager-cycle" },
+            latency_us,
+        );
         let waited_for_manager_ms =
             plan.wait_for_manager.then(|| u64::try_from(waited.as_millis()).unwrap_or(u64::MAX));
         if let Some(nic) = self.nics.get_mut(&mac) {

@@ -1,0 +1,265 @@
+//! `hotplug-agent reload DRIVER`: whether a guided driver reload may start, over which NICs, and
+//! what its outcome is, from facts the agent gathered. Pure: the agent runs the module commands,
+//! waits and probes (`agent/nics/reload.rs`).
+use serde::{Deserialize, Serialize};
+
+use crate::config::PolicyKind;
+
+/// The longest module name the kernel takes (`MODULE_NAME_LEN` - 1).
+const MODULE_NAME_MAX: usize = 55;
+/// The most parameters, and the longest value, a reload passes to modprobe.
+const PARAMS_MAX: usize = 32;
+const VALUE_MAX: usize = 256;
+
+/// What the client asked for, checked.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReloadRequest {
+    pub driver: String,
+    /// `KEY=VALUE`, in the order given.
+    pub params: Vec<String>,
+    pub dry_run: bool,
+}
+
+/// A NIC as the agent knows it when the request arrives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NicFacts {
+    pub mac: String,
+    pub name: String,
+    /// The module its device's driver belongs to (sysfs), when it has one.
+    pub module: Option<String>,
+    pub present: bool,
+    /// A snapshot the agent holds, re-read since the last change the kernel reported.
+    pub fresh_snapshot: bool,
+    pub policy: PolicyKind,
+    /// The default gateways its snapshot names (IPv4 and IPv6), for the reachability check.
+    pub gateways: Vec<std::net::IpAddr>,
+}
+
+/// One NIC the reload takes down and expects back.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlannedNic {
+    pub mac: String,
+    pub name: String,
+    pub gateways: Vec<std::net::IpAddr>,
+}
+
+/// What a reload will do.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReloadPlan {
+    pub driver: String,
+    pub params: Vec<String>,
+    pub nics: Vec<PlannedNic>,
+    /// The commands, in order (`modprobe -r DRIVER`, `modprobe DRIVER PARAMS…`).
+    pub steps: Vec<String>,
+}
+
+/// Checks the request's words: a module name and `KEY=VALUE` parameters with nothing modprobe
+/// or a shell could read as more than one argument (no shell is ever used; this keeps the
+/// audit trail and the commands readable).
+pub fn validate(driver: &str, params: &[String], dry_run: bool) -> Result<ReloadRequest, String> {
+    let name_ok =
+        |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if driver.len() > MODULE_NAME_MAX || !name_ok(driver) {
+        return Err(format!(
+            "{driver:?} is not a module name (letters, digits, _ and -, at most {MODULE_NAME_MAX})"
+        ));
+    }
+    if params.len() > PARAMS_MAX {
+        return Err(format!("{} parameters: at most {PARAMS_MAX}", params.len()));
+    }
+    for param in params {
+        let Some((key, value)) = param.split_once('=') else {
+            return Err(format!("--param {param:?}: not KEY=VALUE"));
+        };
+        if !name_ok(key) || key.starts_with('-') {
+            return Err(format!("--param {param:?}: {key:?} is not a parameter name"));
+        }
+        if value.is_empty()
+            || value.len() > VALUE_MAX
+            || value.chars().any(|c| c.is_whitespace() || c.is_control() || c == '"' || c == '\'')
+        {
+            return Err(format!(
+                "--param {param:?}: the value must be 1-{VALUE_MAX} characters without spaces, quotes or control characters"
+            ));
+        }
+    }
+    Ok(ReloadRequest { driver: driver.to_owned(), params: params.to_vec(), dry_run })
+}
+
+/// The plan, or why the reload must not start: the agent must be able to tell the reload's
+/// removals from anything else (full mode), every NIC of the driver must be one it will restore,
+/// with a snapshot taken since its last change, and no other reload may be under way.
+pub fn plan(
+    request: &ReloadRequest,
+    full_mode: bool,
+    busy: bool,
+    nics: &[NicFacts],
+) -> Result<ReloadPlan, String> {
+    if busy {
+        return Err(
+            "another reload is under way (hotplug-agent status shows it); wait for its report".to_owned()
+        );
+    }
+    if !full_mode {
+        return Err("the agent runs in degraded mode: it cannot tell this reload's removals from a real detach; reload by hand, or fix what `hotplug-agent features` names".to_owned());
+    }
+    let mut planned = Vec::new();
+    for nic in nics.iter().filter(|n| n.module.as_deref() == Some(request.driver.as_str())) {
+        if !nic.present {
+            return Err(format!(
+                "{} ({}) is not registered now: its driver is already away",
+                nic.name, nic.mac
+            ));
+        }
+        if nic.policy != PolicyKind::Restore {
+            return Err(format!(
+                "{} ({}) has policy {:?}: the agent would not restore it; change its policy or reload by hand",
+                nic.name, nic.mac, nic.policy
+            ));
+        }
+        if !nic.fresh_snapshot {
+            return Err(format!(
+                "{} ({}): no current snapshot of its configuration (a change is not read yet); try again in a moment",
+                nic.name, nic.mac
+            ));
+        }
+        planned.push(PlannedNic {
+            mac: nic.mac.clone(),
+            name: nic.name.clone(),
+            gateways: nic.gateways.clone(),
+        });
+    }
+    let mut load = format!("modprobe {}", request.driver);
+    for param in &request.params {
+        load.push(' ');
+        load.push_str(param);
+    }
+    Ok(ReloadPlan {
+        driver: request.driver.clone(),
+        params: request.params.clone(),
+        nics: planned,
+        steps: vec![format!("modprobe -r {}", request.driver), load],
+    })
+}
+
+/// One NIC's part of the report.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NicReport {
+    pub mac: String,
+    pub name: String,
+    /// From the kernel's removal to its registration again (ms), when both were seen.
+    pub down_ms: Option<u64>,
+    /// From the registration to the restore's last acknowledgement (ms).
+    pub restore_ms: Option<u64>,
+    /// `ok`, the read-back's differences and errors, or `not back` / `not restored`.
+    pub read_back: String,
+    /// Per gateway: `10.0.0.1 reachable`, `… failed`, or `no default gateway`.
+    pub reachability: Vec<String>,
+}
+
+/// The reload's report.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReloadReport {
+    pub driver: String,
+    pub params: Vec<String>,
+    /// `planned` (dry run), `ok`, `rolled-back` (the new load failed or a NIC did not return; the
+    /// module loaded again without the new parameters), `failed` (say why in `errors`) or
+    /// `refused`.
+    pub status: String,
+    pub dry_run: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<ReloadPlan>,
+    pub nics: Vec<NicReport>,
+    /// Each command run, with its outcome.
+    pub steps: Vec<String>,
+    pub errors: Vec<String>,
+    /// From the unload's start to the last NIC restored (ms).
+    pub total_ms: u64,
+    /// When it ended, wall clock (RFC 3339).
+    #[serde(default)]
+    pub finished: String,
+}
+
+impl ReloadReport {
+    /// A refusal, for the client.
+    pub fn refused(request: &ReloadRequest, why: String) -> Self {
+        Self {
+            driver: request.driver.clone(),
+            params: request.params.clone(),
+            status: "refused".to_owned(),
+            dry_run: request.dry_run,
+            errors: vec![why],
+            ..Self::default()
+        }
+    }
+}
+
+/// The status of a finished reload: `ok` when the new load worked and every NIC came back with
+/// nothing missing, `rolled-back` when the agent had to load the module again without the new
+/// parameters, else `failed`.
+pub fn verdict(loaded: bool, rolled_back: bool, nics: &[NicReport]) -> &'static str {
+    let all_back = nics.iter().all(|n| n.read_back == "ok");
+    match (loaded, rolled_back, all_back) {
+        (true, false, true) => "ok",
+        (_, true, true) => "rolled-back",
+        _ => "failed",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nic(module: &str) -> NicFacts {
+        NicFacts {
+            mac: "52:54:00:12:34:11".into(),
+            name: "eth1".into(),
+            module: Some(module.into()),
+            present: true,
+            fresh_snapshot: true,
+            policy: PolicyKind::Restore,
+            gateways: vec![],
+        }
+    }
+
+    #[test]
+    fn words_that_could_be_more_than_one_argument_are_refused() {
+        assert!(validate("e1000e", &["InterruptThrottleRate=3000".into()], false).is_ok());
+        for driver in ["", "e1000e; reboot", "../x", "a b", &"x".repeat(56)] {
+            assert!(validate(driver, &[], false).is_err(), "{driver:?}");
+        }
+        for param in ["x", "=1", "a=", "a=1 b=2", "a=\"1\"", "a=\u{1b}", "-a=1", "a b=1"] {
+            assert!(validate("e1000e", &[param.into()], false).is_err(), "{param:?}");
+        }
+    }
+
+    #[test]
+    fn a_reload_starts_only_when_every_nic_of_the_driver_can_be_restored() -> Result<(), String> {
+        let request = validate("e1000e", &["debug=1".into()], false)?;
+        let plan = plan(&request, true, false, &[nic("e1000e"), nic("virtio_net")])?;
+        assert_eq!(plan.nics.len(), 1);
+        assert_eq!(plan.steps, ["modprobe -r e1000e", "modprobe e1000e debug=1"]);
+        assert!(super::plan(&request, false, false, &[]).is_err_and(|e| e.contains("degraded")));
+        assert!(super::plan(&request, true, true, &[]).is_err_and(|e| e.contains("under way")));
+        let mut stale = nic("e1000e");
+        stale.fresh_snapshot = false;
+        assert!(super::plan(&request, true, false, &[stale]).is_err_and(|e| e.contains("snapshot")));
+        let mut ignored = nic("e1000e");
+        ignored.policy = PolicyKind::Ignore;
+        assert!(super::plan(&request, true, false, &[ignored]).is_err_and(|e| e.contains("policy")));
+        let mut away = nic("e1000e");
+        away.present = false;
+        assert!(super::plan(&request, true, false, &[away]).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn the_verdict_needs_every_nic_back() {
+        let back = NicReport { read_back: "ok".into(), ..NicReport::default() };
+        let missing = NicReport { read_back: "not back".into(), ..NicReport::default() };
+        assert_eq!(verdict(true, false, std::slice::from_ref(&back)), "ok");
+        assert_eq!(verdict(false, true, std::slice::from_ref(&back)), "rolled-back");
+        assert_eq!(verdict(true, false, &[back, missing]), "failed");
+        assert_eq!(verdict(true, false, &[]), "ok");
+    }
+}
