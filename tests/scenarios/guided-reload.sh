@@ -35,7 +35,7 @@ config_of() {
 	{
 		ip -o link show dev "$i" | sed 's/^[0-9]*: //; s/NO-CARRIER,//; s/,LOWER_UP//; s/ state [A-Z]*//; s/ qlen.*//; s/link\/ether.*//'
 		ip -o addr show dev "$i" | grep -v 'inet6 fe80::' | sed 's/^[0-9]*: //; s/ tentative//; s/valid_lft.*//'
-		ip route show dev "$i" | grep -v 'proto kernel'
+		ip route show dev "$i" | grep -v 'proto kernel' | sed 's/ linkdown//'
 	} | tr -s ' \n' ' ;'
 }
 before=$(config_of $E)

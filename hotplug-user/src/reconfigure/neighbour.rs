@@ -42,28 +42,35 @@ pub async fn probe(handle: &Handle, ifindex: u32, gateway: IpAddr) -> String {
     if !wait_carrier(handle, ifindex).await {
         return format!("{gateway} not probed: the NIC has no carrier after {} s", CARRIER_LIMIT.as_secs());
     }
-    let mut request = handle.neighbours().add(ifindex, gateway).replace();
-    // NTF_USE: the state in the message is not applied; the kernel resolves the entry.
-    request.message_mut().header.flags = NeighbourFlags::Use;
-    request.message_mut().header.state = NeighbourState::None;
-    if let Err(error) = request.execute().await {
-        return format!("{gateway}: cannot ask the kernel to resolve it: {error}");
-    }
-    let started = tokio::time::Instant::now();
-    loop {
-        match state(handle, ifindex, gateway).await {
-            Ok(Some(s)) if s == NeighbourState::Reachable || s == NeighbourState::Permanent => {
-                return format!("{gateway} reachable");
-            }
-            Ok(Some(NeighbourState::Failed)) => return format!("{gateway} failed (no answer on the link)"),
-            Ok(_) if started.elapsed() >= PROBE_LIMIT => {
-                return format!("{gateway} failed (no answer within {} s)", PROBE_LIMIT.as_secs());
-            }
-            Ok(_) => tokio::time::sleep(POLL).await,
-            Err(error) => return format!("{gateway}: cannot read the neighbour table: {error}"),
+    // Just after the carrier comes, the first solicitations can be lost (the driver's queues
+    // still starting): a failed resolution is asked again, [`ATTEMPTS`] times in all.
+    for attempt in 1..=ATTEMPTS {
+        let mut request = handle.neighbours().add(ifindex, gateway).replace();
+        // NTF_USE: the kernel resolves the entry (the state in the message is not kept).
+        request.message_mut().header.flags = NeighbourFlags::Use;
+        request.message_mut().header.state = NeighbourState::None;
+        if let Err(error) = request.execute().await {
+            return format!("{gateway}: cannot ask the kernel to resolve it: {error}");
         }
+        let started = tokio::time::Instant::now();
+        loop {
+            match state(handle, ifindex, gateway).await {
+                Ok(Some(s)) if s == NeighbourState::Reachable || s == NeighbourState::Permanent => {
+                    return format!("{gateway} reachable");
+                }
+                Ok(Some(NeighbourState::Failed)) => break,
+                Ok(_) if started.elapsed() >= PROBE_LIMIT => break,
+                Ok(_) => tokio::time::sleep(POLL).await,
+                Err(error) => return format!("{gateway}: cannot read the neighbour table: {error}"),
+            }
+        }
+        tracing::debug!(%gateway, ifindex, attempt, "gateway did not answer");
     }
+    format!("{gateway} failed (no answer on the link to {ATTEMPTS} resolutions)")
 }
+
+/// Resolutions asked before the gateway counts as unreachable.
+const ATTEMPTS: u32 = 3;
 
 /// The neighbour entry's state for `gateway` on `ifindex`, if there is one.
 async fn state(
