@@ -606,6 +606,8 @@ impl Guest {
         let root = cmd::workspace_root();
         image.copy("/opt/hotplug/bin/vmctl", &root.join("tests/guest/vmctl"))?;
         image.copy_tree("/opt/hotplug/scenarios", &root.join("tests/scenarios"))?;
+        // The real-instance checks, which source the scenarios' helpers from ../scenarios.
+        image.copy_tree("/opt/hotplug/ec2", &root.join("tests/ec2"))?;
         image.copy("/opt/hotplug/script", script)?;
         image.copy_tree("/lib/modules", &self.kernel.module_root.join("lib/modules"))?;
         match &self.distro {
