@@ -28,6 +28,8 @@ pub enum ControlError {
     NoAgent { path: String, source: std::io::Error },
     #[error("the agent's answer is not valid JSON: {0}")]
     Answer(#[from] serde_json::Error),
+    #[error("the agent on {path} did not answer within {seconds} s; what it was asked goes on without this client (`hotplug-agent status --detail`, `hotplug-agent history`)")]
+    Timeout { path: String, seconds: u64 },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -215,8 +217,9 @@ pub fn print_reload(
     json: bool,
 ) -> Result<bool, ControlError> {
     let request = Request::Reload { driver: driver.to_owned(), params: params.to_vec(), dry_run };
-    // Two module commands (a minute each at most), the NICs' return (a minute), the rollback's.
-    let body = ask(socket, &request, Duration::from_secs(300))?;
+    // Four module commands at most (65 s each), the NICs' return twice (60 s each), and each
+    // gateway's probe (15 s for the carrier, three 5 s resolutions): well under 15 minutes.
+    let body = ask(socket, &request, Duration::from_secs(900))?;
     if let Ok(serde_json::Value::Object(answer)) = serde_json::from_slice::<serde_json::Value>(&body) {
         if let Some(error) = answer.get("error").and_then(|e| e.as_str()) {
             eprintln!("hotplug-agent: the agent refused the reload: {error}");
@@ -275,8 +278,13 @@ pub fn ask(socket: &Path, request: &Request, timeout: Duration) -> Result<Vec<u8
     line.push(b'\n');
     stream.write_all(&line).map_err(no_agent)?;
     let mut body = Vec::new();
-    stream.read_to_end(&mut body).map_err(no_agent)?;
-    Ok(body)
+    match stream.read_to_end(&mut body) {
+        Ok(_) => Ok(body),
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+            Err(ControlError::Timeout { path: path.clone(), seconds: timeout.as_secs() })
+        }
+        Err(e) => Err(no_agent(e)),
+    }
 }
 
 /// Asks the agent whether cloud-init should handle a uevent.

@@ -24,13 +24,18 @@ fn main() -> ExitCode {
     }
     // Before the runtime: the notify protocol's environment is read while no other thread exists.
     let notifier = agent::service::Notifier::from_env();
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("hotplug-agent: cannot start the async runtime: {error}");
-            return ExitCode::FAILURE;
-        }
-    };
+    // The audit trail reads /proc on blocking threads (a stuck process must not stall the loop):
+    // a few at most, sharing glibc's arenas, so that a burst of them leaves no lasting memory.
+    // SAFETY: mallopt only sets an allocator parameter; no other thread exists yet.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
+    let runtime =
+        match tokio::runtime::Builder::new_current_thread().enable_all().max_blocking_threads(4).build() {
+            Ok(runtime) => runtime,
+            Err(error) => {
+                eprintln!("hotplug-agent: cannot start the async runtime: {error}");
+                return ExitCode::FAILURE;
+            }
+        };
     for program in &cli.disable_probe {
         if !hotplug::kernel::probes::program_names().contains(&program.as_str()) {
             eprintln!(

@@ -39,6 +39,7 @@ echo "hotplug on $(uname -r), driver $DRIVER, NICs:$MACS"
 listen=$(sed -n 's/^[[:space:]]*metrics_listen[[:space:]]*=[[:space:]]*"\([^"]*\)".*/\1/p' "$CONFIG" 2>/dev/null | grep -v '^unix:')
 agent_imds() {
 	[ -n "$listen" ] || return 0
+	command -v curl >/dev/null || { echo "  (no curl: the agent's metrics cannot be read)" >&2; return 0; }
 	curl -sf "http://$listen/metrics" >/tmp/hotplug-ec2.metrics 2>/dev/null || return 0
 	grep -q '^hotplug_mode' /tmp/hotplug-ec2.metrics || return 0 # not the agent's answer
 	awk '/^hotplug_imds_requests_total/ { s += $2 } END { print s + 0 }' /tmp/hotplug-ec2.metrics

@@ -189,6 +189,7 @@ impl Trail {
             interface = entry.interface.as_deref().unwrap_or(""),
             module = entry.module.as_deref().unwrap_or(""),
             cause = entry.cause.as_deref().unwrap_or(""),
+            source = entry.source.as_deref().unwrap_or(""),
             pid = task.map_or(0, |t| t.pid),
             uid = task.and_then(|t| t.uid).map_or(-1, i64::from),
             comm = task.map_or("", |t| t.comm.as_str()),

@@ -7,9 +7,11 @@ use crate::config::PolicyKind;
 
 /// The longest module name the kernel takes (`MODULE_NAME_LEN` - 1).
 const MODULE_NAME_MAX: usize = 55;
-/// The most parameters, and the longest value, a reload passes to modprobe.
-const PARAMS_MAX: usize = 32;
-const VALUE_MAX: usize = 256;
+/// The most parameters, and the longest name and value, a reload passes to modprobe (the whole
+/// request fits in the control socket's 4 KiB).
+const PARAMS_MAX: usize = 16;
+const KEY_MAX: usize = 64;
+const VALUE_MAX: usize = 64;
 
 /// What the client asked for, checked.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -20,14 +22,17 @@ pub struct ReloadRequest {
     pub dry_run: bool,
 }
 
-/// A NIC as the agent knows it when the request arrives.
+/// A NIC of the host (every one in sysfs) as the agent knows it when the request arrives.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NicFacts {
     pub mac: String,
     pub name: String,
     /// The module its device's driver belongs to (sysfs), when it has one.
     pub module: Option<String>,
-    pub present: bool,
+    /// The agent manages it (knows it as present).
+    pub managed: bool,
+    /// A restore of it is still waiting (for its manager): a reload now would be confused with it.
+    pub restore_pending: bool,
     /// A snapshot the agent holds, re-read since the last change the kernel reported.
     pub fresh_snapshot: bool,
     pub policy: PolicyKind,
@@ -54,14 +59,18 @@ pub struct ReloadPlan {
 }
 
 /// Checks the request's words: a module name and `KEY=VALUE` parameters with nothing modprobe
-/// or a shell could read as more than one argument (no shell is ever used; this keeps the
-/// audit trail and the commands readable).
+/// could read as an option or as more than one argument (no shell is ever used; this also keeps
+/// the audit trail and the commands readable).
 pub fn validate(driver: &str, params: &[String], dry_run: bool) -> Result<ReloadRequest, String> {
-    let name_ok =
-        |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    // A leading '-' would be an option to modprobe.
+    let name_ok = |s: &str| {
+        !s.is_empty()
+            && !s.starts_with('-')
+            && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    };
     if driver.len() > MODULE_NAME_MAX || !name_ok(driver) {
         return Err(format!(
-            "{driver:?} is not a module name (letters, digits, _ and -, at most {MODULE_NAME_MAX})"
+            "{driver:?} is not a module name (letters, digits, _ and -, not first, at most {MODULE_NAME_MAX})"
         ));
     }
     if params.len() > PARAMS_MAX {
@@ -71,7 +80,7 @@ pub fn validate(driver: &str, params: &[String], dry_run: bool) -> Result<Reload
         let Some((key, value)) = param.split_once('=') else {
             return Err(format!("--param {param:?}: not KEY=VALUE"));
         };
-        if !name_ok(key) || key.starts_with('-') {
+        if !name_ok(key) || key.len() > KEY_MAX {
             return Err(format!("--param {param:?}: {key:?} is not a parameter name"));
         }
         if value.is_empty()
@@ -86,9 +95,16 @@ pub fn validate(driver: &str, params: &[String], dry_run: bool) -> Result<Reload
     Ok(ReloadRequest { driver: driver.to_owned(), params: params.to_vec(), dry_run })
 }
 
+/// Module names as the kernel compares them: `-` and `_` are the same.
+pub fn same_module(a: &str, b: &str) -> bool {
+    let dash = |c: u8| c == b'-' || c == b'_';
+    a.len() == b.len() && a.bytes().zip(b.bytes()).all(|(x, y)| x == y || (dash(x) && dash(y)))
+}
+
 /// The plan, or why the reload must not start: the agent must be able to tell the reload's
-/// removals from anything else (full mode), every NIC of the driver must be one it will restore,
-/// with a snapshot taken since its last change, and no other reload may be under way.
+/// removals from anything else (full mode), the driver must drive NICs, every one of them one the
+/// agent manages and will restore, with a snapshot taken since its last change and no restore
+/// still waiting, and no other reload may be under way.
 pub fn plan(
     request: &ReloadRequest,
     full_mode: bool,
@@ -96,18 +112,24 @@ pub fn plan(
     nics: &[NicFacts],
 ) -> Result<ReloadPlan, String> {
     if busy {
-        return Err(
-            "another reload is under way (hotplug-agent status shows it); wait for its report".to_owned()
-        );
+        return Err("another reload is under way; wait for its report".to_owned());
     }
     if !full_mode {
         return Err("the agent runs in degraded mode: it cannot tell this reload's removals from a real detach; reload by hand, or fix what `hotplug-agent features` names".to_owned());
     }
     let mut planned = Vec::new();
-    for nic in nics.iter().filter(|n| n.module.as_deref() == Some(request.driver.as_str())) {
-        if !nic.present {
+    let of_driver =
+        nics.iter().filter(|n| n.module.as_deref().is_some_and(|m| same_module(m, &request.driver)));
+    for nic in of_driver {
+        if !nic.managed {
             return Err(format!(
-                "{} ({}) is not registered now: its driver is already away",
+                "{} ({}) is not a NIC the agent manages (yet): it could not restore it",
+                nic.name, nic.mac
+            ));
+        }
+        if nic.restore_pending {
+            return Err(format!(
+                "{} ({}): its last restore still waits for its network manager; try again when it is done",
                 nic.name, nic.mac
             ));
         }
@@ -128,6 +150,12 @@ pub fn plan(
             name: nic.name.clone(),
             gateways: nic.gateways.clone(),
         });
+    }
+    if planned.is_empty() {
+        return Err(format!(
+            "no NIC uses {}: the agent guides reloads of NIC drivers only (unloading another module could take other devices with it)",
+            request.driver
+        ));
     }
     let mut load = format!("modprobe {}", request.driver);
     for param in &request.params {
@@ -162,9 +190,9 @@ pub struct NicReport {
 pub struct ReloadReport {
     pub driver: String,
     pub params: Vec<String>,
-    /// `planned` (dry run), `ok`, `rolled-back` (the new load failed or a NIC did not return; the
-    /// module loaded again without the new parameters), `failed` (say why in `errors`) or
-    /// `refused`.
+    /// `planned` (dry run), `ok`, `unreachable` (every NIC back, a gateway not answering),
+    /// `rolled-back` (the new load failed or a NIC did not return; the module loaded again
+    /// without the new parameters, every NIC back), `failed` (say why in `errors`) or `refused`.
     pub status: String,
     pub dry_run: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -194,14 +222,22 @@ impl ReloadReport {
     }
 }
 
+/// Whether a reachability line says the gateway is fine (answered, static, or none to ask).
+pub fn gateway_fine(line: &str) -> bool {
+    line.ends_with(" reachable") || line.ends_with("(static: not probed)") || line == "no default gateway"
+}
+
 /// The status of a finished reload: `ok` when the new load worked and every NIC came back with
-/// nothing missing, `rolled-back` when the agent had to load the module again without the new
-/// parameters, else `failed`.
+/// nothing missing and its gateways answering, `unreachable` when a gateway did not answer,
+/// `rolled-back` when the agent loaded the module again without the new parameters and every NIC
+/// came back, else `failed`.
 pub fn verdict(loaded: bool, rolled_back: bool, nics: &[NicReport]) -> &'static str {
     let all_back = nics.iter().all(|n| n.read_back == "ok");
-    match (loaded, rolled_back, all_back) {
-        (true, false, true) => "ok",
-        (_, true, true) => "rolled-back",
+    let reachable = nics.iter().all(|n| n.reachability.iter().all(|r| gateway_fine(r)));
+    match (loaded, rolled_back, all_back, reachable) {
+        (true, false, true, true) => "ok",
+        (true, false, true, false) => "unreachable",
+        (_, true, true, _) => "rolled-back",
         _ => "failed",
     }
 }
@@ -215,7 +251,8 @@ mod tests {
             mac: "52:54:00:12:34:11".into(),
             name: "eth1".into(),
             module: Some(module.into()),
-            present: true,
+            managed: true,
+            restore_pending: false,
             fresh_snapshot: true,
             policy: PolicyKind::Restore,
             gateways: vec![],
@@ -225,7 +262,7 @@ mod tests {
     #[test]
     fn words_that_could_be_more_than_one_argument_are_refused() {
         assert!(validate("e1000e", &["InterruptThrottleRate=3000".into()], false).is_ok());
-        for driver in ["", "e1000e; reboot", "../x", "a b", &"x".repeat(56)] {
+        for driver in ["", "e1000e; reboot", "../x", "a b", &"x".repeat(56), "-C", "-d"] {
             assert!(validate(driver, &[], false).is_err(), "{driver:?}");
         }
         for param in ["x", "=1", "a=", "a=1 b=2", "a=\"1\"", "a=\u{1b}", "-a=1", "a b=1"] {
@@ -247,19 +284,36 @@ mod tests {
         let mut ignored = nic("e1000e");
         ignored.policy = PolicyKind::Ignore;
         assert!(super::plan(&request, true, false, &[ignored]).is_err_and(|e| e.contains("policy")));
-        let mut away = nic("e1000e");
-        away.present = false;
-        assert!(super::plan(&request, true, false, &[away]).is_err());
+        let mut unmanaged = nic("e1000e");
+        unmanaged.managed = false;
+        assert!(super::plan(&request, true, false, &[unmanaged]).is_err_and(|e| e.contains("manages")));
+        let mut pending = nic("e1000e");
+        pending.restore_pending = true;
+        assert!(super::plan(&request, true, false, &[pending]).is_err_and(|e| e.contains("waits")));
+        // No NIC of the driver: nothing to guide (and maybe a disk's driver).
+        assert!(super::plan(&request, true, false, &[nic("virtio_net")]).is_err_and(|e| e.contains("no NIC")));
+        // The kernel's names: virtio-net is virtio_net.
+        let hyphen = validate("virtio-net", &[], false)?;
+        assert_eq!(super::plan(&hyphen, true, false, &[nic("virtio_net")])?.nics.len(), 1);
         Ok(())
     }
 
     #[test]
-    fn the_verdict_needs_every_nic_back() {
-        let back = NicReport { read_back: "ok".into(), ..NicReport::default() };
+    fn the_verdict_needs_every_nic_back_and_its_gateway_answering() {
+        let back = NicReport {
+            read_back: "ok".into(),
+            reachability: vec!["10.0.1.1 reachable".into()],
+            ..NicReport::default()
+        };
         let missing = NicReport { read_back: "not back".into(), ..NicReport::default() };
+        let silent = NicReport {
+            read_back: "ok".into(),
+            reachability: vec!["10.0.1.1 failed (no answer on the link to 3 resolutions)".into()],
+            ..NicReport::default()
+        };
         assert_eq!(verdict(true, false, std::slice::from_ref(&back)), "ok");
         assert_eq!(verdict(false, true, std::slice::from_ref(&back)), "rolled-back");
-        assert_eq!(verdict(true, false, &[back, missing]), "failed");
-        assert_eq!(verdict(true, false, &[]), "ok");
+        assert_eq!(verdict(true, false, &[back.clone(), missing]), "failed");
+        assert_eq!(verdict(true, false, &[back, silent]), "unreachable");
     }
 }

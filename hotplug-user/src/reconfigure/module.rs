@@ -1,24 +1,50 @@
-//! Unloading and loading a kernel module for a guided reload: `modprobe`, run directly (never
-//! through a shell, never found through PATH), with a deadline.
+//! Unloading and loading a kernel module for a guided reload: `modprobe`, never through a shell
+//! or found through PATH, with a deadline.
+//!
+//! An agent that may load modules itself (root outside a sandbox) runs modprobe directly. The
+//! packaged service may not (no `CAP_SYS_MODULE`, `ProtectKernelModules=yes`), and is not
+//! given the right: it asks systemd for a transient unit that runs modprobe outside its sandbox
+//! (`systemd-run --wait --pipe`), so the agent itself never gains the power to load code into the
+//! kernel, and each module command shows in the journal as a unit of its own. A modprobe in such
+//! a unit also finishes if the agent stops meanwhile.
 use std::{path::Path, process::Stdio, time::Duration};
 
 /// Where distributions put modprobe (kmod's, or busybox's).
 const MODPROBE: [&str; 4] = ["/usr/sbin/modprobe", "/sbin/modprobe", "/usr/bin/modprobe", "/bin/modprobe"];
-/// A modprobe that has not finished by then is killed (a driver's remove or probe can hang).
+const SYSTEMD_RUN: [&str; 2] = ["/usr/bin/systemd-run", "/bin/systemd-run"];
+/// A modprobe that has not finished by then is given up on (a driver's remove or probe can hang).
 pub const MODPROBE_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// The first modprobe that exists.
-fn modprobe() -> Result<&'static str, String> {
-    MODPROBE
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .ok_or_else(|| format!("no modprobe in {}: install kmod", MODPROBE.join(", ")))
+/// How the agent can run modprobe, if at all.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Runner {
+    /// This process has `CAP_SYS_MODULE`: modprobe as its child.
+    Direct(&'static str),
+    /// Under systemd without it: modprobe in a transient unit (`systemd-run`, then modprobe).
+    TransientUnit(&'static str, &'static str),
+}
+
+fn first(paths: &[&'static str]) -> Option<&'static str> {
+    paths.iter().copied().find(|p| Path::new(p).exists())
+}
+
+/// How modprobe can be run here, or why it cannot.
+pub fn runner() -> Result<Runner, String> {
+    let modprobe =
+        first(&MODPROBE).ok_or_else(|| format!("no modprobe in {}: install kmod", MODPROBE.join(", ")))?;
+    if may_manage_modules() {
+        return Ok(Runner::Direct(modprobe));
+    }
+    // INVOCATION_ID: systemd started this process as (part of) a unit.
+    match (std::env::var_os("INVOCATION_ID"), first(&SYSTEMD_RUN)) {
+        (Some(_), Some(systemd_run)) => Ok(Runner::TransientUnit(systemd_run, modprobe)),
+        _ => Err("this agent may not load modules (no CAP_SYS_MODULE) and does not run under systemd, which could run modprobe for it; run it as root".to_owned()),
+    }
 }
 
 /// Whether this process may load and unload modules: `CAP_SYS_MODULE` (bit 16) in its effective
-/// set. The packaged service has it in neither its bounding set nor its sandbox
-/// (`ProtectKernelModules=yes`).
-pub fn may_manage_modules() -> bool {
+/// set.
+fn may_manage_modules() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|status| {
@@ -30,22 +56,44 @@ pub fn may_manage_modules() -> bool {
         .is_some_and(|caps| caps & (1 << 16) != 0)
 }
 
-/// Runs `modprobe ARGS`; `Ok` with what it printed, `Err` with its exit status and message.
-pub async fn run(args: &[String]) -> Result<String, String> {
-    let program = modprobe()?;
-    let mut command = tokio::process::Command::new(program);
+/// Whether the module is loaded now (`/sys/module/NAME/initstate`: a built-in module has no
+/// such file and cannot be unloaded anyway).
+pub fn loaded(module: &str) -> bool {
+    Path::new("/sys/module").join(module.replace('-', "_")).join("initstate").exists()
+}
+
+/// Runs `modprobe ARGS` the way `runner` says; `Ok` with what it printed, `Err` with its exit
+/// status and message.
+pub async fn run(runner: Runner, args: &[String]) -> Result<String, String> {
+    let (program, line, mut command) = match runner {
+        Runner::Direct(modprobe) => {
+            let mut command = tokio::process::Command::new(modprobe);
+            command.args(args);
+            (modprobe, format!("{modprobe} {}", args.join(" ")), command)
+        }
+        Runner::TransientUnit(systemd_run, modprobe) => {
+            let mut command = tokio::process::Command::new(systemd_run);
+            // --wait: its exit status is modprobe's; --pipe: modprobe's messages come back here;
+            // --collect: the unit goes away even when modprobe failed.
+            command
+                .args(["--quiet", "--wait", "--pipe", "--collect", "--service-type=exec"])
+                .arg("--description=hotplug-agent reload: modprobe")
+                .arg(format!("--property=RuntimeMaxSec={}", MODPROBE_TIMEOUT.as_secs()))
+                .arg(modprobe)
+                .args(args);
+            (systemd_run, format!("{modprobe} {} (in a transient unit)", args.join(" ")), command)
+        }
+    };
     command
-        .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .env_clear()
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-        .kill_on_drop(true);
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
     let child = command.spawn().map_err(|e| format!("cannot run {program}: {e}"))?;
-    let line = format!("{program} {}", args.join(" "));
-    match tokio::time::timeout(MODPROBE_TIMEOUT, child.wait_with_output()).await {
-        Err(_) => Err(format!("{line}: killed after {} s", MODPROBE_TIMEOUT.as_secs())),
+    // A little longer than the unit's own limit, so that its verdict comes first.
+    match tokio::time::timeout(MODPROBE_TIMEOUT + Duration::from_secs(5), child.wait_with_output()).await {
+        Err(_) => Err(format!("{line}: no answer after {} s", MODPROBE_TIMEOUT.as_secs())),
         Ok(Err(e)) => Err(format!("{line}: {e}")),
         Ok(Ok(output)) => {
             let said = crate::classify::sanitize(

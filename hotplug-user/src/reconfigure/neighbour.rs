@@ -1,7 +1,7 @@
 //! Is a NIC's gateway there? The kernel is asked to resolve it (an `RTM_NEWNEIGH` with
 //! `NTF_USE`: `neigh_event_send`, the same path a packet takes), and its neighbour table read
-//! until the entry is `REACHABLE` or `FAILED`: one ARP request or IPv6 neighbour solicitation
-//! on the link, no packet beyond it.
+//! until the entry is `REACHABLE` or `FAILED`: ARP requests or IPv6 neighbour solicitations on
+//! the link, no packet beyond it. A static entry is left alone and reported as such.
 use std::{net::IpAddr, time::Duration};
 
 use futures::TryStreamExt as _;
@@ -42,6 +42,15 @@ pub async fn probe(handle: &Handle, ifindex: u32, gateway: IpAddr) -> String {
     if !wait_carrier(handle, ifindex).await {
         return format!("{gateway} not probed: the NIC has no carrier after {} s", CARRIER_LIMIT.as_secs());
     }
+    // A static entry (an operator's or networkd's pin against spoofing) is never touched: since
+    // Linux 5.16 NTF_USE would turn it into a dynamic one.
+    match state(handle, ifindex, gateway).await {
+        Ok(Some(s)) if s == NeighbourState::Permanent || s == NeighbourState::Noarp => {
+            return format!("{gateway} (static: not probed)");
+        }
+        Ok(_) => {}
+        Err(error) => return format!("{gateway}: cannot read the neighbour table: {error}"),
+    }
     // Just after the carrier comes, the first solicitations can be lost (the driver's queues
     // still starting): a failed resolution is asked again, [`ATTEMPTS`] times in all.
     for attempt in 1..=ATTEMPTS {
@@ -55,7 +64,7 @@ pub async fn probe(handle: &Handle, ifindex: u32, gateway: IpAddr) -> String {
         let started = tokio::time::Instant::now();
         loop {
             match state(handle, ifindex, gateway).await {
-                Ok(Some(s)) if s == NeighbourState::Reachable || s == NeighbourState::Permanent => {
+                Ok(Some(NeighbourState::Reachable)) => {
                     return format!("{gateway} reachable");
                 }
                 Ok(Some(NeighbourState::Failed)) => break,

@@ -79,7 +79,7 @@ pub enum Background {
     /// A `command` policy's hook ended (or was killed).
     Hook { mac: String, phase: &'static str, outcome: command::HookOutcome },
     /// A guided reload ended.
-    ReloadDone(decide::reload::ReloadReport),
+    ReloadDone(reload::Done),
 }
 
 /// One NIC as the agent manages and persists it.
@@ -525,6 +525,7 @@ impl NicManager {
         for (_, mac) in &removed[..removed.len() - REMOVED_KEPT] {
             self.nics.remove(mac);
         }
+        self.prune_progress();
         // Burst records only matter for links that still exist.
         let live: HashSet<u32> = self.by_ifindex.keys().copied().collect();
         self.bursts.retain(|ifindex, _| live.contains(ifindex));
@@ -703,7 +704,7 @@ impl NicManager {
             Background::Attach(result) => self.on_attach_result(result).await,
             Background::ManagerSettled(settled) => self.finish_restore(settled).await,
             Background::Refresh(result) => self.on_refresh_result(result).await,
-            Background::ReloadDone(report) => self.finish_reload(report),
+            Background::ReloadDone(done) => self.finish_reload(done),
             Background::Hook { mac, phase, outcome } => {
                 let command::HookOutcome { status, succeeded, stdout, stderr } = outcome;
                 if succeeded {

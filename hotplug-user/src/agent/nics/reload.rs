@@ -1,24 +1,25 @@
 //! `hotplug-agent reload DRIVER`: a driver reload the agent itself carries out, so that it does
 //! not ride on the caller's SSH session. The loop checks and plans (`decide::reload`); a task of
-//! its own unloads and loads the module, waits for every NIC to come back and be restored (it
-//! follows the loop's restores through a watch channel), probes each NIC's gateway, and rolls
-//! back (the module loaded again without the new parameters) when the load fails or a NIC does
-//! not return. The client that asked gets the report if it is still there; `status` keeps each
-//! NIC's part.
-use std::{collections::HashMap, time::Duration};
+//! its own unloads and loads the module (`reconfigure::module`: directly, or through a transient
+//! systemd unit under the service's sandbox), waits for every NIC to come back and be restored
+//! (it follows the loop's restores through a watch channel), probes each NIC's gateway, and
+//! rolls back (the module loaded again without the new parameters) when the load fails or a NIC
+//! does not return. The loop records the report (each NIC's status, the audit trail) and then
+//! answers the client, if it is still there.
+use std::{collections::HashMap, path::Path, time::Duration};
 
 use tokio::sync::{oneshot, watch};
 
 use super::{Background, NicManager};
 use crate::{
-    decide::{
-        reload::{self, NicFacts, NicReport, ReloadPlan, ReloadReport, ReloadRequest},
-        NicState,
+    decide::reload::{self, NicFacts, NicReport, ReloadPlan, ReloadReport, ReloadRequest},
+    reconfigure::{
+        module::{self, Runner},
+        neighbour,
     },
-    reconfigure::{module, neighbour},
 };
 
-/// How long each NIC may take to come back and be restored after the load.
+/// How long the NICs may take to come back and be restored after a load.
 const RETURN_WAIT: Duration = Duration::from_secs(60);
 
 /// What the reload task follows of each NIC (published by the loop).
@@ -26,7 +27,7 @@ const RETURN_WAIT: Duration = Duration::from_secs(60);
 pub struct NicProgress {
     /// The kernel's timestamp of its last removal.
     pub removed_ns: Option<u64>,
-    /// Restores finished so far, and the last one's facts.
+    /// Restores after a driver's return finished so far, and the last one's facts.
     pub restores: u64,
     pub registered_ns: u64,
     pub latency_us: u64,
@@ -36,31 +37,51 @@ pub struct NicProgress {
 
 pub type Progress = HashMap<String, NicProgress>;
 
+/// The reload's answer for the loop: the report, and the client waiting for it.
+pub struct Done {
+    pub report: ReloadReport,
+    pub reply: oneshot::Sender<Vec<u8>>,
+}
+
 impl NicManager {
-    /// The facts `decide::reload::plan` needs, for every NIC present or known.
+    /// The facts `decide::reload::plan` needs, for every NIC of the host (sysfs), managed or not.
     fn reload_facts(&self) -> Vec<NicFacts> {
-        self.nics
-            .values()
-            .filter_map(|nic| {
-                let NicState::Present { ifindex, name } = &nic.state else { return None };
-                let module = std::fs::read_link(format!("/sys/class/net/{name}/device/driver/module"))
-                    .ok()
-                    .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
-                Some(NicFacts {
-                    mac: nic.mac.clone(),
-                    name: name.clone(),
+        let Ok(entries) = std::fs::read_dir("/sys/class/net") else { return Vec::new() };
+        let mut facts = Vec::new();
+        for entry in entries.flatten() {
+            let dir = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let module = std::fs::read_link(dir.join("device/driver/module"))
+                .ok()
+                .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
+            let ifindex = read_u32(&dir.join("ifindex"));
+            let managed = ifindex.and_then(|i| self.by_ifindex.get(&i)).and_then(|mac| self.nics.get(mac));
+            let Some(nic) = managed else {
+                let mac = std::fs::read_to_string(dir.join("address")).unwrap_or_default().trim().to_owned();
+                facts.push(NicFacts {
+                    mac,
+                    name,
                     module,
-                    present: true,
-                    fresh_snapshot: nic.snapshot.is_some() && !self.dirty.contains(ifindex),
-                    policy: self.config.policy_for(&nic.mac, name).policy,
-                    gateways: nic
-                        .snapshot
-                        .as_ref()
-                        .map(crate::snapshot::default_gateways)
-                        .unwrap_or_default(),
-                })
-            })
-            .collect()
+                    managed: false,
+                    restore_pending: false,
+                    fresh_snapshot: false,
+                    policy: self.config.policy_for("", &entry.file_name().to_string_lossy()).policy,
+                    gateways: Vec::new(),
+                });
+                continue;
+            };
+            facts.push(NicFacts {
+                mac: nic.mac.clone(),
+                policy: self.config.policy_for(&nic.mac, &name).policy,
+                name,
+                module,
+                managed: true,
+                restore_pending: nic.pending_restore.is_some(),
+                fresh_snapshot: nic.snapshot.is_some() && ifindex.is_some_and(|i| !self.dirty.contains(&i)),
+                gateways: nic.snapshot.as_ref().map(crate::snapshot::default_gateways).unwrap_or_default(),
+            });
+        }
+        facts
     }
 
     /// Answers a reload request: a refusal or the plan at once, else the report when done.
@@ -87,22 +108,22 @@ impl NicManager {
             self.dirty.remove(&ifindex);
             self.refresh(ifindex).await;
         }
-        let planned = reload::plan(&request, self.full_mode, self.reload_running, &self.reload_facts())
-            .and_then(|plan| {
-                if !dry_run && !module::may_manage_modules() {
-                    return Err("this agent may not load modules (no CAP_SYS_MODULE: the packaged service's sandbox has ProtectKernelModules=yes); run `hotplug-agent run` as root outside it, or reload by hand".to_owned());
-                }
-                Ok(plan)
-            });
-        let plan = match planned {
-            Ok(plan) => plan,
+        let planned = reload::plan(&request, self.full_mode, self.reload_running, &self.reload_facts());
+        let runner = planned.and_then(|plan| {
+            if dry_run {
+                return Ok((plan, None));
+            }
+            module::runner().map(|runner| (plan, Some(runner)))
+        });
+        let (plan, runner) = match runner {
+            Ok(ready) => ready,
             Err(why) => {
                 tracing::warn!(driver, action = "reload", "reload refused: {why}");
                 let _ = reply.send(answer(&ReloadReport::refused(&request, why)));
                 return;
             }
         };
-        if dry_run {
+        let Some(runner) = runner else {
             let report = ReloadReport {
                 driver: plan.driver.clone(),
                 params: plan.params.clone(),
@@ -113,27 +134,45 @@ impl NicManager {
             };
             let _ = reply.send(answer(&report));
             return;
-        }
+        };
         tracing::info!(
             driver,
             action = "reload",
             nics = plan.nics.len(),
+            ?runner,
             "guided reload: {}",
             plan.steps.join(", then ")
         );
         self.reload_running = true;
+        // Counted here, in the loop, before anything is unloaded: only restores after this count.
+        let before = restores_of(&plan, &self.progress.borrow());
         let (handle, progress, tx) =
             (self.handle.clone(), self.progress.subscribe(), self.background.clone());
         tokio::spawn(async move {
-            let report = carry_out(plan, &handle, progress).await;
-            // The client may be gone (its SSH session dropped): the reload went on regardless.
-            let _ = reply.send(serde_json::to_vec(&report).unwrap_or_default());
-            let _ = tx.send(Background::ReloadDone(report)).await;
+            let (driver, params) = (plan.driver.clone(), plan.params.clone());
+            // In a task of its own: a panic in it still ends the reload (and frees the next one).
+            let report =
+                match tokio::spawn(async move { carry_out(plan, runner, before, &handle, progress).await })
+                    .await
+                {
+                    Ok(report) => report,
+                    Err(error) => ReloadReport {
+                        driver,
+                        params,
+                        status: "failed".to_owned(),
+                        errors: vec![format!("the reload's task ended abnormally: {error}")],
+                        finished: now_rfc3339(),
+                        ..ReloadReport::default()
+                    },
+                };
+            let _ = tx.send(Background::ReloadDone(Done { report, reply })).await;
         });
     }
 
-    /// A reload ended: its report goes into each NIC's status and the audit trail.
-    pub(super) fn finish_reload(&mut self, report: ReloadReport) {
+    /// A reload ended: its report goes into each NIC's status and the audit trail, then to the
+    /// client (which may be gone: the reload went on regardless).
+    pub(super) fn finish_reload(&mut self, done: Done) {
+        let Done { report, reply } = done;
         self.reload_running = false;
         for nic_report in &report.nics {
             if let Some(nic) = self.nics.get_mut(&nic_report.mac) {
@@ -149,102 +188,111 @@ impl NicManager {
             .iter()
             .map(|n| format!("{} {} ({})", n.name, n.read_back, n.reachability.join(", ")))
             .collect();
-        entry.outcome = Some(format!(
-            "{} in {} ms: {}{}",
-            report.status,
-            report.total_ms,
-            nics.join("; "),
-            if report.errors.is_empty() {
-                String::new()
-            } else {
-                format!("; errors: {}", report.errors.join("; "))
-            }
-        ));
+        let errors = if report.errors.is_empty() {
+            String::new()
+        } else {
+            format!("; errors: {}", report.errors.join("; "))
+        };
+        entry.outcome =
+            Some(format!("{} in {} ms: {}{errors}", report.status, report.total_ms, nics.join("; ")));
         self.audit(&entry);
+        let _ = reply.send(serde_json::to_vec(&report).unwrap_or_default());
     }
 
     /// Publishes a NIC's progress for a reload under way.
     pub(super) fn publish_progress(&self, mac: &str, update: impl FnOnce(&mut NicProgress)) {
         self.progress.send_modify(|all| update(all.entry(mac.to_owned()).or_default()));
     }
+
+    /// Forgets the progress of NICs the agent forgot.
+    pub(super) fn prune_progress(&self) {
+        self.progress.send_if_modified(|all| {
+            let before = all.len();
+            all.retain(|mac, _| self.nics.contains_key(mac));
+            all.len() != before
+        });
+    }
+}
+
+fn read_u32(path: &Path) -> Option<u32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// Each planned NIC's restores so far.
+fn restores_of(plan: &ReloadPlan, now: &Progress) -> HashMap<String, u64> {
+    plan.nics.iter().map(|n| (n.mac.clone(), now.get(&n.mac).map_or(0, |p| p.restores))).collect()
+}
+
+/// Runs one module command and notes it in the report.
+async fn step(report: &mut ReloadReport, runner: Runner, label: &str, args: &[String]) -> bool {
+    match module::run(runner, args).await {
+        Ok(_) => {
+            report.steps.push(format!("{label}: ok"));
+            true
+        }
+        Err(error) => {
+            report.steps.push(format!("{label}: failed"));
+            report.errors.push(error);
+            false
+        }
+    }
 }
 
 /// The reload itself.
 async fn carry_out(
     plan: ReloadPlan,
+    runner: Runner,
+    mut before: HashMap<String, u64>,
     handle: &rtnetlink::Handle,
     mut progress: watch::Receiver<Progress>,
 ) -> ReloadReport {
     let started = tokio::time::Instant::now();
-    let mut report = ReloadReport {
-        driver: plan.driver.clone(),
-        params: plan.params.clone(),
-        dry_run: false,
-        ..ReloadReport::default()
-    };
-    let before: HashMap<String, u64> = {
-        let now = progress.borrow();
-        plan.nics.iter().map(|n| (n.mac.clone(), now.get(&n.mac).map_or(0, |p| p.restores))).collect()
-    };
+    let mut report =
+        ReloadReport { driver: plan.driver.clone(), params: plan.params.clone(), ..ReloadReport::default() };
+    let driver = plan.driver.clone();
+    let unload = vec!["-r".to_owned(), driver.clone()];
+    let mut load = vec![driver.clone()];
+    load.extend(plan.params.iter().cloned());
     let mut loaded = false;
     let mut rolled_back = false;
-    let unload = vec!["-r".to_owned(), plan.driver.clone()];
-    match module::run(&unload).await {
-        Ok(_) => report.steps.push(format!("modprobe -r {}: ok", plan.driver)),
-        Err(error) => {
-            // Nothing was unloaded (or the driver refused): nothing to roll back.
-            report.steps.push(format!("modprobe -r {}: failed", plan.driver));
-            report.errors.push(error);
-            report.status = "failed".to_owned();
-            report.nics = plan
-                .nics
-                .iter()
-                .map(|n| NicReport {
-                    mac: n.mac.clone(),
-                    name: n.name.clone(),
-                    read_back: "not reloaded".to_owned(),
-                    ..NicReport::default()
-                })
-                .collect();
-            report.total_ms = millis(started.elapsed());
-            report.finished = now_rfc3339();
-            return report;
-        }
+    let unloaded = step(&mut report, runner, &format!("modprobe -r {driver}"), &unload).await;
+    if !unloaded && module::loaded(&driver) {
+        // Refused (in use, say), nothing changed: the NICs are as they were.
+        report.status = "failed".to_owned();
+        report.nics = plan
+            .nics
+            .iter()
+            .map(|n| NicReport {
+                mac: n.mac.clone(),
+                name: n.name.clone(),
+                read_back: "not reloaded".to_owned(),
+                ..NicReport::default()
+            })
+            .collect();
+        report.total_ms = millis(started.elapsed());
+        report.finished = now_rfc3339();
+        return report;
     }
-    let mut load = vec![plan.driver.clone()];
-    load.extend(plan.params.iter().cloned());
-    match module::run(&load).await {
-        Ok(_) => {
-            loaded = true;
-            report.steps.push(format!("modprobe {}: ok", load.join(" ")));
-        }
-        Err(error) => {
-            report.steps.push(format!("modprobe {}: failed", load.join(" ")));
-            report.errors.push(error);
-        }
+    // Unloaded (or gone although modprobe failed): load it, with the new parameters if that went well.
+    if unloaded {
+        loaded = step(&mut report, runner, &format!("modprobe {}", load.join(" ")), &load).await;
     }
     let back = loaded && wait_back(&plan, &before, &mut progress).await;
     if !back {
-        // The new load failed, or a NIC did not return under it: the module as it was.
-        rolled_back = true;
-        if loaded {
-            match module::run(&unload).await {
-                Ok(_) => report.steps.push(format!("rollback: modprobe -r {}: ok", plan.driver)),
-                Err(error) => {
-                    report.steps.push(format!("rollback: modprobe -r {}: failed", plan.driver));
-                    report.errors.push(error);
-                }
-            }
+        // The new load failed, or a NIC did not return under it: the module as the host
+        // configures it. Only restores from here on count.
+        before = restores_of(&plan, &progress.borrow());
+        let mut rollback_ok = true;
+        if module::loaded(&driver) {
+            rollback_ok =
+                step(&mut report, runner, &format!("rollback: modprobe -r {driver}"), &unload).await;
         }
-        match module::run(std::slice::from_ref(&plan.driver)).await {
-            Ok(_) => report
-                .steps
-                .push(format!("rollback: modprobe {} (its configured parameters): ok", plan.driver)),
-            Err(error) => {
-                report.steps.push(format!("rollback: modprobe {}: failed", plan.driver));
-                report.errors.push(error);
-            }
+        if rollback_ok {
+            let plain = vec![driver.clone()];
+            let label = format!("rollback: modprobe {driver} (its configured parameters)");
+            rollback_ok = step(&mut report, runner, &label, &plain).await;
         }
+        rolled_back = rollback_ok;
         // Whether they came back this time is each NIC's part of the report.
         wait_back(&plan, &before, &mut progress).await;
     }
@@ -279,7 +327,7 @@ async fn carry_out(
     report
 }
 
-/// Until every planned NIC has been restored once more than before (true), or the wait ends.
+/// Until every planned NIC has been restored once more than `before` (true), or the wait ends.
 async fn wait_back(
     plan: &ReloadPlan,
     before: &HashMap<String, u64>,
