@@ -73,39 +73,44 @@ impl std::fmt::Display for Listen {
 /// Binds `listen` and serves scrapes of [`super::global`] until the process ends.
 pub fn start(listen: &Listen) -> Result<(), ServeError> {
     let bind_error = |e| ServeError::Bind(listen.to_string(), e);
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    match listen {
+    let bound = match listen {
         Listen::Tcp(addr) => {
             let std_listener = std::net::TcpListener::bind(addr).map_err(bind_error)?;
             std_listener.set_nonblocking(true).map_err(bind_error)?;
-            let listener = TcpListener::from_std(std_listener).map_err(bind_error)?;
-            tokio::spawn(async move {
-                loop {
-                    match listener.accept().await {
-                        Ok((stream, _)) => spawn_one(stream, &slots),
-                        Err(error) => pause_after(&error).await,
-                    }
-                }
-            });
+            Bound::Tcp(TcpListener::from_std(std_listener).map_err(bind_error)?)
         }
         Listen::Unix(path) => {
             safe_directory(path).map_err(bind_error)?;
             remove_stale_socket(path).map_err(bind_error)?;
             // Its mode comes from the umask (root's alone under the service's UMask=0077); who
             // else may scrape is the directory's and the socket's owner's business.
-            let listener = UnixListener::bind(path).map_err(bind_error)?;
-            tokio::spawn(async move {
-                loop {
-                    match listener.accept().await {
-                        Ok((stream, _)) => spawn_one(stream, &slots),
-                        Err(error) => pause_after(&error).await,
-                    }
-                }
-            });
+            Bound::Unix(UnixListener::bind(path).map_err(bind_error)?)
         }
-    }
+    };
+    tokio::spawn(bound.serve(Arc::new(Semaphore::new(MAX_CONNECTIONS))));
     tracing::info!(listen = %listen, "metrics: serving GET /metrics (OpenMetrics)");
     Ok(())
+}
+
+/// The endpoint's listening socket.
+enum Bound {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+impl Bound {
+    /// Accepts connections for ever, each served by a task of its own.
+    async fn serve(self, slots: Arc<Semaphore>) {
+        loop {
+            let accepted = match &self {
+                Self::Tcp(listener) => listener.accept().await.map(|(stream, _)| spawn_one(stream, &slots)),
+                Self::Unix(listener) => listener.accept().await.map(|(stream, _)| spawn_one(stream, &slots)),
+            };
+            if let Err(error) = accepted {
+                pause_after(&error).await;
+            }
+        }
+    }
 }
 
 /// The socket's directory must be root's and writable by nobody else: otherwise another user
