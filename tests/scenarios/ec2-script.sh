@@ -20,6 +20,7 @@ ip route add default via 10.0.0.1 dev "$dev" metric 100
 ip route add 192.168.70.0/24 via 10.0.0.1 dev "$dev"
 sleep 1 # the agent's snapshot settles (50 ms debounce)
 
+since=$(date '+%Y-%m-%d %H:%M:%S')
 /opt/hotplug/ec2/run.sh virtio_net >/tmp/ec2.out 2>&1
 rc=$?
 cat /tmp/ec2.out
@@ -34,6 +35,6 @@ check "RESULT: configuration back (ms)" yes "$(echo "$result" | jq -e '.reload_m
 # transient unit.
 check "guided reload under the service: ok" ok "$(echo "$result" | jq -r .guided_reload)"
 check "its modprobe ran in a transient unit" yes \
-	"$(journalctl --no-pager -o cat -t systemd | grep -q 'hotplug-agent reload: modprobe' && echo yes || echo no)"
+	"$(journalctl --no-pager -o cat -t systemd --since "$since" | grep -q 'hotplug-agent reload: modprobe' && echo yes || echo no)"
 vmctl report ec2_script_reload_ms "$(echo "$result" | jq .reload_ms)"
 finish

@@ -96,6 +96,24 @@ check "client killed: the reload finished within 30 s" yes \
 check "client killed: the reload finished (ITR=3000 in effect)" 1 "$(itr 3000)"
 check "client killed: configuration equal" "$before" "$(config_of $E)"
 
+# 4. An agent stopped between the unload and the load (its marker left behind): the next one
+# loads the module again and restores the NIC.
+kill "$AGENT_PID" 2>/dev/null
+wait "$AGENT_PID" 2>/dev/null
+modprobe -r e1000e
+echo e1000e >/tmp/hotplug-state/reload-in-progress
+hotplug-agent --config /tmp/hotplug.toml run 2>>/tmp/agent.log &
+AGENT_PID=$!
+check "interrupted reload: the next agent loads the module again" yes \
+	"$(wait_until 30 '[ -e /sys/module/e1000e/initstate ] && [ ! -e /tmp/hotplug-state/reload-in-progress ]' && echo yes || echo no)"
+j=0
+while [ $j -lt 300 ] && [ "$(config_of $E)" != "$before" ]; do
+	sleep 0.1
+	j=$((j + 1))
+done
+check "interrupted reload: NIC restored equal" "$before" "$(config_of $E)"
+check "interrupted reload: in the audit trail" 1 "$(hotplug-agent --config /tmp/hotplug.toml history | grep -c 'reload interrupted module e1000e')"
+
 touch /tmp/arping.stop
 wait $ARPING 2>/dev/null
 ok=$(wc -l </tmp/arping.ok) lost=$(wc -l </tmp/arping.lost)

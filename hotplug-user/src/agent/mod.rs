@@ -249,6 +249,7 @@ pub async fn run(
     let metrics = crate::metrics::global();
     metrics.set_mode(startup.mode == Mode::Full);
     manager.set_full_mode(startup.mode == Mode::Full);
+    manager.recover_interrupted_reload();
     manager.count_states();
     if let Some(listen) = &config.metrics_listen {
         // Checked when the file was read; a port taken or a path refused costs the metrics only.

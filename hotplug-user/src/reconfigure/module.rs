@@ -4,14 +4,17 @@
 //! An agent that may load modules itself (root outside a sandbox) runs modprobe directly. The
 //! packaged service may not (no `CAP_SYS_MODULE`, `ProtectKernelModules=yes`), and is not
 //! given the right: it asks systemd for a transient unit that runs modprobe outside its sandbox
-//! (`systemd-run --wait --pipe`), so the agent itself never gains the power to load code into the
-//! kernel, and each module command shows in the journal as a unit of its own. A modprobe in such
-//! a unit also finishes if the agent stops meanwhile.
+//! (`systemd-run --wait --pipe`, over the D-Bus system bus), so the agent's own process never
+//! holds the power to load code into the kernel, and each module command shows in the journal as
+//! a unit of its own. (That a root process with D-Bus access can ask systemd to run commands
+//! outside its sandbox is systemd's design, true of any root service; the sandbox bounds what
+//! the agent's process does by itself.)
 use std::{path::Path, process::Stdio, time::Duration};
 
 /// Where distributions put modprobe (kmod's, or busybox's).
 const MODPROBE: [&str; 4] = ["/usr/sbin/modprobe", "/sbin/modprobe", "/usr/bin/modprobe", "/bin/modprobe"];
 const SYSTEMD_RUN: [&str; 2] = ["/usr/bin/systemd-run", "/bin/systemd-run"];
+const SYSTEM_BUS: &str = "/run/dbus/system_bus_socket";
 /// A modprobe that has not finished by then is given up on (a driver's remove or probe can hang).
 pub const MODPROBE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -35,8 +38,12 @@ pub fn runner() -> Result<Runner, String> {
     if may_manage_modules() {
         return Ok(Runner::Direct(modprobe));
     }
-    // INVOCATION_ID: systemd started this process as (part of) a unit.
+    // INVOCATION_ID: systemd started this process as (part of) a unit; systemd-run --wait
+    // reaches it over the system bus.
     match (std::env::var_os("INVOCATION_ID"), first(&SYSTEMD_RUN)) {
+        (Some(_), Some(_)) if !Path::new(SYSTEM_BUS).exists() => Err(format!(
+            "this agent may not load modules (no CAP_SYS_MODULE), and systemd cannot run modprobe for it without the D-Bus system bus ({SYSTEM_BUS} is missing)"
+        )),
         (Some(_), Some(systemd_run)) => Ok(Runner::TransientUnit(systemd_run, modprobe)),
         _ => Err("this agent may not load modules (no CAP_SYS_MODULE) and does not run under systemd, which could run modprobe for it; run it as root".to_owned()),
     }
@@ -56,10 +63,16 @@ fn may_manage_modules() -> bool {
         .is_some_and(|caps| caps & (1 << 16) != 0)
 }
 
-/// Whether the module is loaded now (`/sys/module/NAME/initstate`: a built-in module has no
-/// such file and cannot be unloaded anyway).
+/// Whether the module is loaded now (`/sys/module/NAME/initstate`; a built-in one has none).
 pub fn loaded(module: &str) -> bool {
     Path::new("/sys/module").join(module.replace('-', "_")).join("initstate").exists()
+}
+
+/// Whether the driver is built into the kernel (`/sys/module/NAME` without `initstate`): it
+/// cannot be unloaded.
+pub fn builtin(module: &str) -> bool {
+    let dir = Path::new("/sys/module").join(module.replace('-', "_"));
+    dir.exists() && !dir.join("initstate").exists()
 }
 
 /// Runs `modprobe ARGS` the way `runner` says; `Ok` with what it printed, `Err` with its exit
@@ -74,11 +87,14 @@ pub async fn run(runner: Runner, args: &[String]) -> Result<String, String> {
         Runner::TransientUnit(systemd_run, modprobe) => {
             let mut command = tokio::process::Command::new(systemd_run);
             // --wait: its exit status is modprobe's; --pipe: modprobe's messages come back here;
-            // --collect: the unit goes away even when modprobe failed.
+            // --collect: the unit goes away even when modprobe failed; killed at the deadline
+            // (SIGKILL 5 s after SIGTERM); no environment expansion by systemd (v254+; the
+            // parameters' characters are checked so that older ones expand nothing either).
             command
                 .args(["--quiet", "--wait", "--pipe", "--collect", "--service-type=exec"])
                 .arg("--description=hotplug-agent reload: modprobe")
                 .arg(format!("--property=RuntimeMaxSec={}", MODPROBE_TIMEOUT.as_secs()))
+                .arg("--property=TimeoutStopSec=5")
                 .arg(modprobe)
                 .args(args);
             (systemd_run, format!("{modprobe} {} (in a transient unit)", args.join(" ")), command)
@@ -89,7 +105,9 @@ pub async fn run(runner: Runner, args: &[String]) -> Result<String, String> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .env_clear()
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        // A modprobe (or systemd-run) given up on is killed, not left running beside the next.
+        .kill_on_drop(true);
     let child = command.spawn().map_err(|e| format!("cannot run {program}: {e}"))?;
     // A little longer than the unit's own limit, so that its verdict comes first.
     match tokio::time::timeout(MODPROBE_TIMEOUT + Duration::from_secs(5), child.wait_with_output()).await {

@@ -22,6 +22,11 @@ use crate::{
 /// How long the NICs may take to come back and be restored after a load.
 const RETURN_WAIT: Duration = Duration::from_secs(60);
 
+/// In the state directory while a reload's module is (possibly) unloaded: the driver's name. An
+/// agent that starts and finds it loads the module again if it is missing (the agent stopped,
+/// or the host's service manager restarted it, between the unload and the load).
+pub const IN_PROGRESS: &str = "reload-in-progress";
+
 /// What the reload task follows of each NIC (published by the loop).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NicProgress {
@@ -110,6 +115,9 @@ impl NicManager {
         }
         let planned = reload::plan(&request, self.full_mode, self.reload_running, &self.reload_facts());
         let runner = planned.and_then(|plan| {
+            if module::builtin(&plan.driver) {
+                return Err(format!("{} is built into the kernel: it cannot be unloaded", plan.driver));
+            }
             if dry_run {
                 return Ok((plan, None));
             }
@@ -146,6 +154,11 @@ impl NicManager {
         self.reload_running = true;
         // Counted here, in the loop, before anything is unloaded: only restores after this count.
         let before = restores_of(&plan, &self.progress.borrow());
+        let marker = self.config.state_dir.join(IN_PROGRESS);
+        if let Err(error) = std::fs::write(&marker, &plan.driver) {
+            // Only a restart in the middle would miss it; the reload itself does not need it.
+            tracing::warn!(driver, %error, "cannot write {}: an agent restarted mid-reload would not load the module again", marker.display());
+        }
         let (handle, progress, tx) =
             (self.handle.clone(), self.progress.subscribe(), self.background.clone());
         tokio::spawn(async move {
@@ -174,6 +187,7 @@ impl NicManager {
     pub(super) fn finish_reload(&mut self, done: Done) {
         let Done { report, reply } = done;
         self.reload_running = false;
+        let _ = std::fs::remove_file(self.config.state_dir.join(IN_PROGRESS));
         for nic_report in &report.nics {
             if let Some(nic) = self.nics.get_mut(&nic_report.mac) {
                 nic.last_reload = Some(nic_report.clone());
@@ -202,6 +216,46 @@ impl NicManager {
     /// Publishes a NIC's progress for a reload under way.
     pub(super) fn publish_progress(&self, mac: &str, update: impl FnOnce(&mut NicProgress)) {
         self.progress.send_modify(|all| update(all.entry(mac.to_owned()).or_default()));
+    }
+
+    /// At start: a reload an earlier agent left between its unload and its load (its marker in
+    /// the state directory) gets its module loaded again, with the host's configured
+    /// parameters, in a task of its own (start-up does not wait for modprobe); the NICs that
+    /// register are restored as after any reload.
+    pub fn recover_interrupted_reload(&mut self) {
+        let marker = self.config.state_dir.join(IN_PROGRESS);
+        let Ok(text) = std::fs::read_to_string(&marker) else { return };
+        let Ok(request) = reload::validate(text.trim(), &[], false) else {
+            tracing::warn!(marker = %marker.display(), "reload marker does not name a module: removed");
+            let _ = std::fs::remove_file(&marker);
+            return;
+        };
+        let driver = request.driver;
+        if module::loaded(&driver) {
+            let _ = std::fs::remove_file(&marker);
+            return;
+        }
+        let mut entry = crate::audit::Entry::now(crate::audit::Kind::Reload, "interrupted");
+        entry.module = Some(driver.clone());
+        entry.decision =
+            Some(format!("an earlier agent stopped mid-reload with {driver} unloaded: modprobe {driver}"));
+        self.audit(&entry);
+        let runner = match module::runner() {
+            Ok(runner) => runner,
+            Err(why) => {
+                tracing::error!(driver, "a reload was interrupted with {driver} unloaded, and {why}: load it by hand (modprobe {driver})");
+                return;
+            }
+        };
+        tokio::spawn(async move {
+            match module::run(runner, std::slice::from_ref(&driver)).await {
+                Ok(_) => {
+                    tracing::warn!(driver, action = "reload", "a reload was interrupted with {driver} unloaded: loaded it again");
+                    let _ = std::fs::remove_file(&marker);
+                }
+                Err(error) => tracing::error!(driver, action = "reload", "a reload was interrupted with {driver} unloaded, and loading it failed: {error}; load it by hand"),
+            }
+        });
     }
 
     /// Forgets the progress of NICs the agent forgot.
@@ -280,21 +334,24 @@ async fn carry_out(
     let back = loaded && wait_back(&plan, &before, &mut progress).await;
     if !back {
         // The new load failed, or a NIC did not return under it: the module as the host
-        // configures it. Only restores from here on count.
-        before = restores_of(&plan, &progress.borrow());
-        let mut rollback_ok = true;
+        // configures it.
+        let mut unloaded_again = true;
         if module::loaded(&driver) {
-            rollback_ok =
-                step(&mut report, runner, &format!("rollback: modprobe -r {driver}"), &unload).await;
+            let label = format!("rollback: modprobe -r {driver}");
+            unloaded_again = step(&mut report, runner, &label, &unload).await || !module::loaded(&driver);
         }
-        if rollback_ok {
+        if unloaded_again {
+            // Only restores from here on count (one under the new load that ends during the
+            // unload must not pass for a return).
+            before = restores_of(&plan, &progress.borrow());
             let plain = vec![driver.clone()];
             let label = format!("rollback: modprobe {driver} (its configured parameters)");
-            rollback_ok = step(&mut report, runner, &label, &plain).await;
+            rolled_back = step(&mut report, runner, &label, &plain).await;
+            // Whether they came back this time is each NIC's part of the report.
+            wait_back(&plan, &before, &mut progress).await;
         }
-        rolled_back = rollback_ok;
-        // Whether they came back this time is each NIC's part of the report.
-        wait_back(&plan, &before, &mut progress).await;
+        // Else the module stays loaded with the new parameters: the NICs are reported as the
+        // first load left them, and the status is `failed`.
     }
     report.total_ms = millis(started.elapsed());
     let now = progress.borrow().clone();
