@@ -24,18 +24,24 @@ fn main() -> ExitCode {
     }
     // Before the runtime: the notify protocol's environment is read while no other thread exists.
     let notifier = agent::service::Notifier::from_env();
-    // The audit trail reads /proc on blocking threads (a stuck process must not stall the loop):
-    // a few at most, sharing glibc's arenas, so that a burst of them leaves no lasting memory.
+    // The audit trail reads /proc on a blocking thread (a process stuck in the kernel must not
+    // stall the loop): one, kept for the agent's life rather than made anew for each burst, and
+    // sharing glibc's one arena, so that reads leave no lasting memory behind (a read stuck on
+    // it makes the next ones time out: the kernel's part of the task is then what is recorded).
     // SAFETY: mallopt only sets an allocator parameter; no other thread exists yet.
-    unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
-    let runtime =
-        match tokio::runtime::Builder::new_current_thread().enable_all().max_blocking_threads(4).build() {
-            Ok(runtime) => runtime,
-            Err(error) => {
-                eprintln!("hotplug-agent: cannot start the async runtime: {error}");
-                return ExitCode::FAILURE;
-            }
-        };
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(1)
+        .thread_keep_alive(std::time::Duration::from_secs(365 * 24 * 3600))
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("hotplug-agent: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
     for program in &cli.disable_probe {
         if !hotplug::kernel::probes::program_names().contains(&program.as_str()) {
             eprintln!(
