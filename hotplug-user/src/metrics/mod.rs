@@ -5,10 +5,7 @@
 //! The metrics are process-wide ([`global`]): any layer counts into them (the IMDS client its
 //! requests, the agent's loop the kernel's events) without them being threaded through every
 //! call. Nothing reads them back to decide anything.
-use std::sync::{
-    atomic::{AtomicU64, Ordering},
-    LazyLock,
-};
+use std::sync::LazyLock;
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -68,8 +65,6 @@ pub struct Metrics {
     pub mode: Family<ModeLabels, Gauge>,
     pub restore_latency: Histogram,
     pub delivery_latency: Histogram,
-    /// Scrapes answered (for the log line when serving stops).
-    pub scrapes: AtomicU64,
 }
 
 /// Restore latency buckets, seconds: 1 ms to about 16 s.
@@ -154,7 +149,6 @@ impl Metrics {
             mode,
             restore_latency,
             delivery_latency,
-            scrapes: AtomicU64::new(0),
         }
     }
 
@@ -229,10 +223,6 @@ impl Metrics {
         for (mode, on) in [("full", full), ("degraded", !full)] {
             self.mode.get_or_create(&ModeLabels { mode: mode.to_owned() }).set(i64::from(on));
         }
-    }
-
-    pub fn scraped(&self) {
-        self.scrapes.fetch_add(1, Ordering::Relaxed);
     }
 }
 

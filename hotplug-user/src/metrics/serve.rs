@@ -153,7 +153,6 @@ fn spawn_one<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(stream: S, slot
     let Ok(permit) = Arc::clone(slots).try_acquire_owned() else { return };
     tokio::spawn(async move {
         let _ = tokio::time::timeout(DEADLINE, answer(stream, |om| super::global().encode_for(om))).await;
-        super::global().scraped();
         drop(permit);
     });
 }
