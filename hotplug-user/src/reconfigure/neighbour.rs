@@ -48,7 +48,9 @@ pub async fn probe(handle: &Handle, ifindex: u32, gateway: IpAddr) -> String {
         Ok(Some(s)) if s == NeighbourState::Permanent || s == NeighbourState::Noarp => {
             return format!("{gateway} (static: not probed)");
         }
+        // A dump that met one of the loop's (EBUSY): probed as an entry of unknown state.
         Ok(_) => {}
+        Err(error) if super::failed_with(&error, libc::EBUSY) => {}
         Err(error) => return format!("{gateway}: cannot read the neighbour table: {error}"),
     }
     // Just after the carrier comes, the first solicitations can be lost (the driver's queues
@@ -70,6 +72,9 @@ pub async fn probe(handle: &Handle, ifindex: u32, gateway: IpAddr) -> String {
                 Ok(Some(NeighbourState::Failed)) => break,
                 Ok(_) if started.elapsed() >= PROBE_LIMIT => break,
                 Ok(_) => tokio::time::sleep(POLL).await,
+                // The agent's loop shares the socket: a dump that met one of its dumps (EBUSY)
+                // is asked again.
+                Err(error) if super::failed_with(&error, libc::EBUSY) => tokio::time::sleep(POLL).await,
                 Err(error) => return format!("{gateway}: cannot read the neighbour table: {error}"),
             }
         }
