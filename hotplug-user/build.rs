@@ -72,6 +72,10 @@ fn build_object(workspace: &Path, target_dir: &Path) -> Result<PathBuf, String> 
     for var in ["RUSTC", "RUSTC_WRAPPER", "RUSTC_WORKSPACE_WRAPPER", "RUSTFLAGS", "RUSTUP_TOOLCHAIN"] {
         cmd.env_remove(var);
     }
+    // `bpf_target_arch` only picks which of aya-ebpf's generated binding sets compiles (they differ
+    // in `pt_regs`); the programs read no register through aya (`kernel::probe_arg0` and friends
+    // take offsets from user space), so this one object serves x86_64 and arm64 agents alike: the
+    // same bytes are embedded whatever `--target` the agent is built for.
     let mut rustflags = OsString::new();
     for (i, flag) in
         ["--cfg=bpf_target_arch=\"x86_64\"", "-Cdebuginfo=2", "-Clink-arg=--btf"].iter().enumerate()

@@ -346,8 +346,7 @@ pub mod globals {
 
     /// Offsets of the kernel struct members the NIC programs read, from the running kernel's
     /// BTF: (global name, struct, member path).
-    pub const STRUCT_OFFSETS: [(&str, &str, &str); 17] = [
-        ("PT_REGS_DI", "pt_regs", "di"),
+    pub const STRUCT_OFFSETS: [(&str, &str, &str); 16] = [
         ("NETDEV_IFINDEX", "net_device", "ifindex"),
         ("NETDEV_NAME", "net_device", "name"),
         ("NETDEV_PERM_ADDR", "net_device", "perm_addr"),
@@ -365,6 +364,12 @@ pub mod globals {
         ("DRIVER_NAME", "device_driver", "name"),
         ("DRIVER_OWNER", "device_driver", "owner"),
     ];
+    /// Byte offsets into `struct pt_regs` of a probed function's first argument and return value,
+    /// and of a system call's first argument in the registers its wrapper receives: from the
+    /// architecture's calling convention and the running kernel's BTF.
+    pub const REGS_ARG0: &str = "REGS_ARG0";
+    pub const REGS_RET: &str = "REGS_RET";
+    pub const SYSCALL_ARG0: &str = "SYSCALL_ARG0";
     /// `module.name` offset (a `char[56]`).
     pub const MODULE_STRUCT_NAME: &str = "MODULE_NAME";
     /// 1 when `net_device.dev_addr` is a pointer (Linux 5.17+), 0 when it is an array.

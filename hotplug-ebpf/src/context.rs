@@ -11,7 +11,8 @@
 //!   or a rescan are bound to drivers from here.
 //! - `rtnl_dellink` / `rtnl_newlink` (net/core/rtnetlink.c): rtnetlink handlers, registered as
 //!   function pointers.
-//! - `__x64_sys_init_module` / `__x64_sys_finit_module`: module load (the driver probes inside its
+//! - `__<arch>_sys_init_module` / `__<arch>_sys_finit_module` (the architecture's syscall
+//!   wrappers, found by user space in kallsyms): module load (the driver probes inside its
 //!   init). kprobes rather than syscall tracepoints, see `module_lifecycle`. `delete_module` is
 //!   handled in `module_lifecycle`.
 use aya_ebpf::{
@@ -120,7 +121,7 @@ context_probe!(pci_add_enter, pci_add_exit, ContextKind::PciAdd);
 context_probe!(dellink_enter, dellink_exit, ContextKind::LinkDelete);
 context_probe!(newlink_enter, newlink_exit, ContextKind::LinkCreate);
 
-/// Entry of `__x64_sys_{init,finit}_module`: the task is loading a module. A caller without
+/// Entry of `__<arch>_sys_{init,finit}_module`: the task is loading a module. A caller without
 /// `CAP_SYS_MODULE` is refused by the kernel: no context is made for it.
 #[kprobe]
 pub fn module_init_enter(_ctx: ProbeContext) -> u32 {
@@ -132,7 +133,7 @@ pub fn module_init_enter(_ctx: ProbeContext) -> u32 {
     0
 }
 
-/// Return of `__x64_sys_{init,finit}_module`.
+/// Return of `__<arch>_sys_{init,finit}_module`.
 #[kretprobe]
 pub fn module_init_exit(_ctx: RetProbeContext) -> u32 {
     if current().inside(ContextKind::ModuleLoad) {

@@ -1,11 +1,51 @@
 //! Reading kernel memory at offsets user space took from the running kernel's BTF, and what the
 //! programs read about the current task through it.
-use aya_ebpf::helpers::{
-    bpf_get_current_task, bpf_probe_read_kernel, bpf_probe_read_kernel_buf, bpf_probe_read_kernel_str_bytes,
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_task, bpf_probe_read_kernel, bpf_probe_read_kernel_buf,
+        bpf_probe_read_kernel_str_bytes,
+    },
+    EbpfContext,
 };
 use hotplug_common::Counter;
 
 use crate::{count, global_u32};
+
+// Where the probed function's registers are, as byte offsets into the kprobe's `struct pt_regs`
+// (the register set the kernel saved when the probe fired): the first argument, the return value
+// (in a kretprobe), and the first argument of a system call inside the `struct pt_regs *` its
+// wrapper receives. Set by user space from the running kernel's BTF and the architecture's calling
+// convention (`hotplug-user/src/kernel/abi.rs`): nothing here is specific to one architecture,
+// which is why the programs use these rather than aya's `ctx.arg()`/`ctx.ret()` (compiled for the
+// `bpf_target_arch` the object was built with). The defaults are x86_64's, never used: a kprobe is
+// attached only after user space set them.
+#[unsafe(no_mangle)]
+static REGS_ARG0: u32 = 112;
+#[unsafe(no_mangle)]
+static REGS_RET: u32 = 80;
+#[unsafe(no_mangle)]
+static SYSCALL_ARG0: u32 = 112;
+
+/// The probed function's first argument (a kprobe at its entry).
+#[inline(always)]
+pub fn probe_arg0<C: EbpfContext>(ctx: &C) -> Option<u64> {
+    read::<u64>(ctx.as_ptr() as u64, global_u32(&REGS_ARG0))
+}
+
+/// The probed function's return value (a kretprobe), the whole register: callers narrow it to the
+/// function's type (`int` is its low 32 bits on every 64-bit little-endian architecture).
+#[inline(always)]
+pub fn probe_ret<C: EbpfContext>(ctx: &C) -> Option<u64> {
+    read::<u64>(ctx.as_ptr() as u64, global_u32(&REGS_RET))
+}
+
+/// A system call's first argument, from the `struct pt_regs *` its wrapper (`__<arch>_sys_<name>`,
+/// Linux 4.17+ on x86_64, 5.0+ on arm64) receives as its own first argument.
+#[inline(always)]
+pub fn syscall_arg0<C: EbpfContext>(ctx: &C) -> Option<u64> {
+    let user_regs = probe_arg0(ctx)?;
+    read::<u64>(user_regs, global_u32(&SYSCALL_ARG0))
+}
 
 // `task_struct.cred`, `cred.cap_effective`, `cred.user_ns`, `user_namespace.level`: set by user
 // space from BTF; `PRIV_KNOWN` is 1 only when all four are (else nothing is filtered).

@@ -1,8 +1,9 @@
 //! Module lifecycle: the `delete_module` syscall (entry and exit), `module:module_load` and
 //! `module:module_free`.
 //!
-//! The syscall is hooked with a kprobe/kretprobe on its x86_64 wrapper `__x64_sys_delete_module`
-//! (Linux 4.17+), not with the `syscalls:sys_{enter,exit}_delete_module` tracepoints: enabling any
+//! The syscall is hooked with a kprobe/kretprobe on its architecture's wrapper
+//! (`__x64_sys_delete_module` on x86_64 since Linux 4.17, `__arm64_sys_delete_module` on arm64
+//! since 5.0; user space finds it in kallsyms), not with the `syscalls:sys_{enter,exit}_delete_module` tracepoints: enabling any
 //! syscall tracepoint sends every syscall of every task through the tracing slow path, and on
 //! Linux 7.2 under QEMU TCG patching that hot path crashed the guest (an int3 oops in
 //! `trace_syscall_enter`) about one boot in five. A kprobe patches only the probed function.
@@ -16,8 +17,8 @@
 //! - `delete_module` checks `capable(CAP_SYS_MODULE)` only after the probe fired: callers without
 //!   it are filtered here (`kernel::may_manage_modules`), so unprivileged calls cost no record.
 //! - Tracepoint record layouts differ between kernels, so every field offset is a global that user
-//!   space fills in from tracefs `events/<system>/<event>/format` before loading; the offset of
-//!   `pt_regs.di` (the syscall's first argument) comes from BTF.
+//!   space fills in from tracefs `events/<system>/<event>/format` before loading; the registers
+//!   holding the syscall's argument and return value come from BTF (`kernel::syscall_arg0`).
 use aya_ebpf::{
     helpers::{bpf_probe_read_kernel_str_bytes, bpf_probe_read_user_str_bytes},
     macros::{kprobe, kretprobe, tracepoint},
@@ -28,13 +29,9 @@ use hotplug_common::{ContextKind, Counter, EventKind, ModuleEvent, MODULE_NAME_L
 
 use crate::{
     context, count, current_task, emit, global_u32,
-    kernel::{may_manage_modules, read},
+    kernel::{may_manage_modules, probe_ret, syscall_arg0},
     now_ns,
 };
-
-/// Offset of `di` in `struct pt_regs` (x86_64): where the syscall wrapper finds argument 1.
-#[unsafe(no_mangle)]
-static PT_REGS_DI: u32 = 112;
 
 // Tracepoint field offsets, overridden by user space (see `hotplug_common::globals`).
 #[unsafe(no_mangle)]
@@ -65,7 +62,7 @@ fn read_data_loc_str(ctx: &TracePointContext, offset: usize, dest: &mut [u8]) ->
         .map_err(i64::from)
 }
 
-/// Entry of `__x64_sys_delete_module(const struct pt_regs *regs)`.
+/// Entry of `__<arch>_sys_delete_module(const struct pt_regs *regs)`.
 #[kprobe]
 pub fn delete_module_enter(ctx: ProbeContext) -> u32 {
     try_delete_module_enter(&ctx).map_or(1, |()| 0)
@@ -78,8 +75,7 @@ fn try_delete_module_enter(ctx: &ProbeContext) -> Result<(), i64> {
         return Ok(());
     }
     let mut event = new_event(EventKind::ModuleUnloadBegin);
-    let regs: u64 = ctx.arg(0).ok_or(0i64)?;
-    let name_user = read::<u64>(regs, global_u32(&PT_REGS_DI)).ok_or(0i64)? as *const u8;
+    let name_user = syscall_arg0(ctx).ok_or(0i64)? as *const u8;
     // SAFETY: `name_user` is the syscall's user pointer; the helper faults safely and bounds the copy.
     if unsafe { bpf_probe_read_user_str_bytes(name_user, &mut event.name) }.is_err() {
         count(Counter::KernelReadFailed);
@@ -94,7 +90,7 @@ fn try_delete_module_enter(ctx: &ProbeContext) -> Result<(), i64> {
     Ok(())
 }
 
-/// Return of `__x64_sys_delete_module`.
+/// Return of `__<arch>_sys_delete_module`.
 #[kretprobe]
 pub fn delete_module_exit(ctx: RetProbeContext) -> u32 {
     try_delete_module_exit(&ctx).map_or(1, |()| 0)
@@ -110,8 +106,8 @@ fn try_delete_module_exit(ctx: &RetProbeContext) -> Result<(), i64> {
     event.name = task.module;
     context::update(|task| task.module = [0; MODULE_NAME_LEN]);
     context::leave(ContextKind::ModuleUnload);
-    let ret: i64 = ctx.ret();
-    event.ret = ret as i32;
+    // `long`: 0 or a negative errno, which fits the event's `i32`.
+    event.ret = probe_ret(ctx).unwrap_or(0) as i64 as i32;
     emit(&event);
     Ok(())
 }

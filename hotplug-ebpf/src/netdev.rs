@@ -18,7 +18,7 @@ use hotplug_common::{Cause, Counter, EventKind, NetdevEvent, MAX_UNREGISTER_BATC
 
 use crate::{
     context, count, current_task, current_tid, emit, global_u32,
-    kernel::{read, read_bytes, read_str},
+    kernel::{probe_arg0, probe_ret, read, read_bytes, read_str},
     now_ns,
 };
 
@@ -214,7 +214,7 @@ pub fn netdev_unregister(ctx: ProbeContext) -> u32 {
 }
 
 fn try_netdev_unregister(ctx: &ProbeContext) -> Result<(), ()> {
-    let head: u64 = ctx.arg(0).ok_or(())?;
+    let head = probe_arg0(ctx).ok_or(())?;
     let task = context::current();
     let cause = task.removal_cause();
     let module = if cause == Cause::DriverUnload { task.module } else { NO_MODULE };
@@ -235,7 +235,7 @@ fn try_netdev_unregister(ctx: &ProbeContext) -> Result<(), ()> {
 
 #[kprobe]
 pub fn netdev_register_enter(ctx: ProbeContext) -> u32 {
-    let Some(dev) = ctx.arg::<u64>(0) else {
+    let Some(dev) = probe_arg0(&ctx) else {
         return 1;
     };
     if REGISTERING.insert(current_tid(), dev, 0).is_err() {
@@ -252,7 +252,7 @@ pub fn netdev_register_exit(ctx: RetProbeContext) -> u32 {
         return 0;
     };
     let _ = REGISTERING.remove(tid);
-    let ret: i32 = ctx.ret();
+    let ret = probe_ret(&ctx).unwrap_or(u64::MAX) as i32;
     if ret == 0 {
         let task = context::current();
         let cause = task.registration_cause();
@@ -264,7 +264,7 @@ pub fn netdev_register_exit(ctx: RetProbeContext) -> u32 {
 
 #[kprobe]
 pub fn netns_move_enter(ctx: ProbeContext) -> u32 {
-    let Some(dev) = ctx.arg::<u64>(0) else {
+    let Some(dev) = probe_arg0(&ctx) else {
         return 1;
     };
     let ifindex = read::<i32>(dev, global_u32(&NETDEV_IFINDEX)).unwrap_or(0);
@@ -282,7 +282,7 @@ pub fn netns_move_exit(ctx: RetProbeContext) -> u32 {
         return 0;
     };
     let _ = MOVING.remove(tid);
-    let ret: i32 = ctx.ret();
+    let ret = probe_ret(&ctx).unwrap_or(u64::MAX) as i32;
     if ret == 0 {
         send(EventKind::NetdevRemoval, Cause::NetnsMove, dev, Some((old_ifindex, old_netns)), &NO_MODULE);
         send(EventKind::NetdevRegistration, Cause::NetnsMove, dev, None, &NO_MODULE);

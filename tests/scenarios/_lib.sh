@@ -196,14 +196,16 @@ start_mock() {
 	MOCK_PID=$!
 	wait_for_line /tmp/mock.log "listening on" 10 || { cat /tmp/mock.log; fail "mock-imds did not start"; }
 }
-# mock_config [ATTACH_DEADLINE_SECONDS]: /tmp/hotplug.toml for an agent that asks the mock.
+# mock_config [ATTACH_DEADLINE_SECONDS]: /tmp/hotplug.toml for an agent that asks the mock, with
+# the shipped per-request timeout (2 s): under emulation (arm64 guests above all) the agent's
+# start-up keeps both vCPUs busy, and its start-up pass asks IMDS once.
 mock_config() {
 	cat >/tmp/hotplug.toml <<TOML
 state_dir = "/tmp/hotplug-state"
 socket = "/run/hotplug/agent.sock"
 [imds]
 endpoint = "http://$MOCK"
-request_timeout_ms = 1000
+request_timeout_ms = 2000
 attach_deadline_seconds = ${1:-60}
 TOML
 }

@@ -1,6 +1,7 @@
 #!/bin/sh
 # Driver reloads restore each NIC's configuration at once; also across an agent SIGKILL and 40 reloads.
 # kernels: bookworm trixie sid
+# arches: amd64 arm64
 . /opt/hotplug/scenarios/_lib.sh
 
 cat >/tmp/hotplug.toml <<'TOML'

@@ -1,6 +1,7 @@
 #!/bin/sh
 # Real attach and detach against a mock IMDS: lag, faults, IMDS down; detach cleans up without IMDS.
 # kernels: bookworm trixie sid
+# arches: amd64 arm64
 . /opt/hotplug/scenarios/_lib.sh
 
 mock_config
@@ -18,7 +19,7 @@ hotplug-agent --config /tmp/hotplug.toml run 2>/tmp/agent.log &
 AGENT_PID=$!
 wait_for_line /tmp/agent.log "agent ready" 60 || { cat /tmp/agent.log; fail "the agent did not start"; }
 check_header
-wait_attach $ETH2 configured 15 || echo "start-up pass did not configure eth2"
+wait_attach $ETH2 configured 15 || { echo "start-up pass did not configure eth2; the agent log:"; cat /tmp/agent.log; }
 check "start-up pass: eth2 learned from IMDS" yes "$(ip rule show | grep -q 'lookup 10005' && ip addr show dev "$(iface_of $ETH2)" | grep -q 10.1.5.5 && echo yes || echo no)"
 check "start-up pass: eth0 (not in IMDS) left alone" 0 "$(ip -4 addr show dev "$(iface_of 52:54:00:12:34:10)" | grep -c inet)"
 

@@ -6,6 +6,7 @@ use anyhow::{bail, Context as _, Result};
 use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 
+use crate::arch::Arch;
 use crate::{build, cmd, distro, kernels, package, setup, vm};
 
 #[derive(Args, Debug)]
@@ -67,11 +68,12 @@ fn scenarios(only: Option<&str>) -> Result<ExitCode> {
     }
     let prepared = setup::run(&setup::SetupArgs {
         kernels: suites,
+        arm64_kernels: Vec::new(),
         toolchain_only: false,
         refresh_kernels: false,
         rebuild_distro: false,
     })?;
-    let binaries = build::guest_binaries()?;
+    let binaries = build::guest_binaries(Arch::Amd64)?;
     let mut runs = Vec::new();
     let mut failed = false;
     for scenario in &benches {
@@ -123,6 +125,7 @@ fn scenarios(only: Option<&str>) -> Result<ExitCode> {
 fn cloud_init(reloads: u32, suite: kernels::Suite, reuse_alone: bool) -> Result<ExitCode> {
     let prepared = setup::run(&setup::SetupArgs {
         kernels: vec![suite],
+        arm64_kernels: Vec::new(),
         toolchain_only: false,
         refresh_kernels: false,
         rebuild_distro: false,
@@ -130,8 +133,8 @@ fn cloud_init(reloads: u32, suite: kernels::Suite, reuse_alone: bool) -> Result<
     let kernel = prepared.kernels.first().context("no guest kernel prepared")?.clone();
     let image =
         prepared.distros.iter().find(|d| d.distro == distro::Distro::Trixie).context("no distro image")?;
-    let binaries = build::guest_binaries()?;
-    let packages = package::build_packages()?;
+    let binaries = build::guest_binaries(Arch::Amd64)?;
+    let packages = package::build_packages(Arch::Amd64)?;
     let root = cmd::workspace_root();
     let body = fs::read_to_string(root.join("tests/bench/cloud-init.sh"))?;
     let dir = cmd::target_dir().join("bench");

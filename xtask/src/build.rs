@@ -4,37 +4,40 @@ use std::{path::PathBuf, process::Command};
 use anyhow::Result;
 use clap::Args;
 
-use crate::{cmd, setup};
+use crate::{
+    arch::{self, Arch},
+    cmd, setup,
+};
 
 #[derive(Args, Debug)]
-pub struct BuildArgs {}
+pub struct BuildArgs {
+    /// The architecture to build for: amd64 (this machine's) or arm64 (cross-built with rustup's
+    /// aarch64 target and Debian's gcc-aarch64-linux-gnu, which this installs).
+    #[arg(long, value_enum, default_value_t)]
+    pub arch: Arch,
+}
 
-pub fn run(_args: &BuildArgs) -> Result<()> {
+pub fn run(args: &BuildArgs) -> Result<()> {
     setup::ensure_toolchain()?;
-    for binary in guest_binaries()? {
+    arch::ensure_cross(args.arch)?;
+    for binary in guest_binaries(args.arch)? {
         println!("{}", binary.display());
     }
     Ok(())
 }
 
-/// The release binaries, built with the real eBPF object (never skipped here).
-pub fn guest_binaries() -> Result<Vec<PathBuf>> {
-    cmd::run(
-        cmd::cargo()
-            .current_dir(cmd::workspace_root())
-            .env_remove("HOTPLUG_SKIP_EBPF")
-            .env_remove("AYA_BUILD_SKIP")
-            .args([
-                "build",
-                "--release",
-                "--package",
-                "hotplug-user",
-                "--package",
-                "hotplug-tests",
-                "--bins",
-            ]),
-    )?;
-    let release = cmd::target_dir().join("release");
+/// The release binaries for `arch`, built with the real eBPF object (never skipped here). The
+/// object is built once for both architectures (hotplug-user's build script runs on this machine
+/// and writes it under `target/bpf`).
+pub fn guest_binaries(arch: Arch) -> Result<Vec<PathBuf>> {
+    cmd::run(arch.cargo_build().env_remove("HOTPLUG_SKIP_EBPF").env_remove("AYA_BUILD_SKIP").args([
+        "--package",
+        "hotplug-user",
+        "--package",
+        "hotplug-tests",
+        "--bins",
+    ]))?;
+    let release = arch.release_dir();
     Ok(["hotplug-agent", "hotplug-bench", "mock-imds", "flood"].iter().map(|b| release.join(b)).collect())
 }
 

@@ -16,7 +16,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 
-use crate::{cmd, kernels::HostMirrors};
+use crate::{apt::HostMirrors, cmd};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Distro {

@@ -16,7 +16,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::cmd;
+use crate::{apt::PrivateApt, arch::Arch, cmd};
 
 /// Modules the guest gets (with their dependencies): the three NIC drivers under test, the virtio
 /// PCI transport, and veth for link-deletion and namespace scenarios.
@@ -27,10 +27,18 @@ pub const DISTRO_MODULES: &[&str] = &["virtio_blk", "ext4", "autofs4"];
 
 /// Every module a prepared kernel keeps; written into its `.ready` marker, so that a kernel
 /// prepared with another list is prepared again.
-fn module_list() -> String {
+fn module_list(arch: Arch) -> String {
     // The suffix names how the list is completed (soft dependencies): a change re-prepares.
-    let list: Vec<&str> = GUEST_MODULES.iter().chain(DISTRO_MODULES).copied().collect();
-    format!("{} +softdeps", list.join(" "))
+    format!("{} +softdeps", wanted_modules(arch).join(" "))
+}
+
+/// The modules a guest of `arch` loads at boot.
+pub fn guest_modules(arch: Arch) -> Vec<&'static str> {
+    GUEST_MODULES.iter().chain(arch.extra_modules()).copied().collect()
+}
+
+fn wanted_modules(arch: Arch) -> Vec<&'static str> {
+    guest_modules(arch).into_iter().chain(DISTRO_MODULES.iter().copied()).collect()
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -57,7 +65,7 @@ impl Suite {
         }
     }
 
-    /// The apt suites whose newest `linux-image-amd64` we take.
+    /// The apt suites whose newest `linux-image-<arch>` we take.
     fn apt_suites(self) -> (&'static [&'static str], &'static [&'static str]) {
         match self {
             Self::Bookworm => (&["bookworm"], &["bookworm-security"]),
@@ -73,44 +81,52 @@ pub struct GuestKernel {
     pub suite: Suite,
     /// `uname -r` inside the guest, e.g. `6.1.0-56-amd64`.
     pub release: String,
-    /// Uncompressed ELF kernel image.
-    pub vmlinux: PathBuf,
+    /// What QEMU boots: the uncompressed ELF `vmlinux` (amd64, through its PVH note) or the
+    /// uncompressed `Image` (arm64).
+    pub image: PathBuf,
+    pub arch: Arch,
     /// A directory holding `lib/modules/<release>/` with the selected modules and `modules.dep`.
     pub module_root: PathBuf,
 }
 
-pub fn ensure(suite: Suite, refresh: bool) -> Result<GuestKernel> {
-    let dir = cmd::cache_dir().join("kernels").join(suite.name());
+pub fn ensure(suite: Suite, arch: Arch, refresh: bool) -> Result<GuestKernel> {
+    // amd64 keeps the directory it always had; other architectures get their own.
+    let dir = match arch {
+        Arch::Amd64 => cmd::cache_dir().join("kernels").join(suite.name()),
+        _ => cmd::cache_dir().join("kernels").join(format!("{}-{}", suite.name(), arch.name())),
+    };
     let current = dir.join("current");
     if !refresh {
         if let Ok(release) = fs::read_to_string(&current) {
-            if let Some(kernel) = prepared(suite, &dir, release.trim()) {
+            if let Some(kernel) = prepared(suite, arch, &dir, release.trim()) {
                 return Ok(kernel);
             }
         }
     }
-    let apt = PrivateApt::new(&dir.join("apt"), suite)?;
+    let (archive_suites, security_suites) = suite.apt_suites();
+    let apt = PrivateApt::new(&dir.join("apt"), arch, archive_suites, security_suites)?;
     let release = apt.resolve_release()?;
-    let kernel = match prepared(suite, &dir, &release) {
+    let kernel = match prepared(suite, arch, &dir, &release) {
         Some(kernel) => kernel,
-        None => prepare(suite, &apt, &dir, &release)?,
+        None => prepare(suite, arch, &apt, &dir, &release)?,
     };
     fs::write(&current, &release)?;
     Ok(kernel)
 }
 
-fn prepared(suite: Suite, dir: &Path, release: &str) -> Option<GuestKernel> {
+fn prepared(suite: Suite, arch: Arch, dir: &Path, release: &str) -> Option<GuestKernel> {
     let rel_dir = dir.join(release);
     let ready = fs::read_to_string(rel_dir.join(".ready")).ok()?;
-    (ready.trim() == module_list()).then(|| GuestKernel {
+    (ready.trim() == module_list(arch)).then(|| GuestKernel {
         suite,
         release: release.to_owned(),
-        vmlinux: rel_dir.join("vmlinux"),
+        image: rel_dir.join(boot_image_name(arch)),
+        arch,
         module_root: rel_dir.join("root"),
     })
 }
 
-fn prepare(suite: Suite, apt: &PrivateApt, dir: &Path, release: &str) -> Result<GuestKernel> {
+fn prepare(suite: Suite, arch: Arch, apt: &PrivateApt, dir: &Path, release: &str) -> Result<GuestKernel> {
     let rel_dir = dir.join(release);
     let work = dir.join(format!("{release}.work"));
     let _ = fs::remove_dir_all(&work);
@@ -128,7 +144,7 @@ fn prepare(suite: Suite, apt: &PrivateApt, dir: &Path, release: &str) -> Result<
             packages.push(dep);
         }
     }
-    eprintln!("setup: downloading the {} guest kernel: {}", suite.name(), packages.join(" "));
+    eprintln!("setup: downloading the {} {} guest kernel: {}", suite.name(), arch.name(), packages.join(" "));
     apt.download(&packages, &debs)?;
     for entry in fs::read_dir(&debs)? {
         let deb = entry?.path();
@@ -158,21 +174,53 @@ fn prepare(suite: Suite, apt: &PrivateApt, dir: &Path, release: &str) -> Result<
         .into_iter()
         .find(|p| p.exists())
         .with_context(|| format!("{packages:?} hold no vmlinuz"))?;
-    extract_vmlinux(&vmlinuz, &rel_dir.join("vmlinux"))?;
+    let image = rel_dir.join(boot_image_name(arch));
+    match arch {
+        Arch::Amd64 => extract_vmlinux(&vmlinuz, &image)?,
+        Arch::Arm64 => extract_arm64_image(&vmlinuz, &image)?,
+    }
     if let Some(config) =
         [boot.join(format!("config-{release}")), modules_src.join("config")].into_iter().find(|p| p.exists())
     {
         fs::copy(&config, rel_dir.join("config"))?;
     }
     let module_root = rel_dir.join("root");
-    let modules = module_list();
-    let wanted: Vec<&str> = GUEST_MODULES.iter().chain(DISTRO_MODULES).copied().collect();
+    let modules = module_list(arch);
+    let wanted = wanted_modules(arch);
     select_modules(&modules_src, &module_root.join("lib/modules").join(release), &wanted)?;
     cmd::run(Command::new("depmod").arg("-b").arg(&module_root).arg(release))?;
     fs::remove_dir_all(&work)?;
     fs::write(rel_dir.join(".ready"), modules)?;
     eprintln!("setup: guest kernel {release} ready in {}", rel_dir.display());
-    Ok(GuestKernel { suite, release: release.to_owned(), vmlinux: rel_dir.join("vmlinux"), module_root })
+    Ok(GuestKernel { suite, release: release.to_owned(), image, arch, module_root })
+}
+
+fn boot_image_name(arch: Arch) -> &'static str {
+    match arch {
+        Arch::Amd64 => "vmlinux",
+        Arch::Arm64 => "Image",
+    }
+}
+
+/// Debian's arm64 `vmlinuz` is the kernel's uncompressed `Image` (an EFI stub, the "ARM\x64"
+/// magic at byte 56; 6.1 to 7.2 have no `CONFIG_EFI_ZBOOT`): copied as it is. A gzipped one, as
+/// other distributions ship, is unpacked.
+fn extract_arm64_image(vmlinuz: &Path, out: &Path) -> Result<()> {
+    let data = fs::read(vmlinuz).with_context(|| format!("cannot read {}", vmlinuz.display()))?;
+    let image = if data.starts_with(b"\x1f\x8b") {
+        let output = Command::new("gzip").arg("-dc").arg(vmlinuz).output().context("cannot run gzip")?;
+        if !output.status.success() {
+            bail!("gzip could not unpack {}", vmlinuz.display());
+        }
+        output.stdout
+    } else {
+        data
+    };
+    if image.get(56..60) != Some(b"ARM\x64") {
+        bail!("{} is no arm64 Image (no ARM\\x64 magic at byte 56): an EFI zboot image?", vmlinuz.display());
+    }
+    fs::write(out, image)?;
+    Ok(())
 }
 
 /// Finds the compressed payload inside a bzImage and decompresses it to the ELF vmlinux (what the
@@ -311,194 +359,6 @@ fn select_modules(src: &Path, dst: &Path, wanted: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// apt with its own lists and cache, reading the host's Debian mirrors and keyring.
-struct PrivateApt {
-    options: Vec<String>,
-}
-
-impl PrivateApt {
-    fn new(dir: &Path, suite: Suite) -> Result<Self> {
-        let mirrors = HostMirrors::read()?;
-        fs::create_dir_all(dir.join("lists/partial"))?;
-        fs::create_dir_all(dir.join("cache/archives/partial"))?;
-        let (archive_suites, security_suites) = suite.apt_suites();
-        let mut sources = String::new();
-        for s in archive_suites {
-            sources.push_str(&format!("deb [signed-by={}] {} {s} main\n", mirrors.keyring, mirrors.archive));
-        }
-        if let Some(security) = &mirrors.security {
-            for s in security_suites {
-                sources.push_str(&format!("deb [signed-by={}] {security} {s} main\n", mirrors.keyring));
-            }
-        }
-        let list = dir.join("sources.list");
-        fs::write(&list, sources)?;
-        let options = vec![
-            format!("Dir::Etc::sourcelist={}", list.display()),
-            "Dir::Etc::sourceparts=-".to_owned(),
-            format!("Dir::State::lists={}", dir.join("lists").display()),
-            format!("Dir::Cache={}", dir.join("cache").display()),
-            "APT::Get::List-Cleanup=0".to_owned(),
-            // The cache is root's own directory; apt's _apt sandbox user cannot write there.
-            "APT::Sandbox::User=root".to_owned(),
-        ];
-        Ok(Self { options })
-    }
-
-    fn command(&self, program: &str) -> Command {
-        let mut command = Command::new(program);
-        for option in &self.options {
-            command.arg("-o").arg(option);
-        }
-        command
-    }
-
-    /// Updates the private lists and names the kernel release `linux-image-amd64` depends on.
-    fn resolve_release(&self) -> Result<String> {
-        cmd::output(self.command("apt-get").args(["update", "-qq"]))
-            .context("apt-get update (private lists for the guest kernels) failed")?;
-        let deps = self.depends("linux-image-amd64")?;
-        deps.iter()
-            .find_map(|dep| dep.strip_prefix("linux-image-").filter(|r| *r != "amd64").map(str::to_owned))
-            .context("linux-image-amd64 depends on no linux-image-<release> package")
-    }
-
-    fn depends(&self, package: &str) -> Result<Vec<String>> {
-        let text = cmd::output(self.command("apt-cache").args(["depends", package]))?;
-        Ok(text
-            .lines()
-            .filter_map(|line| line.trim().strip_prefix("Depends: "))
-            .map(|dep| dep.trim_matches(|c| c == '<' || c == '>').to_owned())
-            .collect())
-    }
-
-    fn download(&self, packages: &[String], into: &Path) -> Result<()> {
-        cmd::run(self.command("apt-get").current_dir(into).arg("download").args(packages))
-    }
-}
-
-/// The Debian archive and security mirrors the host's apt already uses, and their keyring.
-pub struct HostMirrors {
-    pub archive: String,
-    pub security: Option<String>,
-    pub keyring: String,
-}
-
-impl HostMirrors {
-    const DEFAULT_KEYRING: &'static str = "/usr/share/keyrings/debian-archive-keyring.gpg";
-
-    pub fn read() -> Result<Self> {
-        let mut entries = Vec::new();
-        let mut files = vec![PathBuf::from("/etc/apt/sources.list")];
-        if let Ok(dir) = fs::read_dir("/etc/apt/sources.list.d") {
-            files.extend(dir.filter_map(|e| e.ok().map(|e| e.path())));
-        }
-        for file in files {
-            let Ok(text) = fs::read_to_string(&file) else {
-                continue;
-            };
-            match file.extension().and_then(|e| e.to_str()) {
-                Some("sources") => entries.extend(parse_deb822(&text)),
-                Some("list") | None => entries.extend(parse_one_line(&text)),
-                _ => {}
-            }
-        }
-        let is_debian = |e: &&SourceEntry| e.suites.iter().any(|s| is_debian_suite(s));
-        let archive = std::env::var("HOTPLUG_DEBIAN_MIRROR").ok().or_else(|| {
-            entries
-                .iter()
-                .filter(is_debian)
-                .find(|e| e.suites.iter().any(|s| !s.contains('-')))
-                .map(|e| e.uri.clone())
-        });
-        let security = std::env::var("HOTPLUG_DEBIAN_SECURITY_MIRROR").ok().or_else(|| {
-            entries
-                .iter()
-                .filter(is_debian)
-                .find(|e| e.suites.iter().any(|s| s.ends_with("-security")))
-                .map(|e| e.uri.clone())
-        });
-        let keyring = entries
-            .iter()
-            .filter(is_debian)
-            .find_map(|e| e.signed_by.clone())
-            .filter(|k| Path::new(k).exists())
-            .unwrap_or_else(|| Self::DEFAULT_KEYRING.to_owned());
-        let Some(archive) = archive else {
-            bail!(
-                "no Debian archive in this host's apt sources, so no guest kernel can be fetched: \
-                 set HOTPLUG_DEBIAN_MIRROR to a Debian mirror's URL"
-            );
-        };
-        Ok(Self { archive, security, keyring })
-    }
-}
-
-fn is_debian_suite(suite: &str) -> bool {
-    let base = suite.split('-').next().unwrap_or(suite);
-    [
-        "buster",
-        "bullseye",
-        "bookworm",
-        "trixie",
-        "forky",
-        "duke",
-        "sid",
-        "stable",
-        "testing",
-        "unstable",
-        "oldstable",
-    ]
-    .contains(&base)
-}
-
-struct SourceEntry {
-    uri: String,
-    suites: Vec<String>,
-    signed_by: Option<String>,
-}
-
-fn parse_deb822(text: &str) -> Vec<SourceEntry> {
-    text.split("\n\n")
-        .filter_map(|stanza| {
-            let field =
-                |name: &str| stanza.lines().find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_owned()));
-            if field("Types:").is_some_and(|t| !t.split_whitespace().any(|t| t == "deb")) {
-                return None;
-            }
-            if field("Enabled:").is_some_and(|v| v == "no") {
-                return None;
-            }
-            Some(SourceEntry {
-                uri: field("URIs:")?.split_whitespace().next()?.to_owned(),
-                suites: field("Suites:")?.split_whitespace().map(str::to_owned).collect(),
-                signed_by: field("Signed-By:"),
-            })
-        })
-        .collect()
-}
-
-fn parse_one_line(text: &str) -> Vec<SourceEntry> {
-    text.lines()
-        .filter_map(|line| {
-            let line = line.trim();
-            let rest = line.strip_prefix("deb ")?;
-            let (options, rest) = match rest.trim_start().strip_prefix('[') {
-                Some(r) => r.split_once(']')?,
-                None => ("", rest),
-            };
-            let mut words = rest.split_whitespace();
-            let signed_by =
-                options.split_whitespace().find_map(|o| o.strip_prefix("signed-by=").map(str::to_owned));
-            Some(SourceEntry {
-                uri: words.next()?.to_owned(),
-                suites: vec![words.next()?.to_owned()],
-                signed_by,
-            })
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -508,24 +368,5 @@ mod tests {
         assert_eq!(module_name("kernel/drivers/net/virtio_net.ko.xz"), "virtio_net");
         assert_eq!(module_name("kernel/drivers/net/ethernet/intel/e1000e/e1000e.ko"), "e1000e");
         assert_eq!(module_name("kernel/drivers/ptp/ptp-foo.ko.zst"), "ptp_foo");
-    }
-
-    #[test]
-    fn reads_both_apt_source_formats() {
-        let deb822 = "Types: deb\nURIs: http://mirror.invalid/debian\nSuites: bookworm bookworm-updates\nComponents: main\nSigned-By: /k.gpg\n\nTypes: deb\nURIs: http://mirror.invalid/debian-security\nSuites: bookworm-security\nComponents: main\n";
-        let entries = parse_deb822(deb822);
-        assert_eq!(entries.len(), 2);
-        assert_eq!(entries[0].uri, "http://mirror.invalid/debian");
-        assert_eq!(entries[0].suites, ["bookworm", "bookworm-updates"]);
-        assert_eq!(entries[0].signed_by.as_deref(), Some("/k.gpg"));
-        assert_eq!(entries[1].suites, ["bookworm-security"]);
-
-        let one_line = "# comment\ndeb [arch=amd64 signed-by=/x.gpg] http://mirror.invalid/debian trixie main\ndeb-src http://mirror.invalid/debian trixie main\n";
-        let entries = parse_one_line(one_line);
-        assert_eq!(entries.len(), 1);
-        assert_eq!(entries[0].suites, ["trixie"]);
-        assert_eq!(entries[0].signed_by.as_deref(), Some("/x.gpg"));
-        assert!(is_debian_suite("trixie-security"));
-        assert!(!is_debian_suite("nodistro"));
     }
 }

@@ -3,6 +3,8 @@
 //! Everything a fresh machine needs is installed from here (`setup`), and every other command runs
 //! it first, so the README's two commands (`cargo xtask run`, `cargo xtask test`) are all a user
 //! needs.
+mod apt;
+mod arch;
 mod bench;
 mod build;
 mod cmd;
@@ -15,6 +17,7 @@ mod qmp;
 mod run;
 mod setup;
 mod test;
+mod userland;
 mod vm;
 
 use std::process::ExitCode;

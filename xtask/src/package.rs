@@ -12,7 +12,10 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use clap::{Args, CommandFactory as _};
 
-use crate::{build, cmd, setup};
+use crate::{
+    arch::{self, Arch},
+    build, cmd, setup,
+};
 
 /// The agent's command line, shared with the agent itself (the file is self-contained).
 #[allow(dead_code, clippy::all)]
@@ -47,6 +50,10 @@ pub struct PackageArgs {
     /// Also run the checks (lintian, file lists, linked libraries) that `cargo xtask test` runs.
     #[arg(long)]
     pub check: bool,
+    /// The architecture to package: amd64 or arm64 (cross-built; `hotplug-agent_*_arm64.deb` and
+    /// `hotplug-agent-*.aarch64.rpm` under `target/package-arm64/`).
+    #[arg(long, value_enum, default_value_t)]
+    pub arch: Arch,
 }
 
 /// The packages written.
@@ -61,35 +68,43 @@ pub struct Packages {
 pub fn run(args: &PackageArgs) -> Result<()> {
     setup::ensure_toolchain()?;
     setup::ensure_packaging_tools()?;
-    let packages = build_packages()?;
+    arch::ensure_cross(args.arch)?;
+    let packages = build_packages(args.arch)?;
     for path in [&packages.deb, &packages.deb_upgrade, &packages.rpm] {
         println!("{}", path.display());
     }
     if args.check {
-        for problem in check(&packages)? {
+        for problem in check(&packages, args.arch)? {
             eprintln!("package: {problem}");
         }
     }
     Ok(())
 }
 
-fn out_dir() -> PathBuf {
-    cmd::target_dir().join("package")
+fn out_dir(arch: Arch) -> PathBuf {
+    match arch {
+        Arch::Amd64 => cmd::target_dir().join("package"),
+        Arch::Arm64 => cmd::target_dir().join("package-arm64"),
+    }
 }
 
 /// Builds the release agent, its man pages and completions, and both packages.
-pub fn build_packages() -> Result<Packages> {
-    build::guest_binaries()?;
-    generate_docs()?;
-    let out = out_dir();
+pub fn build_packages(arch: Arch) -> Result<Packages> {
+    build::guest_binaries(arch)?;
+    generate_docs(arch)?;
+    let out = out_dir(arch);
     let _ = fs::remove_dir_all(&out);
     fs::create_dir_all(out.join("upgrade"))?;
     let root = cmd::workspace_root();
+    // With `--target`, both tools read the assets' `target/release/` paths as
+    // `target/<triple>/release/` and name the package's architecture after the triple.
+    let target: Vec<&str> = arch.rust_target().map(|t| vec!["--target", t]).unwrap_or_default();
     let deb = |revision: &str, dir: &Path| -> Result<PathBuf> {
         let output = cmd::output(
             cmd::cargo()
                 .current_dir(&root)
                 .args(["deb", "--package", "hotplug-user", "--no-build", "--deb-revision", revision])
+                .args(&target)
                 .arg("--output")
                 .arg(dir),
         )
@@ -106,7 +121,9 @@ pub fn build_packages() -> Result<Packages> {
     cmd::run(
         cmd::cargo()
             .current_dir(&root)
-            .args(["generate-rpm", "--package", "hotplug-user", "--output"])
+            .args(["generate-rpm", "--package", "hotplug-user"])
+            .args(&target)
+            .arg("--output")
             .arg(&out),
     )
     .context("cargo generate-rpm failed (cargo xtask setup installs cargo-generate-rpm)")?;
@@ -118,9 +135,9 @@ pub fn build_packages() -> Result<Packages> {
 }
 
 /// Man pages (hotplug-agent(8) from the clap definitions, hotplug.toml(5) from docs/) and bash,
-/// zsh and fish completions, into `target/release/package-gen/`.
-fn generate_docs() -> Result<()> {
-    let dir = cmd::target_dir().join("release/package-gen");
+/// zsh and fish completions, into `package-gen/` next to the architecture's release binaries.
+fn generate_docs(arch: Arch) -> Result<()> {
+    let dir = arch.release_dir().join("package-gen");
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(dir.join("completions"))?;
     // hotplug-agent(8) and one page per subcommand (hotplug-agent-status(8), ...), as git does.
@@ -155,7 +172,7 @@ fn generate_docs() -> Result<()> {
 }
 
 /// The checks CI runs on the packages; each problem is one line (empty: all good).
-pub fn check(packages: &Packages) -> Result<Vec<String>> {
+pub fn check(packages: &Packages, arch: Arch) -> Result<Vec<String>> {
     let mut problems = Vec::new();
     // lintian: errors fail, warnings are printed.
     let lintian = Command::new("lintian")
@@ -191,13 +208,13 @@ pub fn check(packages: &Packages) -> Result<Vec<String>> {
     if !conffiles.lines().any(|l| l.trim() == "/etc/hotplug/hotplug.toml") {
         problems.push("/etc/hotplug/hotplug.toml is not a conffile of the .deb".into());
     }
-    problems.extend(check_binary(&cmd::target_dir().join("release/hotplug-agent"))?);
+    problems.extend(check_binary(&arch.release_dir().join("hotplug-agent"), arch)?);
     Ok(problems)
 }
 
 /// What the agent needs at run time: only glibc's libraries, and no symbol newer than
 /// [`GLIBC_FLOOR`].
-fn check_binary(binary: &Path) -> Result<Vec<String>> {
+fn check_binary(binary: &Path, arch: Arch) -> Result<Vec<String>> {
     let mut problems = Vec::new();
     let dynamic = cmd::output(Command::new("readelf").arg("--dynamic").arg(binary))?;
     for line in dynamic.lines().filter(|l| l.contains("(NEEDED)")) {
@@ -206,7 +223,7 @@ fn check_binary(binary: &Path) -> Result<Vec<String>> {
             problems.push(format!("{} needs {library}, which is not part of glibc", binary.display()));
         }
     }
-    let symbols = cmd::output(Command::new("objdump").arg("-T").arg(binary))?;
+    let symbols = cmd::output(Command::new(arch.objdump()).arg("-T").arg(binary))?;
     let newest = symbols
         .split_whitespace()
         .filter_map(|w| w.strip_prefix("GLIBC_"))

@@ -8,6 +8,7 @@ use std::{
 use anyhow::{bail, Result};
 use clap::Args;
 
+use crate::arch::Arch;
 use crate::{build, cmd, setup};
 
 #[derive(Args, Debug)]
@@ -19,7 +20,7 @@ pub struct RunArgs {
 
 pub fn run(args: &RunArgs) -> Result<ExitCode> {
     setup::ensure_toolchain()?;
-    let binaries = build::guest_binaries()?;
+    let binaries = build::guest_binaries(Arch::Amd64)?;
     let Some(agent) = binaries.iter().find(|b| b.ends_with("hotplug-agent")) else {
         bail!("no agent binary was built")
     };

@@ -10,7 +10,10 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use clap::Args;
 
-use crate::{cmd, distro, kernels};
+use crate::{
+    arch::{self, Arch},
+    cmd, distro, kernels, userland,
+};
 
 /// Debian packages the guest harness uses: QEMU, busybox for the guest's userland, cpio and kmod
 /// (depmod) for the initramfs, xz and zstd to unpack kernels and modules, socat to talk to a
@@ -40,6 +43,10 @@ pub struct SetupArgs {
     /// Guest kernels to prepare (bookworm, trixie, sid); default: all of them.
     #[arg(long, value_delimiter = ',')]
     pub kernels: Vec<kernels::Suite>,
+    /// arm64 guest kernels to prepare as well (with the arm64 cross toolchain, QEMU and
+    /// userland); default: none.
+    #[arg(long, value_delimiter = ',')]
+    pub arm64_kernels: Vec<kernels::Suite>,
     /// Only the toolchain (for `cargo xtask run`): no Debian packages, no guest kernels.
     #[arg(long)]
     pub toolchain_only: bool,
@@ -69,7 +76,15 @@ pub fn run(args: &SetupArgs) -> Result<Prepared> {
         let suites =
             if args.kernels.is_empty() { kernels::Suite::ALL.to_vec() } else { args.kernels.clone() };
         for suite in suites {
-            prepared.kernels.push(kernels::ensure(suite, args.refresh_kernels)?);
+            prepared.kernels.push(kernels::ensure(suite, Arch::Amd64, args.refresh_kernels)?);
+        }
+        if !args.arm64_kernels.is_empty() {
+            ensure_debian_packages(Arch::Arm64.guest_packages())?;
+            arch::ensure_cross(Arch::Arm64)?;
+            userland::ensure(Arch::Arm64)?;
+        }
+        for suite in &args.arm64_kernels {
+            prepared.kernels.push(kernels::ensure(*suite, Arch::Arm64, args.refresh_kernels)?);
         }
         prepared.distros.push(distro::ensure(distro::Distro::Trixie, args.rebuild_distro)?);
         ensure_promtool()?;

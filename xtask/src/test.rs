@@ -10,16 +10,27 @@ use std::{
 use anyhow::{Context as _, Result};
 use clap::Args;
 
-use crate::{build, cmd, fuzz, kernels, package, setup, vm};
+use crate::{
+    arch::{self, Arch},
+    build, cmd, fuzz, kernels, package, setup, vm,
+};
 
 /// How long each fuzz target runs in `cargo xtask test` (`cargo xtask fuzz` runs longer).
 const FUZZ_SECONDS: u64 = 10;
 
+/// The arm64 guest kernels run by default (`--kernels` names others, `all` every one).
+const ARM64_DEFAULT_KERNELS: [kernels::Suite; 1] = [kernels::Suite::Trixie];
+
 #[derive(Args, Debug)]
 pub struct TestArgs {
-    /// Only these guest kernels (default: every kernel a scenario names).
-    #[arg(long, value_delimiter = ',')]
-    pub kernels: Vec<kernels::Suite>,
+    /// Only these guest kernels, or `all` (default: every kernel a scenario names on amd64, and
+    /// trixie on arm64).
+    #[arg(long, value_delimiter = ',', value_parser = parse_kernels)]
+    pub kernels: Vec<Vec<kernels::Suite>>,
+    /// Only this guest architecture's scenarios (default: both; arm64 runs the scenarios marked
+    /// `# arches: ... arm64`).
+    #[arg(long, value_enum)]
+    pub arch: Option<Arch>,
     /// Skip the VM scenarios (fmt, clippy, unit and host tests only).
     #[arg(long)]
     pub no_vm: bool,
@@ -56,11 +67,29 @@ impl Tally {
     }
 }
 
+/// A `--kernels` word: a suite (or its kernel version), or `all`.
+fn parse_kernels(word: &str) -> Result<Vec<kernels::Suite>, String> {
+    if word.eq_ignore_ascii_case("all") {
+        return Ok(kernels::Suite::ALL.to_vec());
+    }
+    <kernels::Suite as clap::ValueEnum>::from_str(word, true).map(|suite| vec![suite])
+}
+
 pub fn run(args: &TestArgs) -> Result<ExitCode> {
     let started = Instant::now();
+    let chosen: Vec<kernels::Suite> = args.kernels.iter().flatten().copied().collect();
+    let amd64 = args.arch.is_none_or(|a| a == Arch::Amd64);
+    let arm64 = args.arch.is_none_or(|a| a == Arch::Arm64) && !args.no_vm;
+    let amd64_kernels = if amd64 { chosen.clone() } else { vec![kernels::Suite::Trixie] };
+    let arm64_kernels: Vec<kernels::Suite> = match (arm64, chosen.is_empty()) {
+        (false, _) => Vec::new(),
+        (true, true) => ARM64_DEFAULT_KERNELS.to_vec(),
+        (true, false) => chosen.clone(),
+    };
     step("set-up (toolchains, guest kernels, distro image)");
     let prepared = setup::run(&setup::SetupArgs {
-        kernels: args.kernels.clone(),
+        kernels: amd64_kernels,
+        arm64_kernels,
         toolchain_only: false,
         refresh_kernels: false,
         rebuild_distro: false,
@@ -105,16 +134,22 @@ pub fn run(args: &TestArgs) -> Result<ExitCode> {
     }
 
     step("packages (.deb, .rpm) and their checks");
-    let packages = package::build_packages()?;
-    let problems = package::check(&packages)?;
+    let packages = package::build_packages(Arch::Amd64)?;
+    let problems = package::check(&packages, Arch::Amd64)?;
     for problem in &problems {
         println!("package: {problem}");
     }
     tally.record("packages: lintian, file lists, linked libraries", problems.is_empty());
 
+    if arm64 {
+        step("arm64 cross-build (cargo build --target aarch64-unknown-linux-gnu)");
+        arch::ensure_cross(Arch::Arm64)?;
+    }
+    let arm64_binaries = if arm64 { Some(build::guest_binaries(Arch::Arm64)?) } else { None };
+
     if !args.no_vm {
         step("VM scenarios");
-        let binaries = build::guest_binaries()?;
+        let amd64_binaries = build::guest_binaries(Arch::Amd64)?;
         let (benches, scenarios): (Vec<vm::Scenario>, Vec<vm::Scenario>) = vm::scenarios()?
             .into_iter()
             .filter(|s| args.scenario.as_deref().is_none_or(|name| s.name.contains(name)))
@@ -127,11 +162,25 @@ pub fn run(args: &TestArgs) -> Result<ExitCode> {
             );
         }
         for scenario in &scenarios {
-            for kernel in prepared.kernels.iter().filter(|k| scenario.kernels.contains(&k.suite)) {
+            let runs_on = |k: &&kernels::GuestKernel| {
+                scenario.kernels.contains(&k.suite)
+                    && scenario.arches.contains(&k.arch)
+                    && (k.arch == Arch::Arm64 || amd64)
+            };
+            for kernel in prepared.kernels.iter().filter(runs_on) {
+                let binaries = match kernel.arch {
+                    Arch::Amd64 => amd64_binaries.clone(),
+                    Arch::Arm64 => arm64_binaries.clone().context("arm64 binaries were not built")?,
+                };
                 let label = format!(
-                    "vm {} on {} ({}){}",
+                    "vm {} on {}{} ({}){}",
                     scenario.name,
                     kernel.suite.name(),
+                    if kernel.arch == Arch::Amd64 {
+                        String::new()
+                    } else {
+                        format!(" {}", kernel.arch.name())
+                    },
                     kernel.release,
                     scenario.distro.map(|d| format!(", {} guest", d.name())).unwrap_or_default()
                 );
@@ -147,7 +196,7 @@ pub fn run(args: &TestArgs) -> Result<ExitCode> {
                     kernel: kernel.clone(),
                     nics: scenario.nics.clone(),
                     memory_mib: 1024,
-                    binaries: binaries.clone(),
+                    binaries,
                     distro,
                 };
                 let mut outcome =

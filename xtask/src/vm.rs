@@ -9,7 +9,13 @@
 //! identity, and the guest's journal saved beside the result.
 //!
 //! Sockets: QEMU connects out to two Unix sockets the harness listens on first (so nothing the
-//! guest says is lost): the control channel (guest `/dev/ttyS1`, the `vmctl` protocol) and QMP.
+//! guest says is lost): the control channel (guest `/dev/ttyS1` on amd64, `/dev/hvc0` on arm64;
+//! the `vmctl` protocol) and QMP.
+//!
+//! Guests of both architectures: amd64 under `qemu-system-x86_64` (q35), arm64 under
+//! `qemu-system-aarch64` (`virt`, UEFI, see `arch::Arch::qemu_machine`), with the same NICs on
+//! PCIe root ports, the same initramfs layout and `vmctl`; an arm64 guest gets arm64 binaries
+//! (cross-built) and an arm64 userland (`userland.rs`).
 //! Every guest NIC is `-netdev user,restrict=on`: no guest traffic leaves the machine.
 use std::{
     collections::BTreeMap,
@@ -30,13 +36,14 @@ use anyhow::{bail, Context as _, Result};
 use clap::{Args, ValueEnum};
 use serde_json::{json, Value};
 
+use crate::arch::Arch;
 use crate::{
     build, cmd,
     distro::{self, Distro, DistroImage},
     initramfs::Initramfs,
     kernels, package,
     qmp::Qmp,
-    setup,
+    setup, userland,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -111,6 +118,10 @@ pub struct VmArgs {
     /// Guest kernel: bookworm (6.1), trixie (6.12) or sid (7.2).
     #[arg(long, value_enum, default_value = "bookworm")]
     pub kernel: kernels::Suite,
+    /// Guest architecture: amd64, or arm64 (Debian's arm64 kernel under qemu-system-aarch64,
+    /// with cross-built binaries; busybox guests only).
+    #[arg(long, value_enum, default_value_t)]
+    pub arch: Arch,
     /// NIC models, in order (they become eth0, eth1, ...).
     #[arg(long, value_enum, value_delimiter = ',', default_values = ["virtio", "e1000e", "e1000"])]
     pub nics: Vec<NicModel>,
@@ -167,15 +178,20 @@ pub fn run(args: &VmArgs) -> Result<ExitCode> {
     if managers.is_empty() {
         managers = scenario.as_ref().map(|s| s.managers.clone()).unwrap_or_default();
     }
+    if distro.is_some() && args.arch != Arch::Amd64 {
+        bail!("the distro guest is amd64 only: run it without --arch, or pick a busybox scenario");
+    }
     setup::ensure_toolchain()?;
     setup::ensure_debian_packages(setup::DEBIAN_PACKAGES)?;
-    let kernel = kernels::ensure(args.kernel, false)?;
-    let binaries = build::guest_binaries()?;
+    setup::ensure_debian_packages(args.arch.guest_packages())?;
+    crate::arch::ensure_cross(args.arch)?;
+    let kernel = kernels::ensure(args.kernel, args.arch, false)?;
+    let binaries = build::guest_binaries(args.arch)?;
     let distro = match distro {
         Some(distro) => {
             setup::ensure_debian_packages(setup::DISTRO_PACKAGES)?;
             setup::ensure_packaging_tools()?;
-            let packages = package::build_packages()?;
+            let packages = package::build_packages(Arch::Amd64)?;
             let preinstall = args.preinstall || scenario.as_ref().is_some_and(|s| s.preinstall);
             let imds_nics = !(args.imds_no_nics || scenario.as_ref().is_some_and(|s| s.imds_no_nics));
             Some(DistroBoot {
@@ -228,6 +244,8 @@ pub struct Scenario {
     /// A benchmark (`# bench: yes`): figures only, run by `cargo xtask bench scenarios`, not by
     /// `cargo xtask test`.
     pub bench: bool,
+    /// Guest architectures it runs on (`# arches: amd64 arm64`), amd64 by default.
+    pub arches: Vec<Arch>,
 }
 
 /// The most NICs a guest gets (each on a PCIe root port of its own, plus the spare slot).
@@ -279,6 +297,18 @@ pub fn scenarios() -> Result<Vec<Scenario>> {
             Some("no-nics") => true,
             Some(other) => bail!("{}: `# imds: {other}`: only no-nics is known", path.display()),
         };
+        let arches = words("arches:")
+            .map(|list| {
+                list.into_iter()
+                    .map(|a| Arch::from_str(a, true).map_err(anyhow::Error::msg))
+                    .collect::<Result<Vec<_>>>()
+            })
+            .transpose()
+            .with_context(|| format!("{}: `# arches:`", path.display()))?
+            .unwrap_or_else(|| vec![Arch::Amd64]);
+        if distro.is_some() && arches != [Arch::Amd64] {
+            bail!("{}: a distro guest scenario runs on amd64 only", path.display());
+        }
         let bench = match header("bench:") {
             None | Some("no") => false,
             Some("yes") => true,
@@ -307,6 +337,7 @@ pub fn scenarios() -> Result<Vec<Scenario>> {
             preinstall,
             imds_no_nics,
             bench,
+            arches,
         });
     }
     found.sort_by(|a, b| a.name.cmp(&b.name));
@@ -447,19 +478,20 @@ impl Guest {
         let qmp_listener = UnixListener::bind(&qmp_path)?;
         let mut nics = self.nics();
 
-        let mut qemu = Command::new("qemu-system-x86_64");
-        qemu.args(["-accel", "tcg", "-cpu", "max", "-smp", "2", "-machine", "q35"])
+        let arch = self.kernel.arch;
+        let mut qemu = Command::new(arch.qemu());
+        qemu.args(arch.qemu_machine())
             .args(["-m", &self.memory_mib.to_string()])
             .args(["-nodefaults", "-display", "none", "-no-reboot"])
             .arg("-kernel")
-            .arg(&self.kernel.vmlinux)
+            .arg(&self.kernel.image)
             .arg("-initrd")
             .arg(&initrd)
             .args(["-append", &self.command_line()])
             .args(["-chardev", "stdio,id=con,signal=off", "-serial", "chardev:con"])
             .arg("-chardev")
             .arg(format!("socket,id=ctl,path={}", ctl_path.display()))
-            .args(["-serial", "chardev:ctl"])
+            .args(arch.control_channel())
             .arg("-chardev")
             .arg(format!("socket,id=qmp,path={}", qmp_path.display()))
             .args(["-mon", "chardev=qmp,mode=control"]);
@@ -506,8 +538,9 @@ impl Guest {
         }
         qemu.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         let started = Instant::now();
-        let mut child =
-            qemu.spawn().context("cannot start qemu-system-x86_64 (cargo xtask setup installs it)")?;
+        let mut child = qemu
+            .spawn()
+            .with_context(|| format!("cannot start {} (cargo xtask setup installs it)", arch.qemu()))?;
         let console_log = Arc::new(std::sync::Mutex::new(String::new()));
         let console_thread =
             spawn_console(&mut child, matches!(console, Console::Stream), Arc::clone(&console_log))?;
@@ -574,7 +607,8 @@ impl Guest {
     }
 
     fn command_line(&self) -> String {
-        let mut line = "console=ttyS0 panic=-1 quiet loglevel=4 rdinit=/init".to_owned();
+        let mut line =
+            format!("console={} panic=-1 quiet loglevel=4 rdinit=/init", self.kernel.arch.console());
         if self.distro.is_some() {
             line.push_str(" systemd.unit=hotplug-harness.target systemd.show_status=false");
         }
@@ -591,9 +625,9 @@ impl Guest {
         }
         image.char_device("/dev/console", 5, 1);
         image.char_device("/dev/null", 1, 3);
-        let busybox = cmd::which("busybox")
-            .context("busybox is missing (cargo xtask setup installs busybox-static)")?;
-        add_binary(&mut image, "/bin/busybox", &busybox)?;
+        let arch = self.kernel.arch;
+        let userland = userland::ensure(arch)?;
+        add_binary(&mut image, &userland, "/bin/busybox", &userland.busybox()?)?;
         image.symlink("/bin/sh", "busybox");
         for binary in &self.binaries {
             let name = binary.file_name().and_then(|n| n.to_str()).context("binary without a name")?;
@@ -601,7 +635,8 @@ impl Guest {
             if self.distro.is_some() && name == "hotplug-agent" {
                 continue;
             }
-            add_binary(&mut image, &format!("/opt/hotplug/bin/{name}"), binary)?;
+            userland::check_arch(binary, arch)?;
+            add_binary(&mut image, &userland, &format!("/opt/hotplug/bin/{name}"), binary)?;
         }
         let root = cmd::workspace_root();
         image.copy("/opt/hotplug/bin/vmctl", &root.join("tests/guest/vmctl"))?;
@@ -613,13 +648,12 @@ impl Guest {
         match &self.distro {
             None => {
                 // iproute2's ip: scenarios inspect addresses, routes and rules in detail.
-                let ip = cmd::which("ip")
-                    .context("iproute2's ip is missing (cargo xtask setup installs iproute2)")?;
-                add_binary(&mut image, "/opt/hotplug/bin/ip", &ip)?;
+                add_binary(&mut image, &userland, "/opt/hotplug/bin/ip", &userland.ip()?)?;
                 image.file("/opt/hotplug/profile", 0o644, b"ip() { /opt/hotplug/bin/ip \"$@\"; }\n");
                 image.file("/etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\n");
                 image.file("/etc/group", 0o644, b"root:x:0:\n");
-                image.file("/init", 0o755, guest_init(&kernels::GUEST_MODULES.join(" ")).as_bytes());
+                let modules = kernels::guest_modules(arch).join(" ");
+                image.file("/init", 0o755, guest_init(&modules, arch.control_device()).as_bytes());
             }
             Some(distro) => {
                 image.copy_tree("/opt/hotplug/guest", &root.join("tests/guest/distro"))?;
@@ -699,11 +733,11 @@ exec switch_root /newroot /sbin/init
 
 /// The guest's /init: mounts, loads the NIC drivers, runs the script, reports its exit status on
 /// the control channel and powers off.
-fn guest_init(modules: &str) -> String {
+fn guest_init(modules: &str, control: &str) -> String {
     format!(
         r#"#!/bin/busybox sh
 /bin/busybox --install -s
-export PATH=/opt/hotplug/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root
+export PATH=/opt/hotplug/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root VMCTL_DEVICE={control}
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
@@ -715,7 +749,10 @@ mount -t bpf bpf /sys/fs/bpf 2>/dev/null
 hostname hotplug-guest
 ip link set lo up
 for m in {modules}; do modprobe "$m" || echo "init: modprobe $m failed"; done
-stty -F /dev/ttyS1 raw -echo
+# A holder keeps the control channel open for the guest's life: a virtio console (hvc0) forgets
+# its line settings when its last user closes it, and an echo would garble the protocol.
+sleep 2147483647 <>{control} >/dev/null 2>&1 &
+stty -F {control} raw -echo
 vmctl hello "$(uname -r)"
 echo "=== hotplug guest $(uname -r): running the script ==="
 cd /root
@@ -730,19 +767,11 @@ poweroff -f
     )
 }
 
-/// Adds a dynamically linked binary and the shared libraries `ldd` names, at the same paths.
-fn add_binary(image: &mut Initramfs, path: &str, host: &Path) -> Result<()> {
-    image.copy(path, host)?;
-    let ldd = Command::new("ldd").arg(host).output()?;
-    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
-        // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
-        let lib = match line.split_once("=>") {
-            Some((_, rest)) => rest.split_whitespace().next(),
-            None => line.split_whitespace().next().filter(|w| w.starts_with('/')),
-        };
-        if let Some(lib) = lib.filter(|l| l.starts_with('/')) {
-            image.copy(lib, Path::new(lib))?;
-        }
+/// Adds a binary and the shared libraries it loads (from the guest's userland).
+fn add_binary(image: &mut Initramfs, userland: &userland::Userland, path: &str, file: &Path) -> Result<()> {
+    image.copy(path, file)?;
+    for (guest_path, library) in userland.libraries(file)? {
+        image.copy(&guest_path, &library)?;
     }
     Ok(())
 }
@@ -966,13 +995,17 @@ fn plug(qmp: &mut Qmp, nics: &mut [Nic], name: &str, new_mac: Option<&str>) -> R
 pub fn write_result(name: &str, guest: &Guest, outcome: &Outcome) -> Result<PathBuf> {
     let dir = cmd::target_dir().join("vm-results");
     fs::create_dir_all(&dir)?;
-    let file = if guest.kernel.suite == kernels::Suite::Bookworm {
-        format!("{name}.json")
-    } else {
-        format!("{name}-{}.json", guest.kernel.suite.name())
-    };
+    let mut file = name.to_owned();
+    if guest.kernel.suite != kernels::Suite::Bookworm {
+        file = format!("{file}-{}", guest.kernel.suite.name());
+    }
+    if guest.kernel.arch != Arch::Amd64 {
+        file = format!("{file}-{}", guest.kernel.arch.name());
+    }
+    let file = format!("{file}.json");
     let result = json!({
         "scenario": name,
+        "arch": guest.kernel.arch.name(),
         "kernel": guest.kernel.suite.name(),
         "kernel_release": guest.kernel.release,
         "guest": guest.distro.as_ref().map_or("busybox", |d| d.image.distro.name()),

@@ -107,7 +107,7 @@ impl Btf {
         Self::from_file(Path::new("/sys/kernel/btf/vmlinux"))
     }
 
-    /// Parses little-endian BTF (x86_64).
+    /// Parses little-endian BTF (x86_64 and arm64 kernels are little-endian).
     pub fn parse(data: &[u8]) -> Result<Self, BtfError> {
         if u16_at(data, 0)? != MAGIC {
             return Err(BtfError::Malformed("bad magic (not little-endian BTF)"));
@@ -255,6 +255,110 @@ impl Btf {
             return Err(BtfError::Bitfield(format!("{strukt}.{path}")));
         }
         Ok(MemberInfo { offset: bits / 8, shape })
+    }
+}
+
+/// BTF blobs built in tests: a string table and type records, little-endian.
+#[cfg(test)]
+pub(crate) mod test_blob {
+    use super::{KIND_ARRAY, KIND_INT, KIND_STRUCT, KIND_UNION, MAGIC};
+
+    /// A member's type in [`structure`].
+    #[derive(Clone, Copy)]
+    pub enum Member {
+        U64,
+    }
+
+    #[derive(Default)]
+    struct Builder {
+        strings: Vec<u8>,
+        types: Vec<u32>,
+        count: u32,
+    }
+
+    impl Builder {
+        fn new() -> Self {
+            Self { strings: vec![0], ..Self::default() }
+        }
+
+        fn string(&mut self, name: &str) -> u32 {
+            if name.is_empty() {
+                return 0;
+            }
+            let at = self.strings.len() as u32;
+            self.strings.extend(name.as_bytes());
+            self.strings.push(0);
+            at
+        }
+
+        /// Adds a type record; returns its id.
+        fn add(&mut self, record: &[u32]) -> u32 {
+            self.types.extend(record);
+            self.count += 1;
+            self.count
+        }
+
+        fn u64(&mut self) -> u32 {
+            let name = self.string("u64");
+            self.add(&[name, KIND_INT << 24, 8, 64])
+        }
+
+        /// A struct or union of `(name, type id, byte offset)` members.
+        fn aggregate(&mut self, kind: u32, name: &str, size: u32, members: &[(&str, u32, u32)]) -> u32 {
+            let name = self.string(name);
+            let mut record = vec![name, (kind << 24) | members.len() as u32, size];
+            for (member, ty, offset) in members {
+                let member = self.string(member);
+                record.extend([member, *ty, offset * 8]);
+            }
+            self.add(&record)
+        }
+
+        fn finish(self) -> Vec<u8> {
+            let type_bytes: Vec<u8> = self.types.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let mut blob = Vec::new();
+            blob.extend(MAGIC.to_le_bytes());
+            blob.extend([1u8, 0]); // version, flags
+            blob.extend(24u32.to_le_bytes()); // hdr_len
+            blob.extend(0u32.to_le_bytes()); // type_off
+            blob.extend((type_bytes.len() as u32).to_le_bytes());
+            blob.extend((type_bytes.len() as u32).to_le_bytes()); // str_off
+            blob.extend((self.strings.len() as u32).to_le_bytes());
+            blob.extend(type_bytes);
+            blob.extend(self.strings);
+            blob
+        }
+    }
+
+    /// `struct <name> { u64 <member>; ... }`, members in order.
+    pub fn structure(name: &str, members: &[(&str, Member)]) -> Vec<u8> {
+        let mut b = Builder::new();
+        let u64 = b.u64();
+        let laid: Vec<(&str, u32, u32)> = members
+            .iter()
+            .enumerate()
+            .map(|(i, (member, Member::U64))| (*member, u64, i as u32 * 8))
+            .collect();
+        b.aggregate(KIND_STRUCT, name, members.len() as u32 * 8, &laid);
+        b.finish()
+    }
+
+    /// arm64's `struct pt_regs { union { struct user_pt_regs user_regs; struct { u64 regs[31];
+    /// u64 sp; u64 pc; u64 pstate; }; }; u64 orig_x0; ... }`.
+    pub fn arm64_pt_regs() -> Vec<u8> {
+        let mut b = Builder::new();
+        let u64 = b.u64();
+        let int = {
+            let name = b.string("int");
+            b.add(&[name, KIND_INT << 24, 4, 32])
+        };
+        let regs = b.add(&[0, KIND_ARRAY << 24, 0, u64, int, 31]);
+        let fields = [("regs", regs, 0), ("sp", u64, 248), ("pc", u64, 256), ("pstate", u64, 264)];
+        let user = b.aggregate(KIND_STRUCT, "user_pt_regs", 272, &fields);
+        let anonymous = b.aggregate(KIND_STRUCT, "", 272, &fields);
+        let union = b.aggregate(KIND_UNION, "", 272, &[("user_regs", user, 0), ("", anonymous, 0)]);
+        b.aggregate(KIND_STRUCT, "pt_regs", 336, &[("", union, 0), ("orig_x0", u64, 272)]);
+        b.finish()
     }
 }
 

@@ -10,6 +10,9 @@ use super::tracefs;
 pub struct KernelFeatures {
     /// `uname -r`.
     pub release: String,
+    /// `uname -m`: the architecture (`x86_64`, `aarch64`), whose calling convention the probes
+    /// read arguments by (`abi`).
+    pub arch: String,
     /// `/sys/kernel/btf/vmlinux` exists (types for offsets and BTF-typed programs).
     pub btf: bool,
     /// kprobes can be created (the `kprobe` perf PMU exists; `CONFIG_KPROBES`).
@@ -36,6 +39,7 @@ impl KernelFeatures {
         };
         Self {
             release: kernel_release(),
+            arch: super::abi::machine(),
             btf: Path::new("/sys/kernel/btf/vmlinux").exists(),
             kprobes: Path::new("/sys/bus/event_source/devices/kprobe").exists(),
             fentry: aya::sys::is_program_supported(ProgramType::Tracing).ok(),
@@ -55,8 +59,9 @@ impl fmt::Display for KernelFeatures {
         let yes = |b: bool| if b { "yes" } else { "no" };
         write!(
             f,
-            "kernel {}: BTF {}, kprobes {}, fentry {}, module tracepoints {}",
+            "kernel {} ({}): BTF {}, kprobes {}, fentry {}, module tracepoints {}",
             self.release,
+            self.arch,
             yes(self.btf),
             yes(self.kprobes),
             self.fentry.map_or("unknown", yes),

@@ -1,6 +1,7 @@
 //! Kernel events in: the eBPF programs' loader, the running kernel's features, tracepoint and
 //! struct layouts, the decoding of ring buffer records into typed events, and the rtnetlink and
 //! uevent sources degraded mode uses instead.
+pub mod abi;
 pub mod btf;
 pub mod decode;
 pub mod features;

@@ -13,6 +13,7 @@ use hotplug_common::{globals, Counter};
 use thiserror::Error;
 
 use super::{
+    abi::{AbiError, Convention},
     btf::{Btf, BtfError, Shape},
     features::KernelFeatures,
     kallsyms::Kallsyms,
@@ -101,42 +102,71 @@ enum Pick {
     All,
 }
 
-/// (program, is kretprobe, candidates, pick) of the kprobe programs. See the comments in
+/// What a kprobe program is placed on.
+#[derive(Clone, Copy)]
+enum Hook {
+    /// Kernel functions by name.
+    Functions(&'static [&'static str]),
+    /// System calls by name: their wrappers on this architecture (`abi::Convention::syscall`).
+    Syscalls(&'static [&'static str]),
+}
+
+/// (program, is kretprobe, hook, pick) of the kprobe programs. See the comments in
 /// `hotplug-ebpf/src/context.rs` and `netdev.rs` for the kernel functions.
-const KPROBES: [(&str, bool, &[&str], Pick); 21] = [
-    ("delete_module_enter", false, &["__x64_sys_delete_module"], Pick::First),
-    ("delete_module_exit", true, &["__x64_sys_delete_module"], Pick::First),
+const KPROBES: [(&str, bool, Hook, Pick); 21] = [
+    ("delete_module_enter", false, Hook::Syscalls(&["delete_module"]), Pick::First),
+    ("delete_module_exit", true, Hook::Syscalls(&["delete_module"]), Pick::First),
     ("module_init_enter", false, MODULE_INIT, Pick::All),
     ("module_init_exit", true, MODULE_INIT, Pick::All),
     (
         "netdev_unregister",
         false,
-        &["unregister_netdevice_many_notify", "unregister_netdevice_many"],
+        Hook::Functions(&["unregister_netdevice_many_notify", "unregister_netdevice_many"]),
         Pick::First,
     ),
-    ("netdev_register_enter", false, &["register_netdevice"], Pick::First),
-    ("netdev_register_exit", true, &["register_netdevice"], Pick::First),
+    ("netdev_register_enter", false, Hook::Functions(&["register_netdevice"]), Pick::First),
+    ("netdev_register_exit", true, Hook::Functions(&["register_netdevice"]), Pick::First),
     ("netns_move_enter", false, NETNS_MOVE, Pick::First),
     ("netns_move_exit", true, NETNS_MOVE, Pick::First),
-    ("unbind_enter", false, &["unbind_store"], Pick::All),
-    ("unbind_exit", true, &["unbind_store"], Pick::All),
-    ("bind_enter", false, &["bind_store"], Pick::All),
-    ("bind_exit", true, &["bind_store"], Pick::All),
+    ("unbind_enter", false, Hook::Functions(&["unbind_store"]), Pick::All),
+    ("unbind_exit", true, Hook::Functions(&["unbind_store"]), Pick::All),
+    ("bind_enter", false, Hook::Functions(&["bind_store"]), Pick::All),
+    ("bind_exit", true, Hook::Functions(&["bind_store"]), Pick::All),
     ("pci_remove_enter", false, PCI_REMOVE, Pick::All),
     ("pci_remove_exit", true, PCI_REMOVE, Pick::All),
     ("pci_add_enter", false, PCI_ADD, Pick::All),
     ("pci_add_exit", true, PCI_ADD, Pick::All),
-    ("dellink_enter", false, &["rtnl_dellink"], Pick::All),
-    ("dellink_exit", true, &["rtnl_dellink"], Pick::All),
-    ("newlink_enter", false, &["rtnl_newlink"], Pick::All),
-    ("newlink_exit", true, &["rtnl_newlink"], Pick::All),
+    ("dellink_enter", false, Hook::Functions(&["rtnl_dellink"]), Pick::All),
+    ("dellink_exit", true, Hook::Functions(&["rtnl_dellink"]), Pick::All),
+    ("newlink_enter", false, Hook::Functions(&["rtnl_newlink"]), Pick::All),
+    ("newlink_exit", true, Hook::Functions(&["rtnl_newlink"]), Pick::All),
 ];
 
-const NETNS_MOVE: &[&str] =
-    &["__dev_change_net_namespace", "netif_change_net_namespace", "dev_change_net_namespace"];
-const MODULE_INIT: &[&str] = &["__x64_sys_init_module", "__x64_sys_finit_module"];
-const PCI_REMOVE: &[&str] = &["pci_stop_and_remove_bus_device", "pci_stop_and_remove_bus_device_locked"];
-const PCI_ADD: &[&str] = &["pci_bus_add_devices", "pci_bus_add_device"];
+const NETNS_MOVE: Hook = Hook::Functions(&[
+    "__dev_change_net_namespace",
+    "netif_change_net_namespace",
+    "dev_change_net_namespace",
+]);
+const MODULE_INIT: Hook = Hook::Syscalls(&["init_module", "finit_module"]);
+const PCI_REMOVE: Hook =
+    Hook::Functions(&["pci_stop_and_remove_bus_device", "pci_stop_and_remove_bus_device_locked"]);
+const PCI_ADD: Hook = Hook::Functions(&["pci_bus_add_devices", "pci_bus_add_device"]);
+
+impl Hook {
+    /// The names this kernel would have: syscalls as this architecture's wrappers (the bare
+    /// syscall name when the architecture is unknown, which no kernel function matches).
+    fn candidates(self, convention: Option<&Convention>) -> Vec<String> {
+        match self {
+            Self::Functions(names) => names.iter().map(|n| (*n).to_owned()).collect(),
+            Self::Syscalls(names) => names
+                .iter()
+                .map(|n| {
+                    convention.map_or_else(|| format!("sys_{n}"), |c| format!("{}{n}", c.syscall_prefix))
+                })
+                .collect(),
+        }
+    }
+}
 
 /// Struct member offsets for the NIC programs, from BTF.
 struct StructLayout {
@@ -177,8 +207,22 @@ pub struct LoadOptions {
     pub netns: Option<u32>,
 }
 
-fn struct_layout(btf: &Btf) -> Result<StructLayout, BtfError> {
-    let mut offsets = Vec::new();
+/// Why the struct layout the kprobes need could not be had.
+#[derive(Clone, Debug, Error)]
+pub enum LayoutError {
+    #[error(transparent)]
+    Btf(#[from] BtfError),
+    #[error(transparent)]
+    Abi(#[from] AbiError),
+}
+
+fn struct_layout(btf: &Btf, convention: Result<Convention, AbiError>) -> Result<StructLayout, LayoutError> {
+    let registers = convention?.offsets(btf)?;
+    let mut offsets = vec![
+        (globals::REGS_ARG0, registers.arg0),
+        (globals::REGS_RET, registers.ret),
+        (globals::SYSCALL_ARG0, registers.syscall_arg0),
+    ];
     let mut dev_addr_is_pointer = 1;
     for (global, strukt, path) in globals::STRUCT_OFFSETS {
         let member = btf.member(strukt, path)?;
@@ -218,7 +262,11 @@ impl KernelProbes {
             (globals::MODULE_FREE_NAME, offset("module", "module_free", "name")?),
         ];
         let btf = Btf::vmlinux();
-        let struct_layout = btf.as_ref().map_err(Clone::clone).and_then(struct_layout);
+        let convention = Convention::of(&features.arch);
+        let struct_layout = btf
+            .as_ref()
+            .map_err(|e| LayoutError::from(e.clone()))
+            .and_then(|btf| struct_layout(btf, convention.clone()));
         let netns_layout = btf.as_ref().ok().and_then(|b| optional_layout(b, &globals::NETNS_OFFSETS));
         let priv_layout = btf.as_ref().ok().and_then(|b| optional_layout(b, &globals::PRIV_OFFSETS));
         let parent_layout = btf.as_ref().ok().and_then(|b| optional_layout(b, &globals::PARENT_OFFSETS));
@@ -288,8 +336,11 @@ impl KernelProbes {
                 });
             }
         }
-        for (program, is_return, candidates, pick) in KPROBES {
+        let convention = convention.ok();
+        for (program, is_return, hook, pick) in KPROBES {
             let kind = if is_return { "kretprobe" } else { "kprobe" };
+            let candidates = hook.candidates(convention.as_ref());
+            let candidates: Vec<&str> = candidates.iter().map(String::as_str).collect();
             if let Err(error) = &struct_layout {
                 attachments.push(Attachment {
                     program,
@@ -307,7 +358,7 @@ impl KernelProbes {
                 continue;
             }
             let functions: Vec<&str> = match pick {
-                Pick::First => kallsyms.first_function(candidates).into_iter().collect(),
+                Pick::First => kallsyms.first_function(&candidates).into_iter().collect(),
                 Pick::All => candidates.iter().copied().filter(|c| kallsyms.has_function(c)).collect(),
             };
             if !features.kprobes {
