@@ -28,6 +28,14 @@ impl Arch {
         }
     }
 
+    /// The name rpm gives it.
+    pub const fn rpm_name(self) -> &'static str {
+        match self {
+            Self::Amd64 => "x86_64",
+            Self::Arm64 => "aarch64",
+        }
+    }
+
     /// The Rust target triple, or `None` for the host's own (no `--target`, `target/release`).
     pub const fn rust_target(self) -> Option<&'static str> {
         match self {

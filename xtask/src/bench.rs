@@ -24,6 +24,10 @@ pub enum Bench {
         /// Only scenarios whose name contains this.
         #[arg(long)]
         scenario: Option<String>,
+        /// Only this guest architecture (default: both; arm64 runs the benchmarks marked
+        /// `# arches: ... arm64`, on the same kernels).
+        #[arg(long, value_enum)]
+        arch: Option<Arch>,
     },
     /// cloud-init's hotplug hook against hotplug-agent, side by side: the distro guest with
     /// cloud-init (Ec2 datasource, hotplug hook as Debian ships it) booted twice, without then with
@@ -48,11 +52,11 @@ pub enum Bench {
 pub fn run(args: &BenchArgs) -> Result<ExitCode> {
     match &args.which {
         Bench::CloudInit { reloads, kernel, reuse_alone } => cloud_init(*reloads, *kernel, *reuse_alone),
-        Bench::Scenarios { scenario } => scenarios(scenario.as_deref()),
+        Bench::Scenarios { scenario, arch } => scenarios(scenario.as_deref(), *arch),
     }
 }
 
-fn scenarios(only: Option<&str>) -> Result<ExitCode> {
+fn scenarios(only: Option<&str>, arch: Option<Arch>) -> Result<ExitCode> {
     let benches: Vec<vm::Scenario> = vm::scenarios()?
         .into_iter()
         .filter(|s| s.bench && only.is_none_or(|name| s.name.contains(name)))
@@ -60,33 +64,54 @@ fn scenarios(only: Option<&str>) -> Result<ExitCode> {
     if benches.is_empty() {
         bail!("no benchmark scenario (`# bench: yes`) matches {only:?}");
     }
-    let mut suites: Vec<kernels::Suite> = Vec::new();
-    for suite in benches.iter().flat_map(|s| s.kernels.iter().copied()) {
-        if !suites.contains(&suite) {
-            suites.push(suite);
+    let wants = |a: Arch| arch.is_none_or(|chosen| chosen == a);
+    let suites_of = |a: Arch| -> Vec<kernels::Suite> {
+        let mut suites: Vec<kernels::Suite> = Vec::new();
+        let on = benches.iter().filter(|s| wants(a) && s.arches.contains(&a));
+        for suite in on.flat_map(|s| s.kernels.iter().copied()) {
+            if !suites.contains(&suite) {
+                suites.push(suite);
+            }
         }
+        suites
+    };
+    let (amd64_suites, arm64_suites) = (suites_of(Arch::Amd64), suites_of(Arch::Arm64));
+    if amd64_suites.is_empty() && arm64_suites.is_empty() {
+        bail!("no benchmark scenario matches {only:?} on {}", arch.map_or("any architecture", Arch::name));
     }
     let prepared = setup::run(&setup::SetupArgs {
-        kernels: suites,
-        arm64_kernels: Vec::new(),
+        // An empty list would mean every kernel.
+        kernels: if amd64_suites.is_empty() { vec![kernels::Suite::Bookworm] } else { amd64_suites },
+        arm64_kernels: arm64_suites,
         toolchain_only: false,
         refresh_kernels: false,
         rebuild_distro: false,
     })?;
-    let binaries = build::guest_binaries(Arch::Amd64)?;
+    let amd64_binaries = build::guest_binaries(Arch::Amd64)?;
+    let arm64_binaries = if wants(Arch::Arm64) && benches.iter().any(|s| s.arches.contains(&Arch::Arm64)) {
+        build::guest_binaries(Arch::Arm64)?
+    } else {
+        Vec::new()
+    };
     let mut runs = Vec::new();
     let mut failed = false;
     for scenario in &benches {
         if scenario.distro.is_some() {
             bail!("{}: a benchmark runs in the busybox guest", scenario.name);
         }
-        for kernel in prepared.kernels.iter().filter(|k| scenario.kernels.contains(&k.suite)) {
-            eprintln!("bench: {} on {}", scenario.name, kernel.release);
+        let runs_on = |k: &&kernels::GuestKernel| {
+            scenario.kernels.contains(&k.suite) && scenario.arches.contains(&k.arch) && wants(k.arch)
+        };
+        for kernel in prepared.kernels.iter().filter(runs_on) {
+            eprintln!("bench: {} on {} ({})", scenario.name, kernel.release, kernel.arch.name());
             let guest = vm::Guest {
                 kernel: kernel.clone(),
                 nics: scenario.nics.clone(),
                 memory_mib: 1024,
-                binaries: binaries.clone(),
+                binaries: match kernel.arch {
+                    Arch::Amd64 => amd64_binaries.clone(),
+                    Arch::Arm64 => arm64_binaries.clone(),
+                },
                 distro: None,
             };
             let outcome = guest.run(&scenario.path, Duration::from_secs(900), vm::Console::Stream)?;
@@ -94,6 +119,7 @@ fn scenarios(only: Option<&str>) -> Result<ExitCode> {
             failed |= !outcome.passed();
             runs.push(json!({
                 "scenario": scenario.name,
+                "arch": kernel.arch.name(),
                 "kernel": kernel.release,
                 "passed": outcome.passed(),
                 "figures": outcome.figures,
@@ -111,7 +137,7 @@ fn scenarios(only: Option<&str>) -> Result<ExitCode> {
     });
     fs::write(&path, serde_json::to_string_pretty(&result)? + "\n")?;
     for run in &runs {
-        println!("{} on {}:", run["scenario"], run["kernel"]);
+        println!("{} on {} ({}):", run["scenario"], run["kernel"], run["arch"]);
         if let Some(figures) = run["figures"].as_object() {
             for (key, value) in figures {
                 println!("  {key:<40} {value}");

@@ -99,12 +99,14 @@ pub fn build_packages(arch: Arch) -> Result<Packages> {
     // With `--target`, both tools read the assets' `target/release/` paths as
     // `target/<triple>/release/` and name the package's architecture after the triple.
     let target: Vec<&str> = arch.rust_target().map(|t| vec!["--target", t]).unwrap_or_default();
+    let variant: Vec<&str> = if arch == Arch::Amd64 { Vec::new() } else { vec!["--variant", arch.name()] };
     let deb = |revision: &str, dir: &Path| -> Result<PathBuf> {
         let output = cmd::output(
             cmd::cargo()
                 .current_dir(&root)
                 .args(["deb", "--package", "hotplug-user", "--no-build", "--deb-revision", revision])
                 .args(&target)
+                .args(&variant)
                 .arg("--output")
                 .arg(dir),
         )
@@ -208,7 +210,22 @@ pub fn check(packages: &Packages, arch: Arch) -> Result<Vec<String>> {
     if !conffiles.lines().any(|l| l.trim() == "/etc/hotplug/hotplug.toml") {
         problems.push("/etc/hotplug/hotplug.toml is not a conffile of the .deb".into());
     }
-    problems.extend(check_binary(&arch.release_dir().join("hotplug-agent"), arch)?);
+    // Each package says the architecture its binary is built for.
+    let deb_arch =
+        cmd::output(Command::new("dpkg-deb").arg("--field").arg(&packages.deb).arg("Architecture"))?;
+    if deb_arch.trim() != arch.name() {
+        problems.push(format!("the .deb's architecture is {:?}, not {}", deb_arch.trim(), arch.name()));
+    }
+    let rpm_arch =
+        cmd::output(Command::new("rpm").args(["-qp", "--queryformat", "%{ARCH}"]).arg(&packages.rpm))?;
+    if rpm_arch.trim() != arch.rpm_name() {
+        problems.push(format!("the .rpm's architecture is {:?}, not {}", rpm_arch.trim(), arch.rpm_name()));
+    }
+    let binary = arch.release_dir().join("hotplug-agent");
+    if let Err(error) = crate::userland::check_arch(&binary, arch) {
+        problems.push(format!("{error:#}"));
+    }
+    problems.extend(check_binary(&binary, arch)?);
     Ok(problems)
 }
 

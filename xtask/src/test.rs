@@ -141,11 +141,22 @@ pub fn run(args: &TestArgs) -> Result<ExitCode> {
     }
     tally.record("packages: lintian, file lists, linked libraries", problems.is_empty());
 
-    if arm64 {
-        step("arm64 cross-build (cargo build --target aarch64-unknown-linux-gnu)");
+    let arm64_binaries = if arm64 {
+        step("arm64: cross-build (--target aarch64-unknown-linux-gnu), packages and their checks");
         arch::ensure_cross(Arch::Arm64)?;
-    }
-    let arm64_binaries = if arm64 { Some(build::guest_binaries(Arch::Arm64)?) } else { None };
+        let packages = package::build_packages(Arch::Arm64)?;
+        let problems = package::check(&packages, Arch::Arm64)?;
+        for problem in &problems {
+            println!("package (arm64): {problem}");
+        }
+        tally.record(
+            "arm64 packages: lintian, file lists, architecture, linked libraries",
+            problems.is_empty(),
+        );
+        Some(build::guest_binaries(Arch::Arm64)?)
+    } else {
+        None
+    };
 
     if !args.no_vm {
         step("VM scenarios");

@@ -749,8 +749,16 @@ mount -t bpf bpf /sys/fs/bpf 2>/dev/null
 hostname hotplug-guest
 ip link set lo up
 for m in {modules}; do modprobe "$m" || echo "init: modprobe $m failed"; done
-# A holder keeps the control channel open for the guest's life: a virtio console (hvc0) forgets
-# its line settings when its last user closes it, and an echo would garble the protocol.
+# The control channel: a virtio console (arm64's hvc0) appears once the host has announced its
+# port, a moment after the module loaded (6.1 builds virtio_console as a module). A holder keeps
+# it open for the guest's life: it forgets its line settings when its last user closes it, and
+# an echo would garble the protocol.
+i=0
+until (exec 3<>{control}) 2>/dev/null; do
+	i=$((i + 1))
+	[ $i -ge 100 ] && {{ echo "init: no control channel {control} after 10 s"; break; }}
+	sleep 0.1
+done
 sleep 2147483647 <>{control} >/dev/null 2>&1 &
 stty -F {control} raw -echo
 vmctl hello "$(uname -r)"
