@@ -40,7 +40,7 @@ pub fn probe_ret<C: EbpfContext>(ctx: &C) -> Option<u64> {
 }
 
 /// A system call's first argument, from the `struct pt_regs *` its wrapper (`__<arch>_sys_<name>`,
-/// Linux 4.17+ on x86_64, 5.0+ on arm64) receives as its own first argument.
+/// Linux 4.17+ on x86_64, 4.19+ on arm64) receives as its own first argument.
 #[inline(always)]
 pub fn syscall_arg0<C: EbpfContext>(ctx: &C) -> Option<u64> {
     let user_regs = probe_arg0(ctx)?;

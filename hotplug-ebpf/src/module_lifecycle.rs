@@ -3,7 +3,8 @@
 //!
 //! The syscall is hooked with a kprobe/kretprobe on its architecture's wrapper
 //! (`__x64_sys_delete_module` on x86_64 since Linux 4.17, `__arm64_sys_delete_module` on arm64
-//! since 5.0; user space finds it in kallsyms), not with the `syscalls:sys_{enter,exit}_delete_module` tracepoints: enabling any
+//! since 4.19; user space finds it in kallsyms), not with the
+//! `syscalls:sys_{enter,exit}_delete_module` tracepoints: enabling any
 //! syscall tracepoint sends every syscall of every task through the tracing slow path, and on
 //! Linux 7.2 under QEMU TCG patching that hot path crashed the guest (an int3 oops in
 //! `trace_syscall_enter`) about one boot in five. A kprobe patches only the probed function.
@@ -38,6 +39,9 @@ use crate::{
 static MODULE_LOAD_NAME_OFFSET: u32 = 12;
 #[unsafe(no_mangle)]
 static MODULE_FREE_NAME_OFFSET: u32 = 8;
+
+/// `EFAULT` (include/uapi/asm-generic/errno-base.h), negated as the kernel returns it.
+const EFAULT: i32 = -14;
 
 #[inline(always)]
 fn new_event(kind: EventKind) -> ModuleEvent {
@@ -106,8 +110,9 @@ fn try_delete_module_exit(ctx: &RetProbeContext) -> Result<(), i64> {
     event.name = task.module;
     context::update(|task| task.module = [0; MODULE_NAME_LEN]);
     context::leave(ContextKind::ModuleUnload);
-    // `long`: 0 or a negative errno, which fits the event's `i32`.
-    event.ret = probe_ret(ctx).unwrap_or(0) as i64 as i32;
+    // `long`: 0 or a negative errno, which fits the event's `i32`. A register that cannot be read
+    // is reported as -EFAULT, never as a success.
+    event.ret = probe_ret(ctx).map_or(EFAULT, |ret| ret as i32);
     emit(&event);
     Ok(())
 }

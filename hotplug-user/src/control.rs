@@ -87,6 +87,9 @@ pub struct RestoreOutcome {
     /// How long the restore waited for the NIC's network manager to configure it first.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waited_for_manager_ms: Option<u64>,
+    /// Where the time went (absent in a state file written before phases were measured).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phases: Option<crate::reconfigure::restore::RestorePhases>,
 }
 
 /// Where an attach stands.
@@ -386,6 +389,9 @@ pub fn print_status(socket: &Path, json: bool, detail: bool) -> Result<(), Contr
                     .map(|w| format!(", waited {w} ms for its manager"))
                     .unwrap_or_default()
             );
+            if let Some(phases) = &restore.phases {
+                let _ = writeln!(out, "      phases: {phases}");
+            }
         }
         if let Some(reload) = &nic.last_reload {
             let _ = writeln!(out, "    last reload: {}", describe_nic_reload(reload));
@@ -415,6 +421,38 @@ mod tests {
     }
 
     #[test]
+    fn a_restore_outcome_keeps_its_phases_and_reads_one_without_them() -> Result<(), serde_json::Error> {
+        let phases = crate::reconfigure::restore::RestorePhases {
+            to_decision_us: 900,
+            link_us: 30_000,
+            addresses_us: 400,
+            ..Default::default()
+        };
+        let outcome = RestoreOutcome {
+            latency_us: 32_000,
+            requests: 3,
+            errors: vec![],
+            differences: vec![],
+            left_to_manager: vec![],
+            waited_for_manager_ms: None,
+            phases: Some(phases),
+        };
+        let json = serde_json::to_value(&outcome)?;
+        assert_eq!(json["phases"]["link_us"], 30_000);
+        assert_eq!(json["phases"]["to_decision_us"], 900);
+        let back: RestoreOutcome = serde_json::from_value(json)?;
+        assert_eq!(back.phases, Some(phases));
+        // A state file from before phases were measured.
+        let old: RestoreOutcome =
+            serde_json::from_str(r#"{"latency_us":1,"requests":1,"errors":[],"differences":[]}"#)?;
+        assert_eq!(old.phases, None);
+        assert!(phases
+            .to_string()
+            .starts_with("to-decision 900 us, waited 0 us, pre-read 0 us, link 30000 us"));
+        Ok(())
+    }
+
+    #[test]
     fn the_status_table_has_a_row_per_nic_in_aligned_columns() {
         let mut present = nic("52:54:00:12:34:10", NicState::Present { ifindex: 2, name: "eth0".into() });
         present.name = Some("eth0".into());
@@ -427,6 +465,7 @@ mod tests {
             differences: vec!["route x".into()],
             left_to_manager: vec![],
             waited_for_manager_ms: None,
+            phases: None,
         });
         present.attach = Some(AttachOutcome {
             status: "configured".into(),

@@ -3,7 +3,8 @@
 # guest: trixie
 # preinstall: hotplug-agent
 # imds: no-nics
-# kernels: bookworm trixie sid
+# kernels: trixie
+# kernels-extra: bookworm sid
 . /opt/hotplug/scenarios/_lib.sh
 
 UNIT=hotplug-agent.service

@@ -70,9 +70,14 @@ async fn scenario(state_dir: std::path::PathBuf) -> Result<(), String> {
     let imds = hotplug::imds::ImdsConfig { enabled: false, ..Default::default() };
     let config = Config { state_dir, socket: "/nonexistent/hotplug.sock".into(), imds, ..Config::default() };
     let (mut manager, _attach_results) = NicManager::start(config).await.map_err(|e| e.to_string())?;
-    let (connection, handle, _) = rtnetlink::new_connection().map_err(|e| e.to_string())?;
-    tokio::spawn(connection);
-    let before = snapshot::capture(&handle, ifindex("hr0").await?).await.map_err(|e| e.to_string())?;
+    let netlink = snapshot::Netlink::connect().map_err(|e| e.to_string())?;
+    let before = snapshot::capture(&netlink, ifindex("hr0").await?).await.map_err(|e| e.to_string())?;
+    // The kernel's filtered route dump gives what reading every route and keeping the NIC's does.
+    let unfiltered = snapshot::Netlink::unfiltered(netlink.handle.clone());
+    let all = snapshot::capture(&unfiltered, ifindex("hr0").await?).await.map_err(|e| e.to_string())?;
+    let summaries =
+        |s: &snapshot::NicSnapshot| s.routes.iter().map(|r| r.summary.clone()).collect::<Vec<_>>();
+    assert_eq!(summaries(&before), summaries(&all), "filtered and unfiltered route reads differ");
     assert_eq!(before.addresses.len(), 4, "two IPv4, one IPv6, the link-local: {before:#?}");
     assert_eq!(before.routes.len(), 2, "{before:#?}");
     assert_eq!(before.rules.len(), 1, "{before:#?}");
@@ -91,7 +96,7 @@ async fn scenario(state_dir: std::path::PathBuf) -> Result<(), String> {
     let back = event(Action::Registration, Cause::DriverLoad, "hr0").await?;
     assert_ne!(u32::try_from(back.ifindex).ok(), Some(before.ifindex));
     manager.on_event(&back).await;
-    let after = snapshot::capture(&handle, ifindex("hr0").await?).await.map_err(|e| e.to_string())?;
+    let after = snapshot::capture(&netlink, ifindex("hr0").await?).await.map_err(|e| e.to_string())?;
     assert_eq!(before.differences(&after), Vec::<String>::new());
     let status = manager.status();
     let restored = status.iter().find(|n| n.mac == KEY).and_then(|n| n.last_restore.clone());
@@ -101,7 +106,7 @@ async fn scenario(state_dir: std::path::PathBuf) -> Result<(), String> {
     // Idempotent: again changes nothing and fails nothing; what the snapshot does not name stays.
     ip("addr add 10.9.0.99/24 dev hr0")?;
     let report =
-        restore::restore(&handle, &before, ifindex("hr0").await?, restore::RestoreOptions::default()).await;
+        restore::restore(&netlink, &before, ifindex("hr0").await?, restore::RestoreOptions::default()).await;
     assert!(report.errors.is_empty(), "{report:#?}");
     assert_eq!(report.differences, vec!["address extra: 10.9.0.99/24 flags Secondary label hr0".to_owned()]);
     Ok(())

@@ -2,11 +2,15 @@
 //! arm64 (Graviton), cross-built here with rustup's target and Debian's cross toolchain, and
 //! booted under `qemu-system-aarch64`. The eBPF object is the same for both (little-endian BPF;
 //! the programs take their register offsets from user space).
-use std::{path::PathBuf, process::Command};
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
 
-use anyhow::{Context as _, Result};
+use anyhow::{bail, Context as _, Result};
 
-use crate::{cmd, setup};
+use crate::cmd;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum Arch {
@@ -25,6 +29,14 @@ impl Arch {
         match self {
             Self::Amd64 => "amd64",
             Self::Arm64 => "arm64",
+        }
+    }
+
+    /// Debian's multiarch triple: where its libraries live (`/lib/<triple>/`).
+    pub const fn multiarch(self) -> &'static str {
+        match self {
+            Self::Amd64 => "x86_64-linux-gnu",
+            Self::Arm64 => "aarch64-linux-gnu",
         }
     }
 
@@ -130,7 +142,8 @@ impl Arch {
     pub const fn guest_packages(self) -> &'static [&'static str] {
         match self {
             Self::Amd64 => &["qemu-system-x86"],
-            Self::Arm64 => &["qemu-system-arm", "qemu-efi-aarch64"],
+            // ipxe-qemu: the NICs' option ROMs, which qemu-system-arm only recommends.
+            Self::Arm64 => &["qemu-system-arm", "qemu-efi-aarch64", "ipxe-qemu"],
         }
     }
 
@@ -153,18 +166,18 @@ impl Arch {
     }
 }
 
-/// The rustup target and the Debian cross toolchain (linker, binutils, glibc) an arm64 build
-/// needs; nothing for amd64.
-pub fn ensure_cross(arch: Arch) -> Result<()> {
-    let Some(triple) = arch.rust_target() else {
-        return Ok(());
+/// Fails unless `binary` is an ELF file for `arch` (a host binary in an arm64 guest would only
+/// fail there, as "not found").
+pub fn check_binary(binary: &Path, arch: Arch) -> Result<()> {
+    let header = fs::read(binary).with_context(|| format!("cannot read {}", binary.display()))?;
+    // e_machine, a little-endian u16 at byte 18: 62 is x86-64, 183 is AArch64.
+    let machine = header.get(18..20).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    let want = match arch {
+        Arch::Amd64 => 62,
+        Arch::Arm64 => 183,
     };
-    setup::ensure_debian_packages(&["gcc-aarch64-linux-gnu", "libc6-dev-arm64-cross"])?;
-    let installed = cmd::output(Command::new("rustup").args(["target", "list", "--installed"]))?;
-    if !installed.lines().any(|t| t.trim() == triple) {
-        eprintln!("setup: adding the Rust target {triple} (rustup target add {triple})");
-        cmd::run(Command::new("rustup").args(["target", "add", triple]))
-            .with_context(|| format!("rustup target add {triple} failed"))?;
+    if !header.starts_with(b"\x7fELF") || machine != Some(want) {
+        bail!("{} is not an {} ELF binary", binary.display(), arch.name());
     }
     Ok(())
 }

@@ -29,6 +29,15 @@ pub enum Bench {
         #[arg(long, value_enum)]
         arch: Option<Arch>,
     },
+    /// The large routing table case, natively on this machine (root): the agent (degraded mode
+    /// here) in a private network namespace with one managed veth; 200,000 blackhole routes added
+    /// to `main` (none on the NIC), then ten address changes on the NIC. Prints the agent's CPU
+    /// time and RSS at each step and writes target/bench/large-table.json.
+    LargeTable {
+        /// Routes to add.
+        #[arg(long, default_value_t = 200_000)]
+        routes: u32,
+    },
     /// cloud-init's hotplug hook against hotplug-agent, side by side: the distro guest with
     /// cloud-init (Ec2 datasource, hotplug hook as Debian ships it) booted twice, without then with
     /// the package; the same virtio_net reloads and a real attach in each. Writes
@@ -53,7 +62,48 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
     match &args.which {
         Bench::CloudInit { reloads, kernel, reuse_alone } => cloud_init(*reloads, *kernel, *reuse_alone),
         Bench::Scenarios { scenario, arch } => scenarios(scenario.as_deref(), *arch),
+        Bench::LargeTable { routes } => large_table(*routes),
     }
+}
+
+fn large_table(routes: u32) -> Result<ExitCode> {
+    if !cmd::is_root() {
+        bail!("the large-table benchmark makes a network namespace and routes: run it as root");
+    }
+    setup::ensure_toolchain()?;
+    let binaries = build::guest_binaries(Arch::Amd64)?;
+    let agent = binaries.first().context("no agent binary")?;
+    let script = cmd::workspace_root().join("tests/bench/large-table.sh");
+    let output = cmd::output(
+        std::process::Command::new("unshare")
+            .arg("--net")
+            .arg("sh")
+            .arg(&script)
+            .arg(agent)
+            .arg(routes.to_string()),
+    )
+    .context("the large-table script failed")?;
+    let mut figures = serde_json::Map::new();
+    for line in output.lines() {
+        if let Some((name, value)) = line.strip_prefix("FIGURE ").and_then(|l| l.split_once(' ')) {
+            let value: Value = value.parse::<u64>().map_or_else(|_| json!(value), |v| json!(v));
+            println!("  {name:<40} {value}");
+            figures.insert(name.to_owned(), value);
+        }
+    }
+    let dir = cmd::target_dir().join("bench");
+    fs::create_dir_all(&dir)?;
+    let path = dir.join("large-table.json");
+    let result = json!({
+        "date": cmd::utc_now(),
+        "machine": cmd::machine_summary(),
+        "command": format!("cargo xtask bench large-table --routes {routes}"),
+        "routes": routes,
+        "figures": figures,
+    });
+    fs::write(&path, serde_json::to_string_pretty(&result)? + "\n")?;
+    eprintln!("bench: written to {}", path.display());
+    Ok(ExitCode::SUCCESS)
 }
 
 fn scenarios(only: Option<&str>, arch: Option<Arch>) -> Result<ExitCode> {

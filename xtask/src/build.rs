@@ -4,10 +4,7 @@ use std::{path::PathBuf, process::Command};
 use anyhow::Result;
 use clap::Args;
 
-use crate::{
-    arch::{self, Arch},
-    cmd, setup,
-};
+use crate::{arch::Arch, cmd, setup};
 
 #[derive(Args, Debug)]
 pub struct BuildArgs {
@@ -19,7 +16,7 @@ pub struct BuildArgs {
 
 pub fn run(args: &BuildArgs) -> Result<()> {
     setup::ensure_toolchain()?;
-    arch::ensure_cross(args.arch)?;
+    setup::ensure_cross(args.arch)?;
     for binary in guest_binaries(args.arch)? {
         println!("{}", binary.display());
     }

@@ -1,9 +1,10 @@
-//! Guest kernels: Debian's generic amd64 kernels, fetched as packages with a private apt state (the
-//! host's own apt configuration is only read, never changed), unpacked, and prepared for a fast
-//! boot: the ELF `vmlinux` (QEMU boots it through its PVH note, about twice as fast as the
-//! compressed image) and a small module tree with just the NIC drivers and their dependencies.
+//! Guest kernels: Debian's generic amd64 and arm64 kernels, fetched as packages with a private apt
+//! state (`apt.rs`: the host's own apt configuration is only read, never changed), unpacked, and
+//! prepared for a fast boot: amd64's ELF `vmlinux` (QEMU boots it through its PVH note, about
+//! twice as fast as the compressed image), arm64's `Image`, and a small module tree with just the
+//! NIC drivers and their dependencies.
 //!
-//! Cache layout, under `cmd::cache_dir()/kernels/<suite>/`:
+//! Cache layout, under `cmd::cache_dir()/kernels/<suite>/` (amd64) or `<suite>-arm64/`:
 //! `apt/` (private apt lists), `current` (the release last resolved), and
 //! `<release>/{vmlinux, config, root/lib/modules/<release>/…, .ready}`.
 use std::{

@@ -12,10 +12,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use clap::{Args, CommandFactory as _};
 
-use crate::{
-    arch::{self, Arch},
-    build, cmd, setup,
-};
+use crate::{arch::Arch, build, cmd, setup};
 
 /// The agent's command line, shared with the agent itself (the file is self-contained).
 #[allow(dead_code, clippy::all)]
@@ -68,7 +65,7 @@ pub struct Packages {
 pub fn run(args: &PackageArgs) -> Result<()> {
     setup::ensure_toolchain()?;
     setup::ensure_packaging_tools()?;
-    arch::ensure_cross(args.arch)?;
+    setup::ensure_cross(args.arch)?;
     let packages = build_packages(args.arch)?;
     for path in [&packages.deb, &packages.deb_upgrade, &packages.rpm] {
         println!("{}", path.display());
@@ -216,13 +213,19 @@ pub fn check(packages: &Packages, arch: Arch) -> Result<Vec<String>> {
     if deb_arch.trim() != arch.name() {
         problems.push(format!("the .deb's architecture is {:?}, not {}", deb_arch.trim(), arch.name()));
     }
+    // The .deb's glibc floor is the one the binary is checked against below.
+    let depends = cmd::output(Command::new("dpkg-deb").arg("--field").arg(&packages.deb).arg("Depends"))?;
+    let floor = format!("libc6 (>= {}.{})", GLIBC_FLOOR.0, GLIBC_FLOOR.1);
+    if !depends.split(',').any(|d| d.trim() == floor) {
+        problems.push(format!("the .deb depends on {:?}, not {floor}", depends.trim()));
+    }
     let rpm_arch =
         cmd::output(Command::new("rpm").args(["-qp", "--queryformat", "%{ARCH}"]).arg(&packages.rpm))?;
     if rpm_arch.trim() != arch.rpm_name() {
         problems.push(format!("the .rpm's architecture is {:?}, not {}", rpm_arch.trim(), arch.rpm_name()));
     }
     let binary = arch.release_dir().join("hotplug-agent");
-    if let Err(error) = crate::userland::check_arch(&binary, arch) {
+    if let Err(error) = crate::arch::check_binary(&binary, arch) {
         problems.push(format!("{error:#}"));
     }
     problems.extend(check_binary(&binary, arch)?);

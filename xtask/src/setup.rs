@@ -10,10 +10,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use clap::Args;
 
-use crate::{
-    arch::{self, Arch},
-    cmd, distro, kernels, userland,
-};
+use crate::{arch::Arch, cmd, distro, kernels, userland};
 
 /// Debian packages the guest harness uses: QEMU, busybox for the guest's userland, cpio and kmod
 /// (depmod) for the initramfs, xz and zstd to unpack kernels and modules, socat to talk to a
@@ -78,14 +75,7 @@ pub fn run(args: &SetupArgs) -> Result<Prepared> {
         for suite in suites {
             prepared.kernels.push(kernels::ensure(suite, Arch::Amd64, args.refresh_kernels)?);
         }
-        if !args.arm64_kernels.is_empty() {
-            ensure_debian_packages(Arch::Arm64.guest_packages())?;
-            arch::ensure_cross(Arch::Arm64)?;
-            userland::ensure(Arch::Arm64)?;
-        }
-        for suite in &args.arm64_kernels {
-            prepared.kernels.push(kernels::ensure(*suite, Arch::Arm64, args.refresh_kernels)?);
-        }
+        prepared.kernels.extend(arm64_guests(&args.arm64_kernels, args.refresh_kernels)?);
         prepared.distros.push(distro::ensure(distro::Distro::Trixie, args.rebuild_distro)?);
         ensure_promtool()?;
     }
@@ -250,6 +240,18 @@ pub fn ensure_debian_packages(packages: &[&str]) -> Result<()> {
     )
 }
 
+/// What arm64 guests need: their emulator and firmware, the cross toolchain (their binaries),
+/// their userland and the kernels `suites` (nothing when it is empty).
+pub fn arm64_guests(suites: &[kernels::Suite], refresh: bool) -> Result<Vec<kernels::GuestKernel>> {
+    if suites.is_empty() {
+        return Ok(Vec::new());
+    }
+    ensure_debian_packages(Arch::Arm64.guest_packages())?;
+    ensure_cross(Arch::Arm64)?;
+    userland::ensure(Arch::Arm64)?;
+    suites.iter().map(|suite| kernels::ensure(*suite, Arch::Arm64, refresh)).collect()
+}
+
 /// `promtool` (from Debian's `prometheus` package, which would also install and start a
 /// Prometheus server): the .deb is fetched with `apt-get download` and only `promtool` is
 /// unpacked into the cache, never installed on the host. The metrics test checks the agent's
@@ -290,5 +292,28 @@ pub fn ensure_promtool() -> Result<()> {
         .context("the prometheus package has no usr/bin/promtool")?;
     fs::rename(&partial, &path)?;
     fs::remove_dir_all(&work)?;
+    Ok(())
+}
+
+/// The rustup target and the Debian cross toolchain (linker, binutils, glibc) an arm64 build
+/// needs; nothing for amd64.
+pub fn ensure_cross(arch: Arch) -> Result<()> {
+    if std::env::consts::ARCH != "x86_64" {
+        bail!(
+            "this machine is {}: hotplug's builds and guests assume an x86_64 host (amd64 is native, \
+             arm64 cross-built)",
+            std::env::consts::ARCH
+        );
+    }
+    let Some(triple) = arch.rust_target() else {
+        return Ok(());
+    };
+    ensure_debian_packages(&["gcc-aarch64-linux-gnu", "libc6-dev-arm64-cross"])?;
+    let installed = cmd::output(Command::new("rustup").args(["target", "list", "--installed"]))?;
+    if !installed.lines().any(|t| t.trim() == triple) {
+        eprintln!("setup: adding the Rust target {triple} (rustup target add {triple})");
+        cmd::run(Command::new("rustup").args(["target", "add", triple]))
+            .with_context(|| format!("rustup target add {triple} failed"))?;
+    }
     Ok(())
 }

@@ -13,7 +13,7 @@ use std::{
     process::Command,
 };
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{Context as _, Result};
 
 use crate::{apt::PrivateApt, arch::Arch, cmd};
 
@@ -21,14 +21,18 @@ use crate::{apt::PrivateApt, arch::Arch, cmd};
 const PACKAGES: &[&str] = &["busybox-static", "iproute2", "libc6", "libgcc-s1"];
 
 /// Where a foreign-architecture glibc keeps its libraries, relative to a root; the guest gets
-/// them under `/lib/<multiarch>/` and the loader at `/lib/`, where glibc's own search looks.
-const LIBRARY_DIRS: &[&str] = &["usr/lib/aarch64-linux-gnu", "lib/aarch64-linux-gnu", "usr/lib", "lib"];
+/// them under `/lib/<multiarch>/` and the loader where `PT_INTERP` names it, where glibc's own
+/// search looks.
+fn library_dirs(arch: Arch) -> [String; 4] {
+    let triple = arch.multiarch();
+    [format!("usr/lib/{triple}"), format!("lib/{triple}"), "usr/lib".to_owned(), "lib".to_owned()]
+}
 
 pub enum Userland {
     /// This machine's own files.
     Host,
     /// Unpacked packages of another architecture.
-    Foreign { root: PathBuf },
+    Foreign { root: PathBuf, arch: Arch },
 }
 
 pub fn ensure(arch: Arch) -> Result<Userland> {
@@ -40,7 +44,7 @@ pub fn ensure(arch: Arch) -> Result<Userland> {
     let ready = dir.join(".ready");
     let wanted = PACKAGES.join(" ");
     if fs::read_to_string(&ready).is_ok_and(|r| r.trim() == wanted) && root.is_dir() {
-        return Ok(Userland::Foreign { root });
+        return Ok(Userland::Foreign { root, arch });
     }
     let apt = PrivateApt::new(&dir.join("apt"), arch, &["trixie"], &["trixie-security"])?;
     apt.update()?;
@@ -67,7 +71,7 @@ pub fn ensure(arch: Arch) -> Result<Userland> {
     fs::rename(&unpacked, &root)?;
     fs::remove_dir_all(&work)?;
     fs::write(&ready, wanted)?;
-    Ok(Userland::Foreign { root })
+    Ok(Userland::Foreign { root, arch })
 }
 
 impl Userland {
@@ -76,7 +80,7 @@ impl Userland {
         match self {
             Self::Host => cmd::which("busybox")
                 .context("busybox is missing (cargo xtask setup installs busybox-static)"),
-            Self::Foreign { root } => find_in(root, &["usr/bin/busybox", "bin/busybox"]),
+            Self::Foreign { root, .. } => find_in(root, &["usr/bin/busybox", "bin/busybox"]),
         }
     }
 
@@ -86,7 +90,7 @@ impl Userland {
             Self::Host => {
                 cmd::which("ip").context("iproute2's ip is missing (cargo xtask setup installs iproute2)")
             }
-            Self::Foreign { root } => find_in(root, &["usr/bin/ip", "bin/ip", "usr/sbin/ip", "sbin/ip"]),
+            Self::Foreign { root, .. } => find_in(root, &["usr/bin/ip", "bin/ip", "usr/sbin/ip", "sbin/ip"]),
         }
     }
 
@@ -94,7 +98,7 @@ impl Userland {
     pub fn libraries(&self, binary: &Path) -> Result<Vec<(String, PathBuf)>> {
         match self {
             Self::Host => host_libraries(binary),
-            Self::Foreign { root } => foreign_libraries(root, binary),
+            Self::Foreign { root, arch } => foreign_libraries(root, *arch, binary),
         }
     }
 }
@@ -125,12 +129,12 @@ fn host_libraries(binary: &Path) -> Result<Vec<(String, PathBuf)>> {
 }
 
 /// `binary`'s program interpreter and its `DT_NEEDED` libraries, transitively, from `root`.
-fn foreign_libraries(root: &Path, binary: &Path) -> Result<Vec<(String, PathBuf)>> {
+fn foreign_libraries(root: &Path, arch: Arch, binary: &Path) -> Result<Vec<(String, PathBuf)>> {
     let mut found = Vec::new();
     let (interpreter, mut queue) = elf_needs(binary)?;
     if let Some(interpreter) = interpreter {
         let name = interpreter.rsplit('/').next().unwrap_or(&interpreter).to_owned();
-        let file = find_library(root, &name)?;
+        let file = find_library(root, arch, &name)?;
         found.push((interpreter, file));
     }
     let mut seen = BTreeSet::new();
@@ -138,15 +142,15 @@ fn foreign_libraries(root: &Path, binary: &Path) -> Result<Vec<(String, PathBuf)
         if !seen.insert(name.clone()) {
             continue;
         }
-        let file = find_library(root, &name)?;
+        let file = find_library(root, arch, &name)?;
         queue.extend(elf_needs(&file)?.1);
-        found.push((format!("/lib/aarch64-linux-gnu/{name}"), file));
+        found.push((format!("/lib/{}/{name}", arch.multiarch()), file));
     }
     Ok(found)
 }
 
-fn find_library(root: &Path, name: &str) -> Result<PathBuf> {
-    LIBRARY_DIRS
+fn find_library(root: &Path, arch: Arch, name: &str) -> Result<PathBuf> {
+    library_dirs(arch)
         .iter()
         .map(|dir| root.join(dir).join(name))
         .find(|p| p.exists())
@@ -173,22 +177,6 @@ fn parse_readelf(text: &str) -> (Option<String>, Vec<String>) {
         .filter_map(|l| l.rsplit_once('[').map(|(_, rest)| rest.trim_end_matches(']').to_owned()))
         .collect();
     (interpreter, needed)
-}
-
-/// Fails unless `binary` is an ELF file for `arch` (a host binary in an arm64 guest would only
-/// fail there, as "not found").
-pub fn check_arch(binary: &Path, arch: Arch) -> Result<()> {
-    let header = fs::read(binary).with_context(|| format!("cannot read {}", binary.display()))?;
-    // e_machine, a little-endian u16 at byte 18: 62 is x86-64, 183 is AArch64.
-    let machine = header.get(18..20).map(|b| u16::from_le_bytes([b[0], b[1]]));
-    let want = match arch {
-        Arch::Amd64 => 62,
-        Arch::Arm64 => 183,
-    };
-    if !header.starts_with(b"\x7fELF") || machine != Some(want) {
-        bail!("{} is not an {} ELF binary", binary.display(), arch.name());
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -184,7 +184,10 @@ pub fn run(args: &VmArgs) -> Result<ExitCode> {
     setup::ensure_toolchain()?;
     setup::ensure_debian_packages(setup::DEBIAN_PACKAGES)?;
     setup::ensure_debian_packages(args.arch.guest_packages())?;
-    crate::arch::ensure_cross(args.arch)?;
+    setup::ensure_cross(args.arch)?;
+    if let Some(s) = scenario.as_ref().filter(|s| !s.arches.contains(&args.arch)) {
+        eprintln!("vm: {} is not marked for {} (`# arches:`); running it anyway", s.name, args.arch.name());
+    }
     let kernel = kernels::ensure(args.kernel, args.arch, false)?;
     let binaries = build::guest_binaries(args.arch)?;
     let distro = match distro {
@@ -230,6 +233,9 @@ pub struct Scenario {
     pub path: PathBuf,
     /// Kernels it runs on (`# kernels:` header line), all by default.
     pub kernels: Vec<kernels::Suite>,
+    /// Kernels it runs on only when `cargo xtask test --kernels` names them (`# kernels-extra:`):
+    /// a heavier matrix kept out of the default run.
+    pub extra_kernels: Vec<kernels::Suite>,
     /// The distro guest it needs (`# guest: trixie`), or the busybox guest.
     pub distro: Option<Distro>,
     /// Network managers the distro guest turns on (`# managers: networkd cloud-init`).
@@ -268,14 +274,17 @@ pub fn scenarios() -> Result<Vec<Scenario>> {
         let summary = comments.first().copied().unwrap_or_default().to_owned();
         let header = |key: &str| comments.iter().find_map(|l| l.strip_prefix(key)).map(str::trim);
         let words = |key: &str| header(key).map(|list| list.split_whitespace().collect::<Vec<_>>());
-        let kernels = words("kernels:")
-            .map(|list| {
-                list.into_iter()
-                    .map(|k| kernels::Suite::from_str(k, true).map_err(anyhow::Error::msg))
-                    .collect::<Result<Vec<_>>>()
-            })
-            .transpose()?
-            .unwrap_or_else(|| kernels::Suite::ALL.to_vec());
+        // A header's words as values of `T` (`None`: no such header).
+        fn values<T: ValueEnum>(words: Option<Vec<&str>>, path: &Path, key: &str) -> Result<Option<Vec<T>>> {
+            words
+                .map(|list| {
+                    list.into_iter().map(|w| T::from_str(w, true).map_err(anyhow::Error::msg)).collect()
+                })
+                .transpose()
+                .with_context(|| format!("{}: `# {key}`", path.display()))
+        }
+        let kernels =
+            values(words("kernels:"), &path, "kernels:")?.unwrap_or_else(|| kernels::Suite::ALL.to_vec());
         let distro = header("guest:")
             .filter(|g| *g != "busybox")
             .map(|g| Distro::from_str(g, true).map_err(anyhow::Error::msg))
@@ -297,15 +306,8 @@ pub fn scenarios() -> Result<Vec<Scenario>> {
             Some("no-nics") => true,
             Some(other) => bail!("{}: `# imds: {other}`: only no-nics is known", path.display()),
         };
-        let arches = words("arches:")
-            .map(|list| {
-                list.into_iter()
-                    .map(|a| Arch::from_str(a, true).map_err(anyhow::Error::msg))
-                    .collect::<Result<Vec<_>>>()
-            })
-            .transpose()
-            .with_context(|| format!("{}: `# arches:`", path.display()))?
-            .unwrap_or_else(|| vec![Arch::Amd64]);
+        let extra_kernels = values(words("kernels-extra:"), &path, "kernels-extra:")?.unwrap_or_default();
+        let arches = values(words("arches:"), &path, "arches:")?.unwrap_or_else(|| vec![Arch::Amd64]);
         if distro.is_some() && arches != [Arch::Amd64] {
             bail!("{}: a distro guest scenario runs on amd64 only", path.display());
         }
@@ -314,15 +316,7 @@ pub fn scenarios() -> Result<Vec<Scenario>> {
             Some("yes") => true,
             Some(other) => bail!("{}: `# bench: {other}`: yes or no", path.display()),
         };
-        let nics = words("nics:")
-            .map(|list| {
-                list.into_iter()
-                    .map(|m| NicModel::from_str(m, true).map_err(anyhow::Error::msg))
-                    .collect::<Result<Vec<_>>>()
-            })
-            .transpose()
-            .with_context(|| format!("{}: `# nics:`", path.display()))?
-            .unwrap_or_else(|| DEFAULT_NICS.to_vec());
+        let nics = values(words("nics:"), &path, "nics:")?.unwrap_or_else(|| DEFAULT_NICS.to_vec());
         if nics.is_empty() || nics.len() > MAX_NICS {
             bail!("{}: `# nics:` lists {} NICs (1 to {MAX_NICS})", path.display(), nics.len());
         }
@@ -332,6 +326,7 @@ pub fn scenarios() -> Result<Vec<Scenario>> {
             summary,
             path,
             kernels,
+            extra_kernels,
             distro,
             managers,
             preinstall,
@@ -635,7 +630,7 @@ impl Guest {
             if self.distro.is_some() && name == "hotplug-agent" {
                 continue;
             }
-            userland::check_arch(binary, arch)?;
+            crate::arch::check_binary(binary, arch)?;
             add_binary(&mut image, &userland, &format!("/opt/hotplug/bin/{name}"), binary)?;
         }
         let root = cmd::workspace_root();
@@ -756,7 +751,7 @@ for m in {modules}; do modprobe "$m" || echo "init: modprobe $m failed"; done
 i=0
 until (exec 3<>{control}) 2>/dev/null; do
 	i=$((i + 1))
-	[ $i -ge 100 ] && {{ echo "init: no control channel {control} after 10 s"; break; }}
+	[ $i -ge 100 ] && {{ echo "init: no control channel {control} after 10 s: powering off"; poweroff -f; }}
 	sleep 0.1
 done
 sleep 2147483647 <>{control} >/dev/null 2>&1 &

@@ -9,7 +9,7 @@
 //!   pt_regs *regs)`, the syscall's arguments in `regs->di, si, dx, r10, r8, r9`; a C function's
 //!   first argument arrives in `di`, its return value leaves in `ax`
 //!   (arch/x86/include/asm/syscall_wrapper.h, the System V AMD64 ABI).
-//! - arm64 (Linux 5.0+): `__arm64_sys_<name>(const struct pt_regs *regs)`, arguments in
+//! - arm64 (Linux 4.19+): `__arm64_sys_<name>(const struct pt_regs *regs)`, arguments in
 //!   `regs->regs[0..5]`; a function's first argument and return value are both `x0`, `regs[0]`
 //!   (arch/arm64/include/asm/syscall_wrapper.h, AAPCS64). `regs` sits in an anonymous union with
 //!   `user_regs`, which the BTF look-up walks through.
@@ -232,8 +232,10 @@ mod tests {
             return Ok(());
         };
         let offsets = Convention::of(&machine())?.offsets(&btf)?;
-        if machine() == "x86_64" {
-            assert_eq!(offsets, RegisterOffsets { arg0: 112, ret: 80, syscall_arg0: 112 });
+        match machine().as_str() {
+            "x86_64" => assert_eq!(offsets, RegisterOffsets { arg0: 112, ret: 80, syscall_arg0: 112 }),
+            "aarch64" => assert_eq!(offsets, RegisterOffsets { arg0: 0, ret: 0, syscall_arg0: 0 }),
+            other => panic!("no expectation for {other}"),
         }
         Ok(())
     }

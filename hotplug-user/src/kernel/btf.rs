@@ -315,19 +315,24 @@ pub(crate) mod test_blob {
         }
 
         fn finish(self) -> Vec<u8> {
-            let type_bytes: Vec<u8> = self.types.iter().flat_map(|v| v.to_le_bytes()).collect();
-            let mut blob = Vec::new();
-            blob.extend(MAGIC.to_le_bytes());
-            blob.extend([1u8, 0]); // version, flags
-            blob.extend(24u32.to_le_bytes()); // hdr_len
-            blob.extend(0u32.to_le_bytes()); // type_off
-            blob.extend((type_bytes.len() as u32).to_le_bytes());
-            blob.extend((type_bytes.len() as u32).to_le_bytes()); // str_off
-            blob.extend((self.strings.len() as u32).to_le_bytes());
-            blob.extend(type_bytes);
-            blob.extend(self.strings);
-            blob
+            assemble(&self.types, &self.strings)
         }
+    }
+
+    /// A BTF blob: the header, then the type records (`u32` words) and the string table.
+    pub fn assemble(types: &[u32], strings: &[u8]) -> Vec<u8> {
+        let type_bytes: Vec<u8> = types.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let mut blob = Vec::new();
+        blob.extend(MAGIC.to_le_bytes());
+        blob.extend([1u8, 0]); // version, flags
+        blob.extend(24u32.to_le_bytes()); // hdr_len
+        blob.extend(0u32.to_le_bytes()); // type_off
+        blob.extend((type_bytes.len() as u32).to_le_bytes());
+        blob.extend((type_bytes.len() as u32).to_le_bytes()); // str_off
+        blob.extend((strings.len() as u32).to_le_bytes());
+        blob.extend(type_bytes);
+        blob.extend(strings);
+        blob
     }
 
     /// `struct <name> { u64 <member>; ... }`, members in order.
@@ -407,18 +412,7 @@ mod tests {
             6,
             224,
         ]);
-        let type_bytes: Vec<u8> = types.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let mut blob = Vec::new();
-        blob.extend(MAGIC.to_le_bytes());
-        blob.extend([1u8, 0]); // version, flags
-        blob.extend(24u32.to_le_bytes()); // hdr_len
-        blob.extend(0u32.to_le_bytes()); // type_off
-        blob.extend((type_bytes.len() as u32).to_le_bytes());
-        blob.extend((type_bytes.len() as u32).to_le_bytes()); // str_off
-        blob.extend((strings.len() as u32).to_le_bytes());
-        blob.extend(type_bytes);
-        blob.extend(strings);
-        blob
+        test_blob::assemble(&types, strings)
     }
 
     #[test]
@@ -438,17 +432,7 @@ mod tests {
         let mut types: Vec<u32> = Vec::new();
         // 1: struct outer { <anonymous> struct outer @0 }
         types.extend([1, (KIND_STRUCT << 24) | 1, 4, 0, 1, 0]);
-        let type_bytes: Vec<u8> = types.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let mut blob = Vec::new();
-        blob.extend(MAGIC.to_le_bytes());
-        blob.extend([1u8, 0]);
-        blob.extend(24u32.to_le_bytes());
-        blob.extend(0u32.to_le_bytes());
-        blob.extend((type_bytes.len() as u32).to_le_bytes());
-        blob.extend((type_bytes.len() as u32).to_le_bytes());
-        blob.extend((strings.len() as u32).to_le_bytes());
-        blob.extend(type_bytes);
-        blob.extend(strings);
+        let blob = test_blob::assemble(&types, strings);
         let btf = Btf::parse(&blob);
         let Ok(btf) = btf else { panic!("the blob itself is well formed") };
         assert!(matches!(btf.member("outer", "x"), Err(BtfError::Malformed(_))));

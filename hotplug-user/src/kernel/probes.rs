@@ -153,17 +153,16 @@ const PCI_REMOVE: Hook =
 const PCI_ADD: Hook = Hook::Functions(&["pci_bus_add_devices", "pci_bus_add_device"]);
 
 impl Hook {
-    /// The names this kernel would have: syscalls as this architecture's wrappers (the bare
-    /// syscall name when the architecture is unknown, which no kernel function matches).
+    /// The names this kernel would have: syscalls as this architecture's wrappers; none when the
+    /// architecture is unknown (its bare `sys_<name>` takes its arguments in registers, not the
+    /// `struct pt_regs *` the programs read).
     fn candidates(self, convention: Option<&Convention>) -> Vec<String> {
-        match self {
-            Self::Functions(names) => names.iter().map(|n| (*n).to_owned()).collect(),
-            Self::Syscalls(names) => names
-                .iter()
-                .map(|n| {
-                    convention.map_or_else(|| format!("sys_{n}"), |c| format!("{}{n}", c.syscall_prefix))
-                })
-                .collect(),
+        match (self, convention) {
+            (Self::Functions(names), _) => names.iter().map(|n| (*n).to_owned()).collect(),
+            (Self::Syscalls(names), Some(c)) => {
+                names.iter().map(|n| format!("{}{n}", c.syscall_prefix)).collect()
+            }
+            (Self::Syscalls(_), None) => Vec::new(),
         }
     }
 }
@@ -210,9 +209,9 @@ pub struct LoadOptions {
 /// Why the struct layout the kprobes need could not be had.
 #[derive(Clone, Debug, Error)]
 pub enum LayoutError {
-    #[error(transparent)]
+    #[error("no struct layout from BTF: {0}")]
     Btf(#[from] BtfError),
-    #[error(transparent)]
+    #[error("{0}")]
     Abi(#[from] AbiError),
 }
 
@@ -345,7 +344,7 @@ impl KernelProbes {
                 attachments.push(Attachment {
                     program,
                     hook: format!("{kind} {}", candidates.join("|")),
-                    error: Some(format!("not attached: no struct layout from BTF ({error})")),
+                    error: Some(format!("not attached: {error}")),
                 });
                 continue;
             }
@@ -453,4 +452,23 @@ fn error_chain(error: &dyn std::error::Error) -> String {
     let head = lines[..2].join(" / ");
     let tail = lines[lines.len() - 4..].join(" / ");
     format!("{head} / [{} verifier lines omitted] / {tail}", lines.len() - 6)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn syscalls_are_hooked_on_the_architectures_wrappers_and_on_nothing_elsewhere() -> Result<(), AbiError> {
+        let arm = Convention::of("aarch64")?;
+        assert_eq!(
+            MODULE_INIT.candidates(Some(&arm)),
+            ["__arm64_sys_init_module", "__arm64_sys_finit_module"]
+        );
+        let x86 = Convention::of("x86_64")?;
+        assert_eq!(Hook::Syscalls(&["delete_module"]).candidates(Some(&x86)), ["__x64_sys_delete_module"]);
+        assert!(MODULE_INIT.candidates(None).is_empty(), "an unknown architecture's sys_* take no pt_regs");
+        assert_eq!(PCI_ADD.candidates(None), ["pci_bus_add_devices", "pci_bus_add_device"]);
+        Ok(())
+    }
 }

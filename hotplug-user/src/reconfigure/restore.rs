@@ -21,9 +21,58 @@ use rtnetlink::{
     },
     Handle, LinkUnspec,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use crate::snapshot::{self, NicSnapshot};
+use crate::{
+    clock::monotonic_ns,
+    snapshot::{self, NicSnapshot},
+};
+
+/// Where a restore's time went, in microseconds: the agent's part before the replay (filled in by
+/// the agent), then each phase of [`restore`]. `status --json` and the restore log line show it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestorePhases {
+    /// From the kernel's registration of the NIC to the agent's decision to restore it: ring
+    /// buffer delivery, decoding, classification, the decision.
+    pub to_decision_us: u64,
+    /// Waiting for udev and the NIC's network manager to be done with it.
+    pub waited_us: u64,
+    /// Reading the NIC as it came back (what is already there is not sent again).
+    pub pre_read_us: u64,
+    /// Link changes: name, MTU, alternative names, and admin state up, which runs the driver's
+    /// own open (rings, interrupts, firmware): often most of a restore.
+    pub link_us: u64,
+    pub addresses_us: u64,
+    pub routes_us: u64,
+    pub rules_us: u64,
+    /// Reading the NIC back to compare with the snapshot: after the last acknowledgement, so not
+    /// part of the restore latency.
+    pub read_back_us: u64,
+}
+
+impl std::fmt::Display for RestorePhases {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "to-decision {} us, waited {} us, pre-read {} us, link {} us, addresses {} us, routes {} us, \
+             rules {} us, read-back {} us",
+            self.to_decision_us,
+            self.waited_us,
+            self.pre_read_us,
+            self.link_us,
+            self.addresses_us,
+            self.routes_us,
+            self.rules_us,
+            self.read_back_us
+        )
+    }
+}
+
+/// Microseconds since `since_ns` (CLOCK_MONOTONIC), and now.
+fn lap(since_ns: u64) -> (u64, u64) {
+    let now = monotonic_ns();
+    (now.saturating_sub(since_ns) / 1000, now)
+}
 
 /// What a restore did and how the NIC looks afterwards.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -38,6 +87,8 @@ pub struct RestoreReport {
     pub last_ack_ns: u64,
     /// What was not replayed and why (leases left to the NIC's manager, expired ones).
     pub left_to_manager: Vec<String>,
+    /// Where the time went (the agent fills in the part before the replay).
+    pub phases: RestorePhases,
 }
 
 /// How to replay a snapshot.
@@ -221,13 +272,17 @@ impl Sender<'_> {
 
 /// Restores `want` onto the link `ifindex`.
 pub async fn restore(
-    handle: &Handle,
+    netlink: &snapshot::Netlink,
     want: &NicSnapshot,
     ifindex: u32,
     options: RestoreOptions,
 ) -> RestoreReport {
+    let handle = &netlink.handle;
     let mut tx = Sender { handle, report: RestoreReport::default(), expected_missing: Vec::new() };
-    let have = snapshot::capture(handle, ifindex).await.ok();
+    let mut phases = RestorePhases::default();
+    let mut mark = monotonic_ns();
+    let have = snapshot::capture(netlink, ifindex).await.ok();
+    (phases.pre_read_us, mark) = lap(mark);
     let link_too = !options.routes_and_rules_only;
     if let Some(have) = have.as_ref().filter(|_| link_too) {
         if have.name != want.name {
@@ -250,6 +305,10 @@ pub async fn restore(
         }
     }
 
+    let link_us;
+    (link_us, mark) = lap(mark);
+    phases.link_us = link_us;
+
     let plan = replay_plan(want, ifindex, options);
     tx.report.errors.extend(plan.errors);
     tx.report.left_to_manager.extend(plan.left_to_manager);
@@ -261,10 +320,15 @@ pub async fn restore(
         tx.outcome(&format!("address {summary}"), result);
     }
 
+    (phases.addresses_us, mark) = lap(mark);
+
     if link_too && want.up && !have.as_ref().is_some_and(|h| h.up && h.name == want.name) {
         let up = LinkUnspec::new_with_index(ifindex).up().build();
         tx.set_link("link up", up).await;
     }
+    let link_up_us;
+    (link_up_us, mark) = lap(mark);
+    phases.link_us += link_up_us;
 
     for (summary, message) in plan.routes {
         let result = super::add_route_exclusive(handle, message).await;
@@ -275,6 +339,8 @@ pub async fn restore(
         }
     }
 
+    (phases.routes_us, mark) = lap(mark);
+
     let have_rules: Vec<String> =
         have.as_ref().map(|h| h.rules.iter().map(|r| r.summary.clone()).collect()).unwrap_or_default();
     for (summary, message) in plan.rules.into_iter().filter(|(summary, _)| !have_rules.contains(summary)) {
@@ -284,10 +350,12 @@ pub async fn restore(
         tx.outcome(&format!("rule {summary}"), result);
     }
 
+    (phases.rules_us, mark) = lap(mark);
+
     let last_ack_ns = tx.report.last_ack_ns;
     let expected_missing = tx.expected_missing;
     let mut report = tx.report;
-    match snapshot::capture(handle, ifindex).await {
+    match snapshot::capture(netlink, ifindex).await {
         // What was left to the manager is not missing.
         Ok(now) => {
             report.differences =
@@ -299,7 +367,9 @@ pub async fn restore(
         }
         Err(error) => report.errors.push(format!("reading the NIC back: {error}")),
     }
+    (phases.read_back_us, _) = lap(mark);
     report.last_ack_ns = last_ack_ns;
+    report.phases = phases;
     report
 }
 

@@ -18,12 +18,15 @@ use rtnetlink::{
         rule::{RuleAttribute, RuleMessage},
         AddressFamily,
     },
-    Handle, IpVersion, RouteMessageBuilder,
+    IpVersion,
 };
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::managers::Manager;
+
+mod netlink;
+pub use netlink::Netlink;
 
 #[derive(Debug, Error)]
 pub enum SnapshotError {
@@ -432,7 +435,8 @@ fn link_settings(link: &LinkMessage) -> (String, Option<u32>, bool, Vec<String>,
 
 /// Reads the NIC with `ifindex` from the kernel. `tables_of_interest` are extra routing tables
 /// whose rules count as the NIC's even without routes in them right now.
-pub async fn capture(handle: &Handle, ifindex: u32) -> Result<NicSnapshot, SnapshotError> {
+pub async fn capture(netlink: &Netlink, ifindex: u32) -> Result<NicSnapshot, SnapshotError> {
+    let handle = &netlink.handle;
     let links: Vec<LinkMessage> = handle.link().get().match_index(ifindex).execute().try_collect().await?;
     let link = links.first().ok_or(SnapshotError::NoSuchLink(ifindex))?;
     let (name, mtu, up, altnames, mac) = link_settings(link);
@@ -452,11 +456,9 @@ pub async fn capture(handle: &Handle, ifindex: u32) -> Result<NicSnapshot, Snaps
 
     let mut routes = Vec::new();
     let mut tables = Vec::new();
-    for family in [
-        RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
-        RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
-    ] {
-        let found: Vec<RouteMessage> = handle.route().get(family).execute().try_collect().await?;
+    for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+        // Filtered in the kernel; what has no RTA_OIF (a multipath route) is not the NIC's here.
+        let found = netlink.routes_through(family, ifindex).await?;
         for message in found.iter().filter(|m| route_oif(m) == Some(ifindex)) {
             let table = route_table(message);
             // Routes the kernel makes for addresses and the link itself come back on their own.

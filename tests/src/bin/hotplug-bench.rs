@@ -74,8 +74,8 @@ fn percentile(sorted: &[u64], p: usize) -> u64 {
 }
 
 async fn bench(rounds: usize) -> Result<()> {
-    let (connection, handle, _) = rtnetlink::new_connection()?;
-    tokio::spawn(connection);
+    let netlink = snapshot::Netlink::connect()?;
+    let handle = netlink.handle.clone();
     println!(
         "{:>5} {:>7} {:>12} {:>12} {:>12} {:>12}",
         "n", "rounds", "restore p50", "restore p99", "floor p50", "floor p99"
@@ -86,10 +86,10 @@ async fn bench(rounds: usize) -> Result<()> {
         let mut floors = Vec::new();
         for _ in 0..rounds {
             let index = configure(n).await?;
-            let want = snapshot::capture(&handle, index).await?;
+            let want = snapshot::capture(&netlink, index).await?;
             let index = fresh_link().await?;
             let start = monotonic_ns();
-            let report = restore::restore(&handle, &want, index, restore::RestoreOptions::default()).await;
+            let report = restore::restore(&netlink, &want, index, restore::RestoreOptions::default()).await;
             if !report.errors.is_empty() || !report.differences.is_empty() {
                 bail!("restore of {n} was incomplete: {report:?}");
             }

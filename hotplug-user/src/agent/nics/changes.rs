@@ -1,15 +1,16 @@
 //! rtnetlink notifications that can change a NIC's configuration, for the manager's re-reads.
 use futures::{Stream, StreamExt as _};
 use rtnetlink::{
-    packet_core::NetlinkPayload,
-    packet_route::{route::RouteAttribute, RouteNetlinkMessage},
-    MulticastGroup,
+    packet_core::NetlinkPayload, packet_route::RouteNetlinkMessage, sys::AsyncSocket as _, MulticastGroup,
 };
 
 use super::ManagerError;
 
+/// Receive buffer of the notification socket, bytes.
+const NOTIFICATION_BUFFER: usize = 4 << 20;
+
 /// rtnetlink notifications that can change a NIC's configuration: the ifindex they concern, or
-/// `None` for rules (not bound to one NIC).
+/// `None` for rules (not bound to one NIC) and lost notifications.
 pub fn config_changes() -> Result<impl Stream<Item = Option<u32>>, ManagerError> {
     let groups = [
         MulticastGroup::Link,
@@ -20,7 +21,13 @@ pub fn config_changes() -> Result<impl Stream<Item = Option<u32>>, ManagerError>
         MulticastGroup::Ipv4Rule,
         MulticastGroup::Ipv6Rule,
     ];
-    let (connection, _handle, messages) = rtnetlink::new_multicast_connection(&groups)?;
+    let (mut connection, _handle, messages) = rtnetlink::new_multicast_connection(&groups)?;
+    // Room for a burst (a routing daemon installing a table, 200,000 routes in a few seconds)
+    // before the kernel drops notifications and the agent has to re-read every NIC. The kernel
+    // caps it at net.core.rmem_max; failing to grow it is not fatal.
+    if let Err(error) = connection.socket_mut().socket_mut().set_rx_buf_sz(NOTIFICATION_BUFFER) {
+        tracing::debug!(%error, "cannot enlarge the rtnetlink notification buffer");
+    }
     tokio::spawn(connection);
     Ok(messages.filter_map(|(message, _)| async move {
         match message.payload {
@@ -31,14 +38,11 @@ pub fn config_changes() -> Result<impl Stream<Item = Option<u32>>, ManagerError>
                 RouteNetlinkMessage::NewAddress(a) | RouteNetlinkMessage::DelAddress(a) => {
                     Some(Some(a.header.index))
                 }
+                // A route without an output device (blackhole, unreachable, prohibit, multipath:
+                // no `RTA_OIF`) is in no NIC's snapshot (`snapshot::route_oif`): a host adding a
+                // table of them (a BGP feed's blackholes) costs the agent no re-read.
                 RouteNetlinkMessage::NewRoute(r) | RouteNetlinkMessage::DelRoute(r) => {
-                    Some(r.attributes.iter().find_map(|a| {
-                        if let RouteAttribute::Oif(i) = a {
-                            Some(*i)
-                        } else {
-                            None
-                        }
-                    }))
+                    crate::snapshot::route_oif(&r).map(Some)
                 }
                 RouteNetlinkMessage::NewRule(_) | RouteNetlinkMessage::DelRule(_) => Some(None),
                 _ => None,

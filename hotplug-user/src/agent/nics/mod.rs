@@ -147,6 +147,8 @@ pub struct NicManager {
     config: Config,
     store: Store,
     handle: Handle,
+    /// The same requests' handle, and a strict one for filtered route dumps (snapshots).
+    netlink: snapshot::Netlink,
     nics: HashMap<String, Managed>,
     by_ifindex: HashMap<u32, String>,
     dirty: HashSet<u32>,
@@ -326,7 +328,7 @@ impl NicManager {
         if !present {
             return;
         }
-        match snapshot::capture(&self.handle, ifindex).await {
+        match snapshot::capture(&self.netlink, ifindex).await {
             Ok(mut snapshot) if key(&snapshot.mac) == mac => {
                 snapshot.manager = self.host.nic_manager(ifindex, &snapshot.name);
                 // networkd reconfigured the link and dropped routes and rules it does not own?

@@ -61,6 +61,8 @@ pub struct Settled {
     mac: String,
     ifindex: u32,
     registered_ns: u64,
+    /// When the agent decided to restore (CLOCK_MONOTONIC ns).
+    decided_ns: u64,
     plan: RestorePlan,
     waited: Duration,
     /// False: the wait ran out.
@@ -148,6 +150,7 @@ impl NicManager {
                 mac: mac.to_owned(),
                 ifindex,
                 registered_ns,
+                decided_ns: monotonic_ns(),
                 plan,
                 waited: Duration::ZERO,
                 settled: true,
@@ -183,6 +186,7 @@ impl NicManager {
         let tx = self.background.clone();
         let host = self.host.clone();
         let mac = mac.to_owned();
+        let decided_ns = monotonic_ns();
         tokio::spawn(async move {
             let started = tokio::time::Instant::now();
             let mut settled = true;
@@ -195,14 +199,14 @@ impl NicManager {
                         .await;
             }
             let waited = started.elapsed();
-            let settled = Settled { mac, ifindex, registered_ns, plan, waited, settled };
+            let settled = Settled { mac, ifindex, registered_ns, decided_ns, plan, waited, settled };
             let _ = tx.send(super::Background::ManagerSettled(settled)).await;
         });
     }
 
     /// Replays the pending snapshot on the NIC, if it is still the one that registered.
     pub(super) async fn finish_restore(&mut self, settled: Settled) {
-        let Settled { mac, ifindex, registered_ns, plan, waited, settled } = settled;
+        let Settled { mac, ifindex, registered_ns, decided_ns, plan, waited, settled } = settled;
         let Some(nic) = self.nics.get_mut(&mac) else { return };
         let same = matches!(nic.state, NicState::Present { ifindex: i, .. } if i == ifindex);
         if !same {
@@ -219,12 +223,16 @@ impl NicManager {
             now_ns: monotonic_ns(),
             routes_and_rules_only: plan.routes_and_rules_only,
         };
-        let report = restore::restore(&self.handle, &want, ifindex, options).await;
+        let replay_ns = monotonic_ns();
+        let mut report = restore::restore(&self.netlink, &want, ifindex, options).await;
+        report.phases.to_decision_us = decided_ns.saturating_sub(registered_ns) / 1000;
+        report.phases.waited_us = replay_ns.saturating_sub(decided_ns) / 1000;
+        let phases = report.phases;
         let latency_us = report.last_ack_ns.saturating_sub(registered_ns) / 1000;
         if report.errors.is_empty() && report.differences.is_empty() {
-            tracing::info!(%mac, interface = %want.name, ifindex, action = "restore", latency_us, requests = report.requests, left_to_manager = ?report.left_to_manager, "restored {}", want.summary_line());
+            tracing::info!(%mac, interface = %want.name, ifindex, action = "restore", latency_us, requests = report.requests, left_to_manager = ?report.left_to_manager, %phases, "restored {}", want.summary_line());
         } else {
-            tracing::warn!(%mac, interface = %want.name, ifindex, action = "restore", latency_us, errors = ?report.errors, differences = ?report.differences, "restore incomplete");
+            tracing::warn!(%mac, interface = %want.name, ifindex, action = "restore", latency_us, errors = ?report.errors, differences = ?report.differences, %phases, "restore incomplete");
         }
         let (action, outcome) = if report.errors.is_empty() && report.differences.is_empty() {
             let done = if report.requests == 0 {
@@ -265,6 +273,7 @@ impl NicManager {
                 differences: report.differences,
                 left_to_manager: report.left_to_manager,
                 waited_for_manager_ms,
+                phases: Some(phases),
             });
         }
         self.persist(&mac);

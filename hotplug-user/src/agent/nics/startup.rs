@@ -25,8 +25,8 @@ impl NicManager {
     /// yields what background tasks hand back, for [`NicManager::on_background`].
     pub async fn start(config: Config) -> Result<(Self, mpsc::Receiver<Background>), ManagerError> {
         let store = Store::open(&config.state_dir)?;
-        let (connection, handle, _) = rtnetlink::new_connection()?;
-        tokio::spawn(connection);
+        let netlink = snapshot::Netlink::connect()?;
+        let handle = netlink.handle.clone();
         let platform = crate::platform::detect(std::path::Path::new("/"));
         let imds = imds_client(&config, &platform);
         let (background, background_rx) = mpsc::channel(64);
@@ -45,6 +45,7 @@ impl NicManager {
             config,
             store,
             handle,
+            netlink,
             nics: HashMap::new(),
             by_ifindex: HashMap::new(),
             dirty: HashSet::new(),
@@ -85,7 +86,7 @@ impl NicManager {
             if link.name == "lo" {
                 continue;
             }
-            match snapshot::capture(&manager.handle, link.ifindex).await {
+            match snapshot::capture(&manager.netlink, link.ifindex).await {
                 Ok(mut snapshot) if !snapshot.mac.is_empty() => {
                     snapshot.manager = manager.host.nic_manager(link.ifindex, &snapshot.name);
                     let mac = key(&snapshot.mac);

@@ -1,0 +1,71 @@
+#!/bin/sh
+# The large routing table case (issue: performance at scale), natively on this machine: the agent
+# (degraded mode here: no kprobes) in a private network namespace manages one veth NIC; 200,000
+# blackhole routes are added to `main` with `ip -batch` (none on the NIC), then the NIC's address
+# changes ten times. Prints the agent's CPU time and RSS at each step as `FIGURE name value`.
+#
+# Usage (as root, inside `unshare --net`): large-table.sh AGENT [ROUTES]
+# `cargo xtask bench large-table` runs it.
+set -eu
+AGENT=$1
+ROUTES=${2:-200000}
+DIR=$(mktemp -d /tmp/hotplug-large-table.XXXXXX)
+trap 'kill "$PID" 2>/dev/null; wait "$PID" 2>/dev/null; rm -rf "$DIR"' EXIT
+
+ip link set lo up
+ip link add hp0 address 02:00:00:00:7a:01 type veth peer name hp1
+ip link set hp1 up
+ip link set hp0 up
+ip addr add 10.77.0.5/24 dev hp0
+ip route add 10.78.0.0/16 via 10.77.0.1 dev hp0
+
+cat >"$DIR/hotplug.toml" <<TOML
+state_dir = "$DIR/state"
+socket = "$DIR/agent.sock"
+[imds]
+enabled = false
+TOML
+"$AGENT" --config "$DIR/hotplug.toml" run 2>"$DIR/agent.log" &
+PID=$!
+i=0
+until grep -q "agent ready" "$DIR/agent.log"; do
+	i=$((i + 1))
+	[ $i -gt 100 ] && { cat "$DIR/agent.log"; echo "the agent did not start" >&2; exit 1; }
+	sleep 0.1
+done
+
+# CPU time of the agent in ms (utime + stime, clock ticks), RSS in KiB.
+TICK=$(getconf CLK_TCK)
+cpu_ms() { awk -v t="$TICK" '{ print int(($14 + $15) * 1000 / t) }' "/proc/$PID/stat"; }
+rss_kib() { awk '/^VmRSS/ { print $2 }' "/proc/$PID/status"; }
+figure() { echo "FIGURE $1 $2"; }
+now_ms() { awk '{ print int($1 * 1000) }' /proc/uptime; }
+
+sleep 1
+figure idle_rss_kib "$(rss_kib)"
+cpu0=$(cpu_ms)
+
+# 200,000 blackhole routes in main, none through hp0.
+awk -v n="$ROUTES" 'BEGIN { for (i = 0; i < n; i++) printf "route add blackhole 10.%d.%d.%d/32\n", 100 + int(i / 65536), int(i / 256) % 256, i % 256 }' >"$DIR/routes"
+t0=$(now_ms)
+ip -batch "$DIR/routes"
+t1=$(now_ms)
+figure ip_batch_ms $((t1 - t0))
+sleep 3
+cpu1=$(cpu_ms)
+figure routes_added_agent_cpu_ms $((cpu1 - cpu0))
+figure routes_added_rss_kib "$(rss_kib)"
+figure overruns "$(grep -c 'buffer overrun' "$DIR/agent.log" || true)"
+
+# Ten address changes on the managed NIC, each re-read by the agent.
+for i in 1 2 3 4 5; do
+	ip addr add "10.77.0.$((10 + i))/24" dev hp0
+	sleep 0.3
+	ip addr del "10.77.0.$((10 + i))/24" dev hp0
+	sleep 0.3
+done
+sleep 1
+cpu2=$(cpu_ms)
+figure ten_address_changes_agent_cpu_ms $((cpu2 - cpu1))
+figure final_rss_kib "$(rss_kib)"
+kill -0 "$PID" || { cat "$DIR/agent.log"; echo "the agent died" >&2; exit 1; }
