@@ -1,6 +1,7 @@
 #!/bin/sh
 # The large routing table case (issue: performance at scale), natively on this machine: the agent
-# (degraded mode here: no kprobes) in a private network namespace manages one veth NIC; 200,000
+# in a private network namespace manages one veth NIC (on a kernel with kprobes its eBPF programs
+# are loaded into the host's kernel as usual; this machine's has none: degraded mode); 200,000
 # blackhole routes are added to `main` with `ip -batch` (none on the NIC), then the NIC's address
 # changes ten times. Prints the agent's CPU time and RSS at each step as `FIGURE name value`.
 #
@@ -10,7 +11,8 @@ set -eu
 AGENT=$1
 ROUTES=${2:-200000}
 DIR=$(mktemp -d /tmp/hotplug-large-table.XXXXXX)
-trap 'kill "$PID" 2>/dev/null; wait "$PID" 2>/dev/null; rm -rf "$DIR"' EXIT
+PID=
+trap 'kill "$PID" 2>/dev/null || true; wait "$PID" 2>/dev/null || true; rm -rf "$DIR"' EXIT
 
 ip link set lo up
 ip link add hp0 address 02:00:00:00:7a:01 type veth peer name hp1
@@ -30,7 +32,7 @@ PID=$!
 i=0
 until grep -q "agent ready" "$DIR/agent.log"; do
 	i=$((i + 1))
-	[ $i -gt 100 ] && { cat "$DIR/agent.log"; echo "the agent did not start" >&2; exit 1; }
+	[ $i -gt 100 ] && { cat "$DIR/agent.log" >&2; echo "the agent did not start" >&2; exit 1; }
 	sleep 0.1
 done
 
@@ -68,4 +70,4 @@ sleep 1
 cpu2=$(cpu_ms)
 figure ten_address_changes_agent_cpu_ms $((cpu2 - cpu1))
 figure final_rss_kib "$(rss_kib)"
-kill -0 "$PID" || { cat "$DIR/agent.log"; echo "the agent died" >&2; exit 1; }
+kill -0 "$PID" || { cat "$DIR/agent.log" >&2; echo "the agent died" >&2; exit 1; }

@@ -78,6 +78,12 @@ async fn scenario(state_dir: std::path::PathBuf) -> Result<(), String> {
     let summaries =
         |s: &snapshot::NicSnapshot| s.routes.iter().map(|r| r.summary.clone()).collect::<Vec<_>>();
     assert_eq!(summaries(&before), summaries(&all), "filtered and unfiltered route reads differ");
+    // A filtered read for a device that is not there is an error, not "no routes".
+    let gone = netlink.routes_through(rtnetlink::packet_route::AddressFamily::Inet, 999_999).await;
+    assert!(
+        matches!(gone, Err(snapshot::SnapshotError::NoSuchLink(999_999))),
+        "a vanished NIC read as {gone:?}"
+    );
     assert_eq!(before.addresses.len(), 4, "two IPv4, one IPv6, the link-local: {before:#?}");
     assert_eq!(before.routes.len(), 2, "{before:#?}");
     assert_eq!(before.rules.len(), 1, "{before:#?}");

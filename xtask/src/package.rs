@@ -213,11 +213,22 @@ pub fn check(packages: &Packages, arch: Arch) -> Result<Vec<String>> {
     if deb_arch.trim() != arch.name() {
         problems.push(format!("the .deb's architecture is {:?}, not {}", deb_arch.trim(), arch.name()));
     }
-    // The .deb's glibc floor is the one the binary is checked against below.
-    let depends = cmd::output(Command::new("dpkg-deb").arg("--field").arg(&packages.deb).arg("Depends"))?;
-    let floor = format!("libc6 (>= {}.{})", GLIBC_FLOOR.0, GLIBC_FLOOR.1);
-    if !depends.split(',').any(|d| d.trim() == floor) {
-        problems.push(format!("the .deb depends on {:?}, not {floor}", depends.trim()));
+    // Each .deb asks for no newer glibc than the binary is checked against below (else it would
+    // refuse a host the binary runs on).
+    for deb in [&packages.deb, &packages.deb_upgrade] {
+        let depends = cmd::output(Command::new("dpkg-deb").arg("--field").arg(deb).arg("Depends"))?;
+        match glibc_floor(&depends) {
+            Some(floor) if floor <= GLIBC_FLOOR => {}
+            Some(floor) => problems.push(format!(
+                "{} depends on glibc {}.{}, newer than {}.{}",
+                deb.display(),
+                floor.0,
+                floor.1,
+                GLIBC_FLOOR.0,
+                GLIBC_FLOOR.1
+            )),
+            None => problems.push(format!("{} names no libc6 version: {:?}", deb.display(), depends.trim())),
+        }
     }
     let rpm_arch =
         cmd::output(Command::new("rpm").args(["-qp", "--queryformat", "%{ARCH}"]).arg(&packages.rpm))?;
@@ -230,6 +241,16 @@ pub fn check(packages: &Packages, arch: Arch) -> Result<Vec<String>> {
     }
     problems.extend(check_binary(&binary, arch)?);
     Ok(problems)
+}
+
+/// The version in a `Depends` field's `libc6 (>= X.Y)` (arch-qualified or not).
+fn glibc_floor(depends: &str) -> Option<(u32, u32)> {
+    let rest =
+        depends.split(',').map(str::trim).find(|d| d.starts_with("libc6 ") || d.starts_with("libc6:"))?;
+    let version = rest.split_once(">=")?.1.trim().trim_end_matches(')').trim();
+    let number = |part: &str| part.chars().take_while(char::is_ascii_digit).collect::<String>().parse().ok();
+    let mut parts = version.split('.');
+    Some((number(parts.next()?)?, number(parts.next()?)?))
 }
 
 /// What the agent needs at run time: only glibc's libraries, and no symbol newer than
@@ -263,4 +284,17 @@ fn check_binary(binary: &Path, arch: Arch) -> Result<Vec<String>> {
         ));
     }
     Ok(problems)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_glibc_floor_of_a_depends_field() {
+        assert_eq!(glibc_floor("libc6 (>= 2.34)"), Some((2, 34)));
+        assert_eq!(glibc_floor("systemd, libc6:arm64 (>= 2.36)"), Some((2, 36)));
+        assert_eq!(glibc_floor("libc6 (>= 2.17-3)"), Some((2, 17)));
+        assert_eq!(glibc_floor("systemd"), None);
+    }
 }

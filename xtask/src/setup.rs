@@ -298,16 +298,17 @@ pub fn ensure_promtool() -> Result<()> {
 /// The rustup target and the Debian cross toolchain (linker, binutils, glibc) an arm64 build
 /// needs; nothing for amd64.
 pub fn ensure_cross(arch: Arch) -> Result<()> {
-    if std::env::consts::ARCH != "x86_64" {
-        bail!(
-            "this machine is {}: hotplug's builds and guests assume an x86_64 host (amd64 is native, \
-             arm64 cross-built)",
-            std::env::consts::ARCH
-        );
-    }
     let Some(triple) = arch.rust_target() else {
         return Ok(());
     };
+    if std::env::consts::ARCH != "x86_64" {
+        bail!(
+            "this machine is {}: cross-building for {} assumes an x86_64 host (Debian's \
+             gcc-aarch64-linux-gnu)",
+            std::env::consts::ARCH,
+            arch.name()
+        );
+    }
     ensure_debian_packages(&["gcc-aarch64-linux-gnu", "libc6-dev-arm64-cross"])?;
     let installed = cmd::output(Command::new("rustup").args(["target", "list", "--installed"]))?;
     if !installed.lines().any(|t| t.trim() == triple) {

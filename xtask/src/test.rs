@@ -199,7 +199,7 @@ pub fn run(args: &TestArgs) -> Result<ExitCode> {
         for scenario in &scenarios {
             let runs_on = |k: &&kernels::GuestKernel| {
                 (scenario.kernels.contains(&k.suite)
-                    || scenario.extra_kernels.contains(&k.suite) && chosen.contains(&k.suite))
+                    || (scenario.extra_kernels.contains(&k.suite) && chosen.contains(&k.suite)))
                     && scenario.arches.contains(&k.arch)
                     && (k.arch == Arch::Arm64 || amd64)
             };

@@ -31,6 +31,7 @@ use crate::{
 /// Where a restore's time went, in microseconds: the agent's part before the replay (filled in by
 /// the agent), then each phase of [`restore`]. `status --json` and the restore log line show it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct RestorePhases {
     /// From the kernel's registration of the NIC to the agent's decision to restore it: ring
     /// buffer delivery, decoding, classification, the decision.

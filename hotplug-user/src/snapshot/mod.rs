@@ -14,7 +14,7 @@ use rtnetlink::{
     packet_route::{
         address::{AddressAttribute, AddressFlags, AddressMessage},
         link::{LinkAttribute, LinkFlags, LinkMessage, Prop},
-        route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol},
+        route::{RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteProtocol},
         rule::{RuleAttribute, RuleMessage},
         AddressFamily,
     },
@@ -433,8 +433,9 @@ fn link_settings(link: &LinkMessage) -> (String, Option<u32>, bool, Vec<String>,
     (name, mtu, up, altnames, key)
 }
 
-/// Reads the NIC with `ifindex` from the kernel. `tables_of_interest` are extra routing tables
-/// whose rules count as the NIC's even without routes in them right now.
+/// Reads the NIC with `ifindex` from the kernel: its link, addresses, the routes through it (a
+/// dump the kernel filters, `Netlink::routes_through`) and the rules that refer to its addresses
+/// or to the tables of its routes. A NIC gone during the read is an error, never an empty one.
 pub async fn capture(netlink: &Netlink, ifindex: u32) -> Result<NicSnapshot, SnapshotError> {
     let handle = &netlink.handle;
     let links: Vec<LinkMessage> = handle.link().get().match_index(ifindex).execute().try_collect().await?;
@@ -457,9 +458,17 @@ pub async fn capture(netlink: &Netlink, ifindex: u32) -> Result<NicSnapshot, Sna
     let mut routes = Vec::new();
     let mut tables = Vec::new();
     for family in [AddressFamily::Inet, AddressFamily::Inet6] {
-        // Filtered in the kernel; what has no RTA_OIF (a multipath route) is not the NIC's here.
+        // Filtered in the kernel; what has no RTA_OIF (a multipath route) is not the NIC's here,
+        // nor is another family's (an IPv6 dump on a host without IPv6 answers with IPv4's), nor
+        // a cached exception (`RTM_F_CLONED`: a PMTU or a redirect, the kernel's, not
+        // configuration; an unfiltered dump includes them).
         let found = netlink.routes_through(family, ifindex).await?;
-        for message in found.iter().filter(|m| route_oif(m) == Some(ifindex)) {
+        let mine = |m: &&RouteMessage| {
+            route_oif(m) == Some(ifindex)
+                && m.header.address_family == family
+                && !m.header.flags.contains(RouteFlags::Cloned)
+        };
+        for message in found.iter().filter(mine) {
             let table = route_table(message);
             // Routes the kernel makes for addresses and the link itself come back on their own.
             let kernel_made = matches!(message.header.protocol, RouteProtocol::Kernel | RouteProtocol::Ra)
@@ -490,6 +499,12 @@ pub async fn capture(netlink: &Netlink, ifindex: u32) -> Result<NicSnapshot, Sna
                 rules.push(Entry { summary: rule_summary(message), message: to_hex(message) });
             }
         }
+    }
+    // The NIC may have gone while it was read (its routes then read as none): such a read is
+    // not its configuration.
+    let still: Vec<LinkMessage> = handle.link().get().match_index(ifindex).execute().try_collect().await?;
+    if still.is_empty() {
+        return Err(SnapshotError::NoSuchLink(ifindex));
     }
     Ok(NicSnapshot {
         mac,

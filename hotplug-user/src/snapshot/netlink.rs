@@ -7,18 +7,27 @@
 //! requests do not all fill in as it wants.
 //!
 //! Kernel facts relied on (net/ipv4/fib_frontend.c `ip_valid_fib_dump_req`, shared by IPv6's
-//! `inet6_dump_fib`): a strict route dump accepts a zeroed header (address family aside) with
-//! `RTA_OIF` and filters by the device any nexthop uses; a header field set (table, protocol,
-//! type) filters too, which is why the request carries none.
-use futures::TryStreamExt as _;
+//! `inet6_dump_fib`, Linux 4.20+): a strict route dump accepts a zeroed header (address family
+//! aside) with `RTA_OIF` and filters by the device any nexthop uses; a header field set (table,
+//! protocol, type) filters too, which is why the request carries none, and `rtm_flags` 0 leaves
+//! out the cached exceptions (PMTU, redirects) a non-strict dump adds. The request is checked
+//! inside the dump callback, so a refusal (or the device gone, ENODEV) comes back as the error
+//! code of `NLMSG_DONE`, which the connection is told to hand over rather than swallow.
+use futures::{StreamExt as _, TryStreamExt as _};
 use rtnetlink::{
+    packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST},
     packet_route::{
         route::{RouteAttribute, RouteMessage},
-        AddressFamily,
+        AddressFamily, RouteNetlinkMessage,
     },
     sys::AsyncSocket as _,
     Handle, RouteMessageBuilder,
 };
+
+use super::SnapshotError;
+
+/// `ENODEV` (include/uapi/asm-generic/errno-base.h).
+const ENODEV: i32 = 19;
 
 /// The handles: `handle` for requests, `dumps` (strict) for filtered route dumps.
 #[derive(Clone, Debug)]
@@ -28,15 +37,28 @@ pub struct Netlink {
     dumps: Option<Handle>,
 }
 
+/// How a filtered dump ended other than with the routes.
+enum Filtered {
+    /// The NIC is gone.
+    NoDevice,
+    /// The kernel refused the request (its errno), or the connection ended mid-dump.
+    Refused(String),
+}
+
 impl Netlink {
-    /// Opens both connections, their tasks spawned on the current tokio runtime.
+    /// Opens both connections, their tasks spawned on the current tokio runtime (an error, not a
+    /// panic, outside one).
     pub fn connect() -> std::io::Result<Self> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|e| {
+            std::io::Error::other(format!("no tokio runtime for the netlink connections: {e}"))
+        })?;
         let (connection, handle, _) = rtnetlink::new_connection()?;
-        tokio::spawn(connection);
+        runtime.spawn(connection);
         let (mut connection, dumps, _) = rtnetlink::new_connection()?;
         let dumps = match connection.socket_mut().socket_mut().set_netlink_get_strict_chk(true) {
             Ok(()) => {
-                tokio::spawn(connection);
+                connection.set_forward_done(true);
+                runtime.spawn(connection);
                 Some(dumps)
             }
             Err(error) => {
@@ -58,16 +80,13 @@ impl Netlink {
         &self,
         family: AddressFamily,
         ifindex: u32,
-    ) -> Result<Vec<RouteMessage>, rtnetlink::Error> {
+    ) -> Result<Vec<RouteMessage>, SnapshotError> {
         if let Some(dumps) = &self.dumps {
-            let mut filter = RouteMessage::default();
-            filter.header.address_family = family;
-            filter.attributes.push(RouteAttribute::Oif(ifindex));
-            match dumps.route().get(filter).execute().try_collect().await {
+            match filtered_dump(dumps, family, ifindex).await {
                 Ok(routes) => return Ok(routes),
-                // The NIC left meanwhile (ENODEV), or a kernel refused the filter: read them all.
-                Err(error) => {
-                    tracing::debug!(%error, ifindex, "filtered route dump refused: reading every route")
+                Err(Filtered::NoDevice) => return Err(SnapshotError::NoSuchLink(ifindex)),
+                Err(Filtered::Refused(why)) => {
+                    tracing::debug!(ifindex, "filtered route dump refused ({why}): reading every route");
                 }
             }
         }
@@ -76,6 +95,38 @@ impl Netlink {
         } else {
             RouteMessageBuilder::<std::net::Ipv4Addr>::new().build()
         };
-        self.handle.route().get(all).execute().try_collect().await
+        Ok(self.handle.route().get(all).execute().try_collect().await?)
     }
+}
+
+/// A strict `RTM_GETROUTE` dump of `family` filtered by `RTA_OIF`, read to its `NLMSG_DONE`.
+async fn filtered_dump(
+    dumps: &Handle,
+    family: AddressFamily,
+    ifindex: u32,
+) -> Result<Vec<RouteMessage>, Filtered> {
+    let mut filter = RouteMessage::default();
+    filter.header.address_family = family;
+    filter.attributes.push(RouteAttribute::Oif(ifindex));
+    let mut request = NetlinkMessage::from(RouteNetlinkMessage::GetRoute(filter));
+    request.header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    let mut responses = dumps.clone().request(request).map_err(|e| Filtered::Refused(e.to_string()))?;
+    let mut routes = Vec::new();
+    while let Some(message) = responses.next().await {
+        match message.payload {
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewRoute(route)) => routes.push(route),
+            NetlinkPayload::Done(done) if done.code == -ENODEV => return Err(Filtered::NoDevice),
+            NetlinkPayload::Done(done) if done.code < 0 => {
+                return Err(Filtered::Refused(std::io::Error::from_raw_os_error(-done.code).to_string()))
+            }
+            NetlinkPayload::Done(_) => return Ok(routes),
+            NetlinkPayload::Error(error) if error.code.map(|c| c.get()) == Some(-ENODEV) => {
+                return Err(Filtered::NoDevice)
+            }
+            NetlinkPayload::Error(error) => return Err(Filtered::Refused(error.to_string())),
+            _ => {}
+        }
+    }
+    // Without its NLMSG_DONE the dump may be cut short: not a NIC's routes.
+    Err(Filtered::Refused("the dump ended without NLMSG_DONE".into()))
 }

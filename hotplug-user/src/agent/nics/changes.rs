@@ -1,13 +1,16 @@
 //! rtnetlink notifications that can change a NIC's configuration, for the manager's re-reads.
 use futures::{Stream, StreamExt as _};
 use rtnetlink::{
-    packet_core::NetlinkPayload, packet_route::RouteNetlinkMessage, sys::AsyncSocket as _, MulticastGroup,
+    packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_REPLACE},
+    packet_route::{route::RouteAttribute, RouteNetlinkMessage},
+    sys::AsyncSocket as _,
+    MulticastGroup,
 };
 
 use super::ManagerError;
 
-/// Receive buffer of the notification socket, bytes.
-const NOTIFICATION_BUFFER: usize = 4 << 20;
+/// Receive buffer of the notification socket, bytes (an `int` for `setsockopt`).
+const NOTIFICATION_BUFFER: i32 = 4 << 20;
 
 /// rtnetlink notifications that can change a NIC's configuration: the ifindex they concern, or
 /// `None` for rules (not bound to one NIC) and lost notifications.
@@ -22,37 +25,114 @@ pub fn config_changes() -> Result<impl Stream<Item = Option<u32>>, ManagerError>
         MulticastGroup::Ipv6Rule,
     ];
     let (mut connection, _handle, messages) = rtnetlink::new_multicast_connection(&groups)?;
-    // Room for a burst (a routing daemon installing a table, 200,000 routes in a few seconds)
-    // before the kernel drops notifications and the agent has to re-read every NIC. The kernel
-    // caps it at net.core.rmem_max; failing to grow it is not fatal.
-    if let Err(error) = connection.socket_mut().socket_mut().set_rx_buf_sz(NOTIFICATION_BUFFER) {
-        tracing::debug!(%error, "cannot enlarge the rtnetlink notification buffer");
-    }
+    enlarge(connection.socket_mut().socket_mut());
     tokio::spawn(connection);
-    Ok(messages.filter_map(|(message, _)| async move {
-        match message.payload {
-            NetlinkPayload::InnerMessage(message) => match message {
-                RouteNetlinkMessage::NewLink(l) | RouteNetlinkMessage::DelLink(l) => {
-                    Some(Some(l.header.index))
-                }
-                RouteNetlinkMessage::NewAddress(a) | RouteNetlinkMessage::DelAddress(a) => {
-                    Some(Some(a.header.index))
-                }
-                // A route without an output device (blackhole, unreachable, prohibit, multipath:
-                // no `RTA_OIF`) is in no NIC's snapshot (`snapshot::route_oif`): a host adding a
-                // table of them (a BGP feed's blackholes) costs the agent no re-read.
-                RouteNetlinkMessage::NewRoute(r) | RouteNetlinkMessage::DelRoute(r) => {
-                    crate::snapshot::route_oif(&r).map(Some)
-                }
-                RouteNetlinkMessage::NewRule(_) | RouteNetlinkMessage::DelRule(_) => Some(None),
-                _ => None,
-            },
-            // The socket's buffer overflowed: notifications were lost, re-read every NIC.
-            NetlinkPayload::Overrun(_) => {
-                tracing::warn!("rtnetlink notifications lost (buffer overrun): re-reading every NIC");
-                Some(None)
-            }
-            _ => None,
+    Ok(messages.flat_map(|(message, _)| futures::stream::iter(changes_of(message))))
+}
+
+/// Room for a burst (a routing daemon installing a table, 200,000 routes in a few seconds)
+/// before the kernel drops notifications and the agent has to re-read every NIC:
+/// `SO_RCVBUFFORCE` (CAP_NET_ADMIN, which the agent has: past `net.core.rmem_max`, 212,992 bytes
+/// on stock images), else `SO_RCVBUF` (capped by it). Failing is not fatal.
+fn enlarge(socket: &rtnetlink::sys::Socket) {
+    use std::os::fd::AsRawFd as _;
+    let size: libc::c_int = NOTIFICATION_BUFFER;
+    // SAFETY: the descriptor is the open socket, and the option value a `c_int` that outlives the
+    // call; the kernel copies `optlen` bytes of it.
+    let forced = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            std::ptr::from_ref(&size).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    } == 0;
+    if !forced {
+        if let Err(error) = socket.set_rx_buf_sz(size) {
+            tracing::debug!(%error, "cannot enlarge the rtnetlink notification buffer");
         }
-    }))
+    }
+}
+
+/// The NICs a notification may concern: `Some(ifindex)` each, `None` for "any of them".
+fn changes_of(message: NetlinkMessage<RouteNetlinkMessage>) -> Vec<Option<u32>> {
+    let replace = message.header.flags & NLM_F_REPLACE != 0;
+    match message.payload {
+        NetlinkPayload::InnerMessage(message) => match message {
+            RouteNetlinkMessage::NewLink(l) | RouteNetlinkMessage::DelLink(l) => vec![Some(l.header.index)],
+            RouteNetlinkMessage::NewAddress(a) | RouteNetlinkMessage::DelAddress(a) => {
+                vec![Some(a.header.index)]
+            }
+            RouteNetlinkMessage::NewRoute(r) | RouteNetlinkMessage::DelRoute(r) => {
+                // The devices the route goes through: its RTA_OIF, or its multipath hops'.
+                let mut nics: Vec<Option<u32>> =
+                    crate::snapshot::route_oif(&r).map(Some).into_iter().collect();
+                for attribute in &r.attributes {
+                    if let RouteAttribute::MultiPath(hops) = attribute {
+                        nics.extend(hops.iter().map(|hop| Some(hop.interface_index)));
+                    }
+                }
+                // A replace notifies the new route only: the one it replaced, perhaps through
+                // another NIC, went without a notification of its own (fib_table_insert,
+                // fib6_add_rt2node), so every NIC is read again.
+                if replace {
+                    nics.push(None);
+                }
+                // A route through no device (a blackhole, unreachable or prohibit route, added:
+                // no RTA_OIF) is in no NIC's snapshot: a routing daemon adding a table of them
+                // costs no re-read.
+                nics
+            }
+            RouteNetlinkMessage::NewRule(_) | RouteNetlinkMessage::DelRule(_) => vec![None],
+            _ => Vec::new(),
+        },
+        // The socket's buffer overflowed: notifications were lost, re-read every NIC.
+        NetlinkPayload::Overrun(_) => {
+            tracing::warn!("rtnetlink notifications lost (buffer overrun): re-reading every NIC");
+            vec![None]
+        }
+        _ => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rtnetlink::packet_route::route::{RouteMessage, RouteNextHop};
+
+    use super::*;
+
+    fn notification(route: RouteMessage, flags: u16) -> NetlinkMessage<RouteNetlinkMessage> {
+        let mut message = NetlinkMessage::from(RouteNetlinkMessage::NewRoute(route));
+        message.header.flags = flags;
+        message
+    }
+
+    #[test]
+    fn a_route_concerns_the_nics_it_goes_through_and_a_replace_any_nic() {
+        let mut through = RouteMessage::default();
+        through.attributes.push(RouteAttribute::Oif(4));
+        assert_eq!(changes_of(notification(through.clone(), 0)), [Some(4)]);
+        assert_eq!(changes_of(notification(through, NLM_F_REPLACE)), [Some(4), None]);
+
+        let blackhole = RouteMessage::default();
+        assert!(changes_of(notification(blackhole.clone(), 0)).is_empty(), "an added blackhole is no NIC's");
+        assert_eq!(
+            changes_of(notification(blackhole, NLM_F_REPLACE)),
+            [None],
+            "it may replace a NIC's route"
+        );
+
+        let mut multipath = RouteMessage::default();
+        let hops: Vec<RouteNextHop> = [5, 6]
+            .into_iter()
+            .map(|index| {
+                let mut hop = RouteNextHop::default();
+                hop.interface_index = index;
+                hop
+            })
+            .collect();
+        multipath.attributes.push(RouteAttribute::MultiPath(hops));
+        assert_eq!(changes_of(notification(multipath, 0)), [Some(5), Some(6)]);
+    }
 }
