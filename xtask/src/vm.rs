@@ -755,6 +755,13 @@ until (exec 3<>{control}) 2>/dev/null; do
 	sleep 0.1
 done
 sleep 2147483647 <>{control} >/dev/null 2>&1 &
+holder=$!
+# The holder opens the device in the background: set the line only once it holds it.
+i=0
+while [ "$(readlink /proc/$holder/fd/0 2>/dev/null)" != "{control}" ] && [ $i -lt 50 ]; do
+	sleep 0.1
+	i=$((i + 1))
+done
 stty -F {control} raw -echo
 vmctl hello "$(uname -r)"
 echo "=== hotplug guest $(uname -r): running the script ==="
