@@ -19,10 +19,7 @@ use std::path::Path;
 
 use thiserror::Error;
 
-use super::{
-    btf::{Btf, BtfError, Shape},
-    kallsyms::Kallsyms,
-};
+use super::btf::{Btf, BtfError, Shape};
 
 #[derive(Clone, Debug, Error, PartialEq, Eq)]
 pub enum AbiError {
@@ -126,12 +123,6 @@ impl Convention {
             syscall_arg0: offset(btf, "syscall argument", self.syscall_arg0)?,
         })
     }
-
-    /// The kernel function that wraps system call `name` here, if kallsyms has it.
-    pub fn syscall(&self, kallsyms: &Kallsyms, name: &str) -> Option<String> {
-        let wrapper = format!("{}{name}", self.syscall_prefix);
-        kallsyms.has_function(&wrapper).then_some(wrapper)
-    }
 }
 
 fn offset(btf: &Btf, register: &'static str, reg: Register) -> Result<u32, AbiError> {
@@ -191,20 +182,6 @@ mod tests {
             offset(&btf, "bad", reg("di", 1)),
             Err(AbiError::NotAnArray { register: "bad", member: "di", index: 1 })
         );
-        Ok(())
-    }
-
-    #[test]
-    fn finds_the_syscall_wrapper_of_the_running_architecture_only() -> Result<(), AbiError> {
-        let kallsyms = Kallsyms::parse(
-            "0 T __x64_sys_delete_module\n0 T __ia32_sys_delete_module\n0 T __arm64_sys_finit_module\n",
-        );
-        let x86 = Convention::of("x86_64")?;
-        assert_eq!(x86.syscall(&kallsyms, "delete_module").as_deref(), Some("__x64_sys_delete_module"));
-        assert_eq!(x86.syscall(&kallsyms, "finit_module"), None);
-        let arm = Convention::of("aarch64")?;
-        assert_eq!(arm.syscall(&kallsyms, "delete_module"), None);
-        assert_eq!(arm.syscall(&kallsyms, "finit_module").as_deref(), Some("__arm64_sys_finit_module"));
         Ok(())
     }
 
