@@ -56,6 +56,10 @@ fn configure() -> Result<(), String> {
         "-6 addr add fd09::5/64 dev hr0 nodad",
         "route add 192.168.90.0/24 via 10.9.0.254 dev hr0",
         "route add default via 10.9.0.1 dev hr0 table 10009",
+        // A gateway reachable only through a route of the snapshot: the two are restored in one
+        // pipelined phase, in order.
+        "route add 10.50.0.1 dev hr0",
+        "route add 10.60.0.0/16 via 10.50.0.1 dev hr0",
         "rule add from 10.9.0.5 lookup 10009 pref 10009",
         "link property add dev hr0 altname hotplug-test-alt",
     ] {
@@ -85,7 +89,7 @@ async fn scenario(state_dir: std::path::PathBuf) -> Result<(), String> {
         "a vanished NIC read as {gone:?}"
     );
     assert_eq!(before.addresses.len(), 4, "two IPv4, one IPv6, the link-local: {before:#?}");
-    assert_eq!(before.routes.len(), 2, "{before:#?}");
+    assert_eq!(before.routes.len(), 4, "{before:#?}");
     assert_eq!(before.rules.len(), 1, "{before:#?}");
 
     // The driver "leaves": the removal event comes first (as from the kernel), then the link goes.
@@ -115,6 +119,20 @@ async fn scenario(state_dir: std::path::PathBuf) -> Result<(), String> {
         restore::restore(&netlink, &before, ifindex("hr0").await?, restore::RestoreOptions::default()).await;
     assert!(report.errors.is_empty(), "{report:#?}");
     assert_eq!(report.differences, vec!["address extra: 10.9.0.99/24 flags Secondary label hr0".to_owned()]);
+
+    // A route whose place another NIC took is reported, not taken over; the others are fine.
+    ip("addr add 10.8.0.1/24 dev hr1")?;
+    ip("route del 192.168.90.0/24 dev hr0")?;
+    ip("route add 192.168.90.0/24 via 10.8.0.254 dev hr1")?;
+    let report =
+        restore::restore(&netlink, &before, ifindex("hr0").await?, restore::RestoreOptions::default()).await;
+    assert_eq!(report.errors.len(), 1, "{report:#?}");
+    assert!(
+        report.errors[0].contains("192.168.90.0/24 via 10.9.0.254")
+            && report.errors[0].contains("another route has its place")
+            && report.errors[0].contains("via 10.8.0.254"),
+        "{report:#?}"
+    );
     Ok(())
 }
 

@@ -12,14 +12,16 @@
 //! kernel refuses a new route that does) are stripped; an address with a lifetime (a DHCP or
 //! SLAAC lease) is either left to the NIC's network manager, which renews it, or replayed with
 //! what is left of its lifetime, never with the stale one.
+use futures::TryStreamExt as _;
 use rtnetlink::{
     packet_route::{
         address::{AddressAttribute, AddressFlags, AddressMessage},
         link::LinkMessage,
         route::{RouteAttribute, RouteFlags, RouteMessage, RouteNextHopFlags, RouteProtocol},
         rule::RuleMessage,
+        RouteNetlinkMessage,
     },
-    Handle, LinkUnspec,
+    Handle, IpVersion, LinkUnspec,
 };
 use serde::{Deserialize, Serialize};
 
@@ -272,6 +274,12 @@ impl Sender<'_> {
 }
 
 /// Restores `want` onto the link `ifindex`.
+///
+/// What is read first is the link alone (one request): the addresses are sent as replacements
+/// and the routes exclusively, so neither needs to know what is there, and a NIC that just came
+/// back holds nothing of its own yet (a full read would also walk every route of the host).
+/// Rules are not bound to the NIC and survive it: when the snapshot has any, the rules are read
+/// so that none is added twice. Each phase's requests are pipelined (`send_pipelined`).
 pub async fn restore(
     netlink: &snapshot::Netlink,
     want: &NicSnapshot,
@@ -282,7 +290,8 @@ pub async fn restore(
     let mut tx = Sender { handle, report: RestoreReport::default(), expected_missing: Vec::new() };
     let mut phases = RestorePhases::default();
     let mut mark = monotonic_ns();
-    let have = snapshot::capture(netlink, ifindex).await.ok();
+    let have = netlink.link(ifindex).await.ok();
+    let have_rules = if want.rules.is_empty() { Vec::new() } else { rule_summaries(handle).await };
     (phases.pre_read_us, mark) = lap(mark);
     let link_too = !options.routes_and_rules_only;
     if let Some(have) = have.as_ref().filter(|_| link_too) {
@@ -314,10 +323,10 @@ pub async fn restore(
     tx.report.errors.extend(plan.errors);
     tx.report.left_to_manager.extend(plan.left_to_manager);
     tx.expected_missing.extend(plan.expected_missing);
-    for (summary, message) in plan.addresses {
-        let mut request = handle.address().add(ifindex, std::net::IpAddr::from([0, 0, 0, 0]), 0).replace();
-        *request.message_mut() = message;
-        let result = request.execute().await;
+    let (summaries, messages): (Vec<String>, Vec<_>) =
+        plan.addresses.into_iter().map(|(s, m)| (s, RouteNetlinkMessage::NewAddress(m))).unzip();
+    let sent = super::send_pipelined(handle, messages, super::Create::Replace).await;
+    for (summary, result) in summaries.iter().zip(sent) {
         tx.outcome(&format!("address {summary}"), result);
     }
 
@@ -331,8 +340,9 @@ pub async fn restore(
     (link_up_us, mark) = lap(mark);
     phases.link_us += link_up_us;
 
-    for (summary, message) in plan.routes {
-        let result = super::add_route_exclusive(handle, message).await;
+    let (summaries, messages): (Vec<String>, Vec<RouteMessage>) = plan.routes.into_iter().unzip();
+    let sent = super::add_routes_exclusive(handle, messages).await;
+    for (summary, result) in summaries.iter().zip(sent) {
         tx.report.requests += 1;
         tx.report.last_ack_ns = crate::clock::monotonic_ns();
         if let Err(error) = result {
@@ -342,12 +352,14 @@ pub async fn restore(
 
     (phases.routes_us, mark) = lap(mark);
 
-    let have_rules: Vec<String> =
-        have.as_ref().map(|h| h.rules.iter().map(|r| r.summary.clone()).collect()).unwrap_or_default();
-    for (summary, message) in plan.rules.into_iter().filter(|(summary, _)| !have_rules.contains(summary)) {
-        let mut request = handle.rule().add();
-        *request.message_mut() = message;
-        let result = request.execute().await;
+    let (summaries, messages): (Vec<String>, Vec<_>) = plan
+        .rules
+        .into_iter()
+        .filter(|(summary, _)| !have_rules.contains(summary))
+        .map(|(s, m)| (s, RouteNetlinkMessage::NewRule(m)))
+        .unzip();
+    let sent = super::send_pipelined(handle, messages, super::Create::Exclusive).await;
+    for (summary, result) in summaries.iter().zip(sent) {
         tx.outcome(&format!("rule {summary}"), result);
     }
 
@@ -372,6 +384,17 @@ pub async fn restore(
     report.last_ack_ns = last_ack_ns;
     report.phases = phases;
     report
+}
+
+/// The summaries of every rule of both families (empty when they cannot be read: a rule already
+/// there then fails its request with EEXIST, which is no error).
+async fn rule_summaries(handle: &Handle) -> Vec<String> {
+    let mut summaries = Vec::new();
+    for version in [IpVersion::V4, IpVersion::V6] {
+        let rules: Result<Vec<RuleMessage>, _> = handle.rule().get(version).execute().try_collect().await;
+        summaries.extend(rules.unwrap_or_default().iter().map(snapshot::rule_summary));
+    }
+    summaries
 }
 
 #[cfg(test)]

@@ -400,8 +400,19 @@ pub fn link_altnames(link: &LinkMessage) -> Vec<String> {
         .collect()
 }
 
-/// The link's settings: (name, mtu, up, altnames, permanent/current MAC).
-fn link_settings(link: &LinkMessage) -> (String, Option<u32>, bool, Vec<String>, String) {
+/// A link's own settings, as one `RTM_GETLINK` reads them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LinkState {
+    pub name: String,
+    pub mtu: Option<u32>,
+    pub up: bool,
+    pub altnames: Vec<String>,
+    /// Its identity (`identity::nic_key`), empty for a link without a MAC.
+    pub key: String,
+}
+
+/// The link's settings.
+fn link_settings(link: &LinkMessage) -> LinkState {
     let mut name = String::new();
     let mut mtu = None;
     let mut altnames = Vec::new();
@@ -430,7 +441,7 @@ fn link_settings(link: &LinkMessage) -> (String, Option<u32>, bool, Vec<String>,
     } else {
         crate::identity::nic_key(permanent.as_deref(), &current, &name, is_virtual)
     };
-    (name, mtu, up, altnames, key)
+    LinkState { name, mtu, up, altnames, key }
 }
 
 /// Reads the NIC with `ifindex` from the kernel: its link, addresses, the routes through it (a
@@ -438,9 +449,7 @@ fn link_settings(link: &LinkMessage) -> (String, Option<u32>, bool, Vec<String>,
 /// or to the tables of its routes. A NIC gone during the read is an error, never an empty one.
 pub async fn capture(netlink: &Netlink, ifindex: u32) -> Result<NicSnapshot, SnapshotError> {
     let handle = &netlink.handle;
-    let links: Vec<LinkMessage> = handle.link().get().match_index(ifindex).execute().try_collect().await?;
-    let link = links.first().ok_or(SnapshotError::NoSuchLink(ifindex))?;
-    let (name, mtu, up, altnames, mac) = link_settings(link);
+    let LinkState { name, mtu, up, altnames, key: mac } = netlink.link(ifindex).await?;
 
     let mut addresses = Vec::new();
     let mut own_addresses = Vec::new();

@@ -17,6 +17,7 @@ use futures::{StreamExt as _, TryStreamExt as _};
 use rtnetlink::{
     packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST},
     packet_route::{
+        link::LinkMessage,
         route::{RouteAttribute, RouteMessage},
         AddressFamily, RouteNetlinkMessage,
     },
@@ -24,7 +25,7 @@ use rtnetlink::{
     Handle, RouteMessageBuilder,
 };
 
-use super::SnapshotError;
+use super::{LinkState, SnapshotError};
 
 /// `ENODEV` (include/uapi/asm-generic/errno-base.h).
 const ENODEV: i32 = 19;
@@ -72,6 +73,13 @@ impl Netlink {
     /// Requests and unfiltered dumps through `handle` alone.
     pub const fn unfiltered(handle: Handle) -> Self {
         Self { handle, dumps: None }
+    }
+
+    /// The link's own settings (one request, no dump).
+    pub async fn link(&self, ifindex: u32) -> Result<LinkState, SnapshotError> {
+        let links: Vec<LinkMessage> =
+            self.handle.link().get().match_index(ifindex).execute().try_collect().await?;
+        links.first().map(super::link_settings).ok_or(SnapshotError::NoSuchLink(ifindex))
     }
 
     /// The routes of `family` whose output device is `ifindex` (and, from an unfiltered dump,
