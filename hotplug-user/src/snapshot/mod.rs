@@ -4,6 +4,7 @@
 //! Each address, route and rule is kept twice: as the kernel's own netlink message (so a restore
 //! re-sends exactly what the kernel had, every attribute included) and as a one-line summary
 //! without ifindex or transient state (what is compared after a restore and shown to people).
+mod compare;
 pub mod store;
 
 use std::net::IpAddr;

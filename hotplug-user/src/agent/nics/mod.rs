@@ -345,7 +345,12 @@ impl NicManager {
                     };
                     decide::coexist::restore_after_manager(cycle).map(|plan| (foreign, plan))
                 });
-                if let Some(nic) = self.nics.get_mut(&mac) {
+                // The same configuration read again (a counter, a lease counting down) is
+                // neither history nor worth a write: the snapshot held ages its lifetimes itself.
+                let changed = self.nics.get_mut(&mac).is_some_and(|nic| {
+                    if nic.snapshot.as_ref().is_some_and(|held| held.same_configuration(&snapshot)) {
+                        return false;
+                    }
                     if let NicState::Present { name, .. } = &mut nic.state {
                         name.clone_from(&snapshot.name);
                     }
@@ -354,8 +359,11 @@ impl NicManager {
                         nic.history.pop_front();
                     }
                     nic.snapshot = Some(snapshot);
+                    true
+                });
+                if changed {
+                    self.persist(&mac);
                 }
-                self.persist(&mac);
                 if let Some((foreign, plan)) = dropped {
                     self.restore_after_manager(&mac, ifindex, foreign, plan);
                 }

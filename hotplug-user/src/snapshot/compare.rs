@@ -1,0 +1,208 @@
+//! Whether two snapshots of a NIC hold the same configuration, ignoring what the kernel changes by
+//! itself between two reads: counters and timestamps (`IFA_CACHEINFO`'s stamps, `RTA_CACHEINFO`'s
+//! use counts), transient address flags (tentative, deprecated), and lifetimes counting down.
+//! A lifetime is compared as the moment it ends (read time plus what was left), so a renewed lease
+//! (DHCP, SLAAC: the lifetime starts again) is a change, and one merely counting down is not.
+//!
+//! The agent re-reads a NIC after every rtnetlink notification that concerns it and persists what
+//! changed only: a re-read that finds the same configuration writes nothing.
+use rtnetlink::packet_route::{
+    address::{AddressAttribute, AddressMessage},
+    route::{RouteAttribute, RouteMessage},
+};
+
+use super::{address_message, route_message, Entry, NicSnapshot};
+
+/// Lifetime in seconds meaning "forever" (`INFINITY_LIFE_TIME`).
+const FOREVER: u32 = u32::MAX;
+
+/// How far apart two readings of one lifetime's end may be and still be the same lifetime: the
+/// kernel reports whole seconds, and a read takes time.
+const SLACK_S: u64 = 2;
+
+/// `RTA_CACHEINFO`'s `rta_expires` unit: clock ticks (`USER_HZ`, 100 on every Linux ABI).
+const TICKS_PER_S: u64 = 100;
+
+impl NicSnapshot {
+    /// True when `other` holds the same configuration as `self` (see the module's comment); the
+    /// ifindex and the read time do not count.
+    pub fn same_configuration(&self, other: &Self) -> bool {
+        let (a_s, b_s) = (self.taken_ns / 1_000_000_000, other.taken_ns / 1_000_000_000);
+        self.mac == other.mac
+            && self.name == other.name
+            && self.mtu == other.mtu
+            && self.up == other.up
+            && self.altnames == other.altnames
+            && self.manager == other.manager
+            && self.rules == other.rules
+            && same(&self.addresses, &other.addresses, |a, b| same_address(a, a_s, b, b_s))
+            && same(&self.routes, &other.routes, |a, b| same_route(a, a_s, b, b_s))
+    }
+}
+
+fn same(a: &[Entry], b: &[Entry], equal: impl Fn(&Entry, &Entry) -> bool) -> bool {
+    // Equal text is not enough: the same lifetime left at two read times is a renewal.
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.summary == y.summary && equal(x, y))
+}
+
+/// When a lifetime of `left` seconds, read at `read_s`, ends (`None`: never).
+fn end(read_s: u64, left: u32) -> Option<u64> {
+    (left != FOREVER).then(|| read_s + u64::from(left))
+}
+
+fn same_end(a: Option<u64>, b: Option<u64>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => a.abs_diff(b) <= SLACK_S,
+        (a, b) => a == b,
+    }
+}
+
+/// An address without what the kernel changes by itself, and when its lifetimes end.
+fn lasting_address(entry: &Entry, read_s: u64) -> Option<(AddressMessage, Option<u64>, Option<u64>)> {
+    let mut message = address_message(entry).ok()?;
+    let mut ends = (None, None);
+    message.attributes.retain(|attribute| match attribute {
+        AddressAttribute::CacheInfo(info) => {
+            ends = (end(read_s, info.ifa_valid), end(read_s, info.ifa_preferred));
+            false
+        }
+        // The lasting flags are in the summary, compared already.
+        AddressAttribute::Flags(_) => false,
+        _ => true,
+    });
+    message.header.flags = Default::default();
+    Some((message, ends.0, ends.1))
+}
+
+fn same_address(a: &Entry, a_s: u64, b: &Entry, b_s: u64) -> bool {
+    match (lasting_address(a, a_s), lasting_address(b, b_s)) {
+        (Some((a, a_valid, a_preferred)), Some((b, b_valid, b_preferred))) => {
+            a == b && same_end(a_valid, b_valid) && same_end(a_preferred, b_preferred)
+        }
+        _ => false,
+    }
+}
+
+/// A route without its cache information, and when it expires.
+fn lasting_route(entry: &Entry, read_s: u64) -> Option<(RouteMessage, Option<u64>)> {
+    let mut message = route_message(entry).ok()?;
+    let mut expires = None;
+    message.attributes.retain(|attribute| match attribute {
+        RouteAttribute::CacheInfo(info) => {
+            expires = (info.expires != 0).then(|| read_s + u64::from(info.expires) / TICKS_PER_S);
+            false
+        }
+        _ => true,
+    });
+    // Linkdown and dead come and go with the carrier.
+    message.header.flags &= rtnetlink::packet_route::route::RouteFlags::Onlink;
+    Some((message, expires))
+}
+
+fn same_route(a: &Entry, a_s: u64, b: &Entry, b_s: u64) -> bool {
+    match (lasting_route(a, a_s), lasting_route(b, b_s)) {
+        (Some((a, a_expires)), Some((b, b_expires))) => a == b && same_end(a_expires, b_expires),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rtnetlink::packet_route::{
+        address::CacheInfo,
+        route::{RouteCacheInfo, RouteFlags},
+    };
+
+    use super::*;
+    use crate::snapshot::to_hex;
+
+    fn address(valid: u32, preferred: u32, stamp: u32) -> Entry {
+        let mut message = AddressMessage::default();
+        message.header.prefix_len = 24;
+        message.attributes.push(AddressAttribute::Address([10, 0, 0, 5].into()));
+        let mut info = CacheInfo::default();
+        info.ifa_valid = valid;
+        info.ifa_preferred = preferred;
+        info.cstamp = 7;
+        info.tstamp = stamp;
+        message.attributes.push(AddressAttribute::CacheInfo(info));
+        Entry { summary: "10.0.0.5/24".into(), message: to_hex(&message) }
+    }
+
+    fn route(used: u32, expires_ticks: u32, linkdown: bool, metric: u32) -> Entry {
+        let mut message = RouteMessage::default();
+        message.header.destination_prefix_length = 24;
+        if linkdown {
+            message.header.flags = RouteFlags::Linkdown;
+        }
+        message.attributes.push(RouteAttribute::Priority(metric));
+        // clntref, last_use, expires, error, used, id, ts, ts_age (struct rta_cacheinfo).
+        let fields = [0, 0, expires_ticks, 0, used, 0, 0, 0];
+        let bytes: Vec<u8> = fields.iter().flat_map(|f: &u32| f.to_ne_bytes()).collect();
+        let Ok(info) = RouteCacheInfo::parse(&bytes) else { panic!("rta_cacheinfo of 32 bytes") };
+        message.attributes.push(RouteAttribute::CacheInfo(info));
+        Entry { summary: "192.168.50.0/24".into(), message: to_hex(&message) }
+    }
+
+    fn snapshot(at_s: u64, addresses: Vec<Entry>, routes: Vec<Entry>) -> NicSnapshot {
+        NicSnapshot {
+            mac: "02:00:00:00:00:01".into(),
+            ifindex: 2,
+            name: "eth0".into(),
+            mtu: Some(1500),
+            up: true,
+            altnames: Vec::new(),
+            addresses,
+            routes,
+            rules: Vec::new(),
+            taken_ns: at_s * 1_000_000_000,
+            manager: None,
+        }
+    }
+
+    #[test]
+    fn a_lease_counting_down_is_no_change_and_a_renewed_one_is() {
+        let first = snapshot(100, vec![address(3600, 1800, 50)], Vec::new());
+        let later = snapshot(110, vec![address(3590, 1790, 51)], Vec::new());
+        assert!(first.same_configuration(&later), "ten seconds later, ten seconds less");
+        let renewed = snapshot(110, vec![address(3600, 1800, 109)], Vec::new());
+        assert!(!first.same_configuration(&renewed), "a renewal moves the lifetime's end");
+        let preferred_only = snapshot(110, vec![address(3590, 1800, 51)], Vec::new());
+        assert!(!first.same_configuration(&preferred_only));
+        let forever = snapshot(100, vec![address(FOREVER, FOREVER, 1)], Vec::new());
+        assert!(forever.same_configuration(&snapshot(
+            5000,
+            vec![address(FOREVER, FOREVER, 4000)],
+            Vec::new()
+        )));
+        assert!(!forever.same_configuration(&first), "static against a lease");
+    }
+
+    #[test]
+    fn route_counters_and_carrier_flags_are_no_change() {
+        let first = snapshot(100, Vec::new(), vec![route(1, 0, false, 100)]);
+        assert!(first.same_configuration(&snapshot(200, Vec::new(), vec![route(90, 0, true, 100)])));
+        assert!(!first.same_configuration(&snapshot(200, Vec::new(), vec![route(1, 0, false, 200)])));
+        let expiring = snapshot(100, Vec::new(), vec![route(1, 30_000, false, 100)]);
+        assert!(expiring.same_configuration(&snapshot(150, Vec::new(), vec![route(1, 25_000, false, 100)])));
+        assert!(!expiring.same_configuration(&snapshot(150, Vec::new(), vec![route(1, 30_000, false, 100)])));
+    }
+
+    #[test]
+    fn the_link_and_the_set_of_objects_count() {
+        let first = snapshot(100, vec![address(FOREVER, FOREVER, 1)], Vec::new());
+        let mut mtu = first.clone();
+        mtu.mtu = Some(9001);
+        assert!(!first.same_configuration(&mtu));
+        let mut down = first.clone();
+        down.up = false;
+        assert!(!first.same_configuration(&down));
+        assert!(!first.same_configuration(&snapshot(100, Vec::new(), Vec::new())));
+        let mut corrupt = first.clone();
+        corrupt.addresses[0].message = "zz".into();
+        assert!(!first.same_configuration(&corrupt), "unreadable is a change");
+        let mut moved = first.clone();
+        moved.ifindex = 9;
+        assert!(first.same_configuration(&moved), "the ifindex is no configuration");
+    }
+}
