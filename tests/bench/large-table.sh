@@ -3,7 +3,9 @@
 # in a private network namespace manages one veth NIC (on a kernel with kprobes its eBPF programs
 # are loaded into the host's kernel as usual; this machine's has none: degraded mode); 200,000
 # blackhole routes are added to `main` with `ip -batch` (none on the NIC), then the NIC's address
-# changes ten times. Prints the agent's CPU time and RSS at each step as `FIGURE name value`.
+# changes ten times, then 1,000 route changes a second go on for ten seconds in another table
+# (none on the NIC either). Prints the agent's start-to-ready time, and its CPU time and RSS at
+# each step, as `FIGURE name value`.
 #
 # Usage (as root, inside `unshare --net`): large-table.sh AGENT [ROUTES]
 # `cargo xtask bench large-table` runs it.
@@ -43,6 +45,7 @@ rss_kib() { awk '/^VmRSS/ { print $2 }' "/proc/$PID/status"; }
 figure() { echo "FIGURE $1 $2"; }
 now_ms() { awk '{ print int($1 * 1000) }' /proc/uptime; }
 
+figure ready_ms "$(sed -n 's/.*agent ready.* ready_ms=\([0-9.]*\).*/\1/p' "$DIR/agent.log" | head -n 1)"
 sleep 1
 figure idle_rss_kib "$(rss_kib)"
 cpu0=$(cpu_ms)
@@ -70,4 +73,25 @@ sleep 1
 cpu2=$(cpu_ms)
 figure ten_address_changes_agent_cpu_ms $((cpu2 - cpu1))
 figure final_rss_kib "$(rss_kib)"
+
+# 1,000 route changes a second for ten seconds in table 100 (added, then deleted: 500 of each per
+# second), through no managed NIC: the agent's CPU share and RSS while they go on.
+for k in $(seq 0 499); do echo "route add blackhole 10.250.$((k / 250)).$((k % 250))/32 table 100"; done >"$DIR/churn-add"
+sed 's/^route add/route del/' "$DIR/churn-add" >"$DIR/churn-del"
+churn_cpu0=$(cpu_ms)
+churn_t0=$(now_ms)
+i=0
+while [ $i -lt 10 ]; do
+	start=$(now_ms)
+	ip -batch "$DIR/churn-add"
+	ip -batch "$DIR/churn-del"
+	left=$((1000 - ($(now_ms) - start)))
+	[ $left -gt 0 ] && sleep "$(awk -v l="$left" 'BEGIN { printf "%.3f", l / 1000 }')"
+	i=$((i + 1))
+done
+churn_ms=$(($(now_ms) - churn_t0))
+churn_cpu=$(($(cpu_ms) - churn_cpu0))
+figure churn_changes_per_second $((10000 * 1000 / churn_ms))
+figure churn_agent_cpu_percent "$(awk -v c="$churn_cpu" -v t="$churn_ms" 'BEGIN { printf "%.2f", 100 * c / t }')"
+figure churn_rss_kib "$(rss_kib)"
 kill -0 "$PID" || { cat "$DIR/agent.log" >&2; echo "the agent died" >&2; exit 1; }

@@ -86,7 +86,11 @@ fn large_table(routes: u32) -> Result<ExitCode> {
     let mut figures = serde_json::Map::new();
     for line in output.lines() {
         if let Some((name, value)) = line.strip_prefix("FIGURE ").and_then(|l| l.split_once(' ')) {
-            let value: Value = value.parse::<u64>().map_or_else(|_| json!(value), |v| json!(v));
+            let value: Value = match (value.parse::<u64>(), value.parse::<f64>()) {
+                (Ok(v), _) => json!(v),
+                (_, Ok(v)) => json!(v),
+                _ => json!(value),
+            };
             println!("  {name:<40} {value}");
             figures.insert(name.to_owned(), value);
         }

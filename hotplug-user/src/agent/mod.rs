@@ -74,7 +74,9 @@ impl Startup {
     /// Probes the kernel and attaches the eBPF programs. Never fails: whatever cannot be attached
     /// becomes a reason for degraded mode.
     pub fn probe(options: &LoadOptions) -> Self {
+        let mark = crate::clock::monotonic_ns();
         let features = KernelFeatures::probe();
+        tracing::debug!("kernel features read in {} us", (crate::clock::monotonic_ns() - mark) / 1000);
         let mut reasons = Vec::new();
         // SAFETY: geteuid has no preconditions and cannot fail.
         if unsafe { libc::geteuid() } != 0 {
@@ -192,6 +194,12 @@ async fn shutdown_signal() -> Result<&'static str, AgentError> {
     })
 }
 
+/// Milliseconds since `since_ns` (CLOCK_MONOTONIC), with a tenth.
+fn since_ms(since_ns: u64) -> f64 {
+    let us = crate::clock::monotonic_ns().saturating_sub(since_ns) / 1000;
+    (us / 100) as f64 / 10.0
+}
+
 /// Ticks every `period`, or never (a `select!` arm for the watchdog).
 async fn tick(interval: Option<&mut tokio::time::Interval>) {
     match interval {
@@ -236,13 +244,17 @@ pub async fn run(
     notifier: service::Notifier,
 ) -> Result<(), AgentError> {
     use tokio::signal::unix::{signal, SignalKind};
+    let started_ns = crate::clock::monotonic_ns();
     let mut hangup = signal(SignalKind::hangup()).map_err(AgentError::Signals)?;
     let mut startup = Startup::probe(&options);
+    let probes_ms = since_ms(started_ns);
     startup.announce();
     // Watch configuration changes before reading the NICs, so that no change falls between.
     let changes = nics::config_changes()?;
     tokio::pin!(changes);
+    let nics_start_ns = crate::clock::monotonic_ns();
     let (mut manager, mut background) = nics::NicManager::start(config.clone()).await?;
+    let nics_ms = since_ms(nics_start_ns);
     let listener = control::bind(&config.socket)?;
     let (queries_tx, mut queries) = mpsc::channel::<control::Query>(16);
     let (mut events, mut ended) = startup.events();
@@ -263,7 +275,16 @@ pub async fn run(
         }
     }
     let status = service_status(&startup.mode, manager.nic_count());
-    tracing::info!(socket = %config.socket.display(), state = %config.state_dir.display(), "agent ready: {status}");
+    // Start to ready: kernel features, BTF and probes attached (`probes_ms`), every NIC read and
+    // reconciled with the state on disk (`nics_ms`).
+    tracing::info!(
+        socket = %config.socket.display(),
+        state = %config.state_dir.display(),
+        probes_ms,
+        nics_ms,
+        ready_ms = since_ms(started_ns),
+        "agent ready: {status}"
+    );
     notifier.ready(&status);
     // The watchdog is fed from this loop: if the loop stops turning, systemd restarts the agent.
     let mut watchdog = notifier.watchdog_period().map(|period| {
@@ -512,7 +533,8 @@ pub fn describe(event: &KernelEvent) -> String {
 
 /// `hotplug-agent features`: the probe result and the mode, then exit.
 pub fn print_features(json: bool, options: &LoadOptions) -> Result<(), AgentError> {
-    let startup = Startup::probe(options);
+    let mut startup = Startup::probe(options);
+    startup.features.probe_fentry();
     let mut out = std::io::stdout().lock();
     if json {
         let header = startup.header();

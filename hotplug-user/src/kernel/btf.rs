@@ -44,21 +44,26 @@ const KIND_DECL_TAG: u32 = 17;
 const KIND_TYPE_TAG: u32 = 18;
 const KIND_ENUM64: u32 = 19;
 
-#[derive(Clone, Debug)]
+/// A member of a struct or union, decoded when looked at.
+#[derive(Clone, Copy, Debug)]
 struct Member {
-    name: String,
+    name_off: u32,
     type_id: u32,
     bit_offset: u32,
     bitfield: bool,
 }
 
-#[derive(Clone, Debug)]
+/// A type record's header, decoded when looked at.
+#[derive(Clone, Copy, Debug)]
 struct Type {
     kind: u32,
-    name: String,
+    name_off: u32,
     /// The referenced type for PTR, TYPEDEF, CONST, VOLATILE, RESTRICT, TYPE_TAG; element type for ARRAY.
     target: u32,
-    members: Vec<Member>,
+    /// Where a struct's or union's members start in the type section, and how many there are.
+    members_at: usize,
+    vlen: usize,
+    kind_flag: bool,
 }
 
 /// What a member is, as far as the programs care.
@@ -76,9 +81,19 @@ pub struct MemberInfo {
     pub shape: Shape,
 }
 
+/// The kernel's BTF, read once and decoded only where a lookup goes: the type section is walked
+/// once to know where each type starts, and struct names are indexed; members and other names
+/// are decoded when a lookup reaches them (vmlinux has over 100,000 types, of which a few dozen
+/// are ever looked at).
 pub struct Btf {
-    types: Vec<Type>,
-    structs: HashMap<String, u32>,
+    data: Vec<u8>,
+    /// The type and string sections' places in `data`.
+    types: std::ops::Range<usize>,
+    strings: std::ops::Range<usize>,
+    /// Where type id `i` starts in the type section (`offsets[0]` stands for `void`).
+    offsets: Vec<u32>,
+    /// Named structs with members: name -> type id (the first, if several share a name).
+    structs: HashMap<Box<[u8]>, u32>,
 }
 
 fn u16_at(data: &[u8], at: usize) -> Result<u16, BtfError> {
@@ -99,7 +114,7 @@ impl Btf {
     pub fn from_file(path: &Path) -> Result<Self, BtfError> {
         let data = std::fs::read(path)
             .map_err(|e| BtfError::Read { path: path.display().to_string(), message: e.to_string() })?;
-        Self::parse(&data)
+        Self::index(data)
     }
 
     /// The running kernel's BTF.
@@ -109,84 +124,100 @@ impl Btf {
 
     /// Parses little-endian BTF (x86_64 and arm64 kernels are little-endian).
     pub fn parse(data: &[u8]) -> Result<Self, BtfError> {
-        if u16_at(data, 0)? != MAGIC {
-            return Err(BtfError::Malformed("bad magic (not little-endian BTF)"));
-        }
-        let hdr_len = u32_at(data, 4)? as usize;
-        let type_off = u32_at(data, 8)? as usize;
-        let type_len = u32_at(data, 12)? as usize;
-        let str_off = u32_at(data, 16)? as usize;
-        let str_len = u32_at(data, 20)? as usize;
-        let types_data = data
-            .get(hdr_len + type_off..hdr_len + type_off + type_len)
-            .ok_or(BtfError::Malformed("type section out of bounds"))?;
-        let strings = data
-            .get(hdr_len + str_off..hdr_len + str_off + str_len)
-            .ok_or(BtfError::Malformed("string section out of bounds"))?;
-        let string = |offset: u32| -> String {
-            let start = offset as usize;
-            strings
-                .get(start..)
-                .map(|rest| {
-                    let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
-                    String::from_utf8_lossy(&rest[..end]).into_owned()
-                })
-                .unwrap_or_default()
-        };
-
-        // Type id 0 is `void`.
-        let mut types = vec![Type { kind: 0, name: String::new(), target: 0, members: Vec::new() }];
-        let mut structs = HashMap::new();
-        let mut at = 0;
-        while at < types_data.len() {
-            let name_off = u32_at(types_data, at)?;
-            let info = u32_at(types_data, at + 4)?;
-            let size_or_type = u32_at(types_data, at + 8)?;
-            at += 12;
-            let kind = (info >> 24) & 0x1f;
-            let vlen = (info & 0xffff) as usize;
-            let kind_flag = info >> 31 == 1;
-            let mut ty = Type { kind, name: string(name_off), target: 0, members: Vec::new() };
-            match kind {
-                KIND_INT | KIND_VAR | KIND_DECL_TAG => at += 4,
-                KIND_ARRAY => {
-                    ty.target = u32_at(types_data, at)?;
-                    at += 12;
-                }
-                KIND_STRUCT | KIND_UNION => {
-                    for _ in 0..vlen {
-                        let offset = u32_at(types_data, at + 8)?;
-                        ty.members.push(Member {
-                            name: string(u32_at(types_data, at)?),
-                            type_id: u32_at(types_data, at + 4)?,
-                            bit_offset: if kind_flag { offset & 0x00ff_ffff } else { offset },
-                            bitfield: kind_flag && offset >> 24 != 0,
-                        });
-                        at += 12;
-                    }
-                }
-                KIND_ENUM | KIND_FUNC_PROTO => at += 8 * vlen,
-                KIND_DATASEC | KIND_ENUM64 => at += 12 * vlen,
-                KIND_PTR | KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG => {
-                    ty.target = size_or_type;
-                }
-                _ => {}
-            }
-            if kind == KIND_STRUCT && !ty.name.is_empty() && !ty.members.is_empty() {
-                let id = u32::try_from(types.len()).map_err(|_| BtfError::Malformed("too many types"))?;
-                structs.entry(ty.name.clone()).or_insert(id);
-            }
-            types.push(ty);
-        }
-        Ok(Self { types, structs })
+        Self::index(data.to_vec())
     }
 
-    fn ty(&self, id: u32) -> Result<&Type, BtfError> {
-        self.types.get(id as usize).ok_or(BtfError::Malformed("type id out of range"))
+    fn index(data: Vec<u8>) -> Result<Self, BtfError> {
+        if u16_at(&data, 0)? != MAGIC {
+            return Err(BtfError::Malformed("bad magic (not little-endian BTF)"));
+        }
+        let hdr_len = u32_at(&data, 4)? as usize;
+        let section = |off: usize, len: usize| -> Result<std::ops::Range<usize>, BtfError> {
+            let start = hdr_len.checked_add(off).ok_or(BtfError::Malformed("section offset overflows"))?;
+            let end = start.checked_add(len).ok_or(BtfError::Malformed("section length overflows"))?;
+            data.get(start..end).map(|_| start..end).ok_or(BtfError::Malformed("section out of bounds"))
+        };
+        let types = section(u32_at(&data, 8)? as usize, u32_at(&data, 12)? as usize)
+            .map_err(|_| BtfError::Malformed("type section out of bounds"))?;
+        let strings = section(u32_at(&data, 16)? as usize, u32_at(&data, 20)? as usize)
+            .map_err(|_| BtfError::Malformed("string section out of bounds"))?;
+        let mut btf = Self { data, types, strings, offsets: vec![0], structs: HashMap::new() };
+        let end = btf.types.len();
+        let mut at = 0;
+        while at < end {
+            let id = u32::try_from(btf.offsets.len()).map_err(|_| BtfError::Malformed("too many types"))?;
+            btf.offsets.push(u32::try_from(at).map_err(|_| BtfError::Malformed("type section too large"))?);
+            let ty = btf.header(at)?;
+            at += 12;
+            at += match ty.kind {
+                KIND_INT | KIND_VAR | KIND_DECL_TAG => 4,
+                KIND_ARRAY => 12,
+                KIND_STRUCT | KIND_UNION | KIND_DATASEC | KIND_ENUM64 => 12 * ty.vlen,
+                KIND_ENUM | KIND_FUNC_PROTO => 8 * ty.vlen,
+                _ => 0,
+            };
+            if ty.kind == KIND_STRUCT && ty.vlen > 0 && ty.name_off != 0 {
+                let name: Box<[u8]> = btf.name(ty.name_off).into();
+                btf.structs.entry(name).or_insert(id);
+            }
+        }
+        Ok(btf)
+    }
+
+    /// The type record starting at `at` in the type section.
+    fn header(&self, at: usize) -> Result<Type, BtfError> {
+        let types = &self.data[self.types.clone()];
+        let info = u32_at(types, at + 4)?;
+        let size_or_type = u32_at(types, at + 8)?;
+        let kind = (info >> 24) & 0x1f;
+        let target = match kind {
+            KIND_ARRAY => u32_at(types, at + 12)?,
+            KIND_PTR | KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG => {
+                size_or_type
+            }
+            _ => 0,
+        };
+        Ok(Type {
+            kind,
+            name_off: u32_at(types, at)?,
+            target,
+            members_at: at + 12,
+            vlen: (info & 0xffff) as usize,
+            kind_flag: info >> 31 == 1,
+        })
+    }
+
+    /// A name from the string section (empty when out of range).
+    fn name(&self, offset: u32) -> &[u8] {
+        let strings = &self.data[self.strings.clone()];
+        let rest = strings.get(offset as usize..).unwrap_or_default();
+        &rest[..rest.iter().position(|&b| b == 0).unwrap_or(rest.len())]
+    }
+
+    /// Member `index` of a struct or union.
+    fn member_of(&self, ty: &Type, index: usize) -> Result<Member, BtfError> {
+        let types = &self.data[self.types.clone()];
+        let at = ty.members_at + 12 * index;
+        let offset = u32_at(types, at + 8)?;
+        Ok(Member {
+            name_off: u32_at(types, at)?,
+            type_id: u32_at(types, at + 4)?,
+            bit_offset: if ty.kind_flag { offset & 0x00ff_ffff } else { offset },
+            bitfield: ty.kind_flag && offset >> 24 != 0,
+        })
+    }
+
+    fn ty(&self, id: u32) -> Result<Type, BtfError> {
+        if id == 0 {
+            // `void`.
+            return Ok(Type { kind: 0, name_off: 0, target: 0, members_at: 0, vlen: 0, kind_flag: false });
+        }
+        let at = self.offsets.get(id as usize).ok_or(BtfError::Malformed("type id out of range"))?;
+        self.header(*at as usize)
     }
 
     /// Follows typedefs and qualifiers.
-    fn resolve(&self, mut id: u32) -> Result<&Type, BtfError> {
+    fn resolve(&self, mut id: u32) -> Result<Type, BtfError> {
         for _ in 0..32 {
             let ty = self.ty(id)?;
             match ty.kind {
@@ -209,15 +240,20 @@ impl Btf {
         if depth > MAX_ANONYMOUS_DEPTH {
             return Err(BtfError::Malformed("anonymous members nested too deep (a cycle?)"));
         }
-        for m in &ty.members {
+        if !matches!(ty.kind, KIND_STRUCT | KIND_UNION) {
+            return Ok(None);
+        }
+        for index in 0..ty.vlen {
+            let m = self.member_of(ty, index)?;
             let bits =
                 base_bits.checked_add(m.bit_offset).ok_or(BtfError::Malformed("member offset overflows"))?;
-            if m.name == member {
+            let name = self.name(m.name_off);
+            if name == member.as_bytes() {
                 return Ok(Some((bits, m.type_id, m.bitfield)));
             }
-            if m.name.is_empty() {
+            if name.is_empty() {
                 let inner = self.resolve(m.type_id)?;
-                if let Some(found) = self.find_member(inner, member, bits, depth + 1)? {
+                if let Some(found) = self.find_member(&inner, member, bits, depth + 1)? {
                     return Ok(Some(found));
                 }
             }
@@ -228,14 +264,14 @@ impl Btf {
     /// The byte offset of a member path such as `dev.kobj.name` inside `struct strukt`; every
     /// step but the last must be an embedded struct or union.
     pub fn member(&self, strukt: &str, path: &str) -> Result<MemberInfo, BtfError> {
-        let id = *self.structs.get(strukt).ok_or_else(|| BtfError::NoStruct(strukt.to_owned()))?;
+        let id = *self.structs.get(strukt.as_bytes()).ok_or_else(|| BtfError::NoStruct(strukt.to_owned()))?;
         let mut ty = self.ty(id)?;
         let mut bits = 0;
         let mut shape = Shape::Other;
         let steps: Vec<&str> = path.split('.').collect();
         for (i, step) in steps.iter().enumerate() {
             let (offset, type_id, bitfield) =
-                self.find_member(ty, step, bits, 0)?.ok_or_else(|| BtfError::NoMember {
+                self.find_member(&ty, step, bits, 0)?.ok_or_else(|| BtfError::NoMember {
                     strukt: format!("{strukt} ({})", steps[..i].join(".")),
                     member: (*step).to_owned(),
                 })?;

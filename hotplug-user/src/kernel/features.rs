@@ -17,7 +17,10 @@ pub struct KernelFeatures {
     pub btf: bool,
     /// kprobes can be created (the `kprobe` perf PMU exists; `CONFIG_KPROBES`).
     pub kprobes: bool,
-    /// fentry/fexit programs load (BPF trampolines); `None` if the probe itself failed.
+    /// fentry/fexit programs load (BPF trampolines); `None` if not probed (the agent's programs
+    /// use none, and the probe parses the kernel's BTF once more: only `features` asks) or if
+    /// the probe itself failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub fentry: Option<bool>,
     /// `module:module_load` and `module:module_free` exist (`CONFIG_MODULES`).
     pub module_tracepoints: bool,
@@ -26,6 +29,11 @@ pub struct KernelFeatures {
 }
 
 impl KernelFeatures {
+    /// Whether fentry programs load here (for `features`: the agent uses none).
+    pub fn probe_fentry(&mut self) {
+        self.fentry = aya::sys::is_program_supported(ProgramType::Tracing).ok();
+    }
+
     pub fn probe() -> Self {
         let tracefs = match tracefs::find_or_mount() {
             Ok(path) => Some(path),
@@ -42,7 +50,7 @@ impl KernelFeatures {
             arch: super::abi::machine(),
             btf: Path::new("/sys/kernel/btf/vmlinux").exists(),
             kprobes: Path::new("/sys/bus/event_source/devices/kprobe").exists(),
-            fentry: aya::sys::is_program_supported(ProgramType::Tracing).ok(),
+            fentry: None,
             module_tracepoints: has("module", &["module_load", "module_free"]),
             tracefs: tracefs.map(|p| p.display().to_string()),
         }
@@ -59,13 +67,15 @@ impl fmt::Display for KernelFeatures {
         let yes = |b: bool| if b { "yes" } else { "no" };
         write!(
             f,
-            "kernel {} ({}): BTF {}, kprobes {}, fentry {}, module tracepoints {}",
+            "kernel {} ({}): BTF {}, kprobes {}",
             self.release,
             self.arch,
             yes(self.btf),
-            yes(self.kprobes),
-            self.fentry.map_or("unknown", yes),
-            yes(self.module_tracepoints),
-        )
+            yes(self.kprobes)
+        )?;
+        if let Some(fentry) = self.fentry {
+            write!(f, ", fentry {}", yes(fentry))?;
+        }
+        write!(f, ", module tracepoints {}", yes(self.module_tracepoints))
     }
 }

@@ -260,7 +260,9 @@ impl KernelProbes {
             (globals::MODULE_LOAD_NAME, offset("module", "module_load", "name")?),
             (globals::MODULE_FREE_NAME, offset("module", "module_free", "name")?),
         ];
+        let mark = crate::clock::monotonic_ns();
         let btf = Btf::vmlinux();
+        tracing::debug!("kernel BTF read in {} us", (crate::clock::monotonic_ns() - mark) / 1000);
         let convention = Convention::of(&features.arch);
         let struct_layout = btf
             .as_ref()
@@ -277,11 +279,23 @@ impl KernelProbes {
         if priv_layout.is_none() {
             limitations.push("no credential offsets in BTF: refused delete_module calls of unprivileged users reach the ring buffer".to_owned());
         }
-        let kallsyms = Kallsyms::read().unwrap_or_else(|error| {
-            limitations.push(format!("cannot read /proc/kallsyms ({error}): no kprobe can be placed"));
+        // Which attach points exist: only the candidates are looked for, and only where a kprobe
+        // can be placed at all (the file is long, and costs the kernel tens of ms to write).
+        let mark = crate::clock::monotonic_ns();
+        let wanted: Vec<String> =
+            KPROBES.iter().flat_map(|(_, _, hook, _)| hook.candidates(convention.as_ref().ok())).collect();
+        let wanted: Vec<&str> = wanted.iter().map(String::as_str).collect();
+        let kallsyms = if features.kprobes {
+            Kallsyms::read(&wanted).unwrap_or_else(|error| {
+                limitations.push(format!("cannot read /proc/kallsyms ({error}): no kprobe can be placed"));
+                Kallsyms::default()
+            })
+        } else {
             Kallsyms::default()
-        });
+        };
+        tracing::debug!("kallsyms read in {} us", (crate::clock::monotonic_ns() - mark) / 1000);
 
+        let mark = crate::clock::monotonic_ns();
         let mut loader = EbpfLoader::new();
         loader.map_max_entries("EVENTS", options.ring_bytes);
         for (name, value) in &tracepoint_layout {
@@ -313,6 +327,7 @@ impl KernelProbes {
         }
         loader.override_global(globals::PARENT_KNOWN, &parent_known, true);
         let mut ebpf = loader.load(object)?;
+        tracing::debug!("eBPF object loaded in {} us", (crate::clock::monotonic_ns() - mark) / 1000);
         if let Err(error) = aya_log::EbpfLogger::init(&mut ebpf) {
             tracing::debug!(%error, "no eBPF log channel");
         }

@@ -1,6 +1,9 @@
 //! `hotplug-bench restore`: restore latency for a NIC with 1, 10 and 100 addresses and routes,
 //! beside the floor — the same netlink requests sent back to back by a minimal loop. Runs in a
 //! private network namespace (needs root); prints figures, asserts nothing about speed.
+//!
+//! `hotplug-bench restore ROUNDS TABLE_ROUTES` first adds that many blackhole routes to `main`
+//! (none through the NIC): a restore's cost should not depend on the rest of the host.
 use std::{net::Ipv4Addr, process::Command};
 
 use anyhow::{bail, Context as _, Result};
@@ -69,6 +72,28 @@ async fn floor(handle: &Handle, n: usize, index: u32) -> Result<u64> {
     Ok(monotonic_ns() - start)
 }
 
+/// `count` blackhole /32 routes in `main`, through no NIC, with one `ip -batch`.
+fn fill_main(count: u32) -> Result<()> {
+    use std::io::Write as _;
+    let batch = tempfile_path()?;
+    let mut file = std::fs::File::create(&batch).context("writing the route batch")?;
+    for i in 0..count {
+        writeln!(file, "route add blackhole 10.{}.{}.{}/32", 100 + i / 65536, (i / 256) % 256, i % 256)?;
+    }
+    drop(file);
+    let status = Command::new("ip").arg("-batch").arg(&batch).status().context("ip -batch")?;
+    std::fs::remove_file(&batch).ok();
+    if !status.success() {
+        bail!("adding {count} routes failed: {status}");
+    }
+    println!("main holds {count} more blackhole routes");
+    Ok(())
+}
+
+fn tempfile_path() -> Result<std::path::PathBuf> {
+    Ok(std::env::temp_dir().join(format!("hotplug-bench-routes-{}", std::process::id())))
+}
+
 fn percentile(sorted: &[u64], p: usize) -> u64 {
     sorted.get((sorted.len() * p).div_ceil(100).saturating_sub(1)).copied().unwrap_or(0)
 }
@@ -122,15 +147,20 @@ async fn bench(rounds: usize) -> Result<()> {
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
     if args.next().as_deref() != Some("restore") {
-        bail!("usage: hotplug-bench restore [ROUNDS]   (as root; runs in a private network namespace)");
+        bail!("usage: hotplug-bench restore [ROUNDS [TABLE_ROUTES]]   (as root; runs in a private network namespace)");
     }
     let rounds: usize =
         args.next().map(|r| r.parse()).transpose().context("ROUNDS must be a number")?.unwrap_or(20);
+    let table_routes: u32 =
+        args.next().map(|r| r.parse()).transpose().context("TABLE_ROUTES must be a number")?.unwrap_or(0);
     // SAFETY: called before any other thread exists; only this process's namespace changes.
     if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
         bail!("unshare(CLONE_NEWNET) failed ({}): run as root", std::io::Error::last_os_error());
     }
     ip("link set lo up")?;
+    if table_routes > 0 {
+        fill_main(table_routes)?;
+    }
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(bench(rounds))
 }
