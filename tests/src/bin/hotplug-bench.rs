@@ -144,10 +144,28 @@ async fn bench(rounds: usize) -> Result<()> {
     Ok(())
 }
 
+/// `hotplug-bench time COMMAND [ARGS...]`: runs the command and prints how long it took in
+/// microseconds (CLOCK_MONOTONIC; the guests' shell has no sub-millisecond clock).
+fn time(mut args: impl Iterator<Item = String>) -> Result<()> {
+    let program = args.next().context("usage: hotplug-bench time COMMAND [ARGS...]")?;
+    let start = monotonic_ns();
+    let status = Command::new(&program).args(args).status().with_context(|| format!("running {program}"))?;
+    let elapsed_us = (monotonic_ns() - start) / 1000;
+    if !status.success() {
+        bail!("{program} failed ({status}) after {elapsed_us} us");
+    }
+    println!("{elapsed_us}");
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
-    if args.next().as_deref() != Some("restore") {
-        bail!("usage: hotplug-bench restore [ROUNDS [TABLE_ROUTES]]   (as root; runs in a private network namespace)");
+    match args.next().as_deref() {
+        Some("restore") => {}
+        Some("time") => return time(args),
+        _ => bail!(
+            "usage: hotplug-bench restore [ROUNDS [TABLE_ROUTES]]   (as root; runs in a private network namespace)\n       hotplug-bench time COMMAND [ARGS...]"
+        ),
     }
     let rounds: usize =
         args.next().map(|r| r.parse()).transpose().context("ROUNDS must be a number")?.unwrap_or(20);
