@@ -1,6 +1,12 @@
 //! `cargo xtask bench`: benchmarks that print figures. They are not part of `cargo xtask test`
 //! (they take minutes and assert nothing); their last results are in the README.
-use std::{fs, path::PathBuf, process::ExitCode, time::Duration};
+//!
+//! Without a subcommand every benchmark runs (micro-benchmarks, the benchmark scenarios, the large
+//! routing table when root) and `target/bench/results.json`, `restore.svg` and `summary.md` are
+//! written; `--publish` also puts the picture and the table into `docs/bench/` and README.md.
+mod report;
+
+use std::{fs, process::ExitCode, time::Duration};
 
 use anyhow::{bail, Context as _, Result};
 use clap::{Args, Subcommand};
@@ -11,15 +17,24 @@ use crate::{build, cmd, distro, kernels, package, setup, vm};
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
+    /// One benchmark; without one, every benchmark.
     #[command(subcommand)]
-    pub which: Bench,
+    pub which: Option<Bench>,
+    /// With every benchmark: also copy the picture to docs/bench/restore.svg and the table into
+    /// README.md (between its `bench:begin` and `bench:end` markers).
+    #[arg(long)]
+    pub publish: bool,
 }
 
 #[derive(Subcommand, Debug)]
 pub enum Bench {
+    /// The user-space micro-benchmarks (criterion: record decoding and classification, the
+    /// decision, snapshot comparisons, and the whole path's records per second). Writes
+    /// target/bench/micro.json.
+    Micro,
     /// The benchmark scenarios (`# bench: yes` in tests/scenarios: restore latency against the
-    /// netlink floor, event delivery, storms, idle cost), each on its kernels. Writes
-    /// target/bench/results.json (every figure of every run) and prints them.
+    /// netlink floor, each driver's reload against `ip -batch`, event delivery, storms, idle
+    /// cost), each on its kernels. Writes target/bench/scenarios.json and prints the figures.
     Scenarios {
         /// Only scenarios whose name contains this.
         #[arg(long)]
@@ -60,13 +75,144 @@ pub enum Bench {
 
 pub fn run(args: &BenchArgs) -> Result<ExitCode> {
     match &args.which {
-        Bench::CloudInit { reloads, kernel, reuse_alone } => cloud_init(*reloads, *kernel, *reuse_alone),
-        Bench::Scenarios { scenario, arch } => scenarios(scenario.as_deref(), *arch),
-        Bench::LargeTable { routes } => large_table(*routes),
+        None => all(args.publish),
+        Some(_) if args.publish => bail!("--publish goes with every benchmark (no subcommand)"),
+        Some(Bench::Micro) => {
+            let micro = micro()?;
+            write_results("micro.json", &json!({ "command": "cargo xtask bench micro", "figures": micro }))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(Bench::CloudInit { reloads, kernel, reuse_alone }) => cloud_init(*reloads, *kernel, *reuse_alone),
+        Some(Bench::Scenarios { scenario, arch }) => {
+            let (runs, failed) = scenarios(scenario.as_deref(), *arch)?;
+            print_runs(&runs);
+            write_results("scenarios.json", &json!({ "command": "cargo xtask bench scenarios", "runs": runs }))?;
+            Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+        }
+        Some(Bench::LargeTable { routes }) => {
+            let figures = large_table(*routes)?;
+            write_results(
+                "large-table.json",
+                &json!({
+                    "command": format!("cargo xtask bench large-table --routes {routes}"),
+                    "routes": routes,
+                    "figures": figures,
+                }),
+            )?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
-fn large_table(routes: u32) -> Result<ExitCode> {
+/// Every benchmark but the cloud-init one (an hour, and about cloud-init more than hotplug).
+fn all(publish: bool) -> Result<ExitCode> {
+    eprintln!("bench: micro-benchmarks");
+    let micro = micro()?;
+    eprintln!("bench: benchmark scenarios");
+    let (runs, failed) = scenarios(None, None)?;
+    let large_table = if cmd::is_root() {
+        eprintln!("bench: the large routing table");
+        large_table(200_000)?
+    } else {
+        eprintln!("bench: SKIPPED the large routing table: it needs root (a network namespace and routes)");
+        json!({ "skipped": "not root" })
+    };
+    let results = json!({
+        "command": "cargo xtask bench",
+        "micro": micro,
+        "runs": runs,
+        "large_table": large_table,
+    });
+    let results = write_results("results.json", &results)?;
+    let dir = cmd::target_dir().join("bench");
+    let svg = report::svg(&results);
+    let summary = report::markdown(&results);
+    fs::write(dir.join("restore.svg"), &svg)?;
+    fs::write(dir.join("summary.md"), &summary)?;
+    println!("{summary}");
+    eprintln!("bench: picture in {}", dir.join("restore.svg").display());
+    if publish {
+        report::publish(&svg, &summary)?;
+    }
+    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}
+
+/// Writes `results` with the date and this machine to target/bench/NAME; returns what it wrote.
+fn write_results(name: &str, results: &Value) -> Result<Value> {
+    let mut results = results.clone();
+    if let Some(object) = results.as_object_mut() {
+        object.insert("date".into(), json!(cmd::utc_now()));
+        object.insert("machine".into(), json!(cmd::machine_summary()));
+    }
+    let dir = cmd::target_dir().join("bench");
+    fs::create_dir_all(&dir)?;
+    let path = dir.join(name);
+    fs::write(&path, serde_json::to_string_pretty(&results)? + "\n")?;
+    eprintln!("bench: written to {}", path.display());
+    Ok(results)
+}
+
+/// Runs the criterion benchmarks and reads their estimates: each one's mean in ns, and for a
+/// benchmark with a throughput, its elements per second.
+fn micro() -> Result<Value> {
+    setup::ensure_toolchain()?;
+    cmd::run(cmd::cargo().args(["bench", "-p", "hotplug-user", "--bench", "pipeline"]))?;
+    let mut figures = serde_json::Map::new();
+    let mut found = Vec::new();
+    collect_estimates(&cmd::target_dir().join("criterion"), &mut found)?;
+    found.sort_by(|a, b| a.0.cmp(&b.0));
+    for (id, mean_ns, elements) in found {
+        println!("  {id:<60} {mean_ns:>12.1} ns");
+        figures.insert(format!("{id} mean_ns"), json!((mean_ns * 10.0).round() / 10.0));
+        if let Some(elements) = elements {
+            let per_second = (elements as f64 * 1e9 / mean_ns).round();
+            println!("  {id:<60} {per_second:>12.0} per second");
+            figures.insert(format!("{id} per_second"), json!(per_second));
+        }
+    }
+    if figures.is_empty() {
+        bail!("criterion left no estimates under {}", cmd::target_dir().join("criterion").display());
+    }
+    Ok(Value::Object(figures))
+}
+
+/// (id, mean ns, elements per iteration) of each `new/` result under `dir`.
+fn collect_estimates(dir: &std::path::Path, found: &mut Vec<(String, f64, Option<u64>)>) -> Result<()> {
+    for entry in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry?.path();
+        if !path.is_dir() {
+            continue;
+        }
+        if path.file_name().is_some_and(|n| n == "new") {
+            let read = |name: &str| -> Result<Value> {
+                let file = path.join(name);
+                let text = fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+                serde_json::from_str(&text).with_context(|| format!("parsing {}", file.display()))
+            };
+            let (benchmark, estimates) = (read("benchmark.json")?, read("estimates.json")?);
+            let id = benchmark["full_id"].as_str().unwrap_or("?").to_owned();
+            let Some(mean) = estimates["mean"]["point_estimate"].as_f64() else { continue };
+            found.push((id, mean, benchmark["throughput"]["Elements"].as_u64()));
+        } else if path.file_name().is_some_and(|n| n != "base" && n != "report") {
+            collect_estimates(&path, found)?;
+        }
+    }
+    Ok(())
+}
+
+fn print_runs(runs: &[Value]) {
+    for run in runs {
+        println!("{} on {} ({}):", run["scenario"], run["kernel"], run["arch"]);
+        if let Some(figures) = run["figures"].as_object() {
+            for (key, value) in figures {
+                println!("  {key:<40} {value}");
+            }
+        }
+    }
+}
+
+/// The large routing table case natively (see `Bench::LargeTable`): its figures.
+fn large_table(routes: u32) -> Result<Value> {
     if !cmd::is_root() {
         bail!("the large-table benchmark makes a network namespace and routes: run it as root");
     }
@@ -95,22 +241,11 @@ fn large_table(routes: u32) -> Result<ExitCode> {
             figures.insert(name.to_owned(), value);
         }
     }
-    let dir = cmd::target_dir().join("bench");
-    fs::create_dir_all(&dir)?;
-    let path = dir.join("large-table.json");
-    let result = json!({
-        "date": cmd::utc_now(),
-        "machine": cmd::machine_summary(),
-        "command": format!("cargo xtask bench large-table --routes {routes}"),
-        "routes": routes,
-        "figures": figures,
-    });
-    fs::write(&path, serde_json::to_string_pretty(&result)? + "\n")?;
-    eprintln!("bench: written to {}", path.display());
-    Ok(ExitCode::SUCCESS)
+    Ok(Value::Object(figures))
 }
 
-fn scenarios(only: Option<&str>, arch: Option<Arch>) -> Result<ExitCode> {
+/// Runs the benchmark scenarios; their runs, and whether one failed.
+fn scenarios(only: Option<&str>, arch: Option<Arch>) -> Result<(Vec<Value>, bool)> {
     let benches: Vec<vm::Scenario> = vm::scenarios()?
         .into_iter()
         .filter(|s| s.bench && only.is_none_or(|name| s.name.contains(name)))
@@ -180,26 +315,7 @@ fn scenarios(only: Option<&str>, arch: Option<Arch>) -> Result<ExitCode> {
             }));
         }
     }
-    let dir = cmd::target_dir().join("bench");
-    fs::create_dir_all(&dir)?;
-    let path = dir.join("results.json");
-    let result = json!({
-        "date": cmd::utc_now(),
-        "machine": cmd::machine_summary(),
-        "command": "cargo xtask bench scenarios",
-        "runs": runs,
-    });
-    fs::write(&path, serde_json::to_string_pretty(&result)? + "\n")?;
-    for run in &runs {
-        println!("{} on {} ({}):", run["scenario"], run["kernel"], run["arch"]);
-        if let Some(figures) = run["figures"].as_object() {
-            for (key, value) in figures {
-                println!("  {key:<40} {value}");
-            }
-        }
-    }
-    eprintln!("bench: written to {}", path.display());
-    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+    Ok((runs, failed))
 }
 
 fn cloud_init(reloads: u32, suite: kernels::Suite, reuse_alone: bool) -> Result<ExitCode> {
@@ -264,10 +380,8 @@ fn cloud_init(reloads: u32, suite: kernels::Suite, reuse_alone: bool) -> Result<
         "alone_half_reused": reuse_alone,
         "runs": runs.iter().map(|(label, figures)| json!({ "label": label, "figures": figures })).collect::<Vec<_>>(),
     });
-    let path: PathBuf = dir.join("cloud-init.json");
-    fs::write(&path, serde_json::to_string_pretty(&result)? + "\n")?;
+    write_results("cloud-init.json", &result)?;
     print_table(reloads, &runs);
-    eprintln!("bench: written to {}", path.display());
     Ok(ExitCode::SUCCESS)
 }
 
