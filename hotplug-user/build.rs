@@ -36,7 +36,9 @@ fn run() -> Result<(), String> {
     let manifest_dir =
         PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").ok_or("CARGO_MANIFEST_DIR is not set")?);
     let workspace = manifest_dir.parent().ok_or("hotplug-user has no parent directory")?;
-    for path in ["hotplug-ebpf/src", "hotplug-ebpf/Cargo.toml", "hotplug-common/src", "Cargo.lock"] {
+    for path in
+        ["hotplug-ebpf/src", "hotplug-ebpf/Cargo.toml", "hotplug-common/src", "Cargo.lock", "Cargo.toml"]
+    {
         println!("cargo:rerun-if-changed={}", workspace.join(path).display());
     }
     println!("cargo:rerun-if-env-changed=CARGO_TARGET_DIR");
@@ -86,6 +88,9 @@ fn build_object(workspace: &Path, target_dir: &Path) -> Result<PathBuf, String> 
         rustflags.push(flag);
     }
     cmd.env("CARGO_ENCODED_RUSTFLAGS", rustflags);
+    // The workspace's release profile links the agent with LTO; the eBPF object keeps the
+    // per-crate build it was verified with on every kernel (bpf-linker links it).
+    cmd.env("CARGO_PROFILE_RELEASE_LTO", "false");
     let status = cmd
         .stdout(std::process::Stdio::from(std::io::stderr()))
         .status().map_err(|e| {

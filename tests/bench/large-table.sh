@@ -45,7 +45,8 @@ rss_kib() { awk '/^VmRSS/ { print $2 }' "/proc/$PID/status"; }
 figure() { echo "FIGURE $1 $2"; }
 now_ms() { awk '{ print int($1 * 1000) }' /proc/uptime; }
 
-figure ready_ms "$(sed -n 's/.*agent ready.* ready_ms=\([0-9.]*\).*/\1/p' "$DIR/agent.log" | head -n 1)"
+ready=$(sed -n 's/.*agent ready.* ready_ms=\([0-9.]*\).*/\1/p' "$DIR/agent.log" | head -n 1)
+[ -n "$ready" ] && figure ready_ms "$ready"
 sleep 1
 figure idle_rss_kib "$(rss_kib)"
 cpu0=$(cpu_ms)

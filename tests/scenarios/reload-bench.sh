@@ -64,6 +64,7 @@ for mac in $MACS; do
 		reregister "$mac"
 		j=0
 		while [ "$(grep -c "restored" /tmp/agent.log)" -le "$before" ] && [ $j -lt 200 ]; do sleep 0.05; j=$((j + 1)); done
+		[ "$(grep -c "restored" /tmp/agent.log)" -gt "$before" ] || { tail -20 /tmp/agent.log; fail "$module: no restore logged within 10 s"; }
 		status=$(hotplug-agent --config /tmp/hotplug.toml status --detail)
 		nic() { printf '%s\n' "$status" | awk -v m="$mac" -v k="$1" '$1 == m { f = 1; next } /^[0-9a-f][0-9a-f]:/ { f = 0 } f && index($0, k) { sub(/^ *[a-z ]*: /, ""); print; exit }'; }
 		latency=$(nic "last restore:" | awk '{ print $1 }')

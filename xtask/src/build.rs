@@ -50,7 +50,9 @@ pub fn ebpf_cargo(subcommand: &str) -> Command {
         .env(
             "CARGO_ENCODED_RUSTFLAGS",
             "--cfg=bpf_target_arch=\"x86_64\"\x1f-Cdebuginfo=2\x1f-Clink-arg=--btf",
-        );
+        )
+        // As hotplug-user/build.rs: no LTO for the eBPF object.
+        .env("CARGO_PROFILE_RELEASE_LTO", "false");
     for var in ["RUSTC", "RUSTC_WRAPPER", "RUSTC_WORKSPACE_WRAPPER", "RUSTFLAGS", "RUSTUP_TOOLCHAIN", "CARGO"]
     {
         command.env_remove(var);

@@ -27,6 +27,9 @@ const MAGIC: u16 = 0xeb9f;
 
 /// Anonymous structs and unions nest a few levels in real kernels (`net_device` has 2).
 const MAX_ANONYMOUS_DEPTH: u32 = 16;
+/// Members one lookup may visit: real structs have hundreds, and a malformed blob whose anonymous
+/// members share types could otherwise make a lookup visit exponentially many.
+const MAX_MEMBER_VISITS: u32 = 100_000;
 const KIND_INT: u32 = 1;
 const KIND_PTR: u32 = 2;
 const KIND_ARRAY: u32 = 3;
@@ -161,6 +164,9 @@ impl Btf {
                 btf.structs.entry(name).or_insert(id);
             }
         }
+        if at > end {
+            return Err(BtfError::Malformed("truncated"));
+        }
         Ok(btf)
     }
 
@@ -236,6 +242,7 @@ impl Btf {
         member: &str,
         base_bits: u32,
         depth: u32,
+        visits: &mut u32,
     ) -> Result<Option<(u32, u32, bool)>, BtfError> {
         if depth > MAX_ANONYMOUS_DEPTH {
             return Err(BtfError::Malformed("anonymous members nested too deep (a cycle?)"));
@@ -244,6 +251,10 @@ impl Btf {
             return Ok(None);
         }
         for index in 0..ty.vlen {
+            *visits += 1;
+            if *visits > MAX_MEMBER_VISITS {
+                return Err(BtfError::Malformed("too many members visited (shared anonymous members?)"));
+            }
             let m = self.member_of(ty, index)?;
             let bits =
                 base_bits.checked_add(m.bit_offset).ok_or(BtfError::Malformed("member offset overflows"))?;
@@ -253,7 +264,7 @@ impl Btf {
             }
             if name.is_empty() {
                 let inner = self.resolve(m.type_id)?;
-                if let Some(found) = self.find_member(&inner, member, bits, depth + 1)? {
+                if let Some(found) = self.find_member(&inner, member, bits, depth + 1, visits)? {
                     return Ok(Some(found));
                 }
             }
@@ -271,7 +282,7 @@ impl Btf {
         let steps: Vec<&str> = path.split('.').collect();
         for (i, step) in steps.iter().enumerate() {
             let (offset, type_id, bitfield) =
-                self.find_member(&ty, step, bits, 0)?.ok_or_else(|| BtfError::NoMember {
+                self.find_member(&ty, step, bits, 0, &mut 0)?.ok_or_else(|| BtfError::NoMember {
                     strukt: format!("{strukt} ({})", steps[..i].join(".")),
                     member: (*step).to_owned(),
                 })?;
@@ -472,6 +483,33 @@ mod tests {
         let btf = Btf::parse(&blob);
         let Ok(btf) = btf else { panic!("the blob itself is well formed") };
         assert!(matches!(btf.member("outer", "x"), Err(BtfError::Malformed(_))));
+    }
+
+    #[test]
+    fn shared_anonymous_members_cost_a_bounded_lookup_and_truncation_is_caught() {
+        // Twelve levels of structs, each holding three anonymous members of the next: 3^12
+        // paths to a member that is not there, unless the lookup stops counting.
+        let strings = b"\0outer\0z\0";
+        let mut types: Vec<u32> = Vec::new();
+        for level in 1..12 {
+            let name = if level == 1 { 1 } else { 0 };
+            types.extend([name, (KIND_STRUCT << 24) | 3, 4]);
+            for _ in 0..3 {
+                types.extend([0, level + 1, 0]);
+            }
+        }
+        types.extend([0, (KIND_STRUCT << 24) | 1, 4, 7, 0, 0]);
+        let Ok(btf) = Btf::parse(&test_blob::assemble(&types, strings)) else { panic!("well formed") };
+        assert_eq!(
+            btf.member("outer", "x"),
+            Err(BtfError::Malformed("too many members visited (shared anonymous members?)"))
+        );
+        // A struct that says it has two members and holds one.
+        let truncated = [1, (KIND_STRUCT << 24) | 2, 4, 7, 0, 0];
+        assert_eq!(
+            Btf::parse(&test_blob::assemble(&truncated, strings)).err(),
+            Some(BtfError::Malformed("truncated"))
+        );
     }
 
     #[test]

@@ -107,7 +107,7 @@ enum Pick {
 enum Hook {
     /// Kernel functions by name.
     Functions(&'static [&'static str]),
-    /// System calls by name: their wrappers on this architecture (`abi::Convention::syscall`).
+    /// System calls by name: their wrappers on this architecture (`Convention::syscall_prefix`).
     Syscalls(&'static [&'static str]),
 }
 

@@ -22,6 +22,7 @@ use rtnetlink::{
     },
     Handle,
 };
+use thiserror::Error;
 
 use crate::snapshot;
 
@@ -52,10 +53,31 @@ fn route_key(message: &RouteMessage) -> (u32, u8, u8, Option<String>, Option<u32
     (snapshot::route_table(message), family, message.header.destination_prefix_length, destination, metric)
 }
 
-/// Requests in flight at once on one connection: their acknowledgements wait in the socket's
-/// receive buffer (an error's echoes its request: well under 1 KiB each, against the default
-/// 208 KiB).
+/// Requests queued on the connection at once. The connection sends the next as soon as the
+/// kernel has answered the one before, without a round trip through the restore's task.
 const IN_FLIGHT: usize = 32;
+
+/// How long one request may wait for its answer: the kernel answers at once; a missing answer
+/// is a lost message or a stuck connection, and must not hang a restore.
+const ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Why a request did not go through.
+#[derive(Debug, Error)]
+pub enum SendError {
+    #[error("{0}")]
+    Netlink(#[from] rtnetlink::Error),
+    #[error("the netlink connection ended before the kernel answered")]
+    NoAnswer,
+    #[error("no answer from the kernel within {} s", ANSWER_TIMEOUT.as_secs())]
+    Timeout,
+}
+
+impl SendError {
+    /// Whether the kernel refused the request with `errno`.
+    pub fn is_errno(&self, errno: i32) -> bool {
+        matches!(self, Self::Netlink(error) if failed_with(error, errno))
+    }
+}
 
 /// How a request is sent: `NLM_F_EXCL` (an existing object fails with EEXIST) or `NLM_F_REPLACE`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -65,19 +87,19 @@ pub(crate) enum Create {
 }
 
 /// Sends `requests` (`RTM_NEW*` messages) pipelined and returns each one's outcome, in order:
-/// each chunk of [`IN_FLIGHT`] is queued on the connection, in order, before any of its
-/// acknowledgements is awaited.
+/// each chunk of [`IN_FLIGHT`] is queued on the connection, in order, before any of its answers
+/// is awaited.
 ///
 /// Kernel fact relied on: rtnetlink handles a request inside the `sendmsg` that carries it
 /// (`netlink_unicast_kernel` -> `rtnetlink_rcv`, under RTNL), and the connection sends in the order
 /// it was handed the requests, so each request sees every earlier one applied, exactly as one at a
-/// time would (a route through a gateway after the route that makes it reachable); only the
-/// waits for the acknowledgements overlap.
+/// time would (a route through a gateway after the route that makes it reachable).
 pub(crate) async fn send_pipelined(
-    handle: &Handle,
+    netlink: &snapshot::Netlink,
     requests: Vec<RouteNetlinkMessage>,
     create: Create,
-) -> Vec<Result<(), rtnetlink::Error>> {
+) -> Vec<Result<(), SendError>> {
+    let (handle, acks_forwarded) = netlink.requests();
     let mut outcomes = Vec::with_capacity(requests.len());
     let mut requests = requests.into_iter().peekable();
     while requests.peek().is_some() {
@@ -93,73 +115,110 @@ pub(crate) async fn send_pipelined(
         }
         for responses in waiting {
             outcomes.push(match responses {
-                Ok(responses) => acknowledged(responses).await,
-                Err(error) => Err(error),
+                Ok(responses) => tokio::time::timeout(ANSWER_TIMEOUT, answer(responses, acks_forwarded))
+                    .await
+                    .unwrap_or(Err(SendError::Timeout)),
+                Err(error) => Err(error.into()),
             });
         }
     }
     outcomes
 }
 
-/// Reads a request's answers to its end: an error message with a code is its refusal.
-async fn acknowledged(
+/// Reads a request's answers to its end: an error message with a code is its refusal, one without
+/// its acknowledgement. Where the connection hands acknowledgements over, answers that end without
+/// one mean the connection ended; where it swallows them, the end is the acknowledgement.
+async fn answer(
     responses: impl futures::Stream<Item = NetlinkMessage<RouteNetlinkMessage>>,
-) -> Result<(), rtnetlink::Error> {
+    acks_forwarded: bool,
+) -> Result<(), SendError> {
     let mut responses = std::pin::pin!(responses);
     while let Some(message) = responses.next().await {
         if let NetlinkPayload::Error(error) = message.payload {
             if error.code.is_some() {
-                return Err(rtnetlink::Error::NetlinkError(error));
+                return Err(rtnetlink::Error::NetlinkError(error).into());
             }
+            return Ok(());
         }
     }
-    Ok(())
+    if acks_forwarded {
+        Err(SendError::NoAnswer)
+    } else {
+        Ok(())
+    }
 }
 
 /// Adds `message` (never replacing): an equal route already there is fine; one with the same key
 /// through another NIC or gateway is an error naming it.
 pub(crate) async fn add_route_exclusive(handle: &Handle, message: RouteMessage) -> Result<(), String> {
-    add_routes_exclusive(handle, vec![message]).await.pop().unwrap_or(Ok(()))
+    let netlink = snapshot::Netlink::unfiltered(handle.clone());
+    add_routes_exclusive(&netlink, vec![message]).await.pop().unwrap_or(Ok(()))
 }
 
-/// [`add_route_exclusive`] for many routes, pipelined (in order); the routes already there are
-/// compared with what the kernel holds after one dump per family.
+/// [`add_route_exclusive`] for many routes, pipelined (in order). A route already there is looked
+/// for among the routes through its device first (a dump the kernel filters), and only when it is
+/// not there among every route of its family (one dump per family, shared): the cost of a large
+/// table elsewhere is paid only when another device holds the route's place.
 pub(crate) async fn add_routes_exclusive(
-    handle: &Handle,
+    netlink: &snapshot::Netlink,
     messages: Vec<RouteMessage>,
 ) -> Vec<Result<(), String>> {
     let requests = messages.iter().cloned().map(RouteNetlinkMessage::NewRoute).collect();
-    let sent = send_pipelined(handle, requests, Create::Exclusive).await;
-    let mut existing: Vec<(AddressFamily, Result<Vec<RouteMessage>, String>)> = Vec::new();
+    let sent = send_pipelined(netlink, requests, Create::Exclusive).await;
+    let mut through: Vec<((AddressFamily, u32), Vec<RouteMessage>)> = Vec::new();
+    let mut every: Vec<(AddressFamily, Result<Vec<RouteMessage>, String>)> = Vec::new();
     let mut outcomes = Vec::with_capacity(sent.len());
     for (message, result) in messages.iter().zip(sent) {
-        outcomes.push(match result {
-            Ok(()) => Ok(()),
-            Err(error) if failed_with(&error, libc::EEXIST) => {
-                let family = message.header.address_family;
-                if !existing.iter().any(|(f, _)| *f == family) {
-                    let mut probe = RouteMessage::default();
-                    probe.header.address_family = family;
-                    let dump =
-                        handle.route().get(probe).execute().try_collect().await.map_err(|e| e.to_string());
-                    existing.push((family, dump));
-                }
-                match existing.iter().find(|(f, _)| *f == family).map(|(_, dump)| dump) {
-                    Some(Ok(routes)) => {
-                        let want_key = route_key(message);
-                        match routes.iter().find(|r| route_key(r) == want_key) {
-                            Some(there) if route_target(there) != route_target(message) => Err(format!(
-                                "another route has its place, left alone: {}",
-                                snapshot::route_summary(there)
-                            )),
-                            _ => Ok(()),
-                        }
-                    }
-                    Some(Err(error)) => Err(error.clone()),
-                    None => Ok(()),
-                }
+        let error = match result {
+            Ok(()) => {
+                outcomes.push(Ok(()));
+                continue;
             }
-            Err(error) => Err(error.to_string()),
+            Err(error) if error.is_errno(libc::EEXIST) => error,
+            Err(error) => {
+                outcomes.push(Err(error.to_string()));
+                continue;
+            }
+        };
+        let family = message.header.address_family;
+        let want_key = route_key(message);
+        let same_key = |routes: &[RouteMessage]| routes.iter().find(|r| route_key(r) == want_key).cloned();
+        let mut there = None;
+        if let Some(oif) = snapshot::route_oif(message) {
+            if !through.iter().any(|(k, _)| *k == (family, oif)) {
+                let routes = netlink.routes_through(family, oif).await.unwrap_or_default();
+                through.push(((family, oif), routes));
+            }
+            there = through.iter().find(|(k, _)| *k == (family, oif)).and_then(|(_, r)| same_key(r));
+        }
+        if there.is_none() {
+            if !every.iter().any(|(f, _)| *f == family) {
+                let mut probe = RouteMessage::default();
+                probe.header.address_family = family;
+                let dump = netlink
+                    .handle
+                    .route()
+                    .get(probe)
+                    .execute()
+                    .try_collect()
+                    .await
+                    .map_err(|e| e.to_string());
+                every.push((family, dump));
+            }
+            match every.iter().find(|(f, _)| *f == family).map(|(_, dump)| dump) {
+                Some(Ok(routes)) => there = same_key(routes),
+                Some(Err(dump_error)) => {
+                    outcomes.push(Err(format!("{error}; reading the routes there: {dump_error}")));
+                    continue;
+                }
+                None => {}
+            }
+        }
+        outcomes.push(match there {
+            Some(there) if route_target(&there) != route_target(message) => {
+                Err(format!("another route has its place, left alone: {}", snapshot::route_summary(&there)))
+            }
+            _ => Ok(()),
         });
     }
     outcomes

@@ -40,7 +40,8 @@ pub struct RestorePhases {
     pub to_decision_us: u64,
     /// Waiting for udev and the NIC's network manager to be done with it.
     pub waited_us: u64,
-    /// Reading the NIC as it came back (what is already there is not sent again).
+    /// Reading the link as it came back (its name, MTU, altnames and admin state decide the link
+    /// changes), and the rules when the snapshot has some (none is added twice).
     pub pre_read_us: u64,
     /// Link changes: name, MTU, alternative names, and admin state up, which runs the driver's
     /// own open (rings, interrupts, firmware): often most of a restore.
@@ -252,11 +253,11 @@ struct Sender<'a> {
 }
 
 impl Sender<'_> {
-    fn outcome(&mut self, what: &str, result: Result<(), rtnetlink::Error>) {
+    fn outcome(&mut self, what: &str, result: Result<(), super::SendError>) {
         self.report.requests += 1;
         self.report.last_ack_ns = crate::clock::monotonic_ns();
         if let Err(error) = result {
-            if !super::failed_with(&error, libc::EEXIST) {
+            if !error.is_errno(libc::EEXIST) {
                 self.report.errors.push(format!("{what}: {error}"));
             }
         }
@@ -311,7 +312,7 @@ pub async fn restore(
         // policy), and one that exists fails a request that holds several.
         for missing in want.altnames.iter().filter(|a| !have.altnames.contains(a)) {
             let result = handle.link().property_add(ifindex).alt_ifname(&[missing.as_str()]).execute().await;
-            tx.outcome(&format!("altname {missing}"), result);
+            tx.outcome(&format!("altname {missing}"), result.map_err(super::SendError::from));
         }
     }
 
@@ -325,7 +326,7 @@ pub async fn restore(
     tx.expected_missing.extend(plan.expected_missing);
     let (summaries, messages): (Vec<String>, Vec<_>) =
         plan.addresses.into_iter().map(|(s, m)| (s, RouteNetlinkMessage::NewAddress(m))).unzip();
-    let sent = super::send_pipelined(handle, messages, super::Create::Replace).await;
+    let sent = super::send_pipelined(netlink, messages, super::Create::Replace).await;
     for (summary, result) in summaries.iter().zip(sent) {
         tx.outcome(&format!("address {summary}"), result);
     }
@@ -341,7 +342,7 @@ pub async fn restore(
     phases.link_us += link_up_us;
 
     let (summaries, messages): (Vec<String>, Vec<RouteMessage>) = plan.routes.into_iter().unzip();
-    let sent = super::add_routes_exclusive(handle, messages).await;
+    let sent = super::add_routes_exclusive(netlink, messages).await;
     for (summary, result) in summaries.iter().zip(sent) {
         tx.report.requests += 1;
         tx.report.last_ack_ns = crate::clock::monotonic_ns();
@@ -358,7 +359,7 @@ pub async fn restore(
         .filter(|(summary, _)| !have_rules.contains(summary))
         .map(|(s, m)| (s, RouteNetlinkMessage::NewRule(m)))
         .unzip();
-    let sent = super::send_pipelined(handle, messages, super::Create::Exclusive).await;
+    let sent = super::send_pipelined(netlink, messages, super::Create::Exclusive).await;
     for (summary, result) in summaries.iter().zip(sent) {
         tx.outcome(&format!("rule {summary}"), result);
     }

@@ -20,8 +20,8 @@ const FOREVER: u32 = u32::MAX;
 /// kernel reports whole seconds, and a read takes time.
 const SLACK_S: u64 = 2;
 
-/// `RTA_CACHEINFO`'s `rta_expires` unit: clock ticks (`USER_HZ`, 100 on every Linux ABI).
-const TICKS_PER_S: u64 = 100;
+/// `RTA_CACHEINFO`'s `rta_expires` unit: clock ticks (`USER_HZ`: 100 on x86_64 and arm64).
+const TICKS_PER_S: u32 = 100;
 
 impl NicSnapshot {
     /// True when `other` holds the same configuration as `self` (see the module's comment); the
@@ -45,22 +45,37 @@ fn same(a: &[Entry], b: &[Entry], equal: impl Fn(&Entry, &Entry) -> bool) -> boo
     a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.summary == y.summary && equal(x, y))
 }
 
-/// When a lifetime of `left` seconds, read at `read_s`, ends (`None`: never).
-fn end(read_s: u64, left: u32) -> Option<u64> {
-    (left != FOREVER).then(|| read_s + u64::from(left))
+/// When a lifetime ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum End {
+    Never,
+    /// It has ended (the kernel reports 0 left, or a negative expiry, until it acts on it): two
+    /// reads of an ended lifetime are the same however far apart.
+    Passed,
+    /// At this second of CLOCK_MONOTONIC.
+    At(u64),
 }
 
-fn same_end(a: Option<u64>, b: Option<u64>) -> bool {
+/// When a lifetime of `left` seconds, read at `read_s`, ends.
+fn end(read_s: u64, left: u32) -> End {
+    match left {
+        FOREVER => End::Never,
+        0 => End::Passed,
+        left => End::At(read_s + u64::from(left)),
+    }
+}
+
+fn same_end(a: End, b: End) -> bool {
     match (a, b) {
-        (Some(a), Some(b)) => a.abs_diff(b) <= SLACK_S,
+        (End::At(a), End::At(b)) => a.abs_diff(b) <= SLACK_S,
         (a, b) => a == b,
     }
 }
 
 /// An address without what the kernel changes by itself, and when its lifetimes end.
-fn lasting_address(entry: &Entry, read_s: u64) -> Option<(AddressMessage, Option<u64>, Option<u64>)> {
+fn lasting_address(entry: &Entry, read_s: u64) -> Option<(AddressMessage, End, End)> {
     let mut message = address_message(entry).ok()?;
-    let mut ends = (None, None);
+    let mut ends = (End::Never, End::Never);
     message.attributes.retain(|attribute| match attribute {
         AddressAttribute::CacheInfo(info) => {
             ends = (end(read_s, info.ifa_valid), end(read_s, info.ifa_preferred));
@@ -84,12 +99,18 @@ fn same_address(a: &Entry, a_s: u64, b: &Entry, b_s: u64) -> bool {
 }
 
 /// A route without its cache information, and when it expires.
-fn lasting_route(entry: &Entry, read_s: u64) -> Option<(RouteMessage, Option<u64>)> {
+fn lasting_route(entry: &Entry, read_s: u64) -> Option<(RouteMessage, End)> {
     let mut message = route_message(entry).ok()?;
-    let mut expires = None;
+    let mut expires = End::Never;
     message.attributes.retain(|attribute| match attribute {
         RouteAttribute::CacheInfo(info) => {
-            expires = (info.expires != 0).then(|| read_s + u64::from(info.expires) / TICKS_PER_S);
+            // `rta_expires` is signed: 0 is no expiry, below 0 an expiry passed.
+            let ticks = info.expires.cast_signed();
+            expires = match ticks {
+                0 => End::Never,
+                ..0 => End::Passed,
+                _ => End::At(read_s + u64::from(ticks.unsigned_abs() / TICKS_PER_S)),
+            };
             false
         }
         _ => true,
@@ -169,6 +190,12 @@ mod tests {
         assert!(!first.same_configuration(&renewed), "a renewal moves the lifetime's end");
         let preferred_only = snapshot(110, vec![address(3590, 1800, 51)], Vec::new());
         assert!(!first.same_configuration(&preferred_only));
+        let deprecated = snapshot(100, vec![address(3600, 0, 50)], Vec::new());
+        assert!(
+            deprecated.same_configuration(&snapshot(400, vec![address(3300, 0, 51)], Vec::new())),
+            "a preferred lifetime that has passed stays passed"
+        );
+        assert!(!deprecated.same_configuration(&first));
         let forever = snapshot(100, vec![address(FOREVER, FOREVER, 1)], Vec::new());
         assert!(forever.same_configuration(&snapshot(
             5000,
@@ -186,6 +213,13 @@ mod tests {
         let expiring = snapshot(100, Vec::new(), vec![route(1, 30_000, false, 100)]);
         assert!(expiring.same_configuration(&snapshot(150, Vec::new(), vec![route(1, 25_000, false, 100)])));
         assert!(!expiring.same_configuration(&snapshot(150, Vec::new(), vec![route(1, 30_000, false, 100)])));
+        let expired = snapshot(100, Vec::new(), vec![route(1, (-300_i32).cast_unsigned(), false, 100)]);
+        assert!(expired.same_configuration(&snapshot(
+            150,
+            Vec::new(),
+            vec![route(1, (-5300_i32).cast_unsigned(), false, 100)]
+        )));
+        assert!(!expired.same_configuration(&expiring));
     }
 
     #[test]
@@ -201,8 +235,10 @@ mod tests {
         let mut corrupt = first.clone();
         corrupt.addresses[0].message = "zz".into();
         assert!(!first.same_configuration(&corrupt), "unreadable is a change");
+        // (The messages carry the ifindex too: a NIC back under another one reads as changed, so
+        // the snapshot held gets the new ifindex; the field alone is not compared.)
         let mut moved = first.clone();
         moved.ifindex = 9;
-        assert!(first.same_configuration(&moved), "the ifindex is no configuration");
+        assert!(first.same_configuration(&moved), "the top-level ifindex is not compared");
     }
 }

@@ -183,20 +183,31 @@ fn entry_summaries(entries: &[Entry]) -> Vec<String> {
     entries.iter().map(|e| e.summary.clone()).collect()
 }
 
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
 pub fn to_hex<M: Emitable>(message: &M) -> String {
     let mut bytes = vec![0; message.buffer_len()];
     message.emit(&mut bytes);
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    let mut text = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        text.push(char::from(HEX[usize::from(b >> 4)]));
+        text.push(char::from(HEX[usize::from(b & 0xf)]));
+    }
+    text
 }
 
 fn from_hex(text: &str) -> Result<Vec<u8>, SnapshotError> {
-    if !text.is_ascii() || !text.len().is_multiple_of(2) {
+    let digit = |c: u8| match c {
+        b'0'..=b'9' => Ok(c - b'0'),
+        b'a'..=b'f' => Ok(c - b'a' + 10),
+        b'A'..=b'F' => Ok(c - b'A' + 10),
+        _ => Err(SnapshotError::Corrupt(format!("{:?} is not a hex digit", char::from(c)))),
+    };
+    let text = text.as_bytes();
+    if !text.len().is_multiple_of(2) {
         return Err(SnapshotError::Corrupt("odd hex length".into()));
     }
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).map_err(|e| SnapshotError::Corrupt(e.to_string())))
-        .collect()
+    text.chunks_exact(2).map(|pair| Ok(digit(pair[0])? << 4 | digit(pair[1])?)).collect()
 }
 
 pub fn address_message(entry: &Entry) -> Result<AddressMessage, SnapshotError> {
@@ -449,6 +460,27 @@ fn link_settings(link: &LinkMessage) -> LinkState {
 /// dump the kernel filters, `Netlink::routes_through`) and the rules that refer to its addresses
 /// or to the tables of its routes. A NIC gone during the read is an error, never an empty one.
 pub async fn capture(netlink: &Netlink, ifindex: u32) -> Result<NicSnapshot, SnapshotError> {
+    let rules = all_rules(netlink).await?;
+    capture_with(netlink, ifindex, &rules).await
+}
+
+/// Every ip rule of both families: what a snapshot picks its NIC's from. Rules are bound to no
+/// device, so one read serves every NIC re-read at the same wake-up.
+pub async fn all_rules(netlink: &Netlink) -> Result<Vec<RuleMessage>, SnapshotError> {
+    let mut rules = Vec::new();
+    for version in [IpVersion::V4, IpVersion::V6] {
+        let found: Vec<RuleMessage> = netlink.handle.rule().get(version).execute().try_collect().await?;
+        rules.extend(found);
+    }
+    Ok(rules)
+}
+
+/// [`capture`] with the rules already read ([`all_rules`]).
+pub async fn capture_with(
+    netlink: &Netlink,
+    ifindex: u32,
+    all_rules: &[RuleMessage],
+) -> Result<NicSnapshot, SnapshotError> {
     let handle = &netlink.handle;
     let LinkState { name, mtu, up, altnames, key: mac } = netlink.link(ifindex).await?;
 
@@ -498,16 +530,13 @@ pub async fn capture(netlink: &Netlink, ifindex: u32) -> Result<NicSnapshot, Sna
     }
 
     let mut rules = Vec::new();
-    for version in [IpVersion::V4, IpVersion::V6] {
-        let found: Vec<RuleMessage> = handle.rule().get(version).execute().try_collect().await?;
-        for message in &found {
-            let (source, destination) = rule_addresses(message);
-            let mine = tables.contains(&rule_table(message))
-                || source.is_some_and(|s| own_addresses.contains(&s))
-                || destination.is_some_and(|d| own_addresses.contains(&d));
-            if mine {
-                rules.push(Entry { summary: rule_summary(message), message: to_hex(message) });
-            }
+    for message in all_rules {
+        let (source, destination) = rule_addresses(message);
+        let mine = tables.contains(&rule_table(message))
+            || source.is_some_and(|s| own_addresses.contains(&s))
+            || destination.is_some_and(|d| own_addresses.contains(&d));
+        if mine {
+            rules.push(Entry { summary: rule_summary(message), message: to_hex(message) });
         }
     }
     // The NIC may have gone while it was read (its routes then read as none): such a read is
@@ -597,6 +626,9 @@ mod tests {
             address_message(&Entry { summary: String::new(), message: "aé".into() }).is_err(),
             "no panic on non-ASCII"
         );
+        assert_eq!(from_hex("00ff0A7f")?, [0, 255, 10, 127]);
+        assert!(from_hex("abc").is_err() && from_hex("0g").is_err() && from_hex("+1").is_err());
+        assert!(entry.message.starts_with("02180000"), "family, prefix, flags, scope: {}", entry.message);
         Ok(())
     }
 }

@@ -30,12 +30,18 @@ use super::{LinkState, SnapshotError};
 /// `ENODEV` (include/uapi/asm-generic/errno-base.h).
 const ENODEV: i32 = 19;
 
-/// The handles: `handle` for requests, `dumps` (strict) for filtered route dumps.
+/// The handles: `handle` for requests and dumps, `dumps` (strict) for filtered route dumps, and
+/// `requests` for a restore's pipelined requests, on a connection that hands over each
+/// acknowledgement: a request counts as applied on its acknowledgement only, never because its
+/// answers stopped (the connection ended).
 #[derive(Clone, Debug)]
 pub struct Netlink {
     pub handle: Handle,
     /// `None`: strict checking is not available; route dumps read every route.
     dumps: Option<Handle>,
+    requests: Handle,
+    /// Whether `requests` hands over acknowledgements (false only for [`Netlink::unfiltered`]).
+    acks_forwarded: bool,
 }
 
 /// How a filtered dump ended other than with the routes.
@@ -67,12 +73,21 @@ impl Netlink {
                 None
             }
         };
-        Ok(Self { handle, dumps })
+        let (mut connection, requests, _) = rtnetlink::new_connection()?;
+        connection.set_forward_ack(true);
+        runtime.spawn(connection);
+        Ok(Self { handle, dumps, requests, acks_forwarded: true })
     }
 
-    /// Requests and unfiltered dumps through `handle` alone.
-    pub const fn unfiltered(handle: Handle) -> Self {
-        Self { handle, dumps: None }
+    /// Requests and unfiltered dumps through `handle` alone (its connection swallows the
+    /// acknowledgements: a request's answers ending counts as its acknowledgement).
+    pub fn unfiltered(handle: Handle) -> Self {
+        Self { requests: handle.clone(), handle, dumps: None, acks_forwarded: false }
+    }
+
+    /// The connection for pipelined requests, and whether it hands over acknowledgements.
+    pub fn requests(&self) -> (&Handle, bool) {
+        (&self.requests, self.acks_forwarded)
     }
 
     /// The link's own settings (one request, no dump).

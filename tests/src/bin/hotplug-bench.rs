@@ -75,23 +75,19 @@ async fn floor(handle: &Handle, n: usize, index: u32) -> Result<u64> {
 /// `count` blackhole /32 routes in `main`, through no NIC, with one `ip -batch`.
 fn fill_main(count: u32) -> Result<()> {
     use std::io::Write as _;
-    let batch = tempfile_path()?;
-    let mut file = std::fs::File::create(&batch).context("writing the route batch")?;
+    let batch = tempfile::NamedTempFile::new().context("a file for the route batch")?;
+    let mut file = std::io::BufWriter::new(batch.as_file());
     for i in 0..count {
         writeln!(file, "route add blackhole 10.{}.{}.{}/32", 100 + i / 65536, (i / 256) % 256, i % 256)?;
     }
+    file.flush()?;
     drop(file);
-    let status = Command::new("ip").arg("-batch").arg(&batch).status().context("ip -batch")?;
-    std::fs::remove_file(&batch).ok();
+    let status = Command::new("ip").arg("-batch").arg(batch.path()).status().context("ip -batch")?;
     if !status.success() {
         bail!("adding {count} routes failed: {status}");
     }
     println!("main holds {count} more blackhole routes");
     Ok(())
-}
-
-fn tempfile_path() -> Result<std::path::PathBuf> {
-    Ok(std::env::temp_dir().join(format!("hotplug-bench-routes-{}", std::process::id())))
 }
 
 fn percentile(sorted: &[u64], p: usize) -> u64 {
@@ -109,6 +105,7 @@ async fn bench(rounds: usize) -> Result<()> {
         let rounds = if n == 100 { rounds.div_ceil(2) } else { rounds };
         let mut restores = Vec::new();
         let mut floors = Vec::new();
+        let mut phases: Vec<[u64; 5]> = Vec::new();
         for _ in 0..rounds {
             let index = configure(n).await?;
             let want = snapshot::capture(&netlink, index).await?;
@@ -119,6 +116,8 @@ async fn bench(rounds: usize) -> Result<()> {
                 bail!("restore of {n} was incomplete: {report:?}");
             }
             restores.push(report.last_ack_ns - start);
+            let p = report.phases;
+            phases.push([p.pre_read_us, p.link_us, p.addresses_us, p.routes_us, p.rules_us]);
             let index = fresh_link().await?;
             floors.push(floor(&handle, n, index).await?);
         }
@@ -131,6 +130,19 @@ async fn bench(rounds: usize) -> Result<()> {
             us(percentile(&restores, 99)),
             us(percentile(&floors, 50)),
             us(percentile(&floors, 99))
+        );
+        let phase_p50 = |i: usize| {
+            let mut values: Vec<u64> = phases.iter().map(|p| p[i]).collect();
+            values.sort_unstable();
+            percentile(&values, 50)
+        };
+        println!(
+            "      phases p50: pre-read {} us, link {} us, addresses {} us, routes {} us, rules {} us",
+            phase_p50(0),
+            phase_p50(1),
+            phase_p50(2),
+            phase_p50(3),
+            phase_p50(4)
         );
         println!(
             "BENCH restore n={n} p50_us={} p99_us={} floor_p50_us={} floor_p99_us={}",

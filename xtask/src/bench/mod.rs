@@ -82,11 +82,16 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
             write_results("micro.json", &json!({ "command": "cargo xtask bench micro", "figures": micro }))?;
             Ok(ExitCode::SUCCESS)
         }
-        Some(Bench::CloudInit { reloads, kernel, reuse_alone }) => cloud_init(*reloads, *kernel, *reuse_alone),
+        Some(Bench::CloudInit { reloads, kernel, reuse_alone }) => {
+            cloud_init(*reloads, *kernel, *reuse_alone)
+        }
         Some(Bench::Scenarios { scenario, arch }) => {
             let (runs, failed) = scenarios(scenario.as_deref(), *arch)?;
             print_runs(&runs);
-            write_results("scenarios.json", &json!({ "command": "cargo xtask bench scenarios", "runs": runs }))?;
+            write_results(
+                "scenarios.json",
+                &json!({ "command": "cargo xtask bench scenarios", "runs": runs }),
+            )?;
             Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
         }
         Some(Bench::LargeTable { routes }) => {
@@ -121,7 +126,7 @@ fn all(publish: bool) -> Result<ExitCode> {
         "command": "cargo xtask bench",
         "micro": micro,
         "runs": runs,
-        "large_table": large_table,
+        "large_table": large_table.clone(),
     });
     let results = write_results("results.json", &results)?;
     let dir = cmd::target_dir().join("bench");
@@ -132,6 +137,17 @@ fn all(publish: bool) -> Result<ExitCode> {
     println!("{summary}");
     eprintln!("bench: picture in {}", dir.join("restore.svg").display());
     if publish {
+        if failed || large_table.get("skipped").is_some() {
+            bail!(
+                "not publishing: {}; the results are in {}",
+                if failed {
+                    "a benchmark scenario failed"
+                } else {
+                    "the large routing table was skipped (not root)"
+                },
+                dir.display()
+            );
+        }
         report::publish(&svg, &summary)?;
     }
     Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
@@ -156,10 +172,11 @@ fn write_results(name: &str, results: &Value) -> Result<Value> {
 /// benchmark with a throughput, its elements per second.
 fn micro() -> Result<Value> {
     setup::ensure_toolchain()?;
+    let started = std::time::SystemTime::now();
     cmd::run(cmd::cargo().args(["bench", "-p", "hotplug-user", "--bench", "pipeline"]))?;
     let mut figures = serde_json::Map::new();
     let mut found = Vec::new();
-    collect_estimates(&cmd::target_dir().join("criterion"), &mut found)?;
+    collect_estimates(&cmd::target_dir().join("criterion"), started, &mut found)?;
     found.sort_by(|a, b| a.0.cmp(&b.0));
     for (id, mean_ns, elements) in found {
         println!("  {id:<60} {mean_ns:>12.1} ns");
@@ -176,17 +193,27 @@ fn micro() -> Result<Value> {
     Ok(Value::Object(figures))
 }
 
-/// (id, mean ns, elements per iteration) of each `new/` result under `dir`.
-fn collect_estimates(dir: &std::path::Path, found: &mut Vec<(String, f64, Option<u64>)>) -> Result<()> {
+/// (id, mean ns, elements per iteration) of each `new/` result under `dir` written since `since`
+/// (criterion keeps the results of benchmarks renamed or removed since).
+fn collect_estimates(
+    dir: &std::path::Path,
+    since: std::time::SystemTime,
+    found: &mut Vec<(String, f64, Option<u64>)>,
+) -> Result<()> {
     for entry in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
         let path = entry?.path();
         if !path.is_dir() {
             continue;
         }
         if path.file_name().is_some_and(|n| n == "new") {
+            let written = fs::metadata(path.join("estimates.json")).and_then(|m| m.modified());
+            if !written.is_ok_and(|w| w >= since) {
+                continue;
+            }
             let read = |name: &str| -> Result<Value> {
                 let file = path.join(name);
-                let text = fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+                let text =
+                    fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
                 serde_json::from_str(&text).with_context(|| format!("parsing {}", file.display()))
             };
             let (benchmark, estimates) = (read("benchmark.json")?, read("estimates.json")?);
@@ -194,7 +221,7 @@ fn collect_estimates(dir: &std::path::Path, found: &mut Vec<(String, f64, Option
             let Some(mean) = estimates["mean"]["point_estimate"].as_f64() else { continue };
             found.push((id, mean, benchmark["throughput"]["Elements"].as_u64()));
         } else if path.file_name().is_some_and(|n| n != "base" && n != "report") {
-            collect_estimates(&path, found)?;
+            collect_estimates(&path, since, found)?;
         }
     }
     Ok(())

@@ -26,10 +26,13 @@ fn cases(results: &Value) -> Vec<Case> {
         match run["scenario"].as_str() {
             Some("restore-bench") => {
                 for n in [1, 10, 100] {
-                    let (agent, floor) =
-                        (number(&format!("restore_n{n}_p50_us")), number(&format!("restore_n{n}_floor_p50_us")));
+                    let (agent, floor) = (
+                        number(&format!("restore_n{n}_p50_us")),
+                        number(&format!("restore_n{n}_floor_p50_us")),
+                    );
                     if let (Some(agent_us), Some(floor_us)) = (agent, floor) {
-                        let label = format!("restore, {n} address+route{} ({on})", if n == 1 { "" } else { "s" });
+                        let label =
+                            format!("restore, {n} address+route{} ({on})", if n == 1 { "" } else { "s" });
                         cases.push(Case { label, agent_us, floor_us, floor: "same requests, back to back" });
                     }
                 }
@@ -73,11 +76,11 @@ fn escape(text: &str) -> String {
 /// on the right, against the goal of 1.5x.
 pub fn svg(results: &Value) -> String {
     const ROW: usize = 46;
-    const TOP: usize = 58;
+    const TOP: usize = 74;
     const LABEL_W: f64 = 290.0;
     const BAR_W: f64 = 330.0;
     let cases = cases(results);
-    let height = TOP + ROW * cases.len().max(1) + 40;
+    let height = TOP + ROW * cases.len().max(1) + 52;
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -90,12 +93,17 @@ pub fn svg(results: &Value) -> String {
     );
     let _ = writeln!(
         out,
-        r##"<text x="10" y="38" fill="#555555">{} · {} · cargo xtask bench · QEMU guests under TCG: compare ratios, not times</text>"##,
+        r##"<text x="10" y="38" fill="#555555">{} · {} · cargo xtask bench</text>"##,
         escape(results["date"].as_str().unwrap_or("?")),
         escape(results["machine"].as_str().unwrap_or("?"))
     );
+    let _ = writeln!(
+        out,
+        r##"<text x="10" y="54" fill="#555555">QEMU guests under TCG: compare each ratio, not the times; green within the 1.5x goal</text>"##
+    );
     if cases.is_empty() {
-        let _ = writeln!(out, r#"<text x="10" y="{}">no restore-bench or reload-bench results</text>"#, TOP + 20);
+        let _ =
+            writeln!(out, r#"<text x="10" y="{}">no restore-bench or reload-bench results</text>"#, TOP + 20);
     }
     for (i, case) in cases.iter().enumerate() {
         let y = TOP + ROW * i;
@@ -104,7 +112,9 @@ pub fn svg(results: &Value) -> String {
         let colour = if ratio <= 1.5 { "#1a7f37" } else { "#cf222e" };
         let _ = writeln!(out, r#"<text x="10" y="{}">{}</text>"#, y + 19, escape(&case.label));
         for (row, (us, fill, what)) in
-            [(case.agent_us, "#2f6fdf", "hotplug-agent"), (case.floor_us, "#9aa4b1", case.floor)].iter().enumerate()
+            [(case.agent_us, "#2f6fdf", "hotplug-agent"), (case.floor_us, "#9aa4b1", case.floor)]
+                .iter()
+                .enumerate()
         {
             let bar_y = y + 4 + row * 18;
             let width = (us * scale).max(1.0);
@@ -137,7 +147,7 @@ pub fn svg(results: &Value) -> String {
     );
     let _ = writeln!(
         out,
-        r##"<rect x="10" y="{}" width="12" height="12" fill="#9aa4b1"/><text x="27" y="{}">floor (the same netlink requests back to back; ip -batch after the same reload, net of starting ip)</text>"##,
+        r##"<rect x="10" y="{}" width="12" height="12" fill="#9aa4b1"/><text x="27" y="{}">floor (restore: the same requests back to back; reload: ip -batch, net of starting ip)</text>"##,
         legend_y + 16,
         legend_y + 26
     );
@@ -185,7 +195,12 @@ pub fn markdown(results: &Value) -> String {
             ("ebpf_ns_per_nic_event", "eBPF run time per NIC event, ns"),
         ] {
             if !figures[key].is_null() {
-                let _ = writeln!(out, "| {label} ({on}, {}) | {} |", run["scenario"].as_str().unwrap_or("?"), figures[key]);
+                let _ = writeln!(
+                    out,
+                    "| {label} ({on}, {}) | {} |",
+                    run["scenario"].as_str().unwrap_or("?"),
+                    figures[key]
+                );
             }
         }
     }
@@ -212,7 +227,7 @@ pub fn markdown(results: &Value) -> String {
                 format!("{value:.0} ns")
             };
             let name = key.trim_end_matches(" mean_ns").trim_end_matches(" per_second");
-            let what = if key.ends_with(" per_second") { "records per second, one core" } else { "mean" };
+            let what = if key.ends_with(" per_second") { "per second, one core" } else { "mean" };
             let _ = writeln!(out, "| {name} ({what}) | {shown} |");
         }
     }
@@ -278,7 +293,7 @@ mod tests {
         assert!(table.contains("| restore, 1 address+route (amd64 6.1) | 2.4 ms | 1.8 ms"), "{table}");
         assert!(table.contains("| e1000 reload (amd64 6.1) | 57 ms | 57 ms"), "{table}");
         assert!(table.contains("| agent idle RSS, KiB (amd64 6.1, restore-bench) | 13248 |"), "{table}");
-        assert!(table.contains("1.73 M/s"), "{table}");
+        assert!(table.contains("(per second, one core) | 1.73 M/s"), "{table}");
         assert!(table.contains("0.3 |"), "{table}");
     }
 }

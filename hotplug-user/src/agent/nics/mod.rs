@@ -153,6 +153,9 @@ pub struct NicManager {
     by_ifindex: HashMap<u32, String>,
     dirty: HashSet<u32>,
     dirty_due: Option<tokio::time::Instant>,
+    /// NICs whose last state write failed (a full disk): written again at their next re-read,
+    /// changed or not.
+    unsaved: HashSet<String>,
     bursts: HashMap<u32, (u64, u64)>,
     imds: Option<Arc<ImdsClient>>,
     /// EC2 or not, read from the firmware once at start.
@@ -222,8 +225,14 @@ impl NicManager {
             NicState::Removed { .. } => self.store.remove(mac),
             _ => self.store.save(mac, nic),
         };
-        if let Err(error) = result {
-            tracing::error!(%error, "cannot persist NIC state");
+        match result {
+            Ok(()) => {
+                self.unsaved.remove(mac);
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot persist NIC state");
+                self.unsaved.insert(mac.to_owned());
+            }
         }
     }
 
@@ -311,8 +320,12 @@ impl NicManager {
         if self.dirty_due.is_some_and(|due| due <= tokio::time::Instant::now()) {
             self.dirty_due = None;
             let dirty: Vec<u32> = self.dirty.drain().collect();
+            // One read of the rules for every NIC of this wake-up (each NIC's routes are read
+            // with a dump the kernel filters by device: cheaper, with a large table, than one
+            // read of every route shared by all).
+            let rules = snapshot::all_rules(&self.netlink).await.ok();
             for ifindex in dirty {
-                self.refresh(ifindex).await;
+                self.refresh(ifindex, rules.as_deref()).await;
             }
         }
         let now_ns = monotonic_ns();
@@ -322,13 +335,18 @@ impl NicManager {
         }
     }
 
-    async fn refresh(&mut self, ifindex: u32) {
+    /// Re-reads a NIC (with `rules` when they were read for this wake-up already).
+    async fn refresh(&mut self, ifindex: u32, rules: Option<&[rtnetlink::packet_route::rule::RuleMessage]>) {
         let Some(mac) = self.by_ifindex.get(&ifindex).cloned() else { return };
         let present = matches!(self.nics.get(&mac).map(|n| &n.state), Some(NicState::Present { ifindex: i, .. }) if *i == ifindex);
         if !present {
             return;
         }
-        match snapshot::capture(&self.netlink, ifindex).await {
+        let read = match rules {
+            Some(rules) => snapshot::capture_with(&self.netlink, ifindex, rules).await,
+            None => snapshot::capture(&self.netlink, ifindex).await,
+        };
+        match read {
             Ok(mut snapshot) if key(&snapshot.mac) == mac => {
                 snapshot.manager = self.host.nic_manager(ifindex, &snapshot.name);
                 // networkd reconfigured the link and dropped routes and rules it does not own?
@@ -361,7 +379,7 @@ impl NicManager {
                     nic.snapshot = Some(snapshot);
                     true
                 });
-                if changed {
+                if changed || self.unsaved.contains(&mac) {
                     self.persist(&mac);
                 }
                 if let Some((foreign, plan)) = dropped {

@@ -111,7 +111,7 @@ impl NicManager {
         let pending: Vec<u32> = self.dirty.iter().copied().collect();
         for ifindex in pending {
             self.dirty.remove(&ifindex);
-            self.refresh(ifindex).await;
+            self.refresh(ifindex, None).await;
         }
         let planned = reload::plan(&request, self.full_mode, self.reload_running, &self.reload_facts());
         let runner = planned.and_then(|plan| {

@@ -49,6 +49,7 @@ impl NicManager {
             nics: HashMap::new(),
             by_ifindex: HashMap::new(),
             dirty: HashSet::new(),
+            unsaved: HashSet::new(),
             dirty_due: None,
             bursts: HashMap::new(),
         };
