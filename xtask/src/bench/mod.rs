@@ -268,6 +268,27 @@ fn large_table(routes: u32) -> Result<Value> {
             figures.insert(name.to_owned(), value);
         }
     }
+    // A restore with and without 200,000 routes elsewhere in `main` (hotplug-bench makes its own
+    // network namespace and fills it).
+    let bench = binaries.get(1).context("no hotplug-bench binary")?;
+    for (label, table_routes) in [("idle_table", 0), ("large_table", routes)] {
+        let output = cmd::output(
+            std::process::Command::new(bench).args(["restore", "10"]).arg(table_routes.to_string()),
+        )
+        .context("hotplug-bench restore failed")?;
+        for line in output.lines().filter_map(|l| l.strip_prefix("BENCH restore ")) {
+            let mut words = line.split_whitespace();
+            let Some(n) = words.next().and_then(|w| w.strip_prefix("n=")) else { continue };
+            for (key, value) in words.filter_map(|w| w.split_once('=')) {
+                if key == "p50_us" || key == "floor_p50_us" {
+                    let name = format!("restore_n{n}_{key}_{label}");
+                    let value: Value = value.parse::<u64>().map_or_else(|_| json!(value), |v| json!(v));
+                    println!("  {name:<40} {value}");
+                    figures.insert(name, value);
+                }
+            }
+        }
+    }
     Ok(Value::Object(figures))
 }
 

@@ -187,6 +187,8 @@ pub fn markdown(results: &Value) -> String {
         for (key, label) in [
             ("agent_idle_rss_kib", "agent idle RSS, KiB"),
             ("agent_idle_wakeups_per_second", "agent idle wake-ups per second"),
+            ("agent_ready_ms", "agent start to ready in full mode, ms (eBPF verified under emulation)"),
+            ("agent_probes_ms", "of which kernel probes, ms"),
             ("agent_start_seconds", "agent start to ready (events stream), s"),
             ("latency_p50_us", "kernel event to agent p50, µs"),
             ("latency_p99_us", "kernel event to agent p99, µs"),
@@ -212,7 +214,12 @@ pub fn markdown(results: &Value) -> String {
         ("ten_address_changes_agent_cpu_ms", "agent CPU for 10 address changes with those routes, ms"),
         ("churn_agent_cpu_percent", "agent CPU at 1,000 route changes/s in another table, % of a core"),
         ("churn_rss_kib", "RSS meanwhile, KiB"),
+        ("routes_added_rss_kib", "RSS after the 200,000 routes were added, KiB"),
         ("overruns", "netlink overruns"),
+        ("restore_n1_p50_us_idle_table", "restore of 1 address+route natively, µs"),
+        ("restore_n1_p50_us_large_table", "the same with 200,000 routes in main, µs"),
+        ("restore_n100_p50_us_idle_table", "restore of 100 addresses+routes natively, µs"),
+        ("restore_n100_p50_us_large_table", "the same with 200,000 routes in main, µs"),
     ] {
         if !large[key].is_null() {
             let _ = writeln!(out, "| {label} | {} |", large[key]);
