@@ -747,9 +747,11 @@ for m in {modules}; do modprobe "$m" || echo "init: modprobe $m failed"; done
 # The control channel: a virtio console (arm64's hvc0) appears once the host has announced its
 # port, a moment after the module loaded (6.1 builds virtio_console as a module). A holder keeps
 # it open for the guest's life: it forgets its line settings when its last user closes it, and
-# an echo would garble the protocol.
+# an echo would garble the protocol. Wait for the device node itself: opening a path that does
+# not exist yet for writing creates a plain file there, which devtmpfs then cannot replace (an
+# arm64 guest lost its control channel so).
 i=0
-until (exec 3<>{control}) 2>/dev/null; do
+until [ -c {control} ] && (exec 3<>{control}) 2>/dev/null; do
 	i=$((i + 1))
 	[ $i -ge 100 ] && {{ echo "init: no control channel {control} after 10 s: powering off"; poweroff -f; }}
 	sleep 0.1
