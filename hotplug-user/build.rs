@@ -88,9 +88,10 @@ fn build_object(workspace: &Path, target_dir: &Path) -> Result<PathBuf, String> 
         rustflags.push(flag);
     }
     cmd.env("CARGO_ENCODED_RUSTFLAGS", rustflags);
-    // The workspace's release profile links the agent with LTO; the eBPF object keeps the
-    // per-crate build it was verified with on every kernel (bpf-linker links it).
-    cmd.env("CARGO_PROFILE_RELEASE_LTO", "false");
+    // The workspace's release profile links the agent with LTO in one codegen unit; the eBPF
+    // object keeps the build it was verified with on every kernel (cargo's defaults, the crate's
+    // own codegen-units = 1; bpf-linker links it).
+    cmd.env("CARGO_PROFILE_RELEASE_LTO", "false").env("CARGO_PROFILE_RELEASE_CODEGEN_UNITS", "16");
     let status = cmd
         .stdout(std::process::Stdio::from(std::io::stderr()))
         .status().map_err(|e| {

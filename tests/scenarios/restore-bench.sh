@@ -5,7 +5,8 @@
 # bench: yes
 . /opt/hotplug/scenarios/_lib.sh
 
-hotplug-bench restore 20 | tee /tmp/bench.txt || fail "hotplug-bench failed"
+hotplug-bench restore 20 >/tmp/bench.txt || { cat /tmp/bench.txt; fail "hotplug-bench failed"; }
+cat /tmp/bench.txt
 for n in 1 10 100; do
 	line=$(grep "^BENCH restore n=$n " /tmp/bench.txt)
 	for key in p50_us p99_us floor_p50_us floor_p99_us; do

@@ -52,7 +52,8 @@ pub fn ebpf_cargo(subcommand: &str) -> Command {
             "--cfg=bpf_target_arch=\"x86_64\"\x1f-Cdebuginfo=2\x1f-Clink-arg=--btf",
         )
         // As hotplug-user/build.rs: no LTO for the eBPF object.
-        .env("CARGO_PROFILE_RELEASE_LTO", "false");
+        .env("CARGO_PROFILE_RELEASE_LTO", "false")
+        .env("CARGO_PROFILE_RELEASE_CODEGEN_UNITS", "16");
     for var in ["RUSTC", "RUSTC_WRAPPER", "RUSTC_WORKSPACE_WRAPPER", "RUSTFLAGS", "RUSTUP_TOOLCHAIN", "CARGO"]
     {
         command.env_remove(var);

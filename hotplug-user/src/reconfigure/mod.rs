@@ -57,8 +57,8 @@ fn route_key(message: &RouteMessage) -> (u32, u8, u8, Option<String>, Option<u32
 /// kernel has answered the one before, without a round trip through the restore's task.
 const IN_FLIGHT: usize = 32;
 
-/// How long one request may wait for its answer: the kernel answers at once; a missing answer
-/// is a lost message or a stuck connection, and must not hang a restore.
+/// How long one phase's requests may wait for their answers, together: the kernel answers each at
+/// once; a missing answer is a lost message or a stuck connection, and must not hang a restore.
 const ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Why a request did not go through.
@@ -68,8 +68,13 @@ pub enum SendError {
     Netlink(#[from] rtnetlink::Error),
     #[error("the netlink connection ended before the kernel answered")]
     NoAnswer,
-    #[error("no answer from the kernel within {} s", ANSWER_TIMEOUT.as_secs())]
+    #[error(
+        "no answer from the kernel within {} s: whether it was applied is unknown (the read-back says)",
+        ANSWER_TIMEOUT.as_secs()
+    )]
     Timeout,
+    #[error("not sent: an earlier request of the same restore had no answer")]
+    NotSent,
 }
 
 impl SendError {
@@ -99,7 +104,8 @@ pub(crate) async fn send_pipelined(
     requests: Vec<RouteNetlinkMessage>,
     create: Create,
 ) -> Vec<Result<(), SendError>> {
-    let (handle, acks_forwarded) = netlink.requests();
+    let (mut handle, mut acks_forwarded) = netlink.requests();
+    let deadline = tokio::time::Instant::now() + ANSWER_TIMEOUT;
     let mut outcomes = Vec::with_capacity(requests.len());
     let mut requests = requests.into_iter().peekable();
     while requests.peek().is_some() {
@@ -111,15 +117,28 @@ pub(crate) async fn send_pipelined(
                 Create::Replace => NLM_F_REPLACE,
             };
             request.header.flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | create;
-            waiting.push(handle.clone().request(request));
+            let mut sent = handle.clone().request(request.clone());
+            if sent.is_err() && acks_forwarded {
+                // The requests' connection ended (a socket error ends a netlink-proto
+                // connection for good): go on through the agent's main one.
+                tracing::error!("the netlink connection for restores has closed: using the main one");
+                (handle, acks_forwarded) = (&netlink.handle, false);
+                sent = handle.clone().request(request);
+            }
+            waiting.push(sent);
         }
         for responses in waiting {
             outcomes.push(match responses {
-                Ok(responses) => tokio::time::timeout(ANSWER_TIMEOUT, answer(responses, acks_forwarded))
+                Ok(responses) => tokio::time::timeout_at(deadline, answer(responses, acks_forwarded))
                     .await
                     .unwrap_or(Err(SendError::Timeout)),
                 Err(error) => Err(error.into()),
             });
+        }
+        if outcomes.iter().any(|o| matches!(o, Err(SendError::Timeout))) {
+            // The kernel answers at once: a connection this late is stuck; what is left is not
+            // sent, and says so.
+            outcomes.extend(requests.by_ref().map(|_| Err(SendError::NotSent)));
         }
     }
     outcomes
@@ -186,8 +205,14 @@ pub(crate) async fn add_routes_exclusive(
         let mut there = None;
         if let Some(oif) = snapshot::route_oif(message) {
             if !through.iter().any(|(k, _)| *k == (family, oif)) {
-                let routes = netlink.routes_through(family, oif).await.unwrap_or_default();
-                through.push(((family, oif), routes));
+                match netlink.routes_through(family, oif).await {
+                    Ok(routes) => through.push(((family, oif), routes)),
+                    Err(read_error) => {
+                        // The device is gone, most likely: no point reading every route.
+                        outcomes.push(Err(format!("{error}; reading the routes through it: {read_error}")));
+                        continue;
+                    }
+                }
             }
             there = through.iter().find(|(k, _)| *k == (family, oif)).and_then(|(_, r)| same_key(r));
         }
@@ -222,4 +247,42 @@ pub(crate) async fn add_routes_exclusive(
         });
     }
     outcomes
+}
+
+#[cfg(test)]
+mod tests {
+    use std::num::NonZeroI32;
+
+    use rtnetlink::packet_core::{ErrorMessage, NetlinkHeader};
+
+    use super::*;
+
+    fn error(code: Option<i32>) -> NetlinkMessage<RouteNetlinkMessage> {
+        let mut message = ErrorMessage::default();
+        message.code = code.and_then(NonZeroI32::new);
+        NetlinkMessage::new(NetlinkHeader::default(), NetlinkPayload::Error(message))
+    }
+
+    async fn answer_to(
+        messages: Vec<NetlinkMessage<RouteNetlinkMessage>>,
+        acks_forwarded: bool,
+    ) -> Result<(), SendError> {
+        answer(futures::stream::iter(messages), acks_forwarded).await
+    }
+
+    #[tokio::test]
+    async fn a_request_is_applied_on_its_acknowledgement_only() {
+        assert!(answer_to(vec![error(None)], true).await.is_ok(), "the acknowledgement");
+        let refused = answer_to(vec![error(Some(-libc::EEXIST))], true).await;
+        assert!(refused.as_ref().is_err_and(|e| e.is_errno(libc::EEXIST)), "{refused:?}");
+        assert!(
+            matches!(answer_to(Vec::new(), true).await, Err(SendError::NoAnswer)),
+            "the connection ended"
+        );
+        assert!(
+            answer_to(Vec::new(), false).await.is_ok(),
+            "where acknowledgements are swallowed, the end is one"
+        );
+        assert!(answer_to(vec![error(Some(-libc::ENODEV))], false).await.is_err());
+    }
 }

@@ -89,6 +89,10 @@ pub struct RestoreReport {
     pub differences: Vec<String>,
     /// CLOCK_MONOTONIC ns when the last request was acknowledged.
     pub last_ack_ns: u64,
+    /// CLOCK_MONOTONIC ns when the restore began (its first phase's start): the agent's part
+    /// before it ends here, so that the phases add up to the latency.
+    #[serde(skip)]
+    pub started_ns: u64,
     /// What was not replayed and why (leases left to the NIC's manager, expired ones).
     pub left_to_manager: Vec<String>,
     /// Where the time went (the agent fills in the part before the replay).
@@ -246,7 +250,7 @@ pub fn replay_plan(want: &NicSnapshot, ifindex: u32, options: RestoreOptions) ->
 }
 
 struct Sender<'a> {
-    handle: &'a Handle,
+    netlink: &'a snapshot::Netlink,
     report: RestoreReport,
     /// The read-back differences that what was left to the manager explains.
     expected_missing: Vec<String>,
@@ -264,11 +268,18 @@ impl Sender<'_> {
     }
 
     /// Link changes count every error, EEXIST included (a rename onto a taken name fails so).
+    /// Sent as rtnetlink's link set is (`RTM_NEWLINK`, create-exclusive flags), on the connection
+    /// that hands over acknowledgements.
     async fn set_link(&mut self, what: &str, message: LinkMessage) {
-        let result = self.handle.link().set(message).execute().await;
+        let mut sent = super::send_pipelined(
+            self.netlink,
+            vec![RouteNetlinkMessage::SetLink(message)],
+            super::Create::Exclusive,
+        )
+        .await;
         self.report.requests += 1;
         self.report.last_ack_ns = crate::clock::monotonic_ns();
-        if let Err(error) = result {
+        if let Some(Err(error)) = sent.pop() {
             self.report.errors.push(format!("{what}: {error}"));
         }
     }
@@ -288,9 +299,10 @@ pub async fn restore(
     options: RestoreOptions,
 ) -> RestoreReport {
     let handle = &netlink.handle;
-    let mut tx = Sender { handle, report: RestoreReport::default(), expected_missing: Vec::new() };
+    let mut tx = Sender { netlink, report: RestoreReport::default(), expected_missing: Vec::new() };
     let mut phases = RestorePhases::default();
     let mut mark = monotonic_ns();
+    let started_ns = mark;
     let have = netlink.link(ifindex).await.ok();
     let have_rules = if want.rules.is_empty() { Vec::new() } else { rule_summaries(handle).await };
     (phases.pre_read_us, mark) = lap(mark);
@@ -383,6 +395,7 @@ pub async fn restore(
     }
     (phases.read_back_us, _) = lap(mark);
     report.last_ack_ns = last_ack_ns;
+    report.started_ns = started_ns;
     report.phases = phases;
     report
 }

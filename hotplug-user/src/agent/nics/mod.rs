@@ -82,6 +82,9 @@ pub enum Background {
     ReloadDone(reload::Done),
 }
 
+/// How often a state write that failed (a full disk) is tried again.
+const UNSAVED_RETRY: Duration = Duration::from_secs(10);
+
 /// One NIC as the agent manages and persists it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Managed {
@@ -309,10 +312,9 @@ impl NicManager {
             })
             .min()
             .map(|d| tokio::time::Instant::now() + Duration::from_nanos(d.saturating_sub(now_ns)));
-        match (self.dirty_due, deadline) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        // A state write that failed is tried again every UNSAVED_RETRY.
+        let retry = (!self.unsaved.is_empty()).then(|| tokio::time::Instant::now() + UNSAVED_RETRY);
+        [self.dirty_due, deadline, retry].into_iter().flatten().min()
     }
 
     /// Re-reads NICs whose configuration changed and checks return deadlines.
@@ -323,10 +325,18 @@ impl NicManager {
             // One read of the rules for every NIC of this wake-up (each NIC's routes are read
             // with a dump the kernel filters by device: cheaper, with a large table, than one
             // read of every route shared by all).
-            let rules = snapshot::all_rules(&self.netlink).await.ok();
-            for ifindex in dirty {
-                self.refresh(ifindex, rules.as_deref()).await;
+            if !dirty.is_empty() {
+                let rules = snapshot::all_rules(&self.netlink).await.ok();
+                for ifindex in dirty {
+                    self.refresh(ifindex, rules.as_deref()).await;
+                }
             }
+        }
+        // State writes that failed (a full disk) are tried again, whatever the NIC's state: the
+        // snapshot held while a driver is away is the one a restarted agent needs.
+        let unsaved: Vec<String> = self.unsaved.iter().cloned().collect();
+        for mac in unsaved {
+            self.persist(&mac);
         }
         let now_ns = monotonic_ns();
         let macs: Vec<String> = self.nics.keys().cloned().collect();
