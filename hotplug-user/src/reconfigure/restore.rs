@@ -12,7 +12,6 @@
 //! kernel refuses a new route that does) are stripped; an address with a lifetime (a DHCP or
 //! SLAAC lease) is either left to the NIC's network manager, which renews it, or replayed with
 //! what is left of its lifetime, never with the stale one.
-use futures::TryStreamExt as _;
 use rtnetlink::{
     packet_route::{
         address::{AddressAttribute, AddressFlags, AddressMessage},
@@ -21,7 +20,7 @@ use rtnetlink::{
         rule::RuleMessage,
         RouteNetlinkMessage,
     },
-    Handle, IpVersion, LinkUnspec,
+    LinkUnspec,
 };
 use serde::{Deserialize, Serialize};
 
@@ -304,7 +303,13 @@ pub async fn restore(
     let mut mark = monotonic_ns();
     let started_ns = mark;
     let have = netlink.link(ifindex).await.ok();
-    let have_rules = if want.rules.is_empty() { Vec::new() } else { rule_summaries(handle).await };
+    // Rules that cannot be read are taken as none: one already there then fails its request
+    // with EEXIST, which is no error.
+    let have_rules: Vec<String> = if want.rules.is_empty() {
+        Vec::new()
+    } else {
+        snapshot::all_rules(netlink).await.unwrap_or_default().iter().map(snapshot::rule_summary).collect()
+    };
     (phases.pre_read_us, mark) = lap(mark);
     let link_too = !options.routes_and_rules_only;
     if let Some(have) = have.as_ref().filter(|_| link_too) {
@@ -398,17 +403,6 @@ pub async fn restore(
     report.started_ns = started_ns;
     report.phases = phases;
     report
-}
-
-/// The summaries of every rule of both families (empty when they cannot be read: a rule already
-/// there then fails its request with EEXIST, which is no error).
-async fn rule_summaries(handle: &Handle) -> Vec<String> {
-    let mut summaries = Vec::new();
-    for version in [IpVersion::V4, IpVersion::V6] {
-        let rules: Result<Vec<RuleMessage>, _> = handle.rule().get(version).execute().try_collect().await;
-        summaries.extend(rules.unwrap_or_default().iter().map(snapshot::rule_summary));
-    }
-    summaries
 }
 
 #[cfg(test)]

@@ -541,10 +541,7 @@ pub async fn capture_with(
     }
     // The NIC may have gone while it was read (its routes then read as none): such a read is
     // not its configuration.
-    let still: Vec<LinkMessage> = handle.link().get().match_index(ifindex).execute().try_collect().await?;
-    if still.is_empty() {
-        return Err(SnapshotError::NoSuchLink(ifindex));
-    }
+    netlink.link(ifindex).await?;
     Ok(NicSnapshot {
         mac,
         ifindex,

@@ -156,8 +156,8 @@ pub struct NicManager {
     by_ifindex: HashMap<u32, String>,
     dirty: HashSet<u32>,
     dirty_due: Option<tokio::time::Instant>,
-    /// NICs whose last state write failed (a full disk): written again at their next re-read,
-    /// changed or not.
+    /// NICs whose last state write failed (a full disk): written again at each wake-up, every
+    /// `UNSAVED_RETRY` at least, whatever their state.
     unsaved: HashSet<String>,
     bursts: HashMap<u32, (u64, u64)>,
     imds: Option<Arc<ImdsClient>>,
@@ -389,7 +389,7 @@ impl NicManager {
                     nic.snapshot = Some(snapshot);
                     true
                 });
-                if changed || self.unsaved.contains(&mac) {
+                if changed {
                     self.persist(&mac);
                 }
                 if let Some((foreign, plan)) = dropped {
