@@ -1,10 +1,12 @@
-//! A state file read back from disk (the agent's own, or one an attacker or a crash left): it
-//! parses or is refused; what it turns into is restored only onto the NIC given, with none of
-//! the kernel's transient flags, and the start-up decision is total.
+//! A state file read back from disk (the agent's own in any format, release 0.1.0's, or one an
+//! attacker or a crash left): it decodes or is refused; its summaries are made again from its
+//! messages; what it turns into is restored only onto the NIC given, with none of the kernel's
+//! transient flags, and the start-up decision is total.
 #![no_main]
 use hotplug::{
-    agent::nics::Managed,
+    control::AttachStatus,
     decide::startup::{reconcile, Persisted},
+    state::{decode, Decoded, Nic},
     reconfigure::restore::{replay_plan, RestoreOptions},
 };
 use libfuzzer_sys::fuzz_target;
@@ -13,12 +15,13 @@ use rtnetlink::packet_route::route::{RouteAttribute, RouteFlags};
 const IFINDEX: u32 = 7;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(nic) = serde_json::from_slice::<Managed>(data) else { return };
+    let Ok(Decoded { nic: mut nic, .. }) = decode::<Nic>(data) else { return };
+    let _ = nic.refresh_summaries();
     for configured_by_hand in [false, true] {
         let persisted = Persisted {
-            state: &nic.state,
+            state: &nic.record.state,
             pending_restore: nic.pending_restore.is_some(),
-            attach_waiting: nic.attach.as_ref().is_some_and(|a| a.status == "waiting-for-imds"),
+            attach_waiting: nic.attach.as_ref().is_some_and(|a| a.status == AttachStatus::WaitingForImds),
             configured_by_hand,
         };
         let _ = reconcile(Some(persisted), Some(IFINDEX));

@@ -93,10 +93,52 @@ pub struct RestoreOutcome {
 }
 
 /// Where an attach stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AttachStatus {
+    /// IMDS was asked and has not answered yet.
+    WaitingForImds,
+    /// Configured from IMDS's answer.
+    Configured,
+    /// IMDS did not answer in time, or the configuration failed (see `errors`).
+    Failed,
+    /// The NIC left or registered again before IMDS answered.
+    Abandoned,
+    /// cloud-init's hotplug hook configures it.
+    LeftToCloudInit,
+    /// IMDS is off (disabled, unusable, or not EC2): nobody configures it.
+    ImdsOff,
+}
+
+impl AttachStatus {
+    /// As `status` shows it, the audit trail and the metrics' label.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::WaitingForImds => "waiting-for-imds",
+            Self::Configured => "configured",
+            Self::Failed => "failed",
+            Self::Abandoned => "abandoned",
+            Self::LeftToCloudInit => "left-to-cloud-init",
+            Self::ImdsOff => "imds-off",
+        }
+    }
+
+    /// Configured (or tried) from IMDS by the agent: what a refresh may bring in line.
+    pub const fn from_imds(self) -> bool {
+        matches!(self, Self::Configured | Self::Failed)
+    }
+}
+
+impl std::fmt::Display for AttachStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where an attach stands, and what it cost.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AttachOutcome {
-    /// `waiting-for-imds`, `configured`, `failed`, `abandoned`, `left-to-cloud-init` or `imds-off`.
-    pub status: String,
+    pub status: AttachStatus,
     /// From the kernel's device-added timestamp to the end of the configuration.
     pub latency_ms: Option<u64>,
     /// IMDS requests this attach made (token requests included).
@@ -468,7 +510,7 @@ mod tests {
             phases: None,
         });
         present.attach = Some(AttachOutcome {
-            status: "configured".into(),
+            status: AttachStatus::Configured,
             latency_ms: Some(200),
             imds_requests: 11,
             table: Some(10_001),

@@ -4,7 +4,8 @@
 //! and uevents) → `classify` (why a NIC came or went) → `decide` (per-NIC state machine) →
 //! `reconfigure` (netlink restore, attach, detach) with `snapshot` (a NIC's configuration) and
 //! `imds` (the metadata service); `managers` knows the host's other network managers, `control`
-//! is the control socket's protocol; `agent` runs the loop, `config` reads the TOML file.
+//! is the control socket's protocol; `state` what is kept about each NIC on disk, in a versioned
+//! format; `agent` runs the loop, `config` reads the TOML file.
 pub mod agent;
 pub mod audit;
 pub mod classify;
@@ -21,6 +22,7 @@ pub mod metrics;
 pub mod platform;
 pub mod reconfigure;
 pub mod snapshot;
+pub mod state;
 
 /// An error and all its sources, joined with ": " (many library errors keep the cause, such as
 /// the OS error, only in their source).

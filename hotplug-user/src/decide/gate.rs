@@ -106,6 +106,31 @@ impl Credits {
     }
 }
 
+/// The gate's answer about a NIC the agent knows (its record, its last kernel event and the
+/// policy of the name it is configured under), spending the credit of a skipped half.
+pub fn ask(
+    record: &mut super::NicRecord,
+    last: Option<(NicAction, Cause)>,
+    policy: PolicyKind,
+    action: UeventAction,
+    now_ns: u64,
+) -> GateAnswer {
+    let credit = record.gate_credits.available(action, now_ns);
+    let facts = GateFacts {
+        state: &record.state,
+        last,
+        last_removal: record.last_removal.as_ref().map(|(cause, _)| *cause),
+        returned_from_driver_gone: record.returned_from_driver_gone,
+        policy,
+        credit,
+    };
+    let answer = cloud_init_gate(action, Some(facts));
+    if answer.verdict == Verdict::Skip {
+        record.gate_credits.spend(action);
+    }
+    answer
+}
+
 /// One NIC the agent knows, as the gate matches it to a uevent.
 #[derive(Clone, Copy, Debug)]
 pub struct Candidate<'a> {

@@ -18,9 +18,12 @@ pub mod coexist;
 pub mod gate;
 pub mod reload;
 pub mod startup;
+pub mod step;
 
 #[cfg(test)]
 mod model;
+
+pub use step::{hold, policy_name, resync, step, NicRecord, Policy, Step};
 
 use serde::{Deserialize, Serialize};
 
@@ -64,6 +67,8 @@ pub enum Action {
     Track { ifindex: u32 },
     /// A NIC really attached: ask IMDS for it (it lags an attach) and configure it.
     Attach { ifindex: u32 },
+    /// The NIC no longer has this ifindex: stop mapping it to the NIC (bookkeeping, not audited).
+    Untrack { ifindex: u32 },
 }
 
 pub struct Transition {
@@ -92,6 +97,7 @@ impl Action {
             Self::HandToDetach { reason } => format!("hand to the detach path ({reason})"),
             Self::Track { .. } => "track its configuration".to_owned(),
             Self::Attach { .. } => "configure it from IMDS".to_owned(),
+            Self::Untrack { ifindex } => format!("forget ifindex {ifindex}"),
         }
     }
 }
@@ -102,7 +108,12 @@ impl Transition {
     pub fn describe(&self, before: Option<&NicState>) -> String {
         let from = before.map_or("unknown", NicState::label);
         let to = self.next.as_ref().map_or("unknown", NicState::label);
-        let actions: Vec<String> = self.actions.iter().map(Action::describe).collect();
+        let actions: Vec<String> = self
+            .actions
+            .iter()
+            .filter(|a| !matches!(a, Action::Untrack { .. }))
+            .map(Action::describe)
+            .collect();
         if actions.is_empty() {
             format!("{from} -> {to}: nothing to do")
         } else {

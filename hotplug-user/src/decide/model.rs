@@ -15,9 +15,11 @@ use std::collections::HashMap;
 use proptest::prelude::*;
 
 use super::{
-    decide, missed_return,
-    startup::{reconcile, Persisted, Reconcile},
-    Action, Input, NicState,
+    resync,
+    startup::{expected_back, reconcile, tracked, Persisted, Reconcile},
+    step,
+    step::Registered,
+    Action, Input, NicRecord, NicState, Policy,
 };
 use crate::{
     classify::{Action as NicAction, Cause, NicEvent, Source},
@@ -76,8 +78,8 @@ struct World {
     next_ifindex: u32,
     /// Each NIC's ifindex while it is registered.
     registered: [Option<u32>; NICS],
-    /// The agent's state per MAC.
-    state: HashMap<String, NicState>,
+    /// The agent's record per MAC.
+    state: HashMap<String, NicRecord>,
     /// Per MAC: the MAC whose configuration its latest snapshot holds, taken in this boot.
     snapshot: HashMap<String, String>,
     /// A reload in flight whose removal event arrived: (MAC, deadline).
@@ -113,11 +115,17 @@ pub(super) fn event(action: NicAction, cause: Cause, mac: &str, ifindex: u32, ts
 }
 
 impl World {
-    /// Feeds one input for `mac` through `decide`, checks the invariants on the actions, and
+    fn state_of(&self, mac: &str) -> Option<&NicState> {
+        self.state.get(mac).map(|r| &r.state)
+    }
+
+    /// Feeds one input for `mac` through `step`, checks the invariants on the actions, and
     /// carries them out on the model.
     fn apply(&mut self, mac: &str, input: &Input<'_>) -> Result<Vec<Action>, TestCaseError> {
-        let before = self.state.get(mac).cloned();
-        let transition = decide(before.as_ref(), input, PolicyKind::Restore, TIMEOUT);
+        let record = self.state.get(mac).cloned();
+        let before = record.as_ref().map(|r| r.state.clone());
+        let policy = Policy { kind: PolicyKind::Restore, return_timeout_ns: TIMEOUT };
+        let transition = step(record.as_ref(), input, policy);
         let nic = (0..NICS).find(|n| self::mac(*n) == mac).unwrap_or(0);
         for action in &transition.actions {
             match action {
@@ -170,7 +178,7 @@ impl World {
                 }
                 let m = mac(nic);
                 let e = event(NicAction::Removal, cause, &m, ifindex, self.now);
-                let held = matches!(self.state.get(&m), Some(NicState::Present { .. }));
+                let held = matches!(self.state_of(&m), Some(NicState::Present { .. }));
                 self.apply(&m, &Input::Event(&e))?;
                 self.reload = (held && super::holds(cause)).then(|| (m, self.now + TIMEOUT));
             }
@@ -203,20 +211,24 @@ impl World {
             Op::Resync => {
                 self.reload = None;
                 self.resync_due = false;
+                // The agent's own rule (`decide::resync`), fed what the kernel lists.
+                let links: Vec<Registered> = (0..NICS)
+                    .filter_map(|nic| {
+                        self.registered[nic].map(|ifindex| Registered {
+                            key: mac(nic),
+                            ifindex,
+                            name: "eth1".into(),
+                        })
+                    })
+                    .collect();
+                let replays = resync(self.state.iter().map(|(k, r)| (k.as_str(), &r.state)), &links);
+                for replay in replays {
+                    let e = event(replay.action, Cause::Unknown, &replay.key, replay.ifindex, self.now);
+                    self.apply(&replay.key, &Input::Event(&e))?;
+                }
                 for nic in 0..NICS {
                     let m = mac(nic);
-                    match self.registered[nic] {
-                        Some(ifindex) if missed_return(self.state.get(&m), ifindex) => {
-                            let e = event(NicAction::Registration, Cause::Unknown, &m, ifindex, self.now);
-                            self.apply(&m, &Input::Event(&e))?;
-                        }
-                        None if matches!(self.state.get(&m), Some(NicState::Present { .. })) => {
-                            let e = event(NicAction::Removal, Cause::Unknown, &m, 0, self.now);
-                            self.apply(&m, &Input::Event(&e))?;
-                        }
-                        _ => {}
-                    }
-                    match (self.registered[nic], self.state.get(&m)) {
+                    match (self.registered[nic], self.state_of(&m)) {
                         (Some(ifindex), Some(NicState::Present { ifindex: believed, .. })) => {
                             prop_assert_eq!(
                                 *believed,
@@ -242,8 +254,8 @@ impl World {
                     let registered = self.registered[nic];
                     let persisted = self.state.get(&m).cloned();
                     let decision = reconcile(
-                        persisted.as_ref().map(|state| Persisted {
-                            state,
+                        persisted.as_ref().map(|record| Persisted {
+                            state: &record.state,
                             pending_restore: false,
                             attach_waiting: false,
                             configured_by_hand: false,
@@ -265,19 +277,13 @@ impl World {
                             Reconcile::Track | Reconcile::ResumeRestore | Reconcile::ResumeAttach,
                             Some(ifindex),
                         ) => {
-                            self.state.insert(m.clone(), NicState::Present { ifindex, name: "eth1".into() });
+                            self.state.insert(m.clone(), tracked(persisted.as_ref(), ifindex, "eth1"));
                             self.snapshot.insert(m.clone(), m);
                         }
                         (Reconcile::ExpectBack, None) => {
-                            let cause = match persisted {
-                                Some(NicState::DriverGone { cause, .. }) => cause,
-                                _ => Cause::Unknown,
-                            };
-                            let deadline = self.now + TIMEOUT;
-                            self.state.insert(
-                                m,
-                                NicState::DriverGone { cause, since_ns: self.now, deadline_ns: deadline },
-                            );
+                            if let Some(record) = persisted {
+                                self.state.insert(m, expected_back(&record, self.now, TIMEOUT));
+                            }
                         }
                         (Reconcile::Keep, None) => {}
                         (decision, registered) => {
@@ -299,7 +305,7 @@ impl World {
                     prop_assert_eq!(reconcile(None, self.registered[nic]), Reconcile::Track);
                     self.state.insert(
                         m.clone(),
-                        NicState::Present { ifindex: self.next_ifindex, name: "eth1".into() },
+                        NicRecord::new(NicState::Present { ifindex: self.next_ifindex, name: "eth1".into() }),
                     );
                     self.snapshot.insert(m.clone(), m);
                 }

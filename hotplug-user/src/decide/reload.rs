@@ -105,14 +105,24 @@ pub fn same_module(a: &str, b: &str) -> bool {
 /// removals from anything else (full mode), the driver must drive NICs, every one of them one the
 /// agent manages and will restore, with a snapshot taken since its last change and no restore
 /// still waiting, and no other reload may be under way.
-pub fn plan(
-    request: &ReloadRequest,
-    full_mode: bool,
-    busy: bool,
-    nics: &[NicFacts],
-) -> Result<ReloadPlan, String> {
+/// What the agent and the kernel are doing when a reload is asked for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Situation {
+    /// Every kernel hook attached.
+    pub full_mode: bool,
+    /// Another reload is under way.
+    pub busy: bool,
+    /// The driver is built into the kernel (`/sys/module/NAME` without `initstate`).
+    pub builtin: bool,
+}
+
+pub fn plan(request: &ReloadRequest, situation: Situation, nics: &[NicFacts]) -> Result<ReloadPlan, String> {
+    let Situation { full_mode, busy, builtin } = situation;
     if busy {
         return Err("another reload is under way; wait for its report".to_owned());
+    }
+    if builtin {
+        return Err(format!("{} is built into the kernel: it cannot be unloaded", request.driver));
     }
     if !full_mode {
         return Err("the agent runs in degraded mode: it cannot tell this reload's removals from a real detach; reload by hand, or fix what `hotplug-agent features` names".to_owned());
@@ -275,28 +285,67 @@ mod tests {
     #[test]
     fn a_reload_starts_only_when_every_nic_of_the_driver_can_be_restored() -> Result<(), String> {
         let request = validate("e1000e", &["debug=1".into()], false)?;
-        let plan = plan(&request, true, false, &[nic("e1000e"), nic("virtio_net")])?;
+        let plan = plan(
+            &request,
+            Situation { full_mode: true, busy: false, builtin: false },
+            &[nic("e1000e"), nic("virtio_net")],
+        )?;
         assert_eq!(plan.nics.len(), 1);
         assert_eq!(plan.steps, ["modprobe -r e1000e", "modprobe e1000e debug=1"]);
-        assert!(super::plan(&request, false, false, &[]).is_err_and(|e| e.contains("degraded")));
-        assert!(super::plan(&request, true, true, &[]).is_err_and(|e| e.contains("under way")));
+        assert!(super::plan(&request, Situation { full_mode: false, busy: false, builtin: false }, &[])
+            .is_err_and(|e| e.contains("degraded")));
+        assert!(super::plan(&request, Situation { full_mode: true, busy: true, builtin: false }, &[])
+            .is_err_and(|e| e.contains("under way")));
+        let builtin = Situation { full_mode: true, busy: false, builtin: true };
+        assert!(super::plan(&request, builtin, &[nic("e1000e")])
+            .is_err_and(|e| e.contains("built into the kernel")));
         let mut stale = nic("e1000e");
         stale.fresh_snapshot = false;
-        assert!(super::plan(&request, true, false, &[stale]).is_err_and(|e| e.contains("snapshot")));
+        assert!(super::plan(&request, Situation { full_mode: true, busy: false, builtin: false }, &[stale])
+            .is_err_and(|e| e.contains("snapshot")));
         let mut ignored = nic("e1000e");
         ignored.policy = PolicyKind::Ignore;
-        assert!(super::plan(&request, true, false, &[ignored]).is_err_and(|e| e.contains("policy")));
+        assert!(super::plan(
+            &request,
+            Situation { full_mode: true, busy: false, builtin: false },
+            &[ignored]
+        )
+        .is_err_and(|e| e.contains("policy")));
         let mut unmanaged = nic("e1000e");
         unmanaged.managed = false;
-        assert!(super::plan(&request, true, false, &[unmanaged]).is_err_and(|e| e.contains("manages")));
+        assert!(super::plan(
+            &request,
+            Situation { full_mode: true, busy: false, builtin: false },
+            &[unmanaged]
+        )
+        .is_err_and(|e| e.contains("manages")));
         let mut pending = nic("e1000e");
         pending.restore_pending = true;
-        assert!(super::plan(&request, true, false, &[pending]).is_err_and(|e| e.contains("waits")));
+        assert!(super::plan(
+            &request,
+            Situation { full_mode: true, busy: false, builtin: false },
+            &[pending]
+        )
+        .is_err_and(|e| e.contains("waits")));
         // No NIC of the driver: nothing to guide (and maybe a disk's driver).
-        assert!(super::plan(&request, true, false, &[nic("virtio_net")]).is_err_and(|e| e.contains("no NIC")));
+        assert!(super::plan(
+            &request,
+            Situation { full_mode: true, busy: false, builtin: false },
+            &[nic("virtio_net")]
+        )
+        .is_err_and(|e| e.contains("no NIC")));
         // The kernel's names: virtio-net is virtio_net.
         let hyphen = validate("virtio-net", &[], false)?;
-        assert_eq!(super::plan(&hyphen, true, false, &[nic("virtio_net")])?.nics.len(), 1);
+        assert_eq!(
+            super::plan(
+                &hyphen,
+                Situation { full_mode: true, busy: false, builtin: false },
+                &[nic("virtio_net")]
+            )?
+            .nics
+            .len(),
+            1
+        );
         Ok(())
     }
 

@@ -2,7 +2,8 @@
 //! persisted (if any, and only if written in this boot) and whether the NIC is registered now.
 //! A restart must neither lose a NIC whose driver left while the agent was down nor replay a
 //! snapshot onto a NIC that never left.
-use super::NicState;
+use super::{NicRecord, NicState};
+use crate::classify::Cause;
 
 /// What was persisted about a NIC, as far as the decision goes.
 #[derive(Clone, Copy, Debug)]
@@ -35,6 +36,32 @@ pub enum Reconcile {
     Keep,
 }
 
+/// The record of a NIC found registered at start-up that is tracked from now on (`Track`,
+/// `ResumeRestore`, `ResumeAttach`): present under its ifindex and name now; what the gate reads
+/// is kept.
+pub fn tracked(record: Option<&NicRecord>, ifindex: u32, name: &str) -> NicRecord {
+    let state = NicState::Present { ifindex, name: name.to_owned() };
+    match record {
+        Some(record) => NicRecord { state, ..record.clone() },
+        None => NicRecord::new(state),
+    }
+}
+
+/// The record of a NIC absent at start-up that is expected back (`ExpectBack`): its driver gone
+/// since `now_ns`, of the cause persisted (unknown if it was believed present).
+pub fn expected_back(record: &NicRecord, now_ns: u64, return_timeout_ns: u64) -> NicRecord {
+    let cause = match record.state {
+        NicState::DriverGone { cause, .. } => cause,
+        _ => Cause::Unknown,
+    };
+    let state = NicState::DriverGone {
+        cause,
+        since_ns: now_ns,
+        deadline_ns: now_ns.saturating_add(return_timeout_ns),
+    };
+    NicRecord { state, ..record.clone() }
+}
+
 /// The decision for one NIC. `persisted` is `None` for a NIC the agent has no state for (or state
 /// from another boot, which is forgotten first); `registered` is its ifindex now, if registered.
 pub fn reconcile(persisted: Option<Persisted<'_>>, registered: Option<u32>) -> Reconcile {
@@ -61,7 +88,6 @@ pub fn reconcile(persisted: Option<Persisted<'_>>, registered: Option<u32>) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::classify::Cause;
 
     fn persisted(state: &NicState) -> Persisted<'_> {
         Persisted { state, pending_restore: false, attach_waiting: false, configured_by_hand: false }
@@ -111,5 +137,31 @@ mod tests {
         );
         let attach = Persisted { attach_waiting: true, ..persisted(&present) };
         assert_eq!(reconcile(Some(attach), Some(4)), Reconcile::ResumeAttach, "nothing was configured yet");
+    }
+
+    #[test]
+    fn start_up_records_keep_what_the_gate_reads() {
+        let mut gone =
+            NicRecord::new(NicState::DriverGone { cause: Cause::DriverUnload, since_ns: 1, deadline_ns: 2 });
+        gone.last_removal = Some((Cause::DriverUnload, "ens5".into()));
+        let back = expected_back(&gone, 100, 50);
+        assert_eq!(
+            back.state,
+            NicState::DriverGone { cause: Cause::DriverUnload, since_ns: 100, deadline_ns: 150 }
+        );
+        assert_eq!(back.last_removal, gone.last_removal);
+        let present = NicRecord::new(NicState::Present { ifindex: 3, name: "ens5".into() });
+        let absent = expected_back(&present, 100, u64::MAX);
+        assert_eq!(
+            absent.state,
+            NicState::DriverGone { cause: Cause::Unknown, since_ns: 100, deadline_ns: u64::MAX }
+        );
+        let tracked = tracked(Some(&back), 9, "ens5");
+        assert_eq!(tracked.state, NicState::Present { ifindex: 9, name: "ens5".into() });
+        assert_eq!(tracked.last_removal, gone.last_removal);
+        assert_eq!(
+            super::tracked(None, 4, "eth0"),
+            NicRecord::new(NicState::Present { ifindex: 4, name: "eth0".into() })
+        );
     }
 }

@@ -5,7 +5,6 @@
 //! re-sends exactly what the kernel had, every attribute included) and as a one-line summary
 //! without ifindex or transient state (what is compared after a restore and shown to people).
 mod compare;
-pub mod store;
 
 use std::net::IpAddr;
 
@@ -52,6 +51,24 @@ pub struct Entry {
     pub summary: String,
     /// The kernel's netlink message, hex-encoded.
     pub message: String,
+}
+
+impl Entry {
+    /// Makes the summary again from the message's parsed fields (`parse`, then `summary`).
+    fn refresh_with<M>(
+        &mut self,
+        parse: fn(&Self) -> Result<M, SnapshotError>,
+        summary: fn(&M) -> String,
+    ) -> Result<(), SnapshotError> {
+        let message = parse(self)?;
+        self.summary = summary(&message);
+        Ok(())
+    }
+
+    /// [`Entry::refresh_with`] for an ip rule.
+    pub fn refresh_rule_summary(&mut self) -> Result<(), SnapshotError> {
+        self.refresh_with(rule_message, rule_summary)
+    }
 }
 
 /// A NIC's configuration at one moment.
@@ -152,6 +169,30 @@ impl NicSnapshot {
             want.iter().filter(|w| !have.iter().any(|h| h.summary == w.summary)).count()
         };
         lost(&self.routes, &now.routes) + lost(&self.rules, &now.rules)
+    }
+
+    /// Makes every object's summary again from its netlink message: summaries are what objects
+    /// are compared by, and this agent's wording is the one to compare in (a snapshot read from
+    /// a state file may have been written by another release). Returns the objects whose message
+    /// does not parse (they keep the summary they had).
+    pub fn refresh_summaries(&mut self) -> Vec<String> {
+        let mut unreadable = Vec::new();
+        for entry in &mut self.addresses {
+            if let Err(error) = entry.refresh_with(address_message, address_summary) {
+                unreadable.push(format!("address {}: {error}", entry.summary));
+            }
+        }
+        for entry in &mut self.routes {
+            if let Err(error) = entry.refresh_with(route_message, route_summary) {
+                unreadable.push(format!("route {}: {error}", entry.summary));
+            }
+        }
+        for entry in &mut self.rules {
+            if let Err(error) = entry.refresh_rule_summary() {
+                unreadable.push(format!("rule {}: {error}", entry.summary));
+            }
+        }
+        unreadable
     }
 
     pub fn summary_line(&self) -> String {

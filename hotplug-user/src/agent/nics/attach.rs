@@ -7,7 +7,7 @@ use crate::{
     classify::NicEvent,
     clock::monotonic_ns,
     config::Config,
-    control::AttachOutcome,
+    control::{AttachOutcome, AttachStatus},
     decide::{
         self,
         attach_plan::attach_plan,
@@ -45,7 +45,7 @@ impl NicManager {
                 tracing::info!(%mac, ifindex, action = "attach", "NIC attached: cloud-init's hotplug hook configures it");
                 if let Some(nic) = self.nics.get_mut(mac) {
                     nic.attach = Some(AttachOutcome {
-                        status: "left-to-cloud-init".into(),
+                        status: AttachStatus::LeftToCloudInit,
                         latency_ms: None,
                         imds_requests: 0,
                         table: None,
@@ -71,7 +71,7 @@ impl NicManager {
         let Some(imds) = self.imds.clone() else {
             tracing::info!(%mac, action = "attach", "NIC attached; IMDS is off (disabled, unusable, or not EC2: see the start-up log), so the agent does not configure it");
             nic.attach = Some(AttachOutcome {
-                status: "imds-off".into(),
+                status: AttachStatus::ImdsOff,
                 latency_ms: None,
                 imds_requests: 0,
                 table: None,
@@ -80,7 +80,7 @@ impl NicManager {
             return;
         };
         nic.attach = Some(AttachOutcome {
-            status: "waiting-for-imds".into(),
+            status: AttachStatus::WaitingForImds,
             latency_ms: None,
             imds_requests: 0,
             table: None,
@@ -103,16 +103,16 @@ impl NicManager {
     /// Configures an attached NIC once IMDS answered (if it is still there).
     pub(super) async fn on_attach_result(&mut self, result: AttachResult) {
         let AttachResult { mac, ifindex, started_ns, requests, startup, result } = result;
-        if !decide::attach_result_applies(self.nics.get(&mac).map(|n| &n.state), ifindex) {
+        if !decide::attach_result_applies(self.nics.get(&mac).map(|n| &n.record.state), ifindex) {
             tracing::info!(%mac, action = "attach", "IMDS answered for a NIC that is gone or was re-registered: not configuring it");
             if let Some(attach) = self.nics.get_mut(&mac).and_then(|n| n.attach.as_mut()) {
-                attach.status = "abandoned".into();
+                attach.status = AttachStatus::Abandoned;
                 attach.imds_requests = requests;
             }
             let outcome =
                 format!("abandoned ({requests} IMDS requests): the NIC is gone or was re-registered");
             self.audit_outcome(crate::audit::Kind::Attach, &mac, "abandoned", outcome);
-            crate::metrics::global().attach("abandoned");
+            crate::metrics::global().attach(AttachStatus::Abandoned.as_str());
             return;
         }
         // The start-up pass asks once; a NIC IMDS lists but has not propagated yet is asked again
@@ -141,7 +141,11 @@ impl NicManager {
                     nic.configured_addresses = report.addresses;
                 }
                 AttachOutcome {
-                    status: if report.errors.is_empty() { "configured".into() } else { "failed".into() },
+                    status: if report.errors.is_empty() {
+                        AttachStatus::Configured
+                    } else {
+                        AttachStatus::Failed
+                    },
                     latency_ms: Some(latency_ms),
                     imds_requests: requests,
                     table: report.table,
@@ -155,7 +159,7 @@ impl NicManager {
                     tracing::error!(%mac, action = "attach", %error, "attached NIC not configured");
                 }
                 AttachOutcome {
-                    status: "failed".into(),
+                    status: AttachStatus::Failed,
                     latency_ms: None,
                     imds_requests: requests,
                     table: None,
@@ -167,8 +171,8 @@ impl NicManager {
             (Some(ms), true) => format!("ok: configured in {ms} ms, {} IMDS requests", outcome.imds_requests),
             _ => format!("failed ({} IMDS requests): {}", outcome.imds_requests, outcome.errors.join("; ")),
         };
-        self.audit_outcome(crate::audit::Kind::Attach, &mac, &outcome.status.clone(), summary);
-        crate::metrics::global().attach(&outcome.status);
+        self.audit_outcome(crate::audit::Kind::Attach, &mac, outcome.status.as_str(), summary);
+        crate::metrics::global().attach(outcome.status.as_str());
         if let Some(nic) = self.nics.get_mut(&mac) {
             nic.attach = Some(outcome);
         }
@@ -190,7 +194,10 @@ impl NicManager {
                 .collect(),
             tables: others()
                 .filter(|n| {
-                    matches!(n.state, decide::NicState::Present { .. } | decide::NicState::DriverGone { .. })
+                    matches!(
+                        n.record.state,
+                        decide::NicState::Present { .. } | decide::NicState::DriverGone { .. }
+                    )
                 })
                 .filter_map(|n| n.attach.as_ref().and_then(|a| a.table))
                 .collect(),

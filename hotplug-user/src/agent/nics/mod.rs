@@ -14,13 +14,12 @@ mod restore;
 mod startup;
 
 use std::{
-    collections::{HashMap, HashSet, VecDeque},
+    collections::{HashMap, HashSet},
     sync::Arc,
     time::Duration,
 };
 
 use rtnetlink::Handle;
-use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot};
 
@@ -29,20 +28,16 @@ use crate::{
     classify::{Cause, NicEvent, Source},
     clock::monotonic_ns,
     config::Config,
-    control::{AttachOutcome, NicStatus, Request, RestoreOutcome},
-    decide::{
-        self,
-        gate::{GateFacts, UeventAction},
-        Action, Input, NicState,
-    },
+    control::{NicStatus, Request},
+    decide::{self, gate::UeventAction, Action, Input, NicState},
     imds::ImdsClient,
     kernel::rtnl::{self, RtnlError},
     managers::Host,
     reconfigure::{attach as attach_config, command},
-    snapshot::{
-        self,
+    snapshot::{self, NicSnapshot},
+    state::{
         store::{Store, StoreError},
-        NicSnapshot,
+        Nic as Managed,
     },
 };
 
@@ -85,67 +80,6 @@ pub enum Background {
 /// How often a state write that failed (a full disk) is tried again.
 const UNSAVED_RETRY: Duration = Duration::from_secs(10);
 
-/// One NIC as the agent manages and persists it.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Managed {
-    pub mac: String,
-    pub state: NicState,
-    /// The boot this state was written in (state from another boot is never restored).
-    #[serde(default)]
-    pub boot_id: String,
-    /// While present: the latest snapshot; after the driver left: the one to restore.
-    pub snapshot: Option<NicSnapshot>,
-    pub last_event: Option<NicEvent>,
-    pub last_restore: Option<RestoreOutcome>,
-    #[serde(default)]
-    pub attach: Option<AttachOutcome>,
-    /// Rules the agent added on attach (the detach path removes exactly these).
-    #[serde(default)]
-    pub configured_rules: Vec<snapshot::Entry>,
-    /// Addresses the agent configured from IMDS (a refresh removes one IMDS no longer lists).
-    #[serde(default)]
-    pub configured_addresses: Vec<(std::net::IpAddr, u8)>,
-    /// The NIC registered again after its driver had left (what cloud-init's gate asks).
-    #[serde(default)]
-    pub returned_from_driver_gone: bool,
-    /// The cause of its last removal, and the name it had then.
-    #[serde(default)]
-    pub last_removal: Option<(Cause, String)>,
-    /// The snapshot a restore waits to replay (while the NIC's manager configures it first).
-    #[serde(default)]
-    pub pending_restore: Option<restore::Pending>,
-    /// Reload halves cloud-init's hook has not asked about yet.
-    #[serde(default)]
-    pub gate_credits: decide::gate::Credits,
-    /// Its part of the last guided reload of its driver.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_reload: Option<decide::reload::NicReport>,
-    #[serde(skip)]
-    history: VecDeque<NicSnapshot>,
-}
-
-impl Managed {
-    fn new(mac: &str, state: NicState) -> Self {
-        Self {
-            mac: mac.to_owned(),
-            state,
-            boot_id: String::new(),
-            snapshot: None,
-            last_event: None,
-            last_restore: None,
-            attach: None,
-            configured_rules: Vec::new(),
-            configured_addresses: Vec::new(),
-            returned_from_driver_gone: false,
-            last_removal: None,
-            pending_restore: None,
-            gate_credits: decide::gate::Credits::default(),
-            last_reload: None,
-            history: VecDeque::new(),
-        }
-    }
-}
-
 pub struct NicManager {
     config: Config,
     store: Store,
@@ -187,7 +121,7 @@ fn key(mac: &str) -> String {
 impl NicManager {
     /// How many NICs the agent manages (present or expected back).
     pub fn nic_count(&self) -> usize {
-        self.nics.values().filter(|n| !matches!(n.state, NicState::Removed { .. })).count()
+        self.nics.values().filter(|n| !matches!(n.record.state, NicState::Removed { .. })).count()
     }
 
     /// Takes a reloaded configuration (already validated). Where the state directory and the
@@ -224,7 +158,7 @@ impl NicManager {
         let boot_id = self.boot_id.clone();
         let Some(nic) = self.nics.get_mut(mac) else { return };
         nic.boot_id = boot_id;
-        let result = match nic.state {
+        let result = match nic.record.state {
             NicState::Removed { .. } => self.store.remove(mac),
             _ => self.store.save(mac, nic),
         };
@@ -245,35 +179,29 @@ impl NicManager {
     /// its removal replayed, of unknown cause (held for its return, `decide::holds`). Every NIC
     /// is re-read.
     pub async fn resync(&mut self, links: &[rtnl::LinkSnapshot]) {
-        let mut registered = HashSet::new();
-        for link in links {
-            let key = crate::identity::nic_key(
-                link.permanent_mac.as_deref(),
-                link.mac.as_deref().unwrap_or_default(),
-                &link.name,
-                link.kind.is_some(),
-            );
-            registered.insert(key.clone());
-            if decide::missed_return(self.nics.get(&key).map(|n| &n.state), link.ifindex) {
-                tracing::warn!(mac = %key, ifindex = link.ifindex, "registration lost with the kernel events: replaying it");
-                let event = lost_event(crate::classify::Action::Registration, &key, link.ifindex, &link.name);
-                self.on_event(&event).await;
-            }
-        }
-        let vanished: Vec<(String, u32, String)> = self
-            .nics
+        let registered: Vec<decide::step::Registered> = links
             .iter()
-            // Physical NICs only: a virtual link's key holds its name and MAC, which change
-            // without it leaving.
-            .filter(|(mac, _)| !registered.contains(*mac) && !mac.contains('@'))
-            .filter_map(|(mac, n)| match &n.state {
-                NicState::Present { ifindex, name } => Some((mac.clone(), *ifindex, name.clone())),
-                _ => None,
+            .map(|link| decide::step::Registered {
+                key: crate::identity::nic_key(
+                    link.permanent_mac.as_deref(),
+                    link.mac.as_deref().unwrap_or_default(),
+                    &link.name,
+                    link.kind.is_some(),
+                ),
+                ifindex: link.ifindex,
+                name: link.name.clone(),
             })
             .collect();
-        for (mac, ifindex, name) in vanished {
-            tracing::warn!(%mac, ifindex, "removal lost with the kernel events: holding its configuration for its return");
-            let event = lost_event(crate::classify::Action::Removal, &mac, ifindex, &name);
+        let replays =
+            decide::resync(self.nics.iter().map(|(k, n)| (k.as_str(), &n.record.state)), &registered);
+        for replay in replays {
+            let (mac, ifindex) = (&replay.key, replay.ifindex);
+            if replay.action == crate::classify::Action::Registration {
+                tracing::warn!(%mac, ifindex, "registration lost with the kernel events: replaying it");
+            } else {
+                tracing::warn!(%mac, ifindex, "removal lost with the kernel events: holding its configuration for its return");
+            }
+            let event = lost_event(replay.action, mac, ifindex, &replay.name);
             self.on_event(&event).await;
         }
         self.note_change(None);
@@ -306,7 +234,7 @@ impl NicManager {
         let deadline = self
             .nics
             .values()
-            .filter_map(|n| match n.state {
+            .filter_map(|n| match n.record.state {
                 NicState::DriverGone { deadline_ns, .. } => Some(deadline_ns),
                 _ => None,
             })
@@ -348,7 +276,7 @@ impl NicManager {
     /// Re-reads a NIC (with `rules` when they were read for this wake-up already).
     async fn refresh(&mut self, ifindex: u32, rules: Option<&[rtnetlink::packet_route::rule::RuleMessage]>) {
         let Some(mac) = self.by_ifindex.get(&ifindex).cloned() else { return };
-        let present = matches!(self.nics.get(&mac).map(|n| &n.state), Some(NicState::Present { ifindex: i, .. }) if *i == ifindex);
+        let present = matches!(self.nics.get(&mac).map(|n| &n.record.state), Some(NicState::Present { ifindex: i, .. }) if *i == ifindex);
         if !present {
             return;
         }
@@ -379,9 +307,7 @@ impl NicManager {
                     if nic.snapshot.as_ref().is_some_and(|held| held.same_configuration(&snapshot)) {
                         return false;
                     }
-                    if let NicState::Present { name, .. } = &mut nic.state {
-                        name.clone_from(&snapshot.name);
-                    }
+                    nic.record = decide::step::renamed(&nic.record, &snapshot.name);
                     nic.history.push_back(snapshot.clone());
                     while nic.history.len() > HISTORY {
                         nic.history.pop_front();
@@ -423,7 +349,7 @@ impl NicManager {
 
     /// The `hotplug_nics` gauge, from the NICs' states now.
     pub fn count_states(&self) {
-        let count = |label: &str| self.nics.values().filter(|n| n.state.label() == label).count();
+        let count = |label: &str| self.nics.values().filter(|n| n.record.state.label() == label).count();
         crate::metrics::global().set_nics(count("present"), count("driver-gone"), count("removed"));
     }
 
@@ -456,7 +382,7 @@ impl NicManager {
     fn audit_outcome(&mut self, kind: crate::audit::Kind, mac: &str, action: &str, outcome: String) {
         let mut entry = crate::audit::Entry::now(kind, action);
         entry.mac = Some(mac.to_owned());
-        entry.interface = self.nics.get(mac).and_then(|n| match &n.state {
+        entry.interface = self.nics.get(mac).and_then(|n| match &n.record.state {
             NicState::Present { name, .. } => Some(name.clone()),
             _ => n.snapshot.as_ref().map(|s| s.name.clone()),
         });
@@ -464,68 +390,50 @@ impl NicManager {
         self.audit.record(&entry);
     }
 
+    /// The configured policy of `mac`, under the name `decide::policy_name` picks (`given`: the
+    /// name an event or a uevent carries).
+    fn configured_policy(&self, mac: &str, given: &str) -> crate::config::Policy {
+        let nic = self.nics.get(mac);
+        let configured = nic.and_then(|n| n.snapshot.as_ref()).map(|s| s.name.as_str());
+        let removed_as = nic.and_then(|n| n.record.last_removal.as_ref()).map(|(_, had)| had.as_str());
+        self.config.policy_for(mac, decide::policy_name(configured, removed_as, given))
+    }
+
+    /// The policy a decision about `mac` follows.
+    fn policy(&self, mac: &str, given: &str) -> decide::Policy {
+        decide::Policy {
+            kind: self.configured_policy(mac, given).policy,
+            return_timeout_ns: u64::try_from(self.config.return_timeout().as_nanos()).unwrap_or(u64::MAX),
+        }
+    }
+
+    /// One input through `decide::step`: the NIC's next record is stored and its actions carried
+    /// out, in order; the decision is audited.
     async fn apply(&mut self, mac: &str, input: &Input<'_>, event: Option<&NicEvent>) {
-        // A name-keyed policy means the name the NIC had (a returning NIC first registers under
-        // the kernel's fresh ethN, before anything renames it).
-        let known_name = self.nics.get(mac).and_then(|n| n.snapshot.as_ref()).map(|s| s.name.clone());
-        let name = known_name.or_else(|| event.map(|e| e.name.clone())).unwrap_or_default();
-        let policy = self.config.policy_for(mac, &name).policy;
-        let timeout = u64::try_from(self.config.return_timeout().as_nanos()).unwrap_or(u64::MAX);
-        let state = self.nics.get(mac).map(|n| n.state.clone());
-        let transition = decide::decide(state.as_ref(), input, policy, timeout);
-        let unchanged = transition.next == state && transition.actions.is_empty();
+        let policy = self.policy(mac, event.map_or("", |e| e.name.as_str()));
+        let before = self.nics.get(mac).map(|n| n.record.clone());
+        let step = decide::step(before.as_ref(), input, policy);
+        let unchanged = step.unchanged(before.as_ref());
         match event {
-            Some(event) => self.audit_event(mac, event, transition.describe(state.as_ref())).await,
+            Some(event) => self.audit_event(mac, event, step.describe(before.as_ref())).await,
             None if !unchanged => {
-                let (kind, action) =
-                    if transition.actions.iter().any(|a| matches!(a, Action::HandToDetach { .. })) {
-                        (crate::audit::Kind::Detach, "deadline")
-                    } else {
-                        (crate::audit::Kind::Nic, "deadline")
-                    };
-                self.audit_outcome(kind, mac, action, transition.describe(state.as_ref()));
+                let kind = if step.actions.iter().any(|a| matches!(a, Action::HandToDetach { .. })) {
+                    crate::audit::Kind::Detach
+                } else {
+                    crate::audit::Kind::Nic
+                };
+                self.audit_outcome(kind, mac, "deadline", step.describe(before.as_ref()));
             }
             None => {}
         }
         if unchanged {
             return;
         }
-        let Some(next) = transition.next else { return };
-        let nic = self.nics.entry(mac.to_owned()).or_insert_with(|| Managed::new(mac, next.clone()));
-        if let Some(NicState::Present { ifindex, .. }) = &state {
-            if !matches!(next, NicState::Present { .. }) {
-                self.by_ifindex.remove(ifindex);
-                self.dirty.remove(ifindex);
-            }
-        }
-        nic.returned_from_driver_gone = match (&state, &next) {
-            (Some(NicState::DriverGone { .. }), NicState::Present { .. }) => true,
-            (_, NicState::Present { .. }) => nic.returned_from_driver_gone,
-            _ => false,
-        };
-        // Each half of a reload the agent takes on is one uevent cloud-init's hook may skip.
-        let now_ns = monotonic_ns();
-        match (&state, &next) {
-            (Some(NicState::Present { .. }) | None, NicState::DriverGone { .. }) => {
-                nic.gate_credits.grant(UeventAction::Remove, now_ns);
-            }
-            (Some(NicState::DriverGone { .. }), NicState::Present { .. }) => {
-                nic.gate_credits.grant(UeventAction::Add, now_ns);
-            }
-            _ => {}
-        }
-        if matches!(next, NicState::Removed { .. }) {
-            // Gone for good: nothing waits to be replayed on it any more.
-            nic.pending_restore = None;
-        }
-        nic.state = next;
+        let Some(next) = step.next else { return };
+        let nic = self.nics.entry(mac.to_owned()).or_insert_with(|| Managed::new(mac, next.state.clone()));
+        nic.record = next;
         if let Some(event) = event {
-            if event.action == crate::classify::Action::Removal {
-                nic.last_removal = Some((event.cause, event.name.clone()));
-            }
             nic.last_event = Some(event.clone());
-        }
-        if let Some(event) = event {
             let removal = event.action == crate::classify::Action::Removal;
             let (timestamp_ns, ifindex) = (event.timestamp_ns, u32::try_from(event.ifindex).ok());
             self.publish_progress(mac, |p| {
@@ -537,21 +445,20 @@ impl NicManager {
                 }
             });
         }
-        for action in transition.actions {
+        for action in step.actions {
             self.act(mac, action, event).await;
         }
         self.persist(mac);
         self.forget_old_removals();
         self.count_states();
     }
-
     /// Keeps the memory of NICs that left for good bounded (hosts that churn links, containers):
     /// the newest [`REMOVED_KEPT`] stay visible in `status`, older ones are forgotten.
     fn forget_old_removals(&mut self) {
         let mut removed: Vec<(u64, String)> = self
             .nics
             .iter()
-            .filter_map(|(mac, n)| match n.state {
+            .filter_map(|(mac, n)| match n.record.state {
                 NicState::Removed { since_ns, .. } => Some((since_ns, mac.clone())),
                 _ => None,
             })
@@ -574,7 +481,7 @@ impl NicManager {
             Action::HoldSnapshot { before_ns } => self.hold_snapshot(mac, before_ns, event),
             Action::Restore { ifindex } => self.begin_restore(mac, ifindex, event).await,
             Action::RunCommand { phase } => {
-                let command = self.config.policy_for(mac, event.map_or("", |e| e.name.as_str())).command;
+                let command = self.configured_policy(mac, event.map_or("", |e| e.name.as_str())).command;
                 if let (Some(event), false) = (event, command.is_empty()) {
                     // In a task of its own: a hook that hangs holds up nothing but itself.
                     let timeout = self.config.hook_timeout();
@@ -592,6 +499,8 @@ impl NicManager {
                 let interface = nic.snapshot.as_ref().map(|s| s.name.clone());
                 let rules = std::mem::take(&mut nic.configured_rules);
                 nic.configured_addresses.clear();
+                // Gone for good: nothing waits to be replayed on it any more.
+                nic.pending_restore = None;
                 nic.snapshot = None;
                 nic.history.clear();
                 let errors = attach_config::detach(&self.handle, &rules).await;
@@ -614,6 +523,13 @@ impl NicManager {
                 self.dirty.insert(ifindex);
                 if self.dirty_due.is_none() {
                     self.dirty_due = Some(tokio::time::Instant::now() + DEBOUNCE);
+                }
+            }
+            Action::Untrack { ifindex } => {
+                // Unless the kernel has handed the ifindex to another NIC meanwhile.
+                if self.by_ifindex.get(&ifindex).is_some_and(|m| m == mac) {
+                    self.by_ifindex.remove(&ifindex);
+                    self.dirty.remove(&ifindex);
                 }
             }
         }
@@ -659,37 +575,19 @@ impl NicManager {
         let name = devpath.rsplit('/').next().unwrap_or_default();
         let candidates = self.nics.values().map(|n| decide::gate::Candidate {
             mac: n.mac.as_str(),
-            removed_as: n.last_removal.as_ref().map(|(_, had)| had.as_str()),
+            removed_as: n.record.last_removal.as_ref().map(|(_, had)| had.as_str()),
             last_event_ns: n.last_event.as_ref().map_or(0, |e| e.timestamp_ns),
         });
         let matched = decide::gate::match_nic(mac, name, candidates).map(key);
         let now_ns = monotonic_ns();
+        let policy = matched.as_deref().map(|m| self.policy(m, name).kind);
         let nic = matched.as_ref().and_then(|m| self.nics.get_mut(m));
-        let answer = match nic {
-            None => decide::gate::cloud_init_gate(action, None),
-            Some(n) => {
-                // The policy of the name the NIC is configured under, not the kernel's fresh ethN
-                // a returning NIC first registers as.
-                let policy_name = n
-                    .snapshot
-                    .as_ref()
-                    .map(|s| s.name.as_str())
-                    .or(n.last_removal.as_ref().map(|(_, had)| had.as_str()))
-                    .unwrap_or(name);
-                let facts = GateFacts {
-                    state: &n.state,
-                    last: n.last_event.as_ref().map(|e| (e.action, e.cause)),
-                    last_removal: n.last_removal.as_ref().map(|(cause, _)| *cause),
-                    returned_from_driver_gone: n.returned_from_driver_gone,
-                    policy: self.config.policy_for(&n.mac, policy_name).policy,
-                    credit: n.gate_credits.available(action, now_ns),
-                };
-                let answer = decide::gate::cloud_init_gate(action, Some(facts));
-                if answer.verdict == decide::gate::Verdict::Skip {
-                    n.gate_credits.spend(action);
-                }
-                answer
+        let answer = match (nic, policy) {
+            (Some(n), Some(policy)) => {
+                let last = n.last_event.as_ref().map(|e| (e.action, e.cause));
+                decide::gate::ask(&mut n.record, last, policy, action, now_ns)
             }
+            _ => decide::gate::cloud_init_gate(action, None),
         };
         tracing::info!(
             mac = matched.as_deref().unwrap_or_default(),
@@ -712,7 +610,7 @@ impl NicManager {
             .values()
             .map(|n| NicStatus {
                 mac: n.mac.clone(),
-                name: match &n.state {
+                name: match &n.record.state {
                     NicState::Present { name, .. } => Some(name.clone()),
                     _ => n.snapshot.as_ref().map(|s| s.name.clone()),
                 },
@@ -720,7 +618,7 @@ impl NicManager {
                     .last_event
                     .as_ref()
                     .map(|e| monotonic_ns().saturating_sub(e.timestamp_ns) / 1_000_000),
-                state: n.state.clone(),
+                state: n.record.state.clone(),
                 manager: n.snapshot.as_ref().and_then(|s| s.manager).map(|m| m.as_str().to_owned()),
                 snapshot: n.snapshot.as_ref().map(NicSnapshot::summary_line),
                 last_event: n.last_event.as_ref().map(|e| {

@@ -7,7 +7,7 @@ use tokio::sync::oneshot;
 
 use super::{Background, NicManager};
 use crate::{
-    control::RefreshOutcome,
+    control::{AttachStatus, RefreshOutcome},
     decide::{
         self,
         attach_plan::{attach_plan, refresh_addresses, refresh_removals},
@@ -36,7 +36,7 @@ impl NicManager {
     pub(super) fn refresh_eni(&mut self, iface: &str, reply: oneshot::Sender<Vec<u8>>) {
         let mut outcome =
             RefreshOutcome { iface: iface.to_owned(), status: "failed".into(), ..Default::default() };
-        let found = self.nics.values().find_map(|n| match &n.state {
+        let found = self.nics.values().find_map(|n| match &n.record.state {
             NicState::Present { ifindex, name } if name == iface => {
                 Some((n.mac.clone(), *ifindex, n.attach.clone()))
             }
@@ -55,9 +55,9 @@ impl NicManager {
             );
             return send(reply, &outcome);
         };
-        let configured = attach.as_ref().is_some_and(|a| a.status == "configured" || a.status == "failed");
+        let configured = attach.as_ref().is_some_and(|a| a.status.from_imds());
         if !configured {
-            let status = attach.map_or_else(|| "none".to_owned(), |a| a.status);
+            let status = attach.map_or("none", |a| a.status.as_str());
             outcome.errors.push(format!(
                 "{iface} was not configured from IMDS by the agent (its attach: {status}): nothing to refresh"
             ));
@@ -85,7 +85,7 @@ impl NicManager {
             imds_requests: requests,
             ..Default::default()
         };
-        if !decide::attach_result_applies(self.nics.get(&mac).map(|n| &n.state), ifindex) {
+        if !decide::attach_result_applies(self.nics.get(&mac).map(|n| &n.record.state), ifindex) {
             outcome.errors.push("the NIC left or was re-registered meanwhile: nothing changed".into());
             return send(reply, &outcome);
         }
@@ -135,7 +135,8 @@ impl NicManager {
                 attach.imds_requests += requests;
                 attach.table = report.table;
                 // What `status` shows is the NIC's configuration now: the refresh's outcome.
-                attach.status = if outcome.errors.is_empty() { "configured".into() } else { "failed".into() };
+                attach.status =
+                    if outcome.errors.is_empty() { AttachStatus::Configured } else { AttachStatus::Failed };
                 attach.errors.clone_from(&outcome.errors);
             }
         }

@@ -113,11 +113,13 @@ impl NicManager {
             self.dirty.remove(&ifindex);
             self.refresh(ifindex, None).await;
         }
-        let planned = reload::plan(&request, self.full_mode, self.reload_running, &self.reload_facts());
+        let situation = reload::Situation {
+            full_mode: self.full_mode,
+            busy: self.reload_running,
+            builtin: module::builtin(&request.driver),
+        };
+        let planned = reload::plan(&request, situation, &self.reload_facts());
         let runner = planned.and_then(|plan| {
-            if module::builtin(&plan.driver) {
-                return Err(format!("{} is built into the kernel: it cannot be unloaded", plan.driver));
-            }
             if dry_run {
                 return Ok((plan, None));
             }

@@ -14,10 +14,13 @@ use crate::{
     clock::monotonic_ns,
     control::RestoreOutcome,
     decide::{
+        self,
         coexist::{restore_plan, RestorePlan},
+        step::HeldFrom,
         NicState,
     },
     reconfigure::restore::{self, RestoreOptions},
+    state::{Pending, PendingReason},
 };
 
 /// How long a restore waits for the NIC's manager (networkd's DHCP included) before going ahead.
@@ -26,35 +29,6 @@ const MANAGER_WAIT: Duration = Duration::from_secs(30);
 const UDEV_WAIT: Duration = Duration::from_secs(3);
 /// How often udev's and the manager's state are looked at meanwhile.
 const MANAGER_POLL: Duration = Duration::from_millis(10);
-
-/// A snapshot waiting to be replayed, and why.
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
-pub struct Pending {
-    pub snapshot: NicSnapshot,
-    pub reason: PendingReason,
-    /// How it is replayed (a restarted agent replays it the same way).
-    #[serde(default = "legacy_plan")]
-    pub plan: RestorePlan,
-}
-
-/// The plan of a pending restore written before plans were recorded.
-fn legacy_plan() -> RestorePlan {
-    RestorePlan {
-        wait_for_udev: true,
-        wait_for_manager: true,
-        leave_dynamic: true,
-        routes_and_rules_only: false,
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum PendingReason {
-    /// The NIC came back after a driver reload.
-    Reload,
-    /// networkd reconfigured the link and dropped routes and rules it does not own.
-    ManagerCycle,
-}
 
 /// A returning NIC's manager is done with it, or the wait ran out.
 pub struct Settled {
@@ -72,39 +46,33 @@ pub struct Settled {
 impl NicManager {
     /// The driver left: keep the last snapshot from before `before_ns` as the one to restore.
     pub(super) fn hold_snapshot(&mut self, mac: &str, before_ns: u64, event: Option<&NicEvent>) {
-        // Degraded mode sees a removal after the teardown notifications: hold what the NIC
-        // looked like before the burst of changes that ended in its removal.
-        let before_ns = match event {
-            Some(e) if e.source == Source::Heuristic => {
-                let ifindex = u32::try_from(e.ifindex).unwrap_or(0);
-                self.bursts.get(&ifindex).map_or(before_ns, |b| b.0.min(before_ns))
-            }
-            _ => before_ns,
-        };
+        let heuristic = event.is_some_and(|e| e.source == Source::Heuristic);
+        let burst_start = event
+            .and_then(|e| u32::try_from(e.ifindex).ok())
+            .and_then(|ifindex| self.bursts.get(&ifindex))
+            .map(|b| b.0);
         let Some(nic) = self.nics.get_mut(mac) else { return };
         // A restore still waiting for the manager when the driver left again keeps its snapshot;
         // routes and rules waiting for networkd to finish a reconfigure join the one held.
         let pending = nic.pending_restore.take();
-        let (reload, cycle) = match pending {
-            Some(p) if p.reason == PendingReason::Reload => (Some(p.snapshot), None),
-            Some(p) => (None, Some(p.snapshot)),
-            None => (None, None),
+        let kind = pending.as_ref().map(|p| match p.reason {
+            PendingReason::Reload => decide::step::PendingKind::Reload,
+            PendingReason::ManagerCycle => decide::step::PendingKind::ManagerCycle,
+        });
+        let candidates: Vec<&NicSnapshot> = nic.history.iter().chain(nic.snapshot.iter()).collect();
+        let taken: Vec<u64> = candidates.iter().map(|s| s.taken_ns).collect();
+        let choice = decide::hold(kind, &taken, before_ns, heuristic, burst_start);
+        let held = match choice.from {
+            HeldFrom::PendingReload => pending.as_ref().map(|p| p.snapshot.clone()),
+            HeldFrom::Snapshot(index) => candidates.get(index).map(|s| (*s).clone()),
+            HeldFrom::Nothing => None,
         };
-        let candidate = reload
-            .or_else(|| {
-                nic.history
-                    .iter()
-                    .chain(nic.snapshot.iter())
-                    .filter(|s| s.taken_ns < before_ns)
-                    .max_by_key(|s| s.taken_ns)
-                    .cloned()
-            })
-            .map(|mut held| {
-                if let Some(cycle) = &cycle {
-                    held.merge_routes_and_rules(cycle);
-                }
-                held
-            });
+        let candidate = held.map(|mut held| {
+            if let (true, Some(cycle)) = (choice.merge_cycle, &pending) {
+                held.merge_routes_and_rules(&cycle.snapshot);
+            }
+            held
+        });
         match candidate {
             Some(snapshot) => {
                 let why = match event {
@@ -208,7 +176,7 @@ impl NicManager {
     pub(super) async fn finish_restore(&mut self, settled: Settled) {
         let Settled { mac, ifindex, registered_ns, decided_ns, plan, waited, settled } = settled;
         let Some(nic) = self.nics.get_mut(&mac) else { return };
-        let same = matches!(nic.state, NicState::Present { ifindex: i, .. } if i == ifindex);
+        let same = matches!(nic.record.state, NicState::Present { ifindex: i, .. } if i == ifindex);
         if !same {
             tracing::info!(%mac, ifindex, action = "restore", "the NIC left again before its manager was done: the restore waits for its return");
             return;

@@ -3,7 +3,6 @@
 //! nobody configured may be looked up once in IMDS (`decide::coexist::startup_lookup`).
 use std::{
     collections::{HashMap, HashSet},
-    path::PathBuf,
     time::Duration,
 };
 
@@ -11,13 +10,14 @@ use tokio::sync::mpsc;
 
 use super::{attach::imds_client, key, Background, Managed, ManagerError, NicManager};
 use crate::{
-    classify::{Cause, NicEvent},
+    classify::NicEvent,
     clock::monotonic_ns,
     config::Config,
     decide::{self, NicState},
     kernel::rtnl,
     managers::Host,
-    snapshot::{self, store::Store, NicSnapshot},
+    snapshot::{self, NicSnapshot},
+    state::store::{Found, Migrated, Store},
 };
 
 impl NicManager {
@@ -53,30 +53,39 @@ impl NicManager {
             dirty_due: None,
             bursts: HashMap::new(),
         };
-        let (persisted, problems): (Vec<(PathBuf, Managed)>, _) = manager.store.load_all()?;
+        let (persisted, problems): (Vec<Found<Managed>>, _) = manager.store.load_all()?;
         for problem in problems {
             tracing::warn!("{problem}");
         }
         let boot = boot_id();
         let mut known = HashSet::new();
-        for (path, nic) in persisted {
-            let mac = key(&nic.mac);
+        for mut found in persisted {
+            let mac = key(&found.value.mac);
             // State written before a reboot describes NICs of another boot: nothing left then is
             // coming back now (state without a boot id was written by an older agent, this boot).
-            if !decide::coexist::same_boot(&nic.boot_id, &boot) {
+            if !decide::coexist::same_boot(&found.value.boot_id, &boot) {
                 tracing::info!(%mac, "state from before the last reboot: not restored, forgotten");
-                let _ = std::fs::remove_file(&path);
+                let _ = std::fs::remove_file(&found.path);
                 continue;
             }
-            match manager.store.migrate(&mac, &path, &nic) {
-                Ok(snapshot::store::Migrated::Superseded) => continue,
-                Ok(_) => {}
+            // Objects are compared by this release's summaries, not those the file holds.
+            let unreadable = found.value.refresh_summaries();
+            if !unreadable.is_empty() {
+                tracing::warn!(%mac, path = %found.path.display(), ?unreadable, "objects in the state file whose netlink message does not parse: a restore will report each");
+            }
+            match manager.store.migrate(&mac, &found) {
+                Ok(Migrated::Superseded) => continue,
+                Ok(Migrated::Rewritten) => {
+                    tracing::info!(%mac, from = found.format, to = crate::state::FORMAT, "state file written again in the current format");
+                }
+                Ok(Migrated::Current | Migrated::Renamed) => {}
                 Err(error) => {
-                    tracing::warn!(%error, "cannot move a state file of the old naming to the new one")
+                    tracing::warn!(%error, "cannot write a state file of an older naming or format in the current one")
                 }
             }
+            let nic = found.value;
             // A NIC that left for good and is back is new to the agent.
-            if !matches!(nic.state, NicState::Removed { .. }) {
+            if !matches!(nic.record.state, NicState::Removed { .. }) {
                 known.insert(mac.clone());
             }
             manager.nics.insert(mac, nic);
@@ -93,9 +102,12 @@ impl NicManager {
                     let mac = key(&snapshot.mac);
                     present.insert(mac.clone());
                     let persisted = manager.nics.get(&mac).map(|n| {
-                        let waiting = n.attach.as_ref().is_some_and(|a| a.status == "waiting-for-imds");
+                        let waiting = n
+                            .attach
+                            .as_ref()
+                            .is_some_and(|a| a.status == crate::control::AttachStatus::WaitingForImds);
                         let pending = n.pending_restore.is_some();
-                        (n.state.clone(), pending, waiting, n.pending_restore.as_ref().map(|p| p.plan))
+                        (n.record.state.clone(), pending, waiting, n.pending_restore.as_ref().map(|p| p.plan))
                     });
                     let configured_by_hand = snapshot.manager.is_none()
                         && snapshot.addresses.iter().any(|a| is_configured_address(&a.summary));
@@ -122,13 +134,16 @@ impl NicManager {
                         manager.on_event(&event).await;
                         continue;
                     }
-                    let nic = manager.nics.entry(mac.clone()).or_insert_with(|| {
-                        Managed::new(
-                            &mac,
-                            NicState::Present { ifindex: link.ifindex, name: snapshot.name.clone() },
-                        )
-                    });
-                    nic.state = NicState::Present { ifindex: link.ifindex, name: snapshot.name.clone() };
+                    let record = decide::startup::tracked(
+                        manager.nics.get(&mac).map(|n| &n.record),
+                        link.ifindex,
+                        &snapshot.name,
+                    );
+                    let nic = manager
+                        .nics
+                        .entry(mac.clone())
+                        .or_insert_with(|| Managed::new(&mac, record.state.clone()));
+                    nic.record = record;
                     nic.history.push_back(snapshot.clone());
                     nic.snapshot = Some(snapshot);
                     manager.by_ifindex.insert(link.ifindex, mac.clone());
@@ -162,23 +177,18 @@ impl NicManager {
         for mac in absent {
             let Some(nic) = manager.nics.get_mut(&mac) else { continue };
             let persisted = decide::startup::Persisted {
-                state: &nic.state,
+                state: &nic.record.state,
                 pending_restore: nic.pending_restore.is_some(),
                 attach_waiting: false,
                 configured_by_hand: false,
             };
             if decide::startup::reconcile(Some(persisted), None) == decide::startup::Reconcile::ExpectBack {
-                let name = match &nic.state {
+                let name = match &nic.record.state {
                     NicState::Present { name, .. } => name.clone(),
                     _ => nic.snapshot.as_ref().map(|s| s.name.clone()).unwrap_or_default(),
                 };
                 tracing::warn!(%mac, %name, "NIC absent at start-up: expecting it back within {} s", timeout / 1_000_000_000);
-                let cause = match nic.state {
-                    NicState::DriverGone { cause, .. } => cause,
-                    _ => Cause::Unknown,
-                };
-                nic.state =
-                    NicState::DriverGone { cause, since_ns: now, deadline_ns: now.saturating_add(timeout) };
+                nic.record = decide::startup::expected_back(&nic.record, now, timeout);
                 manager.persist(&mac);
             }
         }
@@ -189,7 +199,7 @@ impl NicManager {
         let unconfigured: Vec<(String, u32)> = manager
             .nics
             .iter()
-            .filter_map(|(mac, nic)| match (&nic.state, &nic.snapshot) {
+            .filter_map(|(mac, nic)| match (&nic.record.state, &nic.snapshot) {
                 (NicState::Present { ifindex, .. }, Some(s)) => {
                     let lookup = decide::coexist::startup_lookup(decide::coexist::Unconfigured {
                         known: known.contains(mac),

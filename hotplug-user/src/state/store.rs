@@ -5,7 +5,8 @@
 //! The directory is the agent's alone: it must belong to the agent's user and be writable by
 //! nobody else, and one agent at a time holds it (an exclusive lock on `lock` inside it, kept for
 //! the process's life; a second agent is refused, naming the first one's pid). A file that does
-//! not parse is moved aside (`*.corrupt`), never overwritten, and reported.
+//! not parse is moved aside (`*.corrupt`), never overwritten, and reported; so is one of a format
+//! newer than this agent reads (`*.format-N`). The format itself is `state`'s.
 use std::{
     fs,
     io::{Read as _, Seek as _, Write as _},
@@ -23,8 +24,12 @@ use thiserror::Error;
 pub enum StoreError {
     #[error("state directory {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
-    #[error("state file {path} is not valid JSON ({source}); it was moved to {kept} and ignored")]
-    Corrupt { path: PathBuf, kept: PathBuf, source: serde_json::Error },
+    #[error("state file {path} cannot be read ({source}); it was moved to {kept} and ignored")]
+    Corrupt { path: PathBuf, kept: PathBuf, source: super::FormatError },
+    #[error(
+        "state file {path} is in format {found}, newer than this hotplug-agent reads ({max}): it was written by a newer release (a downgrade?); it was moved to {kept}, and this NIC starts afresh"
+    )]
+    Newer { path: PathBuf, kept: PathBuf, found: u64, max: u64 },
     #[error("cannot serialize the state for {path}: {source}")]
     Serialize { path: PathBuf, source: serde_json::Error },
     #[error(
@@ -62,8 +67,16 @@ pub fn file_name(key: &str) -> String {
     name
 }
 
+/// A value [`Store::load_all`] found, the file it came from, and the format it was in.
+#[derive(Debug)]
+pub struct Found<T> {
+    pub path: PathBuf,
+    pub value: T,
+    pub format: u64,
+}
+
 /// What [`Store::load_all`] found: each value with its file, and the files it could not use.
-pub type Loaded<T> = (Vec<(PathBuf, T)>, Vec<StoreError>);
+pub type Loaded<T> = (Vec<Found<T>>, Vec<StoreError>);
 
 impl Store {
     /// Opens the state directory, creating it with mode 0700 if missing, and takes its lock. An
@@ -119,8 +132,8 @@ impl Store {
     pub fn save<T: Serialize>(&self, key: &str, value: &T) -> Result<(), StoreError> {
         let path = self.path(key);
         let tmp = path.with_extension("json.tmp");
-        let bytes = serde_json::to_vec_pretty(value)
-            .map_err(|source| StoreError::Serialize { path: path.clone(), source })?;
+        let bytes =
+            super::encode(value).map_err(|source| StoreError::Serialize { path: path.clone(), source })?;
         let written = fs::OpenOptions::new()
             .write(true)
             .create(true)
@@ -164,37 +177,50 @@ impl Store {
             if !is_state {
                 continue;
             }
-            match fs::read(&path) {
-                Ok(bytes) => match serde_json::from_slice(&bytes) {
-                    Ok(value) => values.push((path, value)),
-                    Err(source) => {
-                        let kept = path.with_extension("json.corrupt");
-                        if let Err(error) = fs::rename(&path, &kept) {
-                            problems.push(StoreError::Io { path: path.clone(), source: error });
+            let bytes = match fs::read(&path) {
+                Ok(bytes) => bytes,
+                Err(source) => {
+                    problems.push(StoreError::Io { path, source });
+                    continue;
+                }
+            };
+            match super::decode(&bytes) {
+                Ok(super::Decoded { nic, format }) => values.push(Found { path, value: nic, format }),
+                Err(error) => {
+                    let kept = match &error {
+                        super::FormatError::Newer { found } => {
+                            path.with_extension(format!("json.format-{found}"))
                         }
-                        problems.push(StoreError::Corrupt { path, kept, source });
+                        _ => path.with_extension("json.corrupt"),
+                    };
+                    if let Err(error) = fs::rename(&path, &kept) {
+                        problems.push(StoreError::Io { path: path.clone(), source: error });
                     }
-                },
-                Err(source) => problems.push(StoreError::Io { path, source }),
+                    problems.push(match error {
+                        super::FormatError::Newer { found } => {
+                            StoreError::Newer { path, kept, found, max: super::FORMAT }
+                        }
+                        source => StoreError::Corrupt { path, kept, source },
+                    });
+                }
             }
         }
         Ok((values, problems))
     }
 
-    /// Removes a file `load_all` returned that is not where `key` keeps its state now (written
-    /// under an older naming): the state is saved under the new name first.
     /// A file loaded under an older naming: saved again under the current name first, and only
     /// then removed (a crash in between loses nothing). Where a file of the current name exists
-    /// as well, that one is the newer: the old one is superseded and removed unread.
-    pub fn migrate<T: Serialize>(
-        &self,
-        key: &str,
-        loaded_from: &Path,
-        value: &T,
-    ) -> Result<Migrated, StoreError> {
+    /// as well, that one is the newer: the old one is superseded and removed unread. A file of
+    /// the current name in an older format is written again in the current one.
+    pub fn migrate<T: Serialize>(&self, key: &str, found: &Found<T>) -> Result<Migrated, StoreError> {
+        let (loaded_from, value) = (found.path.as_path(), &found.value);
         let current = self.path(key);
         if loaded_from == current {
-            return Ok(Migrated::Current);
+            if found.format == super::FORMAT {
+                return Ok(Migrated::Current);
+            }
+            self.save(key, value)?;
+            return Ok(Migrated::Rewritten);
         }
         let outcome = if current.exists() {
             Migrated::Superseded
@@ -210,8 +236,10 @@ impl Store {
 /// What [`Store::migrate`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Migrated {
-    /// The file already had the current name.
+    /// The file already had the current name and format.
     Current,
+    /// The file had the current name, in an older format: written again in the current one.
+    Rewritten,
     /// Saved under the current name, the old file removed.
     Renamed,
     /// A file of the current name exists: the old one was removed, and is not to be used.
@@ -235,8 +263,9 @@ mod tests {
         store.save("52:54:00:12:34:11", &vec![1, 2, 3])?;
         store.save("52:54:00:12:34:12", &vec![4])?;
         fs::write(dir.join("nic-broken.json"), b"{not json")?;
-        let (values, problems): (Vec<(PathBuf, Vec<i32>)>, _) = store.load_all()?;
-        let mut values: Vec<Vec<i32>> = values.into_iter().map(|(_, v)| v).collect();
+        let (values, problems): (Vec<Found<Vec<i32>>>, _) = store.load_all()?;
+        assert!(values.iter().all(|f| f.format == super::super::FORMAT));
+        let mut values: Vec<Vec<i32>> = values.into_iter().map(|f| f.value).collect();
         values.sort();
         assert_eq!(values, vec![vec![1, 2, 3], vec![4]]);
         assert_eq!(problems.len(), 1);
@@ -245,7 +274,7 @@ mod tests {
         assert_eq!(fs::read(dir.join("nic-broken.json.corrupt"))?, b"{not json", "kept for the operator");
         store.remove("52:54:00:12:34:12")?;
         store.remove("52:54:00:12:34:12")?;
-        let (values, _): (Vec<(PathBuf, Vec<i32>)>, _) = store.load_all()?;
+        let (values, _): (Vec<Found<Vec<i32>>>, _) = store.load_all()?;
         assert_eq!(values.len(), 1);
         drop(store);
         fs::remove_dir_all(&dir)?;
@@ -275,6 +304,37 @@ mod tests {
         let again = Store::open(&dir);
         assert!(again.is_ok(), "the lock goes with its holder");
         drop(again);
+        fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
+
+    #[test]
+    fn older_formats_are_read_and_written_again_and_newer_ones_moved_aside(
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let dir = temp("formats");
+        let store = Store::open(&dir)?;
+        let key = "52:54:00:12:34:11";
+        // Release 0.1.0: the value itself, no envelope (an object: a NIC's fields).
+        fs::write(dir.join(file_name(key)), br#"{"a": 1}"#)?;
+        fs::write(dir.join("nic-future.json"), br#"{"format": 99, "nic": {"a": 2}}"#)?;
+        let (values, problems): (Vec<Found<std::collections::BTreeMap<String, u32>>>, _) =
+            store.load_all()?;
+        assert_eq!(values.len(), 1, "{values:?}");
+        assert_eq!(values[0].format, super::super::FORMAT_0_1_0);
+        assert_eq!(values[0].value.get("a"), Some(&1));
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(matches!(&problems[0], StoreError::Newer { found: 99, .. }), "{}", problems[0]);
+        assert!(problems[0].to_string().contains("newer"), "{}", problems[0]);
+        assert!(dir.join("nic-future.json.format-99").exists(), "kept for the newer agent, not overwritten");
+        assert!(!dir.join("nic-future.json").exists());
+        assert_eq!(store.migrate(key, &values[0])?, Migrated::Rewritten);
+        let text = fs::read_to_string(dir.join(file_name(key)))?;
+        let value: serde_json::Value = serde_json::from_str(&text)?;
+        assert_eq!(value["format"], super::super::FORMAT);
+        assert_eq!(value["nic"]["a"], 1);
+        let (again, _): (Vec<Found<std::collections::BTreeMap<String, u32>>>, _) = store.load_all()?;
+        assert_eq!(store.migrate(key, &again[0])?, Migrated::Current);
+        drop(store);
         fs::remove_dir_all(&dir)?;
         Ok(())
     }
