@@ -91,6 +91,7 @@ fn snapshot(n: u8) -> NicSnapshot {
         rules: Vec::new(),
         taken_ns: 1_000_000_000,
         manager: None,
+        tuning: Default::default(),
     }
 }
 

@@ -108,6 +108,9 @@ pub enum AttachStatus {
     LeftToCloudInit,
     /// IMDS is off (disabled, unusable, or not EC2): nobody configures it.
     ImdsOff,
+    /// A status this release does not know (written by a newer one).
+    #[serde(other)]
+    Unknown,
 }
 
 impl AttachStatus {
@@ -120,6 +123,7 @@ impl AttachStatus {
             Self::Abandoned => "abandoned",
             Self::LeftToCloudInit => "left-to-cloud-init",
             Self::ImdsOff => "imds-off",
+            Self::Unknown => "unknown",
         }
     }
 

@@ -10,15 +10,27 @@ fail() {
 	exit 1
 }
 
+# Every wait below counts seconds by the clock (/proc/uptime), not polls: under load a poll takes
+# far longer than its sleep.
+
 # wait_for_line FILE PATTERN SECONDS: until FILE has a line matching the fixed string PATTERN.
 wait_for_line() {
-	i=0
-	while [ $i -lt $(($3 * 20)) ]; do
-		grep -qF -- "$2" "$1" 2>/dev/null && return 0
+	_wfl_end=$(($(uptime_ms) + $3 * 1000))
+	until grep -qF -- "$2" "$1" 2>/dev/null; do
+		[ "$(uptime_ms)" -ge "$_wfl_end" ] && return 1
 		sleep 0.05
-		i=$((i + 1))
 	done
-	return 1
+}
+
+# within SECONDS COMMAND [ARG...]: until COMMAND (a function too: it runs in this shell) succeeds;
+# 1 if it never does.
+within() {
+	_within_end=$(($(uptime_ms) + $1 * 1000))
+	shift
+	until "$@"; do
+		[ "$(uptime_ms)" -ge "$_within_end" ] && return 1
+		sleep 0.1
+	done
 }
 
 # json_str LINE KEY / json_num LINE KEY: the first value of KEY in a one-line JSON object.
@@ -96,17 +108,16 @@ nic_config() {
 
 # wait_config EXPECTED_FILE SECONDS MAC...: until nic_config of MACs equals the file; 1 if not.
 wait_config() {
-	want=$1
-	limit=$(($2 * 10))
+	_wc_want=$1
+	_wc_end=$(($(uptime_ms) + $2 * 1000))
 	shift 2
-	i=0
-	while [ $i -lt $limit ]; do
+	while :; do
 		nic_config "$@" | sort >/tmp/wait_config.now
-		cmp -s "$want" /tmp/wait_config.now && return 0
+		cmp -s "$_wc_want" /tmp/wait_config.now && return 0
+		[ "$(uptime_ms)" -ge "$_wc_end" ] && break
 		sleep 0.1
-		i=$((i + 1))
 	done
-	diff "$want" /tmp/wait_config.now >&2
+	diff "$_wc_want" /tmp/wait_config.now >&2
 	return 1
 }
 
@@ -164,14 +175,11 @@ duplicates() {
 
 # wait_until SECONDS COMMAND: until COMMAND (a shell command line) succeeds; 1 if it never does.
 wait_until() {
-	limit=$(($1 * 10))
-	i=0
-	while [ $i -lt $limit ]; do
-		sh -c "$2" >/dev/null 2>&1 && return 0
+	_wu_end=$(($(uptime_ms) + $1 * 1000))
+	until sh -c "$2" >/dev/null 2>&1; do
+		[ "$(uptime_ms)" -ge "$_wu_end" ] && return 1
 		sleep 0.1
-		i=$((i + 1))
 	done
-	return 1
 }
 
 # cloud_init_hotplug_for_emulated_nics: on EC2, cloud-init's udev rule passes only ENA, ixgbevf

@@ -1,6 +1,7 @@
 #!/bin/sh
 # A NIC configured while it has no carrier (its routes marked linkdown by the kernel) is reloaded: every route comes back, and stays right when the carrier returns.
 # kernels: bookworm
+# kernels-extra: bullseye
 . /opt/hotplug/scenarios/_lib.sh
 
 sysctl -qw net.ipv6.conf.all.accept_ra=0 net.ipv6.conf.default.accept_ra=0

@@ -1,6 +1,7 @@
 #!/bin/sh
 # SIGKILL at each stage (snapshot saved, removal held, registration unread, attach waiting for IMDS, detach) leaves nothing wrong after a restart; a second agent is refused; a full state disk is an error that corrupts nothing.
 # kernels: bookworm
+# kernels-extra: bullseye
 . /opt/hotplug/scenarios/_lib.sh
 
 sysctl -qw net.ipv6.conf.all.accept_ra=0 net.ipv6.conf.default.accept_ra=0

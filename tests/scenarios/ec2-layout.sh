@@ -1,6 +1,7 @@
 #!/bin/sh
 # Amazon Linux 2023's ENI layout on a two-card instance: five ENIs (secondary IPv4s, IPv6, IPv4 and IPv6 prefixes) attached in random order, two detached, the rest equal to what amazon-ec2-net-utils makes (fixtures/ec2-layout.expected), and again after a driver reload.
 # kernels: bookworm
+# kernels-extra: bullseye
 # nics: virtio e1000e virtio virtio e1000e virtio virtio virtio
 . /opt/hotplug/scenarios/_lib.sh
 

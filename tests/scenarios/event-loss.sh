@@ -1,6 +1,7 @@
 #!/bin/sh
 # Lost kernel events are never silent: a stalled reader reports the loss and resyncs; the agent restores.
 # kernels: bookworm
+# kernels-extra: bullseye
 . /opt/hotplug/scenarios/_lib.sh
 
 EVENTS=/tmp/events.jsonl

@@ -1,6 +1,7 @@
 #!/bin/sh
 # A hook that hangs holds up nothing: another NIC's reload is restored, status answers, SIGTERM stops the agent, the hook's process group dies; hook timeouts kill the group; hooks get a clean environment.
 # kernels: bookworm
+# kernels-extra: bullseye
 . /opt/hotplug/scenarios/_lib.sh
 
 sysctl -qw net.ipv6.conf.all.accept_ra=0 net.ipv6.conf.default.accept_ra=0

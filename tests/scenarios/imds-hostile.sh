@@ -1,6 +1,7 @@
 #!/bin/sh
 # Hostile IMDS answers for an attached NIC (addresses outside the subnet, /1 and ::/0 blocks, another NIC's device-number or address, 2,000 addresses, a 302 redirect): each refused with a clear error, every routing table and rule unchanged.
 # kernels: bookworm
+# kernels-extra: bullseye
 . /opt/hotplug/scenarios/_lib.sh
 
 sysctl -qw net.ipv6.conf.all.accept_ra=0 net.ipv6.conf.default.accept_ra=0

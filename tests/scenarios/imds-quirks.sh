@@ -5,6 +5,7 @@
 # picks up a secondary address assigned (and one unassigned) while attached, and changes nothing
 # when IMDS answers 500.
 # kernels: bookworm
+# kernels-extra: bullseye
 . /opt/hotplug/scenarios/_lib.sh
 
 PRIMARY=52:54:00:12:34:10

@@ -1,6 +1,7 @@
 #!/bin/sh
 # Only a driver reload's removal is lost (a tiny ring, the reader stopped): the agent notices the loss, holds the NIC's configuration, and restores it when the NIC registers again.
 # kernels: bookworm
+# kernels-extra: bullseye
 . /opt/hotplug/scenarios/_lib.sh
 
 one_nic_configured

@@ -1,6 +1,6 @@
 #!/bin/sh
 # Reload virtio_net: the agent sees unload-begin, free, unload-end and load, in order, with the task.
-# kernels: bookworm trixie sid
+# kernels: bullseye bookworm trixie sid
 # arches: amd64 arm64
 . /opt/hotplug/scenarios/_lib.sh
 

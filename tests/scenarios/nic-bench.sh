@@ -1,6 +1,7 @@
 #!/bin/sh
 # Benchmark (figures, not a timed test): event delivery latency, a veth storm, eBPF cost per event.
 # kernels: bookworm
+# kernels-extra: bullseye
 # bench: yes
 . /opt/hotplug/scenarios/_lib.sh
 

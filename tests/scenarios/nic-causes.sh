@@ -1,6 +1,6 @@
 #!/bin/sh
 # Every NIC removal and registration carries its true cause: reloads, rebinds, hot-plug, links, netns.
-# kernels: bookworm trixie sid
+# kernels: bullseye bookworm trixie sid
 # arches: amd64 arm64
 . /opt/hotplug/scenarios/_lib.sh
 

@@ -1,6 +1,7 @@
 #!/bin/sh
 # Benchmark (figures only): each driver's reload restore against its floor: the agent's replay (pre-read to last acknowledgement) beside `ip -batch` of the same objects, on the same NIC after the same reload with the agent stopped.
 # kernels: bookworm
+# kernels-extra: bullseye
 # bench: yes
 . /opt/hotplug/scenarios/_lib.sh
 
@@ -70,7 +71,7 @@ for mac in $MACS; do
 		latency=$(nic "last restore:" | awk '{ print $1 }')
 		phases=$(nic "phases:")
 		replay=0
-		for p in pre-read link addresses routes rules; do replay=$((replay + $(phase $p "$phases"))); done
+		for p in pre-read link tuning addresses routes rules; do replay=$((replay + $(phase $p "$phases"))); done
 		echo "$latency" >>/tmp/latency.txt
 		echo "$replay" >>/tmp/replay.txt
 		phase link "$phases" >>/tmp/link.txt

@@ -1,6 +1,7 @@
 #!/bin/sh
 # Benchmark (figures only): restore latency for 1/10/100 addresses+routes vs the netlink floor; agent idle cost.
 # kernels: bookworm
+# kernels-extra: bullseye
 # arches: amd64 arm64
 # bench: yes
 . /opt/hotplug/scenarios/_lib.sh

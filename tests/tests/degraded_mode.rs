@@ -101,3 +101,34 @@ fn a_move_to_another_namespace_is_a_netns_move() -> Result<(), String> {
     assert_eq!(removal, Some(Cause::NetnsMove), "{events:#?}");
     Ok(())
 }
+
+#[test]
+fn a_degraded_start_gives_each_cause_once() -> Result<(), String> {
+    let name = "a_degraded_start_gives_each_cause_once";
+    if hotplug::kernel::embedded_object().is_none() {
+        skip(name, "this build embeds no eBPF object (HOTPLUG_SKIP_EBPF): nothing to attach");
+        return Ok(());
+    }
+    if !is_root() {
+        skip(name, "needs root to load and attach the eBPF programs");
+        return Ok(());
+    }
+    let options =
+        hotplug::kernel::probes::LoadOptions { ring_bytes: 1 << 16, disabled: Vec::new(), netns: None };
+    let startup = hotplug::agent::Startup::probe(&options);
+    let hotplug::agent::Mode::Degraded(reasons) = &startup.mode else {
+        skip(name, "this kernel runs the agent in full mode: no degraded start to look at");
+        return Ok(());
+    };
+    // Each cause is one reason (one WARN line at start), whatever the number of probes it keeps out.
+    let mut distinct = reasons.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), reasons.len(), "a reason given twice: {reasons:#?}");
+    if !startup.features.kprobes {
+        let kprobes: Vec<&String> = reasons.iter().filter(|r| r.contains("CONFIG_KPROBES")).collect();
+        assert_eq!(kprobes.len(), 1, "{reasons:#?}");
+        assert!(kprobes[0].contains(" probes not attached: "), "counts the probes: {}", kprobes[0]);
+    }
+    Ok(())
+}

@@ -62,8 +62,17 @@ fn configure() -> Result<(), String> {
         "route add 10.60.0.0/16 via 10.50.0.1 dev hr0",
         "rule add from 10.9.0.5 lookup 10009 pref 10009",
         "link property add dev hr0 altname hotplug-test-alt",
+        "link set hr0 txqueuelen 5000 alias hotplug-uplink group 7",
     ] {
         ip(args)?;
+    }
+    // Sysctls off their default (/proc/sys/net is this thread's namespace's).
+    for (path, value) in [
+        ("ipv4/conf/hr0/rp_filter", "2"),
+        ("ipv4/conf/hr0/arp_ignore", "1"),
+        ("ipv6/conf/hr0/hop_limit", "33"),
+    ] {
+        std::fs::write(format!("/proc/sys/net/{path}"), value).map_err(|e| format!("{path}: {e}"))?;
     }
     Ok(())
 }
@@ -91,6 +100,18 @@ async fn scenario(state_dir: std::path::PathBuf) -> Result<(), String> {
     assert_eq!(before.addresses.len(), 4, "two IPv4, one IPv6, the link-local: {before:#?}");
     assert_eq!(before.routes.len(), 4, "{before:#?}");
     assert_eq!(before.rules.len(), 1, "{before:#?}");
+    let tuned: Vec<(&str, &str)> =
+        before.tuning.sysctls.iter().map(|s| (s.key.as_str(), s.value.as_str())).collect();
+    assert_eq!(
+        tuned,
+        [("ipv4/conf/arp_ignore", "1"), ("ipv4/conf/rp_filter", "2"), ("ipv6/conf/hop_limit", "33")],
+        "the sysctls off their default, and nothing else: {before:#?}"
+    );
+    let link = &before.tuning.link;
+    assert_eq!(
+        (link.txqueuelen, link.alias.as_deref(), link.group),
+        (Some(5000), Some("hotplug-uplink"), Some(7))
+    );
 
     // The driver "leaves": the removal event comes first (as from the kernel), then the link goes.
     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -108,6 +129,10 @@ async fn scenario(state_dir: std::path::PathBuf) -> Result<(), String> {
     manager.on_event(&back).await;
     let after = snapshot::capture(&netlink, ifindex("hr0").await?).await.map_err(|e| e.to_string())?;
     assert_eq!(before.differences(&after), Vec::<String>::new());
+    assert_eq!(
+        std::fs::read_to_string("/proc/sys/net/ipv4/conf/hr0/rp_filter").map_err(|e| e.to_string())?.trim(),
+        "2"
+    );
     let status = manager.status();
     let restored = status.iter().find(|n| n.mac == KEY).and_then(|n| n.last_restore.clone());
     let Some(restored) = restored else { return Err(format!("no restore recorded: {status:#?}")) };

@@ -44,6 +44,9 @@ fn wanted_modules(arch: Arch) -> Vec<&'static str> {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Suite {
+    /// Debian 11, Linux 5.10 (Amazon Linux 2's kernel generation).
+    #[value(alias = "5.10")]
+    Bullseye,
     /// Debian 12, Linux 6.1 (the default guest kernel).
     #[value(alias = "6.1")]
     Bookworm,
@@ -56,10 +59,11 @@ pub enum Suite {
 }
 
 impl Suite {
-    pub const ALL: [Self; 3] = [Self::Bookworm, Self::Trixie, Self::Sid];
+    pub const ALL: [Self; 4] = [Self::Bullseye, Self::Bookworm, Self::Trixie, Self::Sid];
 
     pub const fn name(self) -> &'static str {
         match self {
+            Self::Bullseye => "bullseye",
             Self::Bookworm => "bookworm",
             Self::Trixie => "trixie",
             Self::Sid => "sid",
@@ -69,6 +73,7 @@ impl Suite {
     /// The apt suites whose newest `linux-image-<arch>` we take.
     fn apt_suites(self) -> (&'static [&'static str], &'static [&'static str]) {
         match self {
+            Self::Bullseye => (&["bullseye"], &["bullseye-security"]),
             Self::Bookworm => (&["bookworm"], &["bookworm-security"]),
             Self::Trixie => (&["trixie"], &["trixie-security"]),
             Self::Sid => (&["sid"], &[]),

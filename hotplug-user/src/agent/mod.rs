@@ -85,14 +85,9 @@ impl Startup {
         let probes = match KernelProbes::load(kernel::embedded_object(), &features, options) {
             Ok(probes) => {
                 reasons.extend(probes.limitations.iter().cloned());
-                for attachment in &probes.attachments {
-                    if let Some(error) = &attachment.error {
-                        reasons.push(format!(
-                            "{} ({}) not attached: {error}",
-                            attachment.program, attachment.hook
-                        ));
-                    }
-                }
+                // One reason per distinct cause, naming the probes it kept out (`features` lists
+                // every hook).
+                reasons.extend(kernel::probes::unattached_reasons(&probes.attachments));
                 Some(probes)
             }
             Err(error) => {

@@ -423,6 +423,37 @@ impl KernelProbes {
     }
 }
 
+/// The reasons for degraded mode that unattached hooks give, one per distinct cause: a cause
+/// that kept one hook out names it (`netdev_register (kprobe register_netdevice) not attached:
+/// …`), one that kept several out counts them and names their programs once each (`22 probes not
+/// attached: this kernel has no kprobes (CONFIG_KPROBES off): delete_module_enter, …`), in the
+/// order the causes were first met. `features` keeps the list per hook.
+pub fn unattached_reasons(attachments: &[Attachment]) -> Vec<String> {
+    let mut causes: Vec<(&str, Vec<&Attachment>)> = Vec::new();
+    for attachment in attachments {
+        let Some(error) = attachment.error.as_deref() else { continue };
+        match causes.iter_mut().find(|(cause, _)| *cause == error) {
+            Some((_, hooks)) => hooks.push(attachment),
+            None => causes.push((error, vec![attachment])),
+        }
+    }
+    causes
+        .into_iter()
+        .map(|(cause, hooks)| match hooks.as_slice() {
+            [one] => format!("{} ({}) not attached: {cause}", one.program, one.hook),
+            many => {
+                let mut programs: Vec<&str> = Vec::new();
+                for hook in many {
+                    if !programs.contains(&hook.program) {
+                        programs.push(hook.program);
+                    }
+                }
+                format!("{} probes not attached: {cause}: {}", many.len(), programs.join(", "))
+            }
+        })
+        .collect()
+}
+
 /// The names of every program in the object.
 pub fn program_names() -> Vec<&'static str> {
     TRACEPOINTS.iter().map(|t| t.0).chain(KPROBES.iter().map(|k| k.0)).collect()
@@ -472,6 +503,32 @@ fn error_chain(error: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_reason_per_cause_naming_its_probes() {
+        let hook = |program: &'static str, hook: &str, error: Option<&str>| Attachment {
+            program,
+            hook: hook.to_owned(),
+            error: error.map(str::to_owned),
+        };
+        let no_kprobes = "this kernel has no kprobes (CONFIG_KPROBES off)";
+        let attachments = [
+            hook("module_load", "tracepoint module:module_load", None),
+            hook("netdev_register", "kprobe register_netdevice", Some(no_kprobes)),
+            hook("pci_remove", "kprobe pci_stop_and_remove_bus_device", Some(no_kprobes)),
+            hook("pci_remove", "kprobe pci_stop_and_remove_bus_device_locked", Some(no_kprobes)),
+            hook("module_free", "tracepoint module:module_free", Some("this kernel has no such tracepoint")),
+        ];
+        assert_eq!(
+            unattached_reasons(&attachments),
+            [
+                format!("3 probes not attached: {no_kprobes}: netdev_register, pci_remove"),
+                "module_free (tracepoint module:module_free) not attached: this kernel has no such tracepoint"
+                    .to_owned(),
+            ]
+        );
+        assert!(unattached_reasons(&attachments[..1]).is_empty());
+    }
 
     #[test]
     fn syscalls_are_hooked_on_the_architectures_wrappers_and_on_nothing_elsewhere() -> Result<(), AbiError> {

@@ -10,6 +10,7 @@ pub mod command;
 pub mod module;
 pub mod neighbour;
 pub mod restore;
+pub mod tuning;
 
 use futures::{StreamExt as _, TryStreamExt as _};
 use rtnetlink::{

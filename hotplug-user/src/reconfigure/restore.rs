@@ -2,8 +2,9 @@
 //! what is already there stays, nothing the snapshot does not name is removed. Then reads the NIC
 //! back and reports every difference.
 //!
-//! Order matters: name and MTU while the link is still down (a rename needs it down), addresses,
-//! then admin state up (the kernel installs no IPv4 route through a gateway on a down link), then
+//! Order matters: name, MTU and the link's tuned attributes (`reconfigure::tuning`) while the link
+//! is still down (a rename needs it down), sysctls and queue settings, addresses, then admin state
+//! up (the kernel installs no IPv4 route through a gateway on a down link), then
 //! routes, then rules (rules are not bound to a device and usually survive a reload; a missing one
 //! is added again).
 //!
@@ -42,9 +43,12 @@ pub struct RestorePhases {
     /// Reading the link as it came back (its name, MTU, altnames and admin state decide the link
     /// changes), and the rules when the snapshot has some (none is added twice).
     pub pre_read_us: u64,
-    /// Link changes: name, MTU, alternative names, and admin state up, which runs the driver's
-    /// own open (rings, interrupts, firmware): often most of a restore.
+    /// Link changes: name, MTU, alternative names, tuned attributes (txqueuelen, alias, group,
+    /// GSO/GRO limits, MAC, master), and admin state up, which runs the driver's own open (rings,
+    /// interrupts, firmware): often most of a restore.
     pub link_us: u64,
+    /// Per-interface sysctls and queue settings, written through their files.
+    pub tuning_us: u64,
     pub addresses_us: u64,
     pub routes_us: u64,
     pub rules_us: u64,
@@ -57,12 +61,13 @@ impl std::fmt::Display for RestorePhases {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "to-decision {} us, waited {} us, pre-read {} us, link {} us, addresses {} us, routes {} us, \
-             rules {} us, read-back {} us",
+            "to-decision {} us, waited {} us, pre-read {} us, link {} us, tuning {} us, addresses {} us, \
+             routes {} us, rules {} us, read-back {} us",
             self.to_decision_us,
             self.waited_us,
             self.pre_read_us,
             self.link_us,
+            self.tuning_us,
             self.addresses_us,
             self.routes_us,
             self.rules_us,
@@ -310,6 +315,11 @@ pub async fn restore(
     } else {
         snapshot::all_rules(netlink).await.unwrap_or_default().iter().map(snapshot::rule_summary).collect()
     };
+    // The master the snapshot names, by its ifindex now.
+    let master_index = match &want.tuning.link.master {
+        Some(name) => netlink.index_of(name).await,
+        None => None,
+    };
     (phases.pre_read_us, mark) = lap(mark);
     let link_too = !options.routes_and_rules_only;
     if let Some(have) = have.as_ref().filter(|_| link_too) {
@@ -331,11 +341,54 @@ pub async fn restore(
             let result = handle.link().property_add(ifindex).alt_ifname(&[missing.as_str()]).execute().await;
             tx.outcome(&format!("altname {missing}"), result.map_err(super::SendError::from));
         }
+        // A snapshot that read no tuning (release 0.1.0's) changes none.
+        if want.tuning.read {
+            let mut now = have.tuning.clone();
+            now.master = want
+                .tuning
+                .link
+                .master
+                .clone()
+                .filter(|_| have.master.is_some() && have.master == master_index);
+            let (changes, errors) =
+                super::tuning::link_changes(ifindex, &want.tuning.link, &now, master_index);
+            tx.report.errors.extend(errors);
+            for super::tuning::LinkChange { what, message } in changes {
+                tx.set_link(&what, message).await;
+            }
+        }
     }
 
     let link_us;
     (link_us, mark) = lap(mark);
     phases.link_us = link_us;
+
+    // Sysctls and queues, on the name the link has now (read again by its ifindex: renamed above,
+    // or not), never on a name the snapshot gives.
+    if link_too && want.tuning.read && !(want.tuning.sysctls.is_empty() && want.tuning.queues.is_empty()) {
+        match netlink.link(ifindex).await {
+            Ok(link) => {
+                let root = snapshot::tuning::Root::default();
+                let written = super::tuning::write_settings(
+                    &root,
+                    &link.name,
+                    &want.tuning,
+                    &snapshot::Tuning::default(),
+                );
+                for (what, result) in written {
+                    // A file write, not a netlink request; done when written.
+                    tx.report.last_ack_ns = crate::clock::monotonic_ns();
+                    if let Err(error) = result {
+                        tx.report.errors.push(format!("{what}: {error}"));
+                    }
+                }
+            }
+            Err(error) => {
+                tx.report.errors.push(format!("sysctls and queue settings: the link is gone? {error}"))
+            }
+        }
+    }
+    (phases.tuning_us, mark) = lap(mark);
 
     let plan = replay_plan(want, ifindex, options);
     tx.report.errors.extend(plan.errors);

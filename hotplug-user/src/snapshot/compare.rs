@@ -34,6 +34,7 @@ impl NicSnapshot {
             && self.up == other.up
             && self.altnames == other.altnames
             && self.manager == other.manager
+            && self.tuning == other.tuning
             && self.rules == other.rules
             && same(&self.addresses, &other.addresses, |a, b| same_address(a, a_s, b, b_s))
             && same(&self.routes, &other.routes, |a, b| same_route(a, a_s, b, b_s))
@@ -178,6 +179,7 @@ mod tests {
             rules: Vec::new(),
             taken_ns: at_s * 1_000_000_000,
             manager: None,
+            tuning: Default::default(),
         }
     }
 

@@ -5,6 +5,7 @@
 //! re-sends exactly what the kernel had, every attribute included) and as a one-line summary
 //! without ifindex or transient state (what is compared after a restore and shown to people).
 mod compare;
+pub mod tuning;
 
 use std::net::IpAddr;
 
@@ -24,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::managers::Manager;
+pub use tuning::Tuning;
 
 mod netlink;
 pub use netlink::Netlink;
@@ -90,6 +92,9 @@ pub struct NicSnapshot {
     /// The network manager that configured the NIC besides the agent, when the snapshot was taken.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub manager: Option<Manager>,
+    /// Link attributes, sysctls and queue settings the kernel drops with the netdev.
+    #[serde(default, skip_serializing_if = "Tuning::is_empty")]
+    pub tuning: Tuning,
 }
 
 impl NicSnapshot {
@@ -119,6 +124,7 @@ impl NicSnapshot {
                 diffs.push(format!("{what} extra: {extra}"));
             }
         }
+        diffs.extend(self.tuning.differences(&other.tuning));
         diffs
     }
 
@@ -462,6 +468,10 @@ pub struct LinkState {
     pub altnames: Vec<String>,
     /// Its identity (`identity::nic_key`), empty for a link without a MAC.
     pub key: String,
+    /// Its tuned attributes (the master as an ifindex here, by name in a snapshot).
+    pub tuning: tuning::LinkTuning,
+    /// The ifindex of the bond or bridge it is a port of.
+    pub master: Option<u32>,
 }
 
 /// The link's settings.
@@ -472,8 +482,26 @@ fn link_settings(link: &LinkMessage) -> LinkState {
     let mut permanent = None;
     let mut current = String::new();
     let mut is_virtual = false;
+    let mut tuned = tuning::LinkTuning::default();
+    let mut master = None;
     for attribute in &link.attributes {
         match attribute {
+            // Each kept only off the kernel's default for a new device (`ether_setup`,
+            // `GSO_LEGACY_MAX_SIZE`, `GSO_MAX_SEGS`, `GRO_LEGACY_MAX_SIZE`): what an operator set,
+            // not what a driver's new load may set otherwise.
+            LinkAttribute::TxQueueLen(n) if *n != tuning::DEFAULT_TXQUEUELEN => tuned.txqueuelen = Some(*n),
+            LinkAttribute::IfAlias(a) if !a.is_empty() => tuned.alias = Some(a.clone()),
+            LinkAttribute::Group(g) if *g != 0 => tuned.group = Some(*g),
+            LinkAttribute::GsoMaxSize(n) if *n != tuning::DEFAULT_GSO_MAX_SIZE => {
+                tuned.gso_max_size = Some(*n)
+            }
+            LinkAttribute::GsoMaxSegs(n) if *n != tuning::DEFAULT_GSO_MAX_SEGS => {
+                tuned.gso_max_segs = Some(*n)
+            }
+            LinkAttribute::GroMaxSize(n) if *n != tuning::DEFAULT_GRO_MAX_SIZE => {
+                tuned.gro_max_size = Some(*n)
+            }
+            LinkAttribute::Controller(m) if *m != 0 => master = Some(*m),
             LinkAttribute::IfName(n) => name.clone_from(n),
             LinkAttribute::Mtu(m) => mtu = Some(*m),
             LinkAttribute::PropList(props) => altnames.extend(altnames_of(props)),
@@ -494,7 +522,27 @@ fn link_settings(link: &LinkMessage) -> LinkState {
     } else {
         crate::identity::nic_key(permanent.as_deref(), &current, &name, is_virtual)
     };
-    LinkState { name, mtu, up, altnames, key }
+    // A MAC set over the permanent one is the operator's.
+    if permanent.as_deref().is_some_and(|p| !current.is_empty() && p != current) {
+        tuned.address = Some(current.clone());
+    }
+    LinkState { name, mtu, up, altnames, key, tuning: tuned, master }
+}
+
+/// The tuning of the link read as `link`: its attributes, sysctls and queue settings.
+pub async fn tuning_of(netlink: &Netlink, link: &LinkState) -> Tuning {
+    let mut attributes = link.tuning.clone();
+    if let Some(master) = link.master {
+        // A master that went meanwhile is no master to restore.
+        attributes.master = netlink.link(master).await.ok().map(|m| m.name);
+    }
+    let root = tuning::Root::default();
+    Tuning {
+        read: true,
+        link: attributes,
+        sysctls: tuning::read_sysctls(&root, &link.name),
+        queues: tuning::read_queues(&root, &link.name),
+    }
 }
 
 /// Reads the NIC with `ifindex` from the kernel: its link, addresses, the routes through it (a
@@ -523,7 +571,9 @@ pub async fn capture_with(
     all_rules: &[RuleMessage],
 ) -> Result<NicSnapshot, SnapshotError> {
     let handle = &netlink.handle;
-    let LinkState { name, mtu, up, altnames, key: mac } = netlink.link(ifindex).await?;
+    let link = netlink.link(ifindex).await?;
+    let tuning = tuning_of(netlink, &link).await;
+    let LinkState { name, mtu, up, altnames, key: mac, .. } = link;
 
     let mut addresses = Vec::new();
     let mut own_addresses = Vec::new();
@@ -595,6 +645,7 @@ pub async fn capture_with(
         rules,
         taken_ns: crate::clock::monotonic_ns(),
         manager: None,
+        tuning,
     })
 }
 
@@ -621,6 +672,7 @@ mod tests {
             rules: vec![entry("pref 10001 from 10.0.1.5/32 lookup 10001 action ToTable")],
             taken_ns: 1,
             manager: None,
+            tuning: Tuning::default(),
         }
     }
 

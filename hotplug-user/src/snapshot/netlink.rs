@@ -97,6 +97,13 @@ impl Netlink {
         links.first().map(super::link_settings).ok_or(SnapshotError::NoSuchLink(ifindex))
     }
 
+    /// The ifindex of the link named `name`, if there is one.
+    pub async fn index_of(&self, name: &str) -> Option<u32> {
+        let links: Vec<LinkMessage> =
+            self.handle.link().get().match_name(name.to_owned()).execute().try_collect().await.ok()?;
+        links.first().map(|l| l.header.index)
+    }
+
     /// The routes of `family` whose output device is `ifindex` (and, from an unfiltered dump,
     /// every other route: the caller keeps the ones through the NIC).
     pub async fn routes_through(

@@ -75,6 +75,18 @@ pub struct Found<T> {
     pub format: u64,
 }
 
+/// `path`, or `path.1`, `path.2`, … : the first name no file has (what is kept aside is never
+/// overwritten).
+fn free_name(path: PathBuf) -> PathBuf {
+    if !path.exists() {
+        return path;
+    }
+    (1..u32::MAX)
+        .map(|n| PathBuf::from(format!("{}.{n}", path.display())))
+        .find(|p| !p.exists())
+        .unwrap_or(path)
+}
+
 /// What [`Store::load_all`] found: each value with its file, and the files it could not use.
 pub type Loaded<T> = (Vec<Found<T>>, Vec<StoreError>);
 
@@ -187,12 +199,12 @@ impl Store {
             match super::decode(&bytes) {
                 Ok(super::Decoded { nic, format }) => values.push(Found { path, value: nic, format }),
                 Err(error) => {
-                    let kept = match &error {
+                    let kept = free_name(match &error {
                         super::FormatError::Newer { found } => {
                             path.with_extension(format!("json.format-{found}"))
                         }
                         _ => path.with_extension("json.corrupt"),
-                    };
+                    });
                     if let Err(error) = fs::rename(&path, &kept) {
                         problems.push(StoreError::Io { path: path.clone(), source: error });
                     }
@@ -219,6 +231,10 @@ impl Store {
             if found.format == super::FORMAT {
                 return Ok(Migrated::Current);
             }
+            // The file as the older release wrote it stays beside (`*.json.format-N`): an
+            // operator who goes back to that release moves it back.
+            let old = free_name(current.with_extension(format!("json.format-{}", found.format)));
+            fs::copy(&current, &old).map_err(io(&old))?;
             self.save(key, value)?;
             return Ok(Migrated::Rewritten);
         }
@@ -326,8 +342,17 @@ mod tests {
         assert!(matches!(&problems[0], StoreError::Newer { found: 99, .. }), "{}", problems[0]);
         assert!(problems[0].to_string().contains("newer"), "{}", problems[0]);
         assert!(dir.join("nic-future.json.format-99").exists(), "kept for the newer agent, not overwritten");
+        fs::write(dir.join("nic-future.json"), br#"{"format": 99, "nic": {"a": 3}}"#)?;
+        let _: Loaded<std::collections::BTreeMap<String, u32>> = store.load_all()?;
+        assert_eq!(fs::read(dir.join("nic-future.json.format-99"))?, br#"{"format": 99, "nic": {"a": 2}}"#);
+        assert!(
+            dir.join("nic-future.json.format-99.1").exists(),
+            "a second one kept under a name of its own"
+        );
         assert!(!dir.join("nic-future.json").exists());
         assert_eq!(store.migrate(key, &values[0])?, Migrated::Rewritten);
+        let kept = dir.join(format!("{}.format-0", file_name(key)));
+        assert_eq!(fs::read(&kept)?, br#"{"a": 1}"#, "the older release's file kept beside, as it was");
         let text = fs::read_to_string(dir.join(file_name(key)))?;
         let value: serde_json::Value = serde_json::from_str(&text)?;
         assert_eq!(value["format"], super::super::FORMAT);

@@ -7,7 +7,92 @@ use rtnetlink::{
     MulticastGroup,
 };
 
-use super::ManagerError;
+use super::{ManagerError, NicManager};
+use crate::{decide::NicState, snapshot};
+
+/// How often the NICs' tuning (sysctls, queue settings) is read again: most of it changes
+/// without an rtnetlink notification, so a change made less than this before a driver reload may
+/// not be in the snapshot held.
+pub const TUNING_POLL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A present NIC's tuning as last held, to compare with what it has now.
+struct Held {
+    ifindex: u32,
+    tuning: snapshot::Tuning,
+}
+
+/// The ifindexes among `held` whose tuning is no longer what was held: one link request each on
+/// the loop's connection, the files read on a blocking thread.
+async fn changed_tuning(netlink: snapshot::Netlink, held: Vec<Held>) -> Vec<u32> {
+    let mut read = Vec::new();
+    for nic in held {
+        let Ok(link) = netlink.link(nic.ifindex).await else { continue };
+        let mut attributes = link.tuning.clone();
+        if let Some(master) = link.master {
+            attributes.master = netlink.link(master).await.ok().map(|m| m.name);
+        }
+        read.push((nic, link.name, attributes));
+    }
+    let compared = tokio::task::spawn_blocking(move || {
+        let root = snapshot::tuning::Root::default();
+        read.into_iter()
+            .filter(|(nic, name, attributes)| {
+                let now = snapshot::Tuning {
+                    read: true,
+                    link: attributes.clone(),
+                    sysctls: snapshot::tuning::read_sysctls(&root, name),
+                    queues: snapshot::tuning::read_queues(&root, name),
+                };
+                now != nic.tuning
+            })
+            .map(|(nic, ..)| nic.ifindex)
+            .collect::<Vec<u32>>()
+    });
+    compared.await.unwrap_or_default()
+}
+
+impl NicManager {
+    /// The present NICs' tuning as held (those not already waiting for a re-read).
+    fn held_tuning(&self) -> Vec<Held> {
+        self.by_ifindex
+            .iter()
+            .filter(|(ifindex, _)| !self.dirty.contains(ifindex))
+            .filter_map(|(ifindex, mac)| {
+                let nic = self.nics.get(mac)?;
+                let current =
+                    matches!(&nic.record.state, NicState::Present { ifindex: i, .. } if i == ifindex);
+                let held = nic.snapshot.as_ref().filter(|_| current)?;
+                Some(Held { ifindex: *ifindex, tuning: held.tuning.clone() })
+            })
+            .collect()
+    }
+
+    /// Starts a read of each present NIC's tuning in a task of its own (the loop goes on); the
+    /// NICs whose tuning changed come back as `Background::TuningChanged`, to be read in full.
+    pub(super) fn poll_tuning(&self) {
+        let held = self.held_tuning();
+        if held.is_empty() {
+            return;
+        }
+        let (netlink, tx) = (self.netlink.clone(), self.background.clone());
+        tokio::spawn(async move {
+            let changed = changed_tuning(netlink, held).await;
+            if !changed.is_empty() {
+                let _ = tx.send(super::Background::TuningChanged(changed)).await;
+            }
+        });
+    }
+
+    /// [`NicManager::poll_tuning`], waited for: the NICs whose tuning changed are read in full
+    /// before this returns (a guided reload relies on current snapshots).
+    pub(super) async fn poll_tuning_now(&mut self) {
+        let changed = changed_tuning(self.netlink.clone(), self.held_tuning()).await;
+        for ifindex in changed {
+            tracing::debug!(ifindex, "tuning changed: reading the NIC again");
+            self.note_change(Some(ifindex));
+        }
+    }
+}
 
 /// Receive buffer of the notification socket, bytes (an `int` for `setsockopt`).
 const NOTIFICATION_BUFFER: i32 = 4 << 20;

@@ -75,6 +75,8 @@ pub enum Background {
     Hook { mac: String, phase: &'static str, outcome: command::HookOutcome },
     /// A guided reload ended.
     ReloadDone(reload::Done),
+    /// These NICs' tuning (sysctls, queue settings, link attributes) changed since it was read.
+    TuningChanged(Vec<u32>),
 }
 
 /// How often a state write that failed (a full disk) is tried again.
@@ -90,6 +92,8 @@ pub struct NicManager {
     by_ifindex: HashMap<u32, String>,
     dirty: HashSet<u32>,
     dirty_due: Option<tokio::time::Instant>,
+    /// When the NICs' tuning is read again (`changes::TUNING_POLL`).
+    tuning_due: tokio::time::Instant,
     /// NICs whose last state write failed (a full disk): written again at each wake-up, every
     /// `UNSAVED_RETRY` at least, whatever their state.
     unsaved: HashSet<String>,
@@ -242,11 +246,16 @@ impl NicManager {
             .map(|d| tokio::time::Instant::now() + Duration::from_nanos(d.saturating_sub(now_ns)));
         // A state write that failed is tried again every UNSAVED_RETRY.
         let retry = (!self.unsaved.is_empty()).then(|| tokio::time::Instant::now() + UNSAVED_RETRY);
-        [self.dirty_due, deadline, retry].into_iter().flatten().min()
+        let tuning = (!self.by_ifindex.is_empty()).then_some(self.tuning_due);
+        [self.dirty_due, deadline, retry, tuning].into_iter().flatten().min()
     }
 
     /// Re-reads NICs whose configuration changed and checks return deadlines.
     pub async fn wake(&mut self) {
+        if self.tuning_due <= tokio::time::Instant::now() {
+            self.tuning_due = tokio::time::Instant::now() + changes::TUNING_POLL;
+            self.poll_tuning();
+        }
         if self.dirty_due.is_some_and(|due| due <= tokio::time::Instant::now()) {
             self.dirty_due = None;
             let dirty: Vec<u32> = self.dirty.drain().collect();
@@ -641,6 +650,12 @@ impl NicManager {
             Background::ManagerSettled(settled) => self.finish_restore(settled).await,
             Background::Refresh(result) => self.on_refresh_result(result).await,
             Background::ReloadDone(done) => self.finish_reload(done),
+            Background::TuningChanged(ifindexes) => {
+                for ifindex in ifindexes {
+                    tracing::debug!(ifindex, "tuning changed: reading the NIC again");
+                    self.note_change(Some(ifindex));
+                }
+            }
             Background::Hook { mac, phase, outcome } => {
                 let command::HookOutcome { status, succeeded, stdout, stderr } = outcome;
                 if succeeded {

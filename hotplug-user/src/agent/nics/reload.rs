@@ -106,8 +106,10 @@ impl NicManager {
                 return;
             }
         };
-        // A change the kernel reported but the agent has not read yet: read it now, so that the
+        // A change the kernel reported but the agent has not read yet, or tuning changed since
+        // the last poll (sysctls change without a notification): read it now, so that the
         // snapshot the reload relies on is current.
+        self.poll_tuning_now().await;
         let pending: Vec<u32> = self.dirty.iter().copied().collect();
         for ifindex in pending {
             self.dirty.remove(&ifindex);

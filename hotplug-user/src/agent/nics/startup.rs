@@ -52,6 +52,7 @@ impl NicManager {
             unsaved: HashSet::new(),
             dirty_due: None,
             bursts: HashMap::new(),
+            tuning_due: tokio::time::Instant::now() + super::changes::TUNING_POLL,
         };
         let (persisted, problems): (Vec<Found<Managed>>, _) = manager.store.load_all()?;
         for problem in problems {

@@ -1,0 +1,214 @@
+//! Who is on the other end of a control connection, and whether it may ask what it asks. The
+//! socket's mode (root only) is not enough: a uid-0 process stripped of its capabilities (a
+//! container with the host's /run, `setpriv --bounding-set=-all`) or root inside its own user
+//! namespace connects as uid 0 too. So the caller's process is looked at: its effective
+//! capabilities (`CapEff` in /proc/PID/status) and its user namespace, which must be the agent's.
+//!
+//! `reload` needs `CAP_SYS_MODULE` (the agent runs modprobe for it), `refresh` and the cloud-init
+//! gate `CAP_NET_ADMIN` (they make IMDS requests and spend the gate's credits); `status` needs
+//! nothing more than reaching the socket.
+//!
+//! Kernel facts relied on: `SO_PEERCRED` gives the peer's pid and uid as they were at `connect`,
+//! the uid translated into the agent's user namespace; `SO_PEERPIDFD` (Linux 6.5+) a pidfd of the
+//! same process, through which the agent checks that the pid it read /proc for is still that
+//! process (`Pid:` in the pidfd's fdinfo; -1 once it exited). Without it (older kernels), a
+//! client that exits at once and whose pid is reused within the microseconds of the check could
+//! lend another process's rights: the check is then as good as `SO_PEERCRED`'s pid.
+use std::{
+    fs,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+};
+
+use crate::control::Request;
+
+/// Capability numbers (include/uapi/linux/capability.h).
+const CAP_NET_ADMIN: u32 = 12;
+const CAP_SYS_MODULE: u32 = 16;
+/// `SO_PEERPIDFD` (include/uapi/asm-generic/socket.h), Linux 6.5+.
+const SO_PEERPIDFD: libc::c_int = 77;
+
+/// What a request needs of its caller beyond reaching the socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Needs {
+    Nothing,
+    NetAdmin,
+    SysModule,
+}
+
+impl Needs {
+    pub fn of(request: &Request) -> Self {
+        match request {
+            Request::Status => Self::Nothing,
+            Request::CloudInitGate { .. } | Request::Refresh { .. } => Self::NetAdmin,
+            Request::Reload { .. } => Self::SysModule,
+        }
+    }
+
+    const fn capability(self) -> Option<(u32, &'static str)> {
+        match self {
+            Self::Nothing => None,
+            Self::NetAdmin => Some((CAP_NET_ADMIN, "CAP_NET_ADMIN")),
+            Self::SysModule => Some((CAP_SYS_MODULE, "CAP_SYS_MODULE")),
+        }
+    }
+}
+
+/// The caller, as far as the check goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Caller {
+    pub pid: u32,
+    pub uid: u32,
+    /// Its effective capabilities (a bit per capability).
+    pub effective: u64,
+    /// It is in the agent's user namespace (its capabilities count here).
+    pub same_user_namespace: bool,
+}
+
+/// Whether `caller` may ask for what needs `needs` (the reason, for the client, when not).
+pub fn allowed(caller: &Caller, needs: Needs) -> Result<(), String> {
+    let Some((bit, name)) = needs.capability() else { return Ok(()) };
+    if !caller.same_user_namespace {
+        return Err(format!(
+            "the caller (pid {}, uid {}) is in another user namespace than the agent: its capabilities do not count here; ask from the host",
+            caller.pid, caller.uid
+        ));
+    }
+    if caller.effective & (1 << bit) == 0 {
+        return Err(format!(
+            "the caller (pid {}, uid {}) lacks {name}: run it as root with its capabilities (sudo), not from a process that dropped them",
+            caller.pid, caller.uid
+        ));
+    }
+    Ok(())
+}
+
+/// The effective capabilities in a /proc/PID/status text.
+pub fn effective_capabilities(status: &str) -> Option<u64> {
+    status.lines().find_map(|line| line.strip_prefix("CapEff:")).and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+}
+
+/// The pid a pidfd's fdinfo names (`Pid:`; -1 once the process exited).
+fn pidfd_pid(fdinfo: &str) -> Option<i64> {
+    fdinfo.lines().find_map(|line| line.strip_prefix("Pid:")).and_then(|pid| pid.trim().parse().ok())
+}
+
+/// The pidfd of the peer, where the kernel gives one.
+fn peer_pidfd(socket: &impl std::os::fd::AsRawFd) -> Option<OwnedFd> {
+    let mut fd: libc::c_int = -1;
+    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).ok()?;
+    // SAFETY: getsockopt writes at most `len` bytes into `fd`, an int we own; the socket is open.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_PEERPIDFD,
+            std::ptr::from_mut(&mut fd).cast(),
+            &mut len,
+        )
+    };
+    // SAFETY: on success the kernel handed us a new file descriptor, which nothing else owns.
+    (rc == 0 && fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Whether a process's user namespace is the agent's: by the namespace's identity where /proc
+/// lets the agent read it, else by the user id map (a namespace made without the privilege to
+/// map every id has a map of its own; with that privilege, a caller has every right anyway).
+fn same_user_namespace(pid: u32) -> bool {
+    let link = |who: &str| fs::read_link(format!("/proc/{who}/ns/user"));
+    match (link(&pid.to_string()), link("self")) {
+        (Ok(theirs), Ok(ours)) => theirs == ours,
+        _ => {
+            let map = |who: &str| fs::read_to_string(format!("/proc/{who}/uid_map")).ok();
+            let normal = |m: Option<String>| m.map(|m| m.split_whitespace().collect::<Vec<_>>().join(" "));
+            let theirs = normal(map(&pid.to_string()));
+            theirs.is_some() && theirs == normal(map("self"))
+        }
+    }
+}
+
+/// Reads the caller of a connection (a blocking /proc read: call it off the agent's loop).
+pub fn caller(socket: &impl std::os::fd::AsRawFd, pid: u32, uid: u32) -> Result<Caller, String> {
+    let pidfd = peer_pidfd(socket);
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))
+        .map_err(|e| format!("cannot read the caller's /proc/{pid}/status ({e}): it exited?"))?;
+    let effective = effective_capabilities(&status).ok_or("the caller's status has no CapEff line")?;
+    let same_user_namespace = same_user_namespace(pid);
+    if let Some(pidfd) = pidfd {
+        let info = fs::read_to_string(format!("/proc/self/fdinfo/{}", pidfd.as_raw_fd())).unwrap_or_default();
+        if pidfd_pid(&info) != Some(i64::from(pid)) {
+            return Err(format!("the caller (pid {pid}) exited before its rights could be read"));
+        }
+    }
+    Ok(Caller { pid, uid, effective, same_user_namespace })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caller(effective: u64, same_user_namespace: bool) -> Caller {
+        Caller { pid: 42, uid: 0, effective, same_user_namespace }
+    }
+
+    #[test]
+    fn each_request_needs_its_capability_in_the_agents_namespace() {
+        let reload = Request::Reload { driver: "ena".into(), params: Vec::new(), dry_run: false };
+        let refresh = Request::Refresh { iface: "ens6".into() };
+        assert_eq!(Needs::of(&reload), Needs::SysModule);
+        assert_eq!(Needs::of(&refresh), Needs::NetAdmin);
+        assert_eq!(Needs::of(&Request::Status), Needs::Nothing);
+        let root = caller(0x1ff_ffff_ffff, true);
+        let stripped = caller(0, true);
+        let net_admin_only = caller(1 << CAP_NET_ADMIN, true);
+        let userns_root = caller(0x1ff_ffff_ffff, false);
+        assert!(allowed(&root, Needs::SysModule).is_ok());
+        assert!(allowed(&stripped, Needs::Nothing).is_ok(), "status needs nothing more");
+        let refused = allowed(&stripped, Needs::SysModule);
+        assert!(refused.as_ref().is_err_and(|e| e.contains("lacks CAP_SYS_MODULE") && e.contains("pid 42")), "{refused:?}");
+        assert!(allowed(&net_admin_only, Needs::NetAdmin).is_ok());
+        assert!(allowed(&net_admin_only, Needs::SysModule).is_err());
+        let refused = allowed(&userns_root, Needs::NetAdmin);
+        assert!(refused.as_ref().is_err_and(|e| e.contains("another user namespace")), "{refused:?}");
+    }
+
+    #[test]
+    fn proc_texts_are_read_as_the_kernel_writes_them() {
+        let status = "Name:\tsh\nUid:\t0\t0\t0\t0\nCapInh:\t0000000000000000\nCapPrm:\t000001ffffffffff\nCapEff:\t000001ffffffffff\n";
+        assert_eq!(effective_capabilities(status), Some(0x1ff_ffff_ffff));
+        assert_eq!(effective_capabilities("Name:\tsh\n"), None);
+        assert_eq!(pidfd_pid("pos:\t0\nflags:\t02000002\nmnt_id:\t15\nino:\t1\nPid:\t1234\nNSpid:\t1234\n"), Some(1234));
+        assert_eq!(pidfd_pid("Pid:\t-1\n"), Some(-1));
+    }
+
+    #[test]
+    fn this_process_reads_as_itself() -> Result<(), String> {
+        // The test's own connection: its caller is this process, in this namespace.
+        let (a, _b) = std::os::unix::net::UnixStream::pair().map_err(|e| e.to_string())?;
+        let me = caller_of_pair(&a)?;
+        assert_eq!(me.pid, std::process::id());
+        assert!(me.same_user_namespace);
+        let status = fs::read_to_string("/proc/self/status").map_err(|e| e.to_string())?;
+        assert_eq!(Some(me.effective), effective_capabilities(&status));
+        Ok(())
+    }
+
+    fn caller_of_pair(socket: &std::os::unix::net::UnixStream) -> Result<Caller, String> {
+        let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+        let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::ucred>()).map_err(|e| e.to_string())?;
+        // SAFETY: getsockopt writes at most `len` bytes into `cred`; the socket is open.
+        let rc = unsafe {
+            libc::getsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERCRED,
+                std::ptr::from_mut(&mut cred).cast(),
+                &mut len,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error().to_string());
+        }
+        let pid = u32::try_from(cred.pid).map_err(|e| e.to_string())?;
+        super::caller(socket, pid, cred.uid)
+    }
+}
