@@ -30,6 +30,32 @@ pub enum ControlError {
     Answer(#[from] serde_json::Error),
     #[error("the agent on {path} did not answer within {seconds} s; what it was asked goes on without this client (`hotplug-agent status --detail`, `hotplug-agent history`)")]
     Timeout { path: String, seconds: u64 },
+    #[error(
+        "the process answering on {path} runs as uid {uid}, neither root nor this user: it is not the agent (a stale socket path taken over?); nothing was sent to it"
+    )]
+    NotTheAgent { path: String, uid: u32 },
+}
+
+/// The uid of the process at the other end of `stream` (`SO_PEERCRED`).
+fn server_uid(stream: &UnixStream) -> std::io::Result<u32> {
+    use std::os::fd::AsRawFd as _;
+    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut len =
+        libc::socklen_t::try_from(std::mem::size_of::<libc::ucred>()).map_err(std::io::Error::other)?;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`, a ucred we own; the socket is open.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            std::ptr::from_mut(&mut cred).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cred.uid)
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -321,6 +347,13 @@ pub fn ask(socket: &Path, request: &Request, timeout: Duration) -> Result<Vec<u8
     let path = socket.display().to_string();
     let no_agent = |source| ControlError::NoAgent { path: path.clone(), source };
     let mut stream = UnixStream::connect(socket).map_err(no_agent)?;
+    // The agent runs as root (or, trying it out, as this very user): anyone else who holds the
+    // path gets no request (a gate question or a reload's parameters are not theirs to read).
+    let uid = server_uid(&stream).map_err(no_agent)?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if uid != 0 && uid != unsafe { libc::geteuid() } {
+        return Err(ControlError::NotTheAgent { path, uid });
+    }
     stream.set_read_timeout(Some(timeout)).map_err(no_agent)?;
     stream.set_write_timeout(Some(timeout)).map_err(no_agent)?;
     let mut line = serde_json::to_vec(request)?;

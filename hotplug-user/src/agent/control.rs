@@ -37,10 +37,27 @@ pub fn bind(path: &Path) -> Result<UnixListener, SocketError> {
     let err = |source| SocketError { path: path.display().to_string(), source };
     if let Some(dir) = path.parent() {
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(err)?;
+        // Only the agent's user may put a socket there (or take one away).
+        let meta = std::fs::metadata(dir).map_err(err)?;
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let me = unsafe { libc::geteuid() };
+        let mode = meta.permissions().mode();
+        if std::os::unix::fs::MetadataExt::uid(&meta) != me || mode & 0o022 != 0 {
+            return Err(err(std::io::Error::other(format!(
+                "its directory {} is owned by uid {} with mode {mode:o}: it must be the agent's own and writable by nobody else (the default /run/hotplug is)",
+                dir.display(),
+                std::os::unix::fs::MetadataExt::uid(&meta)
+            ))));
+        }
     }
-    // Replace a stale socket, but never another kind of file.
+    // Replace a stale socket, but never another kind of file, nor one an agent still answers on.
     match std::fs::symlink_metadata(path) {
         Ok(meta) if std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(err(std::io::Error::other(
+                    "another hotplug-agent answers on it: stop that one first (systemctl stop hotplug-agent), or give this one another socket",
+                )));
+            }
             std::fs::remove_file(path).map_err(err)?;
         }
         Ok(_) => {
@@ -57,6 +74,8 @@ pub fn bind(path: &Path) -> Result<UnixListener, SocketError> {
 /// Reads one request (a line; nothing at all means `status`), has the loop answer it, writes the
 /// answer and closes.
 pub async fn serve(stream: UnixStream, queries: mpsc::Sender<Query>) {
+    // Who connected, pinned now (their rights are read once the request says what it needs).
+    let pinned = super::peer::Pinned::of(&stream);
     let (reader, mut writer) = stream.into_split();
     let mut line = String::new();
     let mut reader = BufReader::new(reader.take(MAX_REQUEST_BYTES));
@@ -68,6 +87,25 @@ pub async fn serve(stream: UnixStream, queries: mpsc::Sender<Query>) {
         Err(_) => Ok(Request::Status),
         Ok(Err(e)) => Err(format!("reading the request: {e}")),
     };
+    // The socket's mode lets only uid 0 connect; what a request needs beyond that is checked on
+    // the caller's process (`agent::peer`).
+    let request = request.and_then(|request| {
+        let needs = super::peer::Needs::of(&request);
+        if needs == super::peer::Needs::Nothing {
+            return Ok(request);
+        }
+        let verdict = pinned.as_ref().map_err(Clone::clone).and_then(|p| {
+            let caller = p.caller()?;
+            super::peer::allowed(&caller, needs).map(|()| caller)
+        });
+        match verdict {
+            Ok(_) => Ok(request),
+            Err(why) => {
+                tracing::warn!(action = "control", ?needs, "control request refused: {why}");
+                Err(format!("refused: {why}"))
+            }
+        }
+    });
     let body = match request {
         Ok(request) => {
             let (tx, rx) = oneshot::channel();

@@ -11,6 +11,7 @@ use tokio::sync::mpsc;
 
 pub mod control;
 pub mod nics;
+pub mod peer;
 pub mod service;
 
 use futures::StreamExt as _;

@@ -84,7 +84,10 @@ pub fn allowed(caller: &Caller, needs: Needs) -> Result<(), String> {
 
 /// The effective capabilities in a /proc/PID/status text.
 pub fn effective_capabilities(status: &str) -> Option<u64> {
-    status.lines().find_map(|line| line.strip_prefix("CapEff:")).and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
 }
 
 /// The pid a pidfd's fdinfo names (`Pid:`; -1 once the process exited).
@@ -126,9 +129,45 @@ fn same_user_namespace(pid: u32) -> bool {
     }
 }
 
-/// Reads the caller of a connection (a blocking /proc read: call it off the agent's loop).
-pub fn caller(socket: &impl std::os::fd::AsRawFd, pid: u32, uid: u32) -> Result<Caller, String> {
-    let pidfd = peer_pidfd(socket);
+/// The peer of a connection as the kernel gave it at `connect` (`SO_PEERCRED`), and its pidfd
+/// where the kernel gives one: taken when the connection is accepted, read when a request needs it.
+#[derive(Debug)]
+pub struct Pinned {
+    pid: u32,
+    uid: u32,
+    pidfd: Option<OwnedFd>,
+}
+
+impl Pinned {
+    pub fn of(socket: &impl std::os::fd::AsRawFd) -> Result<Self, String> {
+        let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+        let mut len =
+            libc::socklen_t::try_from(std::mem::size_of::<libc::ucred>()).map_err(|e| e.to_string())?;
+        // SAFETY: getsockopt writes at most `len` bytes into `cred`, a ucred we own; the socket is open.
+        let rc = unsafe {
+            libc::getsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERCRED,
+                std::ptr::from_mut(&mut cred).cast(),
+                &mut len,
+            )
+        };
+        if rc != 0 {
+            return Err(format!("SO_PEERCRED: {}", std::io::Error::last_os_error()));
+        }
+        let pid = u32::try_from(cred.pid).map_err(|_| "the caller's pid is not known here".to_owned())?;
+        Ok(Self { pid, uid: cred.uid, pidfd: peer_pidfd(socket) })
+    }
+
+    /// Reads the caller's rights from /proc (call it off the agent's loop: it reads files).
+    pub fn caller(&self) -> Result<Caller, String> {
+        read_caller(self.pid, self.uid, self.pidfd.as_ref())
+    }
+}
+
+/// Reads the caller `pid` (checked against its pidfd when there is one).
+fn read_caller(pid: u32, uid: u32, pidfd: Option<&OwnedFd>) -> Result<Caller, String> {
     let status = fs::read_to_string(format!("/proc/{pid}/status"))
         .map_err(|e| format!("cannot read the caller's /proc/{pid}/status ({e}): it exited?"))?;
     let effective = effective_capabilities(&status).ok_or("the caller's status has no CapEff line")?;
@@ -164,7 +203,10 @@ mod tests {
         assert!(allowed(&root, Needs::SysModule).is_ok());
         assert!(allowed(&stripped, Needs::Nothing).is_ok(), "status needs nothing more");
         let refused = allowed(&stripped, Needs::SysModule);
-        assert!(refused.as_ref().is_err_and(|e| e.contains("lacks CAP_SYS_MODULE") && e.contains("pid 42")), "{refused:?}");
+        assert!(
+            refused.as_ref().is_err_and(|e| e.contains("lacks CAP_SYS_MODULE") && e.contains("pid 42")),
+            "{refused:?}"
+        );
         assert!(allowed(&net_admin_only, Needs::NetAdmin).is_ok());
         assert!(allowed(&net_admin_only, Needs::SysModule).is_err());
         let refused = allowed(&userns_root, Needs::NetAdmin);
@@ -176,7 +218,10 @@ mod tests {
         let status = "Name:\tsh\nUid:\t0\t0\t0\t0\nCapInh:\t0000000000000000\nCapPrm:\t000001ffffffffff\nCapEff:\t000001ffffffffff\n";
         assert_eq!(effective_capabilities(status), Some(0x1ff_ffff_ffff));
         assert_eq!(effective_capabilities("Name:\tsh\n"), None);
-        assert_eq!(pidfd_pid("pos:\t0\nflags:\t02000002\nmnt_id:\t15\nino:\t1\nPid:\t1234\nNSpid:\t1234\n"), Some(1234));
+        assert_eq!(
+            pidfd_pid("pos:\t0\nflags:\t02000002\nmnt_id:\t15\nino:\t1\nPid:\t1234\nNSpid:\t1234\n"),
+            Some(1234)
+        );
         assert_eq!(pidfd_pid("Pid:\t-1\n"), Some(-1));
     }
 
@@ -193,22 +238,6 @@ mod tests {
     }
 
     fn caller_of_pair(socket: &std::os::unix::net::UnixStream) -> Result<Caller, String> {
-        let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
-        let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::ucred>()).map_err(|e| e.to_string())?;
-        // SAFETY: getsockopt writes at most `len` bytes into `cred`; the socket is open.
-        let rc = unsafe {
-            libc::getsockopt(
-                socket.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_PEERCRED,
-                std::ptr::from_mut(&mut cred).cast(),
-                &mut len,
-            )
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error().to_string());
-        }
-        let pid = u32::try_from(cred.pid).map_err(|e| e.to_string())?;
-        super::caller(socket, pid, cred.uid)
+        Pinned::of(socket)?.caller()
     }
 }
