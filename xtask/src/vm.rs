@@ -115,7 +115,7 @@ sed -i 's/^Driver=.*/& virtio_net e1000e e1000/' /newroot/usr/lib/systemd/networ
 
 #[derive(Args, Debug)]
 pub struct VmArgs {
-    /// Guest kernel: bookworm (6.1), trixie (6.12) or sid (7.2).
+    /// Guest kernel: bullseye (5.10), bookworm (6.1), trixie (6.12) or sid (7.2).
     #[arg(long, value_enum, default_value = "bookworm")]
     pub kernel: kernels::Suite,
     /// Guest architecture: amd64, or arm64 (Debian's arm64 kernel under qemu-system-aarch64,

@@ -121,9 +121,6 @@ pub fn plan(request: &ReloadRequest, situation: Situation, nics: &[NicFacts]) ->
     if busy {
         return Err("another reload is under way; wait for its report".to_owned());
     }
-    if builtin {
-        return Err(format!("{} is built into the kernel: it cannot be unloaded", request.driver));
-    }
     if !full_mode {
         return Err("the agent runs in degraded mode: it cannot tell this reload's removals from a real detach; reload by hand, or fix what `hotplug-agent features` names".to_owned());
     }
@@ -166,6 +163,10 @@ pub fn plan(request: &ReloadRequest, situation: Situation, nics: &[NicFacts]) ->
             "no NIC uses {}: the agent guides reloads of NIC drivers only (unloading another module could take other devices with it)",
             request.driver
         ));
+    }
+    // Checked after the NICs: a driver that drives none is refused as such, built in or not.
+    if builtin {
+        return Err(format!("{} is built into the kernel: it cannot be unloaded", request.driver));
     }
     let mut load = format!("modprobe {}", request.driver);
     for param in &request.params {
@@ -297,6 +298,10 @@ mod tests {
         assert!(super::plan(&request, Situation { full_mode: true, busy: true, builtin: false }, &[])
             .is_err_and(|e| e.contains("under way")));
         let builtin = Situation { full_mode: true, busy: false, builtin: true };
+        assert!(
+            super::plan(&request, builtin, &[]).is_err_and(|e| e.contains("no NIC uses")),
+            "a driver that drives no NIC is refused as such first"
+        );
         assert!(super::plan(&request, builtin, &[nic("e1000e")])
             .is_err_and(|e| e.contains("built into the kernel")));
         let mut stale = nic("e1000e");
