@@ -114,7 +114,27 @@ pub fn ensure(suite: Suite, arch: Arch, refresh: bool) -> Result<GuestKernel> {
     let release = apt.resolve_release()?;
     let kernel = match prepared(suite, arch, &dir, &release) {
         Some(kernel) => kernel,
-        None => prepare(suite, arch, &apt, &dir, &release)?,
+        None => match prepare(suite, arch, &apt, &dir, &release) {
+            Ok(kernel) => kernel,
+            // A security index may name a kernel its mirror no longer serves (bullseye's arm64,
+            // 2026-12-07: 404): the suite's own newest kernel then.
+            Err(error) if !security_suites.is_empty() => {
+                println!(
+                    "setup: the {} {} kernel {release} could not be fetched ({error:#}); taking the suite's own newest, without its security updates",
+                    suite.name(),
+                    arch.name()
+                );
+                let archive = PrivateApt::new(&dir.join("apt-archive"), arch, archive_suites, &[])?;
+                let release = archive.resolve_release()?;
+                let kernel = match prepared(suite, arch, &dir, &release) {
+                    Some(kernel) => kernel,
+                    None => prepare(suite, arch, &archive, &dir, &release)?,
+                };
+                fs::write(&current, &release)?;
+                return Ok(kernel);
+            }
+            Err(error) => return Err(error),
+        },
     };
     fs::write(&current, &release)?;
     Ok(kernel)

@@ -175,7 +175,13 @@ impl Startup {
             features: &self.features,
             mode: &self.mode,
             managers: crate::managers::Host::default().detect(),
+            hooks: None,
         }
+    }
+
+    /// Every hook, attached or why not.
+    fn hooks(&self) -> &[kernel::probes::Attachment] {
+        self.probes.as_ref().map_or(&[], |p| p.attachments.as_slice())
     }
 }
 
@@ -414,6 +420,9 @@ struct StreamHeader<'a> {
     mode: &'a Mode,
     /// The host's other network managers.
     managers: crate::managers::HostManagers,
+    /// Every hook, attached or why not (`features` only: the start-up log groups them by cause).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    hooks: Option<&'a [kernel::probes::Attachment]>,
 }
 
 /// `hotplug-agent events`: prints every kernel event as it happens until SIGINT/SIGTERM.
@@ -533,7 +542,7 @@ pub fn print_features(json: bool, options: &LoadOptions) -> Result<(), AgentErro
     startup.features.probe_fentry();
     let mut out = std::io::stdout().lock();
     if json {
-        let header = startup.header();
+        let header = StreamHeader { hooks: Some(startup.hooks()), ..startup.header() };
         writeln!(out, "{}", serde_json::to_string_pretty(&header)?).map_err(AgentError::Output)?;
     } else {
         writeln!(out, "{}", startup.features).map_err(AgentError::Output)?;
@@ -545,6 +554,13 @@ pub fn print_features(json: bool, options: &LoadOptions) -> Result<(), AgentErro
                 .and_then(|()| reasons.iter().try_for_each(|r| writeln!(out, "  - {r}"))),
         }
         .map_err(AgentError::Output)?;
+        // Every hook on its own line (the mode's reasons group them by cause).
+        writeln!(out, "hooks:").map_err(AgentError::Output)?;
+        for hook in startup.hooks() {
+            let state =
+                hook.error.as_deref().map_or_else(|| "attached".to_owned(), |e| format!("not attached: {e}"));
+            writeln!(out, "  {:<22} {:<46} {state}", hook.program, hook.hook).map_err(AgentError::Output)?;
+        }
     }
     Ok(())
 }
