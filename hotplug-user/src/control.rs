@@ -36,16 +36,16 @@ pub enum ControlError {
     NotTheAgent { path: String, uid: u32 },
 }
 
-/// The uid of the process at the other end of `stream` (`SO_PEERCRED`).
-fn server_uid(stream: &UnixStream) -> std::io::Result<u32> {
-    use std::os::fd::AsRawFd as _;
+/// The process at the other end of a Unix socket as the kernel saw it at `connect`
+/// (`SO_PEERCRED`: its pid, and its uid and gid in this user namespace).
+pub fn peer_cred(socket: &impl std::os::fd::AsRawFd) -> std::io::Result<libc::ucred> {
     let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
     let mut len =
         libc::socklen_t::try_from(std::mem::size_of::<libc::ucred>()).map_err(std::io::Error::other)?;
     // SAFETY: getsockopt writes at most `len` bytes into `cred`, a ucred we own; the socket is open.
     let rc = unsafe {
         libc::getsockopt(
-            stream.as_raw_fd(),
+            socket.as_raw_fd(),
             libc::SOL_SOCKET,
             libc::SO_PEERCRED,
             std::ptr::from_mut(&mut cred).cast(),
@@ -55,7 +55,7 @@ fn server_uid(stream: &UnixStream) -> std::io::Result<u32> {
     if rc != 0 {
         return Err(std::io::Error::last_os_error());
     }
-    Ok(cred.uid)
+    Ok(cred)
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -349,7 +349,7 @@ pub fn ask(socket: &Path, request: &Request, timeout: Duration) -> Result<Vec<u8
     let mut stream = UnixStream::connect(socket).map_err(no_agent)?;
     // The agent runs as root (or, trying it out, as this very user): anyone else who holds the
     // path gets no request (a gate question or a reload's parameters are not theirs to read).
-    let uid = server_uid(&stream).map_err(no_agent)?;
+    let uid = peer_cred(&stream).map_err(no_agent)?.uid;
     // SAFETY: geteuid has no preconditions and cannot fail.
     if uid != 0 && uid != unsafe { libc::geteuid() } {
         return Err(ControlError::NotTheAgent { path, uid });

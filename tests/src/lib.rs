@@ -29,6 +29,60 @@ pub mod host {
         }
     }
 
+    /// Runs `scenario` on a thread of its own, moved into a new network namespace, on a tokio
+    /// runtime of that thread alone (the namespace is the thread's: nothing else may run there).
+    pub fn in_private_netns<F, Fut>(scenario: F) -> Result<(), String>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<(), String>>,
+    {
+        std::thread::spawn(move || {
+            // SAFETY: unshare affects only this thread's namespaces.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                return Err(format!("unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error()));
+            }
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            runtime.block_on(scenario())
+        })
+        .join()
+        .map_err(|_| "the namespace thread panicked".to_owned())?
+    }
+
+    /// The ifindex of `name` in this thread's namespace.
+    pub async fn ifindex(name: &str) -> Result<u32, String> {
+        let links = hotplug::kernel::rtnl::dump_links().await.map_err(|e| e.to_string())?;
+        links.iter().find(|l| l.name == name).map(|l| l.ifindex).ok_or_else(|| format!("no link {name}"))
+    }
+
+    /// A kernel NIC event of the veth `name` with MAC `mac` (a virtual link: keyed by MAC and
+    /// name), standing in for the kernel's.
+    pub async fn veth_event(
+        action: hotplug::classify::Action,
+        cause: hotplug::classify::Cause,
+        name: &str,
+        mac: &str,
+    ) -> Result<hotplug::classify::NicEvent, String> {
+        Ok(hotplug::classify::NicEvent {
+            action,
+            cause,
+            source: hotplug::classify::Source::Kernel,
+            ifindex: i32::try_from(ifindex(name).await?).map_err(|e| e.to_string())?,
+            name: name.into(),
+            mac: mac.into(),
+            permanent_mac: None,
+            bus: None,
+            driver: Some("veth".into()),
+            module: None,
+            context_module: None,
+            task: None,
+            timestamp_ns: hotplug::clock::monotonic_ns(),
+            netns: None,
+        })
+    }
+
     /// Runs iproute2's `ip` with whitespace-separated `args` (in the calling thread's namespace).
     pub fn ip(args: &str) -> Result<(), String> {
         let status = Command::new("ip")

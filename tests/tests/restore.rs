@@ -3,44 +3,22 @@
 //! the kernel's; the NIC manager must put its configuration back, idempotently.
 use std::time::Duration;
 
-use hotplug_tests::host::{ip, is_root, skip};
+use hotplug_tests::host::{ifindex, in_private_netns, ip, is_root, skip, veth_event};
 
 use hotplug::{
     agent::nics::NicManager,
-    classify::{Action, Cause, NicEvent, Source},
-    clock::monotonic_ns,
+    classify::{Action, Cause},
     config::Config,
     reconfigure::restore,
     snapshot,
 };
 
-/// The ifindex of `name` in this thread's namespace (sysfs shows the namespace that mounted it).
-async fn ifindex(name: &str) -> Result<u32, String> {
-    let links = hotplug::kernel::rtnl::dump_links().await.map_err(|e| e.to_string())?;
-    links.iter().find(|l| l.name == name).map(|l| l.ifindex).ok_or_else(|| format!("no link {name}"))
-}
-
 const MAC: &str = "02:00:00:00:aa:01";
 /// A veth has no permanent MAC and is virtual: the agent keys it by MAC and name.
 const KEY: &str = "02:00:00:00:aa:01@hr0";
 
-async fn event(action: Action, cause: Cause, name: &str) -> Result<NicEvent, String> {
-    Ok(NicEvent {
-        action,
-        cause,
-        source: Source::Kernel,
-        ifindex: i32::try_from(ifindex(name).await?).map_err(|e| e.to_string())?,
-        name: name.into(),
-        mac: MAC.into(),
-        permanent_mac: None,
-        bus: None,
-        driver: Some("veth".into()),
-        module: None,
-        context_module: None,
-        task: None,
-        timestamp_ns: monotonic_ns(),
-        netns: None,
-    })
+async fn event(action: Action, cause: Cause, name: &str) -> Result<hotplug::classify::NicEvent, String> {
+    veth_event(action, cause, name, MAC).await
 }
 
 fn create_veth() -> Result<(), String> {
@@ -172,17 +150,7 @@ fn a_reloaded_nic_gets_its_configuration_back() -> Result<(), String> {
     }
     let state_dir = std::env::temp_dir().join(format!("hotplug-restore-test-{}", std::process::id()));
     let dir = state_dir.clone();
-    let result = std::thread::spawn(move || {
-        // SAFETY: unshare affects only this thread's namespaces.
-        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-            return Err(format!("unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error()));
-        }
-        let runtime =
-            tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
-        runtime.block_on(scenario(dir))
-    })
-    .join()
-    .map_err(|_| "the namespace thread panicked".to_owned())?;
+    let result = in_private_netns(move || scenario(dir));
     let _ = std::fs::remove_dir_all(&state_dir);
     result
 }

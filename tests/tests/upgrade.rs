@@ -4,12 +4,11 @@
 //! restored equal to what 0.1.0 held, and the state file written again in the current format.
 use std::{os::unix::fs::DirBuilderExt as _, time::Duration};
 
-use hotplug_tests::host::{ip, is_root, skip};
+use hotplug_tests::host::{ifindex, in_private_netns, ip, is_root, skip, veth_event};
 
 use hotplug::{
     agent::nics::NicManager,
-    classify::{Action, Cause, NicEvent, Source},
-    clock::monotonic_ns,
+    classify::{Action, Cause},
     config::Config,
     snapshot,
     state::{self, store::file_name},
@@ -19,11 +18,6 @@ const FIXTURE: &str = include_str!("../fixtures/state-0.1.0/driver-gone.json");
 /// The veth the fixture was written for (no permanent MAC: keyed by MAC and name).
 const MAC: &str = "02:00:00:00:aa:01";
 const KEY: &str = "02:00:00:00:aa:01@hr0";
-
-async fn ifindex(name: &str) -> Result<u32, String> {
-    let links = hotplug::kernel::rtnl::dump_links().await.map_err(|e| e.to_string())?;
-    links.iter().find(|l| l.name == name).map(|l| l.ifindex).ok_or_else(|| format!("no link {name}"))
-}
 
 fn this_boot() -> Result<String, String> {
     std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
@@ -60,22 +54,7 @@ async fn scenario(state_dir: std::path::PathBuf) -> Result<(), String> {
     // The driver is back: the same MAC registers under a new ifindex (its peer up, for carrier).
     ip(&format!("link add hr0 address {MAC} type veth peer name hr1"))?;
     ip("link set hr1 up")?;
-    let back = NicEvent {
-        action: Action::Registration,
-        cause: Cause::DriverLoad,
-        source: Source::Kernel,
-        ifindex: i32::try_from(ifindex("hr0").await?).map_err(|e| e.to_string())?,
-        name: "hr0".into(),
-        mac: MAC.into(),
-        permanent_mac: None,
-        bus: None,
-        driver: Some("veth".into()),
-        module: None,
-        context_module: None,
-        task: None,
-        timestamp_ns: monotonic_ns(),
-        netns: None,
-    };
+    let back = veth_event(Action::Registration, Cause::DriverLoad, "hr0", MAC).await?;
     manager.on_event(&back).await;
     tokio::time::sleep(Duration::from_millis(50)).await;
     let netlink = snapshot::Netlink::connect().map_err(|e| e.to_string())?;
@@ -97,17 +76,7 @@ fn a_nic_held_by_release_0_1_0_is_restored_equal_after_an_upgrade() -> Result<()
     }
     let state_dir = std::env::temp_dir().join(format!("hotplug-upgrade-test-{}", std::process::id()));
     let dir = state_dir.clone();
-    let result = std::thread::spawn(move || {
-        // SAFETY: unshare affects only this thread's namespaces.
-        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-            return Err(format!("unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error()));
-        }
-        let runtime =
-            tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
-        runtime.block_on(scenario(dir))
-    })
-    .join()
-    .map_err(|_| "the namespace thread panicked".to_owned())?;
+    let result = in_private_netns(move || scenario(dir));
     let _ = std::fs::remove_dir_all(&state_dir);
     result
 }

@@ -140,22 +140,7 @@ pub struct Pinned {
 
 impl Pinned {
     pub fn of(socket: &impl std::os::fd::AsRawFd) -> Result<Self, String> {
-        let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
-        let mut len =
-            libc::socklen_t::try_from(std::mem::size_of::<libc::ucred>()).map_err(|e| e.to_string())?;
-        // SAFETY: getsockopt writes at most `len` bytes into `cred`, a ucred we own; the socket is open.
-        let rc = unsafe {
-            libc::getsockopt(
-                socket.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_PEERCRED,
-                std::ptr::from_mut(&mut cred).cast(),
-                &mut len,
-            )
-        };
-        if rc != 0 {
-            return Err(format!("SO_PEERCRED: {}", std::io::Error::last_os_error()));
-        }
+        let cred = crate::control::peer_cred(socket).map_err(|e| format!("SO_PEERCRED: {e}"))?;
         let pid = u32::try_from(cred.pid).map_err(|_| "the caller's pid is not known here".to_owned())?;
         Ok(Self { pid, uid: cred.uid, pidfd: peer_pidfd(socket) })
     }
