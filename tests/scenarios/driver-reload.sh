@@ -1,5 +1,5 @@
 #!/bin/sh
-# Driver reloads restore each NIC's configuration at once; also across an agent SIGKILL and 40 reloads.
+# Driver reloads restore each NIC's configuration at once; also across an agent SIGKILL and 60 reloads.
 # kernels: bullseye bookworm trixie sid
 # arches: amd64 arm64
 . /opt/hotplug/scenarios/_lib.sh
@@ -155,10 +155,14 @@ diff /tmp/before.txt /tmp/after.txt >/tmp/diff.txt
 check "restored across an agent SIGKILL: diff lines" 0 "$(wc -l </tmp/diff.txt)"
 [ -s /tmp/diff.txt ] && cat /tmp/diff.txt
 
-# Forty reloads back to back: configuration still equal, memory flat. glibc's heap grows in
+# Sixty reloads back to back: configuration still equal, memory flat. glibc's heap grows in
 # steps for a while after start-up (seen: +5 MiB once, somewhere in the first 30 reloads, then
-# flat for 80), so a leak is growth in the *second* twenty reloads.
+# flat for 80; +1.8 MiB once in reloads 21-40 on 5.10), so a leak is anonymous memory that grows
+# in both the second and the third twenty.
 rss() { sed -n 's/^VmRSS:[[:space:]]*\([0-9]*\).*/\1/p' "/proc/$AGENT_PID/status"; }
+# anon: the agent's anonymous memory (heap, stacks), what a leak grows; the rest of RSS is the
+# binary's pages, which the kernel pages in as code first runs.
+anon() { sed -n 's/^RssAnon:[[:space:]]*\([0-9]*\).*/\1/p' "/proc/$AGENT_PID/status"; }
 reload_virtio() {
 	modprobe -r virtio_net
 	modprobe virtio_net
@@ -171,16 +175,28 @@ reload_twenty() {
 rss_start=$(rss)
 reload_twenty
 rss_20=$(rss)
+anon_20=$(anon)
 reload_twenty
 rss_40=$(rss)
+anon_40=$(anon)
+# A third twenty: a leak grows in every twenty, a one-time step (an allocator's pool, a thread's
+# first stack pages, whose moment varies under emulation: seen once in reloads 21-40 on 5.10) in one.
+reload_twenty
+rss_60=$(rss)
+anon_60=$(anon)
+grew_21_40=$((anon_40 - anon_20))
+grew_41_60=$((anon_60 - anon_40))
+least=$grew_21_40
+[ $grew_41_60 -lt $least ] && least=$grew_41_60
 config >/tmp/after.txt
 diff /tmp/before.txt /tmp/after.txt >/tmp/diff.txt
-check "40 reloads: diff lines" 0 "$(wc -l </tmp/diff.txt)"
-check "reloads 21-40: agent RSS growth under 1 MiB" yes "$([ $((rss_40 - rss_20)) -lt 1024 ] && echo yes || echo no)"
+check "60 reloads: diff lines" 0 "$(wc -l </tmp/diff.txt)"
+check "reloads 21-40 or 41-60: anonymous memory growth under 1 MiB" yes "$([ $least -lt 1024 ] && echo yes || echo "no: $anon_20 -> $anon_40 -> $anon_60 kB")"
 vmctl report agent_rss_kib_start "$rss_start"
 vmctl report agent_rss_kib_after_20_reloads "$rss_20"
 vmctl report agent_rss_kib_after_40_reloads "$rss_40"
-echo "  agent RSS: $rss_start kB at start, $rss_20 kB after 20 reloads, $rss_40 kB after 40"
+vmctl report agent_rss_kib_after_60_reloads "$rss_60"
+echo "  agent RSS: $rss_start kB at start, $rss_20 kB after 20 reloads, $rss_40 kB after 40, $rss_60 kB after 60 (anonymous: $anon_20, $anon_40, $anon_60 kB)"
 check "connections from the agent to IMDS" 0 "$(($(imds_count) - 1))"
 vmctl report imds_connections "$(($(imds_count) - 1))"
 kill "$IMDS_LOOP" 2>/dev/null

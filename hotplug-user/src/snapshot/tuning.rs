@@ -31,8 +31,17 @@ pub const DEFAULT_GRO_MAX_SIZE: u32 = 65536;
 pub const SYSCTL_TREES: [&str; 4] = ["ipv4/conf", "ipv6/conf", "ipv4/neigh", "ipv6/neigh"];
 
 /// Per-interface sysctls that are no configuration of their own: `ipv6/conf/IF/mtu` is the
-/// link's MTU (the link restore sets it).
-const NOT_CONFIGURATION: [&str; 1] = ["ipv6/conf/mtu"];
+/// link's MTU (the link restore sets it); the neighbour tables' `retrans_time` and
+/// `base_reachable_time` are the same values as their `_ms` twins, in older units, and the kernel
+/// logs a deprecation warning each time IPv6's are read (net/ipv6/ndisc.c
+/// `ndisc_warn_deprecated_sysctl`): never read, the `_ms` ones carry them.
+const NOT_CONFIGURATION: [&str; 5] = [
+    "ipv6/conf/mtu",
+    "ipv4/neigh/retrans_time",
+    "ipv4/neigh/base_reachable_time",
+    "ipv6/neigh/retrans_time",
+    "ipv6/neigh/base_reachable_time",
+];
 
 /// The queue settings read, per queue kind.
 const RX_QUEUE_FILES: [&str; 2] = ["rps_cpus", "rps_flow_cnt"];
@@ -300,6 +309,8 @@ mod tests {
             ("ipv6/conf", "accept_ra", "1", "0"),
             ("ipv6/conf", "mtu", "1280", "9001"),
             ("ipv4/neigh", "retrans_time_ms", "1000", "500"),
+            // Its twin in older units: never read (IPv6's warns in the kernel log when read).
+            ("ipv4/neigh", "retrans_time", "100", "50"),
         ] {
             put(root.sysctl(tree, "default", name), default, 0o644)?;
             put(root.sysctl(tree, "eth1", name), eth1, 0o644)?;
