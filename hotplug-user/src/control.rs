@@ -31,31 +31,9 @@ pub enum ControlError {
     #[error("the agent on {path} did not answer within {seconds} s; what it was asked goes on without this client (`hotplug-agent status --detail`, `hotplug-agent history`)")]
     Timeout { path: String, seconds: u64 },
     #[error(
-        "the process answering on {path} runs as uid {uid}, neither root nor this user: it is not the agent (a stale socket path taken over?); nothing was sent to it"
+        "the process answering on {path} is not the agent ({why}): the socket's path was taken over? nothing was sent to it"
     )]
-    NotTheAgent { path: String, uid: u32 },
-}
-
-/// The process at the other end of a Unix socket as the kernel saw it at `connect`
-/// (`SO_PEERCRED`: its pid, and its uid and gid in this user namespace).
-pub fn peer_cred(socket: &impl std::os::fd::AsRawFd) -> std::io::Result<libc::ucred> {
-    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
-    let mut len =
-        libc::socklen_t::try_from(std::mem::size_of::<libc::ucred>()).map_err(std::io::Error::other)?;
-    // SAFETY: getsockopt writes at most `len` bytes into `cred`, a ucred we own; the socket is open.
-    let rc = unsafe {
-        libc::getsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            std::ptr::from_mut(&mut cred).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(cred)
+    NotTheAgent { path: String, why: String },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -347,13 +325,10 @@ pub fn ask(socket: &Path, request: &Request, timeout: Duration) -> Result<Vec<u8
     let path = socket.display().to_string();
     let no_agent = |source| ControlError::NoAgent { path: path.clone(), source };
     let mut stream = UnixStream::connect(socket).map_err(no_agent)?;
-    // The agent runs as root (or, trying it out, as this very user): anyone else who holds the
-    // path gets no request (a gate question or a reload's parameters are not theirs to read).
-    let uid = peer_cred(&stream).map_err(no_agent)?.uid;
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if uid != 0 && uid != unsafe { libc::geteuid() } {
-        return Err(ControlError::NotTheAgent { path, uid });
-    }
+    // The agent runs as root with CAP_NET_ADMIN in this user namespace (or, tried out, as this
+    // very user): anyone else who holds the path (a uid-0 process without capabilities can take
+    // it) gets no request, and its answers are not believed.
+    check_server(&stream).map_err(|why| ControlError::NotTheAgent { path: path.clone(), why })?;
     stream.set_read_timeout(Some(timeout)).map_err(no_agent)?;
     stream.set_write_timeout(Some(timeout)).map_err(no_agent)?;
     let mut line = serde_json::to_vec(request)?;
@@ -367,6 +342,21 @@ pub fn ask(socket: &Path, request: &Request, timeout: Duration) -> Result<Vec<u8
         }
         Err(e) => Err(no_agent(e)),
     }
+}
+
+/// Whether the process answering on `stream` may be the agent: this user's own process, or one
+/// with `CAP_NET_ADMIN` in this user namespace.
+pub fn check_server(stream: &UnixStream) -> Result<(), String> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    let server = crate::peer::of(stream)?;
+    if me != 0 && server.uid == me {
+        return Ok(());
+    }
+    if server.uid != 0 {
+        return Err(format!("it runs as uid {}", server.uid));
+    }
+    crate::peer::allowed(&server, crate::peer::Needs::NetAdmin)
 }
 
 /// Asks the agent whether cloud-init should handle a uevent.

@@ -19,6 +19,7 @@ pub mod imds;
 pub mod kernel;
 pub mod managers;
 pub mod metrics;
+pub mod peer;
 pub mod platform;
 pub mod reconfigure;
 pub mod snapshot;

@@ -184,6 +184,9 @@ anon_40=$(anon)
 reload_twenty
 rss_60=$(rss)
 anon_60=$(anon)
+# Only figures of a live agent count: a dead one reads as empty.
+kill -0 "$AGENT_PID" 2>/dev/null || fail "the agent died during the reloads"
+case "$anon_20$anon_40$anon_60" in *[!0-9]* | '') fail "no RssAnon for the agent: '$anon_20' '$anon_40' '$anon_60'" ;; esac
 grew_21_40=$((anon_40 - anon_20))
 grew_41_60=$((anon_60 - anon_40))
 least=$grew_21_40

@@ -140,6 +140,34 @@ fn only_callers_with_the_rights_may_reload_refresh_or_ask_the_gate() -> Result<(
         "{:?}",
         second.map(|_| ())
     );
+    // A uid-0 process without capabilities that takes a socket path: clients do not talk to it,
+    // and a starting agent replaces its socket.
+    let squat = dir.join("squat.sock");
+    let mut squatter = Command::new("setpriv")
+        .args(["--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all", "--", "socat"])
+        .arg(format!("UNIX-LISTEN:{},fork", squat.display()))
+        .arg("SYSTEM:echo '{\"verdict\":\"skip\",\"reason\":\"forged\"}'")
+        .spawn()
+        .map_err(|e| format!("setpriv socat: {e}"))?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !squat.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let asked = hotplug::control::ask(&squat, &hotplug::control::Request::Status, Duration::from_secs(5));
+    // tokio's listener needs a runtime to register with.
+    let runtime =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    let replaced = {
+        let _inside = runtime.enter();
+        hotplug::agent::control::bind(&squat).map(|_| ())
+    };
+    let _ = squatter.kill();
+    let _ = squatter.wait();
+    assert!(
+        matches!(&asked, Err(hotplug::control::ControlError::NotTheAgent { why, .. }) if why.contains("lacks CAP_NET_ADMIN")),
+        "a client talked to a squatter: {asked:?}"
+    );
+    assert!(replaced.is_ok(), "a starting agent did not replace a squatter's socket: {replaced:?}");
     // A directory others may write to is refused.
     let open = dir.join("open");
     std::fs::DirBuilder::new().mode(0o777).create(&open).map_err(|e| e.to_string())?;

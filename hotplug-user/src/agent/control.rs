@@ -14,7 +14,20 @@ use tokio::{
     sync::{mpsc, oneshot},
 };
 
-use crate::control::{Request, MAX_REQUEST_BYTES};
+use crate::{
+    control::{Request, MAX_REQUEST_BYTES},
+    peer::Needs,
+};
+
+/// What a request needs of its caller beyond reaching the socket: `reload` runs modprobe for it,
+/// `refresh` and the cloud-init gate make IMDS requests and spend the gate's credits.
+pub fn needs(request: &Request) -> Needs {
+    match request {
+        Request::Status => Needs::Nothing,
+        Request::CloudInitGate { .. } | Request::Refresh { .. } => Needs::NetAdmin,
+        Request::Reload { .. } => Needs::SysModule,
+    }
+}
 
 /// How long a client may take to send its request.
 const READ_TIMEOUT: Duration = Duration::from_secs(2);
@@ -53,10 +66,16 @@ pub fn bind(path: &Path) -> Result<UnixListener, SocketError> {
     // Replace a stale socket, but never another kind of file, nor one an agent still answers on.
     match std::fs::symlink_metadata(path) {
         Ok(meta) if std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) => {
-            if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                return Err(err(std::io::Error::other(
-                    "another hotplug-agent answers on it: stop that one first (systemctl stop hotplug-agent), or give this one another socket",
-                )));
+            if let Ok(stream) = std::os::unix::net::UnixStream::connect(path) {
+                match crate::control::check_server(&stream) {
+                    Ok(()) => {
+                        return Err(err(std::io::Error::other(
+                            "another hotplug-agent answers on it: stop that one first (systemctl stop hotplug-agent), or give this one another socket",
+                        )))
+                    }
+                    // A process without the agent's rights took the path: it is not the agent's.
+                    Err(why) => tracing::warn!(path = %path.display(), "a process that is not an agent answered on the control socket ({why}): replacing its socket"),
+                }
             }
             std::fs::remove_file(path).map_err(err)?;
         }
@@ -74,8 +93,9 @@ pub fn bind(path: &Path) -> Result<UnixListener, SocketError> {
 /// Reads one request (a line; nothing at all means `status`), has the loop answer it, writes the
 /// answer and closes.
 pub async fn serve(stream: UnixStream, queries: mpsc::Sender<Query>) {
-    // Who connected, pinned now (their rights are read once the request says what it needs).
-    let pinned = super::peer::Pinned::of(&stream);
+    // Who connected, and their rights, read at once (a caller that exits meanwhile lends its pid
+    // to nobody: `peer::of`).
+    let caller = crate::peer::of(&stream);
     let (reader, mut writer) = stream.into_split();
     let mut line = String::new();
     let mut reader = BufReader::new(reader.take(MAX_REQUEST_BYTES));
@@ -88,21 +108,19 @@ pub async fn serve(stream: UnixStream, queries: mpsc::Sender<Query>) {
         Ok(Err(e)) => Err(format!("reading the request: {e}")),
     };
     // The socket's mode lets only uid 0 connect; what a request needs beyond that is checked on
-    // the caller's process (`agent::peer`).
+    // the caller's process (`crate::peer`).
     let request = request.and_then(|request| {
-        let needs = super::peer::Needs::of(&request);
-        if needs == super::peer::Needs::Nothing {
+        let needs = needs(&request);
+        if needs == Needs::Nothing {
             return Ok(request);
         }
-        let verdict = pinned.as_ref().map_err(Clone::clone).and_then(|p| {
-            let caller = p.caller()?;
-            super::peer::allowed(&caller, needs).map(|()| caller)
-        });
-        match verdict {
-            Ok(_) => Ok(request),
+        match caller.as_ref().map_err(Clone::clone).and_then(|c| crate::peer::allowed(c, needs)) {
+            Ok(()) => Ok(request),
             Err(why) => {
                 tracing::warn!(action = "control", ?needs, "control request refused: {why}");
-                Err(format!("refused: {why}"))
+                Err(format!(
+                    "refused: the caller, {why}: run it as root with its capabilities, in the host's namespaces (sudo)"
+                ))
             }
         }
     });
@@ -128,5 +146,24 @@ pub async fn serve(stream: UnixStream, queries: mpsc::Sender<Query>) {
             "control socket: a client did not read its answer within {} s",
             WRITE_TIMEOUT.as_secs()
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_request_needs_its_capability() {
+        let reload = Request::Reload { driver: "ena".into(), params: Vec::new(), dry_run: false };
+        assert_eq!(needs(&reload), Needs::SysModule);
+        assert_eq!(needs(&Request::Refresh { iface: "ens6".into() }), Needs::NetAdmin);
+        let gate = Request::CloudInitGate {
+            action: crate::decide::gate::UeventAction::Add,
+            devpath: "/devices/x/net/eth1".into(),
+            mac: None,
+        };
+        assert_eq!(needs(&gate), Needs::NetAdmin);
+        assert_eq!(needs(&Request::Status), Needs::Nothing);
     }
 }

@@ -11,7 +11,6 @@ use tokio::sync::mpsc;
 
 pub mod control;
 pub mod nics;
-pub mod peer;
 pub mod service;
 
 use futures::StreamExt as _;

@@ -1,25 +1,23 @@
-//! Who is on the other end of a control connection, and whether it may ask what it asks. The
+//! Who is on the other end of a control connection, and whether it has the rights it needs. The
 //! socket's mode (root only) is not enough: a uid-0 process stripped of its capabilities (a
 //! container with the host's /run, `setpriv --bounding-set=-all`) or root inside its own user
-//! namespace connects as uid 0 too. So the caller's process is looked at: its effective
-//! capabilities (`CapEff` in /proc/PID/status) and its user namespace, which must be the agent's.
-//!
-//! `reload` needs `CAP_SYS_MODULE` (the agent runs modprobe for it), `refresh` and the cloud-init
-//! gate `CAP_NET_ADMIN` (they make IMDS requests and spend the gate's credits); `status` needs
-//! nothing more than reaching the socket.
+//! namespace connects as uid 0 too, and may even take the socket's path for itself. So the process
+//! at the other end is looked at, by the agent (its callers) and by the clients (the agent): its
+//! effective capabilities (`CapEff` in /proc/PID/status) and its user namespace, which must be
+//! the looker's.
 //!
 //! Kernel facts relied on: `SO_PEERCRED` gives the peer's pid and uid as they were at `connect`,
-//! the uid translated into the agent's user namespace; `SO_PEERPIDFD` (Linux 6.5+) a pidfd of the
-//! same process, through which the agent checks that the pid it read /proc for is still that
-//! process (`Pid:` in the pidfd's fdinfo; -1 once it exited). Without it (older kernels), a
-//! client that exits at once and whose pid is reused within the microseconds of the check could
-//! lend another process's rights: the check is then as good as `SO_PEERCRED`'s pid.
+//! the uid translated into the reader's user namespace; `SO_PEERPIDFD` (Linux 6.5+) a pidfd of
+//! the same process (`ENOPROTOOPT` before; another error, such as a peer already reaped, refuses),
+//! through which the reader checks that the pid it read /proc for is still that process (`Pid:`
+//! in the pidfd's fdinfo; -1 once it exited). The rights are read as soon as the connection is
+//! accepted or made: without a pidfd (older kernels) a peer that exits and whose pid is reused by
+//! a more privileged process within the moment between `connect` and that read could lend it its
+//! rights; the start time read before and after narrows that to a reuse before the first read.
 use std::{
     fs,
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
 };
-
-use crate::control::Request;
 
 /// Capability numbers (include/uapi/linux/capability.h).
 const CAP_NET_ADMIN: u32 = 12;
@@ -36,15 +34,7 @@ pub enum Needs {
 }
 
 impl Needs {
-    pub fn of(request: &Request) -> Self {
-        match request {
-            Request::Status => Self::Nothing,
-            Request::CloudInitGate { .. } | Request::Refresh { .. } => Self::NetAdmin,
-            Request::Reload { .. } => Self::SysModule,
-        }
-    }
-
-    const fn capability(self) -> Option<(u32, &'static str)> {
+    pub const fn capability(self) -> Option<(u32, &'static str)> {
         match self {
             Self::Nothing => None,
             Self::NetAdmin => Some((CAP_NET_ADMIN, "CAP_NET_ADMIN")),
@@ -64,20 +54,17 @@ pub struct Caller {
     pub same_user_namespace: bool,
 }
 
-/// Whether `caller` may ask for what needs `needs` (the reason, for the client, when not).
+/// Whether `caller` has what `needs` asks for (why not, naming the process, when it has not).
 pub fn allowed(caller: &Caller, needs: Needs) -> Result<(), String> {
     let Some((bit, name)) = needs.capability() else { return Ok(()) };
     if !caller.same_user_namespace {
         return Err(format!(
-            "the caller (pid {}, uid {}) is in another user namespace than the agent: its capabilities do not count here; ask from the host",
+            "pid {} (uid {}) is in another user namespace: its capabilities do not count here",
             caller.pid, caller.uid
         ));
     }
     if caller.effective & (1 << bit) == 0 {
-        return Err(format!(
-            "the caller (pid {}, uid {}) lacks {name}: run it as root with its capabilities (sudo), not from a process that dropped them",
-            caller.pid, caller.uid
-        ));
+        return Err(format!("pid {} (uid {}) lacks {name}", caller.pid, caller.uid));
     }
     Ok(())
 }
@@ -95,10 +82,33 @@ fn pidfd_pid(fdinfo: &str) -> Option<i64> {
     fdinfo.lines().find_map(|line| line.strip_prefix("Pid:")).and_then(|pid| pid.trim().parse().ok())
 }
 
-/// The pidfd of the peer, where the kernel gives one.
-fn peer_pidfd(socket: &impl std::os::fd::AsRawFd) -> Option<OwnedFd> {
+/// The process at the other end of a Unix socket as the kernel saw it at `connect`
+/// (`SO_PEERCRED`: its pid, and its uid and gid in this user namespace).
+pub fn peer_cred(socket: &impl std::os::fd::AsRawFd) -> std::io::Result<libc::ucred> {
+    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut len =
+        libc::socklen_t::try_from(std::mem::size_of::<libc::ucred>()).map_err(std::io::Error::other)?;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`, a ucred we own; the socket is open.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            std::ptr::from_mut(&mut cred).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cred)
+}
+
+/// The pidfd of the peer: `Ok(None)` where the kernel has none to give (`ENOPROTOOPT`, before
+/// Linux 6.5), an error where it refuses (the peer already reaped, say).
+fn peer_pidfd(socket: &impl std::os::fd::AsRawFd) -> Result<Option<OwnedFd>, String> {
     let mut fd: libc::c_int = -1;
-    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).ok()?;
+    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).map_err(|e| e.to_string())?;
     // SAFETY: getsockopt writes at most `len` bytes into `fd`, an int we own; the socket is open.
     let rc = unsafe {
         libc::getsockopt(
@@ -109,12 +119,28 @@ fn peer_pidfd(socket: &impl std::os::fd::AsRawFd) -> Option<OwnedFd> {
             &mut len,
         )
     };
+    if rc != 0 || fd < 0 {
+        let error = std::io::Error::last_os_error();
+        return match error.raw_os_error() {
+            Some(libc::ENOPROTOOPT) => Ok(None),
+            _ => Err(format!("SO_PEERPIDFD: {error} (the peer exited?)")),
+        };
+    }
     // SAFETY: on success the kernel handed us a new file descriptor, which nothing else owns.
-    (rc == 0 && fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
+    Ok(Some(unsafe { OwnedFd::from_raw_fd(fd) }))
 }
 
-/// Whether a process's user namespace is the agent's: by the namespace's identity where /proc
-/// lets the agent read it, else by the user id map (a namespace made without the privilege to
+/// A process's start time (`/proc/PID/stat`'s 22nd field), to tell it from a later one that
+/// took its pid.
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces: count after its end.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19).and_then(|t| t.parse().ok())
+}
+
+/// Whether a process's user namespace is this one's: by the namespace's identity where /proc
+/// lets this process read it, else by the user id map (a namespace made without the privilege to
 /// map every id has a map of its own; with that privilege, a caller has every right anyway).
 fn same_user_namespace(pid: u32) -> bool {
     let link = |who: &str| fs::read_link(format!("/proc/{who}/ns/user"));
@@ -129,38 +155,30 @@ fn same_user_namespace(pid: u32) -> bool {
     }
 }
 
-/// The peer of a connection as the kernel gave it at `connect` (`SO_PEERCRED`), and its pidfd
-/// where the kernel gives one: taken when the connection is accepted, read when a request needs it.
-#[derive(Debug)]
-pub struct Pinned {
-    pid: u32,
-    uid: u32,
-    pidfd: Option<OwnedFd>,
+/// The process at the other end of `socket`, its rights read now (call it as soon as the
+/// connection is accepted or made; it reads /proc, so off any loop that must not wait on files).
+pub fn of(socket: &impl std::os::fd::AsRawFd) -> Result<Caller, String> {
+    let cred = peer_cred(socket).map_err(|e| format!("SO_PEERCRED: {e}"))?;
+    let pid = u32::try_from(cred.pid).map_err(|_| "the peer's pid is not known here".to_owned())?;
+    let pidfd = peer_pidfd(socket)?;
+    let started = start_time(pid);
+    let caller = read_caller(pid, cred.uid, pidfd.as_ref())?;
+    if started.is_none() || start_time(pid) != started {
+        return Err(format!("the peer (pid {pid}) exited while its rights were read"));
+    }
+    Ok(caller)
 }
 
-impl Pinned {
-    pub fn of(socket: &impl std::os::fd::AsRawFd) -> Result<Self, String> {
-        let cred = crate::control::peer_cred(socket).map_err(|e| format!("SO_PEERCRED: {e}"))?;
-        let pid = u32::try_from(cred.pid).map_err(|_| "the caller's pid is not known here".to_owned())?;
-        Ok(Self { pid, uid: cred.uid, pidfd: peer_pidfd(socket) })
-    }
-
-    /// Reads the caller's rights from /proc (call it off the agent's loop: it reads files).
-    pub fn caller(&self) -> Result<Caller, String> {
-        read_caller(self.pid, self.uid, self.pidfd.as_ref())
-    }
-}
-
-/// Reads the caller `pid` (checked against its pidfd when there is one).
+/// Reads the process `pid` (checked against its pidfd when there is one).
 fn read_caller(pid: u32, uid: u32, pidfd: Option<&OwnedFd>) -> Result<Caller, String> {
     let status = fs::read_to_string(format!("/proc/{pid}/status"))
-        .map_err(|e| format!("cannot read the caller's /proc/{pid}/status ({e}): it exited?"))?;
-    let effective = effective_capabilities(&status).ok_or("the caller's status has no CapEff line")?;
+        .map_err(|e| format!("cannot read the peer's /proc/{pid}/status ({e}): it exited?"))?;
+    let effective = effective_capabilities(&status).ok_or("the peer's status has no CapEff line")?;
     let same_user_namespace = same_user_namespace(pid);
     if let Some(pidfd) = pidfd {
         let info = fs::read_to_string(format!("/proc/self/fdinfo/{}", pidfd.as_raw_fd())).unwrap_or_default();
         if pidfd_pid(&info) != Some(i64::from(pid)) {
-            return Err(format!("the caller (pid {pid}) exited before its rights could be read"));
+            return Err(format!("the peer (pid {pid}) exited before its rights could be read"));
         }
     }
     Ok(Caller { pid, uid, effective, same_user_namespace })
@@ -175,12 +193,7 @@ mod tests {
     }
 
     #[test]
-    fn each_request_needs_its_capability_in_the_agents_namespace() {
-        let reload = Request::Reload { driver: "ena".into(), params: Vec::new(), dry_run: false };
-        let refresh = Request::Refresh { iface: "ens6".into() };
-        assert_eq!(Needs::of(&reload), Needs::SysModule);
-        assert_eq!(Needs::of(&refresh), Needs::NetAdmin);
-        assert_eq!(Needs::of(&Request::Status), Needs::Nothing);
+    fn each_need_is_a_capability_in_the_same_namespace() {
         let root = caller(0x1ff_ffff_ffff, true);
         let stripped = caller(0, true);
         let net_admin_only = caller(1 << CAP_NET_ADMIN, true);
@@ -223,6 +236,6 @@ mod tests {
     }
 
     fn caller_of_pair(socket: &std::os::unix::net::UnixStream) -> Result<Caller, String> {
-        Pinned::of(socket)?.caller()
+        super::of(socket)
     }
 }
