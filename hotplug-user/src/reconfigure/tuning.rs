@@ -119,6 +119,10 @@ pub fn write_settings(root: &Root, interface: &str, want: &Tuning, have: &Tuning
 }
 
 fn write(path: &std::path::Path, setting: &Setting) -> Result<(), String> {
+    // What the NIC has already (a value its driver sets itself, XPS say) is not written again.
+    if fs::read_to_string(path).is_ok_and(|now| now.trim() == setting.value) {
+        return Ok(());
+    }
     // No create: a setting this kernel or device does not have is an error, not a new file.
     let file = fs::OpenOptions::new().write(true).truncate(true).open(path);
     let result = file.and_then(|mut f| std::io::Write::write_all(&mut f, setting.value.as_bytes()));
