@@ -51,8 +51,15 @@ check "duplicates" 0 "$(duplicates $N0 $N1)"
 check "equal after 30 s" yes "$(nic_config $N0 $N1 | sort | cmp -s /tmp/before - && echo yes || echo no)"
 check "IMDS requests during the reloads, all clients" 0 "$(imds .requests)"
 vmctl report imds_requests_during_reloads "$(imds .requests)"
-gated=$(journalctl -u cloud-init-hotplugd.service --since "@$since_journal" --no-pager -o cat | grep -c "cloud-init not run for")
-check "cloud-init's hook not run for the 10 uevents of the reloads" 10 "$gated"
+# Every uevent of the reloads that reached cloud-init's hook was kept from it by the gate; none ran
+# it. (udev's rule passes a uevent on only once udev has the device's properties: a reload quicker
+# than udev's handling of the previous add, as the three quick ones can be under emulation, sends
+# its remove to nobody, which is as good.)
+journalctl -u cloud-init-hotplugd.service --since "@$since_journal" --no-pager -o cat >/tmp/hotplugd.txt
+gated=$(grep -c "cloud-init not run for" /tmp/hotplugd.txt)
+check "cloud-init's hook run for none of the reloads' uevents" 0 "$(grep -c "passing to cloud-init" /tmp/hotplugd.txt)"
+check "the gate kept the hook from the reloads' uevents (of 10)" yes "$([ "$gated" -ge 8 ] && echo yes || echo "no: $gated")"
+vmctl report uevents_gated "$gated"
 check "cloud-init still healthy" done "$(cloud-init status | sed -n 's/^status: //p')"
 
 echo "--- a real attach: the gate passes it to cloud-init"
