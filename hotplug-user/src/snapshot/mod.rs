@@ -531,18 +531,17 @@ fn link_settings(link: &LinkMessage) -> LinkState {
 
 /// The tuning of the link read as `link`: its attributes, sysctls and queue settings.
 pub async fn tuning_of(netlink: &Netlink, link: &LinkState) -> Tuning {
+    Tuning::read(&tuning::Root::default(), &link.name, link_tuning(netlink, link).await)
+}
+
+/// The link's tuned attributes, its master by name (one more request when it has one).
+pub async fn link_tuning(netlink: &Netlink, link: &LinkState) -> tuning::LinkTuning {
     let mut attributes = link.tuning.clone();
     if let Some(master) = link.master {
         // A master that went meanwhile is no master to restore.
         attributes.master = netlink.link(master).await.ok().map(|m| m.name);
     }
-    let root = tuning::Root::default();
-    Tuning {
-        read: true,
-        link: attributes,
-        sysctls: tuning::read_sysctls(&root, &link.name),
-        queues: tuning::read_queues(&root, &link.name),
-    }
+    attributes
 }
 
 /// Reads the NIC with `ifindex` from the kernel: its link, addresses, the routes through it (a

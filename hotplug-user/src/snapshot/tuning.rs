@@ -104,6 +104,12 @@ pub struct Tuning {
 }
 
 impl Tuning {
+    /// The tuning of the interface `name` with the link attributes `link` (read over rtnetlink),
+    /// its sysctls and queue settings read from their files under `root`.
+    pub fn read(root: &Root, name: &str, link: LinkTuning) -> Self {
+        Self { read: true, link, sysctls: read_sysctls(root, name), queues: read_queues(root, name) }
+    }
+
     pub fn is_empty(&self) -> bool {
         *self == Self::default()
     }

@@ -27,23 +27,14 @@ async fn changed_tuning(netlink: snapshot::Netlink, held: Vec<Held>) -> Vec<u32>
     let mut read = Vec::new();
     for nic in held {
         let Ok(link) = netlink.link(nic.ifindex).await else { continue };
-        let mut attributes = link.tuning.clone();
-        if let Some(master) = link.master {
-            attributes.master = netlink.link(master).await.ok().map(|m| m.name);
-        }
+        let attributes = snapshot::link_tuning(&netlink, &link).await;
         read.push((nic, link.name, attributes));
     }
     let compared = tokio::task::spawn_blocking(move || {
         let root = snapshot::tuning::Root::default();
         read.into_iter()
             .filter(|(nic, name, attributes)| {
-                let now = snapshot::Tuning {
-                    read: true,
-                    link: attributes.clone(),
-                    sysctls: snapshot::tuning::read_sysctls(&root, name),
-                    queues: snapshot::tuning::read_queues(&root, name),
-                };
-                now != nic.tuning
+                snapshot::Tuning::read(&root, name, attributes.clone()) != nic.tuning
             })
             .map(|(nic, ..)| nic.ifindex)
             .collect::<Vec<u32>>()
