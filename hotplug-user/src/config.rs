@@ -6,6 +6,7 @@
 //! socket = "/run/hotplug/agent.sock"      # root-only status socket
 //! return_timeout_seconds = 60             # how long a NIC whose driver left may take to come back
 //! hook_timeout_seconds = 30               # a `command` hook's process group is killed after it
+//! manager_wait_seconds = 30               # how long a restore waits for networkd & co. first
 //! attach_layout = "amazon-linux"          # amazon-linux | device-number: tables of attached ENIs
 //! metrics_listen = "127.0.0.1:9464"       # OpenMetrics: loopback or unix:/run/hotplug/…; off if unset
 //!
@@ -99,6 +100,11 @@ pub struct Config {
     /// How long a `command` policy's hook may run before its process group is killed.
     #[serde(default = "default_hook_timeout")]
     pub hook_timeout_seconds: u64,
+    /// How long a restore waits for the NIC's manager (networkd, amazon-ec2-net-utils) to configure
+    /// a returning NIC before it goes ahead; routes and rules that could not go back then are
+    /// replayed once the manager is done.
+    #[serde(default = "default_manager_wait")]
+    pub manager_wait_seconds: u64,
     /// How attached ENIs' tables, rules and metrics are numbered.
     #[serde(default)]
     pub attach_layout: Layout,
@@ -130,6 +136,10 @@ const fn default_hook_timeout() -> u64 {
     30
 }
 
+const fn default_manager_wait() -> u64 {
+    30
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -137,6 +147,7 @@ impl Default for Config {
             socket: default_socket(),
             return_timeout_seconds: default_return_timeout(),
             hook_timeout_seconds: default_hook_timeout(),
+            manager_wait_seconds: default_manager_wait(),
             attach_layout: Layout::default(),
             interfaces: BTreeMap::new(),
             imds: ImdsConfig::default(),
@@ -191,6 +202,13 @@ impl Config {
                 "hook_timeout_seconds",
                 self.hook_timeout_seconds.to_string(),
                 "must be between 1 and 3600",
+            ));
+        }
+        if self.manager_wait_seconds == 0 || self.manager_wait_seconds > 600 {
+            return Err(invalid(
+                "manager_wait_seconds",
+                self.manager_wait_seconds.to_string(),
+                "must be between 1 and 600",
             ));
         }
         if self.imds.enabled {
@@ -287,6 +305,10 @@ impl Config {
         Duration::from_secs(self.hook_timeout_seconds)
     }
 
+    pub fn manager_wait(&self) -> Duration {
+        Duration::from_secs(self.manager_wait_seconds)
+    }
+
     /// The policy for a NIC: by MAC, then by name, then `default`, then restore.
     pub fn policy_for(&self, mac: &str, name: &str) -> Policy {
         // A virtual link's key is `mac@name`: match its MAC part.
@@ -338,6 +360,7 @@ mod tests {
             ("return_timeout_seconds = 0", "return_timeout_seconds` = 0"),
             ("return_timeout_seconds = \"soon\"", "return_timeout_seconds"),
             ("hook_timeout_seconds = 0", "hook_timeout_seconds` = 0"),
+            ("manager_wait_seconds = 601", "manager_wait_seconds` = 601"),
             ("state_dir = \"relative\"", "`state_dir` = \"relative\""),
             ("[interfaces.\"52:54:zz:12:34:11\"]\npolicy = \"ignore\"", "52:54:zz:12:34:11"),
             ("[interfaces.eth1]\npolicy = \"command\"", "interfaces.\"eth1\".command"),

@@ -79,6 +79,32 @@ pub fn restore_after_manager(cycle: ManagerCycle) -> Option<RestorePlan> {
         })
 }
 
+/// How a restore that waited for the NIC's manager turned out.
+#[derive(Clone, Copy, Debug)]
+pub struct Replayed {
+    pub plan: RestorePlan,
+    /// The manager was done when the restore ran (false: the wait ran out and it went ahead).
+    pub manager_done: bool,
+    /// Something could not be put back (an error, or a difference read back).
+    pub incomplete: bool,
+    /// This restore was itself the replay this function asks for.
+    pub replay: bool,
+}
+
+/// Whether what a restore could not put back is replayed once the NIC's manager is done. Only
+/// when the restore went ahead because the manager had not configured the NIC in time -- a route
+/// through the address its DHCP client has not got back yet fails with ENETUNREACH -- and only
+/// once: routes and rules, after another wait (the link and addresses are the manager's).
+pub fn replay_when_manager_done(replayed: Replayed) -> Option<RestorePlan> {
+    (replayed.plan.wait_for_manager && !replayed.manager_done && replayed.incomplete && !replayed.replay)
+        .then_some(RestorePlan {
+            wait_for_udev: false,
+            wait_for_manager: true,
+            leave_dynamic: true,
+            routes_and_rules_only: true,
+        })
+}
+
 /// Whether persisted state belongs to this boot: only then may it be restored. State written by
 /// an agent that recorded no boot id is taken as this boot's (it predates the field).
 pub fn same_boot(written_in: &str, now: &str) -> bool {
@@ -177,6 +203,32 @@ mod tests {
             ("no networkd", ManagerCycle { manager: None, ..cycle }),
         ] {
             assert!(restore_after_manager(other).is_none(), "{why}");
+        }
+    }
+
+    #[test]
+    fn a_restore_ahead_of_a_late_manager_replays_what_failed_once() {
+        let plan = restore_plan(Some(Manager::Ec2NetUtils), ManagerMode::Auto, true);
+        let late = Replayed { plan, manager_done: false, incomplete: true, replay: false };
+        let again = replay_when_manager_done(late);
+        assert_eq!(
+            again.map(|p| (p.wait_for_manager, p.routes_and_rules_only, p.wait_for_udev)),
+            Some((true, true, false)),
+            "routes and rules, once the manager is done"
+        );
+        for (why, other) in [
+            (
+                "the manager was done: waiting again would change nothing",
+                Replayed { manager_done: true, ..late },
+            ),
+            ("nothing failed", Replayed { incomplete: false, ..late }),
+            ("the replay itself failed: once only", Replayed { replay: true, ..late }),
+            (
+                "no manager was waited for",
+                Replayed { plan: restore_plan(None, ManagerMode::Auto, true), ..late },
+            ),
+        ] {
+            assert!(replay_when_manager_done(other).is_none(), "{why}");
         }
     }
 

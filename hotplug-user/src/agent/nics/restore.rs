@@ -23,8 +23,6 @@ use crate::{
     state::{Pending, PendingReason},
 };
 
-/// How long a restore waits for the NIC's manager (networkd's DHCP included) before going ahead.
-const MANAGER_WAIT: Duration = Duration::from_secs(30);
 /// How long a restore waits for udev to be done with the NIC.
 const UDEV_WAIT: Duration = Duration::from_secs(3);
 /// How often udev's and the manager's state are looked at meanwhile.
@@ -41,6 +39,8 @@ pub struct Settled {
     waited: Duration,
     /// False: the wait ran out.
     settled: bool,
+    /// This is the replay of what a restore ahead of a late manager could not put back.
+    replay: bool,
 }
 
 impl NicManager {
@@ -122,6 +122,7 @@ impl NicManager {
                 plan,
                 waited: Duration::ZERO,
                 settled: true,
+                replay: false,
             };
             self.finish_restore(settled).await;
             return;
@@ -131,7 +132,7 @@ impl NicManager {
             tracing::info!(%mac, interface = %want.name, ifindex, action = "restore", "NIC is back: restoring once {manager} has configured it");
         }
         self.persist(mac);
-        self.wait_for_manager(mac, ifindex, registered_ns, plan);
+        self.wait_for_manager(mac, ifindex, registered_ns, plan, false);
     }
 
     /// networkd reconfigured the link and dropped routes and rules that are not its own: they go
@@ -147,10 +148,20 @@ impl NicManager {
         tracing::info!(%mac, interface = %foreign.name, ifindex, action = "restore", "networkd reconfigured the NIC and dropped routes or rules it does not own: restoring them once it is done");
         nic.pending_restore = Some(Pending { snapshot: foreign, reason: PendingReason::ManagerCycle, plan });
         self.persist(mac);
-        self.wait_for_manager(mac, ifindex, monotonic_ns(), plan);
+        self.wait_for_manager(mac, ifindex, monotonic_ns(), plan, false);
     }
 
-    pub(super) fn wait_for_manager(&self, mac: &str, ifindex: u32, registered_ns: u64, plan: RestorePlan) {
+    /// Waits (in a task) for udev and the NIC's manager as `plan` says, then hands the restore
+    /// back to the event loop (`Background::ManagerSettled`).
+    pub(super) fn wait_for_manager(
+        &self,
+        mac: &str,
+        ifindex: u32,
+        registered_ns: u64,
+        plan: RestorePlan,
+        replay: bool,
+    ) {
+        let manager_wait = self.config.manager_wait();
         let tx = self.background.clone();
         let host = self.host.clone();
         let mac = mac.to_owned();
@@ -163,18 +174,18 @@ impl NicManager {
             }
             if plan.wait_for_manager {
                 settled &=
-                    wait_until(MANAGER_WAIT, || host.networkd_link(ifindex).is_some_and(|l| l.settled()))
+                    wait_until(manager_wait, || host.networkd_link(ifindex).is_some_and(|l| l.settled()))
                         .await;
             }
             let waited = started.elapsed();
-            let settled = Settled { mac, ifindex, registered_ns, decided_ns, plan, waited, settled };
+            let settled = Settled { mac, ifindex, registered_ns, decided_ns, plan, waited, settled, replay };
             let _ = tx.send(super::Background::ManagerSettled(settled)).await;
         });
     }
 
     /// Replays the pending snapshot on the NIC, if it is still the one that registered.
     pub(super) async fn finish_restore(&mut self, settled: Settled) {
-        let Settled { mac, ifindex, registered_ns, decided_ns, plan, waited, settled } = settled;
+        let Settled { mac, ifindex, registered_ns, decided_ns, plan, waited, settled, replay } = settled;
         let Some(nic) = self.nics.get_mut(&mac) else { return };
         let same = matches!(nic.record.state, NicState::Present { ifindex: i, .. } if i == ifindex);
         if !same {
@@ -184,7 +195,7 @@ impl NicManager {
         let Some(Pending { snapshot: want, reason, .. }) = nic.pending_restore.take() else { return };
         let after_reload = reason == PendingReason::Reload;
         if !settled {
-            tracing::warn!(%mac, ifindex, action = "restore", "udev or the NIC's manager did not finish within {} s: restoring anyway", waited.as_secs());
+            tracing::warn!(%mac, ifindex, action = "restore", "udev or the NIC's manager did not finish within {} s (manager_wait_seconds): restoring anyway", waited.as_secs());
         }
         let options = RestoreOptions {
             leave_dynamic: plan.leave_dynamic,
@@ -216,6 +227,12 @@ impl NicManager {
         };
         self.audit_outcome(crate::audit::Kind::Restore, &mac, action, outcome);
         let problems: Vec<String> = report.errors.iter().chain(&report.differences).cloned().collect();
+        let again = decide::coexist::replay_when_manager_done(decide::coexist::Replayed {
+            plan,
+            manager_done: settled,
+            incomplete: !problems.is_empty(),
+            replay,
+        });
         // A guided reload follows the restores of a driver's return, not a manager's cycle.
         self.publish_progress(&mac, |p| {
             if !after_reload {
@@ -245,7 +262,19 @@ impl NicManager {
                 phases: Some(phases),
             });
         }
-        self.persist(&mac);
+        if let Some(again) = again {
+            // The snapshot re-read meanwhile lacks what failed: the pending replay keeps it (and a
+            // driver leaving again merges it into the snapshot held, as a manager cycle's).
+            tracing::info!(%mac, interface = %want.name, ifindex, action = "restore", "the NIC's manager was not done: what could not go back is replayed once it is");
+            if let Some(nic) = self.nics.get_mut(&mac) {
+                nic.pending_restore =
+                    Some(Pending { snapshot: want, reason: PendingReason::ManagerCycle, plan: again });
+            }
+            self.persist(&mac);
+            self.wait_for_manager(&mac, ifindex, registered_ns, again, true);
+        } else {
+            self.persist(&mac);
+        }
         self.note_change(Some(ifindex));
     }
 }
