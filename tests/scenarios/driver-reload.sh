@@ -1,6 +1,7 @@
 #!/bin/sh
 # Driver reloads restore each NIC's configuration at once; also across an agent SIGKILL and 60 reloads.
-# kernels: bullseye bookworm trixie sid
+# kernels: bullseye trixie
+# kernels-extra: bookworm sid
 # arches: amd64 arm64
 . /opt/hotplug/scenarios/_lib.sh
 

@@ -1,7 +1,7 @@
 #!/bin/sh
 # hotplug-agent reload: e1000e with a new InterruptThrottleRate while another NIC keeps its gateway; a value the module refuses rolls back; the client killed mid-reload.
-# kernels: bookworm trixie sid
-# kernels-extra: bullseye
+# kernels: sid
+# kernels-extra: bookworm trixie bullseye
 . /opt/hotplug/scenarios/_lib.sh
 
 cat >/tmp/hotplug.toml <<'TOML'

@@ -1,7 +1,7 @@
 #!/bin/sh
 # Real attach and detach against a mock IMDS: lag, faults, IMDS down; detach cleans up without IMDS.
-# kernels: bookworm trixie sid
-# kernels-extra: bullseye
+# kernels: trixie
+# kernels-extra: bookworm sid bullseye
 # arches: amd64 arm64
 . /opt/hotplug/scenarios/_lib.sh
 

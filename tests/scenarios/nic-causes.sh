@@ -1,6 +1,7 @@
 #!/bin/sh
 # Every NIC removal and registration carries its true cause: reloads, rebinds, hot-plug, links, netns.
-# kernels: bullseye bookworm trixie sid
+# kernels: bullseye trixie
+# kernels-extra: bookworm sid
 # arches: amd64 arm64
 . /opt/hotplug/scenarios/_lib.sh
 

@@ -1,7 +1,7 @@
 #!/bin/sh
 # An unprivileged user flooding delete_module/finit_module and churning links in its own namespaces: nothing reaches the ring buffer, no NIC event is lost, a reload is restored as fast.
-# kernels: bookworm trixie sid
-# kernels-extra: bullseye
+# kernels: bookworm
+# kernels-extra: trixie sid bullseye
 . /opt/hotplug/scenarios/_lib.sh
 
 sysctl -qw net.ipv6.conf.all.accept_ra=0 net.ipv6.conf.default.accept_ra=0

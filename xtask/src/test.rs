@@ -135,9 +135,11 @@ pub fn run(args: &TestArgs) -> Result<ExitCode> {
     cargo_test(&mut tally)?;
 
     if !args.no_fuzz {
-        step(&format!("fuzz targets, {FUZZ_SECONDS} s each (cargo xtask fuzz runs them longer)"));
+        step(&format!(
+            "fuzz targets, unoptimized, {FUZZ_SECONDS} s each (cargo xtask fuzz builds them optimized and runs them longer)"
+        ));
         let fuzzed = setup::ensure_cargo_fuzz()
-            .and_then(|()| fuzz::fuzz(&fuzz::FuzzArgs { seconds: FUZZ_SECONDS, target: None }));
+            .and_then(|()| fuzz::fuzz(&fuzz::FuzzArgs { seconds: FUZZ_SECONDS, target: None, dev: true }));
         match fuzzed {
             Ok(outcomes) => {
                 for outcome in outcomes {
