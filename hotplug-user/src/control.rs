@@ -49,6 +49,10 @@ pub enum Request {
         /// The NIC's MAC as sysfs shows it now (an `add`'s device is there to read).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         mac: Option<String>,
+        /// The NIC's ifindex as sysfs shows it now: what a rename does not change (cloud-init
+        /// 26.x's hook is handed the kernel's first name, `eth0`, of a NIC udev renamed since).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ifindex: Option<u32>,
     },
     /// Ask IMDS again for an attached ENI and bring its configuration in line.
     Refresh { iface: String },

@@ -162,6 +162,7 @@ mod tests {
             action: crate::decide::gate::UeventAction::Add,
             devpath: "/devices/x/net/eth1".into(),
             mac: None,
+            ifindex: None,
         };
         assert_eq!(needs(&gate), Needs::NetAdmin);
         assert_eq!(needs(&Request::Status), Needs::Nothing);

@@ -135,24 +135,43 @@ pub fn ask(
 #[derive(Clone, Copy, Debug)]
 pub struct Candidate<'a> {
     pub mac: &'a str,
+    /// Its ifindex, while it is registered.
+    pub ifindex: Option<u32>,
     /// The name it had when it last left.
     pub removed_as: Option<&'a str>,
     /// When its last kernel event came.
     pub last_event_ns: u64,
 }
 
-/// Which NIC a uevent is about: by MAC when the hook could read the device's (a removed device
-/// has none to read), else the NIC that most recently left under the uevent's name (it may be
-/// back under that name by the time cloud-init asks).
-pub fn match_nic<'a>(
-    mac: Option<&str>,
-    name: &str,
-    nics: impl Iterator<Item = Candidate<'a>>,
-) -> Option<&'a str> {
-    let mut nics = nics;
-    match mac {
-        Some(mac) => nics.find(|n| n.mac.eq_ignore_ascii_case(mac)).map(|n| n.mac),
-        None => nics.filter(|n| n.removed_as == Some(name)).max_by_key(|n| n.last_event_ns).map(|n| n.mac),
+/// What the gate could read of a uevent's device.
+#[derive(Clone, Copy, Debug)]
+pub struct Uevent<'a> {
+    /// Its MAC now (an added device is there to read, perhaps renamed; a removed one is not).
+    pub mac: Option<&'a str>,
+    /// Its ifindex now: what a rename leaves alone, and what an operator's MAC change does too.
+    pub ifindex: Option<u32>,
+    /// The name in the uevent's DEVPATH: the kernel's first name for an `add` that udev renamed
+    /// since (cloud-init 26.x), the name it had for a `remove`.
+    pub name: &'a str,
+}
+
+/// Which NIC a uevent is about: by ifindex, then MAC, when the hook could read the device (never
+/// by the uevent's name then: it may be the kernel's `eth0` of a NIC renamed since); else the NIC
+/// that most recently left under the uevent's name (it may be back under that name by the time
+/// cloud-init asks).
+pub fn match_nic<'a>(uevent: Uevent<'_>, nics: impl Iterator<Item = Candidate<'a>>) -> Option<&'a str> {
+    let nics: Vec<Candidate<'a>> = nics.collect();
+    if let Some(found) = uevent.ifindex.and_then(|i| nics.iter().find(|n| n.ifindex == Some(i))) {
+        return Some(found.mac);
+    }
+    match (uevent.mac, uevent.ifindex) {
+        (Some(mac), _) => nics.iter().find(|n| n.mac.eq_ignore_ascii_case(mac)).map(|n| n.mac),
+        (None, Some(_)) => None,
+        (None, None) => nics
+            .iter()
+            .filter(|n| n.removed_as == Some(uevent.name))
+            .max_by_key(|n| n.last_event_ns)
+            .map(|n| n.mac),
     }
 }
 
@@ -360,23 +379,31 @@ mod tests {
     }
 
     #[test]
-    fn uevents_match_by_mac_or_by_the_name_the_nic_left_under() {
+    fn uevents_match_by_ifindex_mac_or_the_name_the_nic_left_under() {
         let nics = [
-            Candidate { mac: "02:00:00:00:00:01", removed_as: Some("ens5"), last_event_ns: 10 },
-            Candidate { mac: "02:00:00:00:00:02", removed_as: Some("ens5"), last_event_ns: 20 },
-            Candidate { mac: "02:00:00:00:00:03", removed_as: None, last_event_ns: 30 },
+            Candidate {
+                mac: "02:00:00:00:00:01",
+                ifindex: None,
+                removed_as: Some("ens5"),
+                last_event_ns: 10,
+            },
+            Candidate {
+                mac: "02:00:00:00:00:02",
+                ifindex: None,
+                removed_as: Some("ens5"),
+                last_event_ns: 20,
+            },
+            Candidate { mac: "02:00:00:00:00:03", ifindex: Some(7), removed_as: None, last_event_ns: 30 },
         ];
-        assert_eq!(match_nic(Some("02:00:00:00:00:03"), "x", nics.into_iter()), Some("02:00:00:00:00:03"));
-        assert_eq!(
-            match_nic(Some("02:00:00:00:00:0A"), "ens5", nics.into_iter()),
-            None,
-            "a MAC never falls back"
-        );
-        assert_eq!(
-            match_nic(None, "ens5", nics.into_iter()),
-            Some("02:00:00:00:00:02"),
-            "the latest to leave"
-        );
-        assert_eq!(match_nic(None, "ens6", nics.into_iter()), None);
+        let ask = |mac, ifindex, name| match_nic(Uevent { mac, ifindex, name }, nics.into_iter());
+        assert_eq!(ask(Some("02:00:00:00:00:03"), None, "x"), Some("02:00:00:00:00:03"));
+        assert_eq!(ask(Some("02:00:00:00:00:0A"), None, "ens5"), None, "a MAC never falls back");
+        assert_eq!(ask(None, None, "ens5"), Some("02:00:00:00:00:02"), "the latest to leave");
+        assert_eq!(ask(None, None, "ens6"), None);
+        // cloud-init 26.x hands the hook the kernel's first name of a NIC udev renamed since: the
+        // gate read the device it is now (its ifindex; the operator changed its MAC meanwhile).
+        assert_eq!(ask(Some("02:00:00:00:00:99"), Some(7), "eth0"), Some("02:00:00:00:00:03"));
+        assert_eq!(ask(None, Some(7), "eth0"), Some("02:00:00:00:00:03"));
+        assert_eq!(ask(None, Some(8), "eth0"), None, "an ifindex no NIC has: not by name either");
     }
 }

@@ -39,8 +39,54 @@ pub const GATE_DROP_IN: &str = "/usr/lib/systemd/system/cloud-init-hotplugd.serv
 const HOOK: &str = "/usr/bin/cloud-init";
 /// The longest line read from cloud-init's FIFO.
 const MAX_LINE: usize = 4096;
-/// How long the gate keeps asking while the agent has not seen the kernel event yet.
+/// How long the gate keeps asking while the agent has not seen the kernel event yet, when the
+/// device is gone (a removal the agent never knew).
 const UNKNOWN_RETRY: Duration = Duration::from_secs(2);
+/// ...and when the device is registered: the agent will see its registration (its event loop may
+/// be busy restoring a dozen NICs), so the gate waits longer before handing it to cloud-init.
+const UNKNOWN_REGISTERED_RETRY: Duration = Duration::from_secs(10);
+
+/// The network device a uevent's DEVPATH names, as sysfs shows it now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceNow {
+    pub name: String,
+    pub mac: Option<String>,
+    pub ifindex: Option<u32>,
+}
+
+/// Finds the device of a uevent's `devpath` (`/devices/.../net/NAME`) under `sys` (`/sys`): the
+/// path itself, or, when the NIC was renamed since the uevent (udev renames it after the kernel's
+/// `add`; cloud-init 26.x's hook is handed the first name), the one network interface its parent
+/// device has now. `None` when the device is gone, or its parent has several interfaces and none
+/// by that name.
+pub fn device_now(sys: &Path, devpath: &str) -> Option<DeviceNow> {
+    let relative = devpath.trim_start_matches('/');
+    if relative.is_empty() || relative.split('/').any(|part| part == "..") {
+        return None;
+    }
+    let read = |dir: &Path, name: String| DeviceNow {
+        mac: std::fs::read_to_string(dir.join("address")).ok().map(|m| m.trim().to_owned()),
+        ifindex: std::fs::read_to_string(dir.join("ifindex")).ok().and_then(|i| i.trim().parse().ok()),
+        name,
+    };
+    let path = sys.join(relative);
+    let (parent, name) = relative.rsplit_once('/')?;
+    if path.join("ifindex").exists() {
+        return Some(read(&path, name.to_owned()));
+    }
+    if !parent.ends_with("/net") {
+        return None;
+    }
+    let mut now: Vec<String> = std::fs::read_dir(sys.join(parent))
+        .ok()?
+        .filter_map(Result::ok)
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .collect();
+    match now.len() {
+        1 => now.pop().map(|only| read(&sys.join(parent).join(&only), only)),
+        _ => None,
+    }
+}
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Hotplug {
@@ -136,9 +182,18 @@ pub fn gate(socket: &Path) -> ExitCode {
     else {
         return run_hook(&args, "not a NIC add or remove");
     };
-    // An added device is still there to read; a removed one is not.
-    let mac = std::fs::read_to_string(format!("/sys{devpath}/address")).ok().map(|m| m.trim().to_owned());
-    let request = Request::CloudInitGate { action, devpath: devpath.to_owned(), mac };
+    // An added device is still there to read (perhaps renamed since); a removed one is not.
+    let device = device_now(Path::new("/sys"), devpath);
+    let unknown_retry = if device.is_some() { UNKNOWN_REGISTERED_RETRY } else { UNKNOWN_RETRY };
+    let request = Request::CloudInitGate {
+        action,
+        devpath: devpath.to_owned(),
+        mac: device.as_ref().and_then(|d| d.mac.clone()),
+        ifindex: device.as_ref().and_then(|d| d.ifindex),
+    };
+    if let Some(device) = device.as_ref().filter(|d| !devpath.ends_with(&format!("/{}", d.name))) {
+        println!("hotplug-agent: {devpath} is {} now", device.name);
+    }
     let started = Instant::now();
     loop {
         match control::ask_gate(socket, &request, Duration::from_secs(3)) {
@@ -146,7 +201,7 @@ pub fn gate(socket: &Path) -> ExitCode {
                 println!("hotplug-agent: cloud-init not run for {devpath}: {}", answer.reason);
                 return ExitCode::SUCCESS;
             }
-            Ok(answer) if answer.verdict == Verdict::Unknown && started.elapsed() < UNKNOWN_RETRY => {
+            Ok(answer) if answer.verdict == Verdict::Unknown && started.elapsed() < unknown_retry => {
                 std::thread::sleep(Duration::from_millis(100));
             }
             Ok(answer) => return run_hook(&args, &answer.reason),
@@ -166,6 +221,36 @@ fn run_hook(args: &HookArgs, why: &str) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_uevent_under_the_kernels_first_name_finds_the_renamed_nic() -> std::io::Result<()> {
+        let sys = std::env::temp_dir().join(format!("hotplug-sys-{}", std::process::id()));
+        let net = sys.join("devices/pci0000:00/0000:00:03.0/virtio0/net");
+        let nic = net.join("enp1s0");
+        std::fs::create_dir_all(&nic)?;
+        std::fs::write(nic.join("address"), "52:54:00:12:34:10\n")?;
+        std::fs::write(nic.join("ifindex"), "7\n")?;
+        let found = device_now(&sys, "/devices/pci0000:00/0000:00:03.0/virtio0/net/eth0");
+        let want = DeviceNow {
+            name: "enp1s0".to_owned(),
+            mac: Some("52:54:00:12:34:10".to_owned()),
+            ifindex: Some(7),
+        };
+        assert_eq!(found.as_ref(), Some(&want), "renamed since the uevent");
+        assert_eq!(device_now(&sys, "/devices/pci0000:00/0000:00:03.0/virtio0/net/enp1s0"), Some(want));
+        assert_eq!(device_now(&sys, "/devices/pci0000:00/0000:00:03.0/virtio0/net/../net/eth0"), None);
+        assert_eq!(device_now(&sys, "/devices/pci0000:00/0000:00:04.0/virtio1/net/eth1"), None, "gone");
+        // Two interfaces on one device, none by the uevent's name: no guess.
+        let other = net.join("enp1s0d1");
+        std::fs::create_dir_all(&other)?;
+        std::fs::write(other.join("ifindex"), "8\n")?;
+        assert_eq!(device_now(&sys, "/devices/pci0000:00/0000:00:03.0/virtio0/net/eth0"), None);
+        assert_eq!(
+            device_now(&sys, "/devices/pci0000:00/0000:00:03.0/virtio0/net/enp1s0d1").and_then(|d| d.ifindex),
+            Some(8)
+        );
+        std::fs::remove_dir_all(&sys)
+    }
 
     #[test]
     fn an_override_in_etc_ungates_the_hook() -> std::io::Result<()> {

@@ -567,8 +567,8 @@ impl NicManager {
                 &serde_json::json!({ "error": format!("reload {driver}: ask through query()") }),
             ),
             Request::Status => serde_json::to_vec_pretty(&self.status()),
-            Request::CloudInitGate { action, devpath, mac } => {
-                let answer = self.cloud_init_gate(*action, devpath, mac.as_deref());
+            Request::CloudInitGate { action, devpath, mac, ifindex } => {
+                let answer = self.cloud_init_gate(*action, devpath, mac.as_deref(), *ifindex);
                 serde_json::to_vec(&answer)
             }
         };
@@ -580,14 +580,20 @@ impl NicManager {
         action: UeventAction,
         devpath: &str,
         mac: Option<&str>,
+        ifindex: Option<u32>,
     ) -> decide::gate::GateAnswer {
         let name = devpath.rsplit('/').next().unwrap_or_default();
         let candidates = self.nics.values().map(|n| decide::gate::Candidate {
             mac: n.mac.as_str(),
+            ifindex: match n.record.state {
+                NicState::Present { ifindex, .. } => Some(ifindex),
+                _ => None,
+            },
             removed_as: n.record.last_removal.as_ref().map(|(_, had)| had.as_str()),
             last_event_ns: n.last_event.as_ref().map_or(0, |e| e.timestamp_ns),
         });
-        let matched = decide::gate::match_nic(mac, name, candidates).map(key);
+        let matched =
+            decide::gate::match_nic(decide::gate::Uevent { mac, ifindex, name }, candidates).map(key);
         let now_ns = monotonic_ns();
         let policy = matched.as_deref().map(|m| self.policy(m, name).kind);
         let nic = matched.as_ref().and_then(|m| self.nics.get_mut(m));
