@@ -26,6 +26,9 @@ pub struct KernelFeatures {
     pub module_tracepoints: bool,
     /// Where tracefs is mounted, if it could be found or mounted.
     pub tracefs: Option<String>,
+    /// Why there is none: not mounted, and mounting it failed (a sandbox without mount(2)).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tracefs_problem: Option<String>,
 }
 
 impl KernelFeatures {
@@ -35,11 +38,11 @@ impl KernelFeatures {
     }
 
     pub fn probe() -> Self {
-        let tracefs = match tracefs::find_or_mount() {
-            Ok(path) => Some(path),
+        let (tracefs, tracefs_problem) = match tracefs::find_or_mount() {
+            Ok(path) => (Some(path), None),
             Err(error) => {
                 tracing::warn!(%error, "no tracefs: tracepoints cannot be attached");
-                None
+                (None, Some(error.to_string()))
             }
         };
         let has = |system: &str, events: &[&str]| {
@@ -53,6 +56,7 @@ impl KernelFeatures {
             fentry: None,
             module_tracepoints: has("module", &["module_load", "module_free"]),
             tracefs: tracefs.map(|p| p.display().to_string()),
+            tracefs_problem,
         }
     }
 }

@@ -241,11 +241,11 @@ impl KernelProbes {
         options: &LoadOptions,
     ) -> Result<Self, ProbeError> {
         let object = object.ok_or(ProbeError::NoObject)?;
-        let tracefs = features
-            .tracefs
-            .as_deref()
-            .map(Path::new)
-            .ok_or_else(|| ProbeError::NoTracefs("tracefs is neither mounted nor mountable".into()))?;
+        let tracefs = features.tracefs.as_deref().map(Path::new).ok_or_else(|| {
+            ProbeError::NoTracefs(
+                features.tracefs_problem.clone().unwrap_or_else(|| "tracefs is not mounted".into()),
+            )
+        })?;
 
         // Offsets of the tracepoint fields the programs read; a tracepoint that does not exist
         // here keeps the compiled-in default and its program is not attached below.

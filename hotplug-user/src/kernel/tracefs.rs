@@ -11,7 +11,10 @@ use thiserror::Error;
 
 #[derive(Debug, Error)]
 pub enum TracefsError {
-    #[error("tracefs is not mounted and mounting it at /sys/kernel/tracing failed: {0}")]
+    #[error(
+        "tracefs is not mounted and mounting it at /sys/kernel/tracing failed ({0}): as a service, \
+         is sys-kernel-tracing.mount active (systemctl status sys-kernel-tracing.mount)?"
+    )]
     Mount(std::io::Error),
     #[error("tracepoint {system}:{event} does not exist on this kernel")]
     NoSuchTracepoint { system: String, event: String },
