@@ -33,6 +33,7 @@ wait_policy_routes || fail "amazon-ec2-net-utils did not set the NICs up at boot
 dev1=$(iface_of $N1)
 # What it made for the secondary ENI: table 10001, a rule from its address.
 check_header
+check "the service runs in full mode" full "$(service_mode)"
 check "ec2-net-utils' rule for the secondary ENI" 1 "$(ip rule show | grep -c 'from 10.0.1.5 lookup 10001')"
 check "no rule for the primary ENI" 0 "$(ip rule show | grep -c 'lookup 10000')"
 # The operator's extras, which ec2-net-utils does not own.

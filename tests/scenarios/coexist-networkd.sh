@@ -33,6 +33,7 @@ nic_config $N0 $N1 | sort >/tmp/before
 cat /tmp/before
 
 check_header
+check "the service runs in full mode" full "$(service_mode)"
 check "networkd.conf drop-in installed" yes "$([ -f /usr/lib/systemd/networkd.conf.d/80-hotplug-agent.conf ] && echo yes || echo no)"
 check "agent sees networkd on both NICs" "networkd networkd" \
 	"$(hotplug-agent status --json | jq -r --arg a $N0 --arg b $N1 '[.[] | select(.mac == $a or .mac == $b) | .manager] | join(" ")')"

@@ -22,13 +22,31 @@ use crate::{apt::HostMirrors, cmd};
 pub enum Distro {
     /// Debian 13: systemd 257, cloud-init 25.1, amazon-ec2-net-utils 2.4.
     Trixie,
+    /// Debian unstable: the newest peers (systemd 26x, cloud-init 26.x), as Ubuntu takes them
+    /// within weeks. Its packages move daily: `cargo xtask setup --rebuild-distro` takes the new.
+    Sid,
 }
 
 impl Distro {
     pub const fn name(self) -> &'static str {
         match self {
             Self::Trixie => "trixie",
+            Self::Sid => "sid",
         }
+    }
+
+    /// The packages beyond [`PACKAGES`] that differ by release: sid has no isc-dhcp-client any
+    /// more (ifupdown falls back to dhcpcd).
+    fn dhcp_client(self) -> &'static str {
+        match self {
+            Self::Trixie => "isc-dhcp-client",
+            Self::Sid => "dhcpcd-base",
+        }
+    }
+
+    /// Whether the release has a `-security` suite (unstable has none).
+    const fn has_security_suite(self) -> bool {
+        matches!(self, Self::Trixie)
     }
 }
 
@@ -45,7 +63,6 @@ const PACKAGES: &[&str] = &[
     "curl",
     "cloud-init",
     "ifupdown",
-    "isc-dhcp-client",
     "amazon-ec2-net-utils",
 ];
 
@@ -80,6 +97,19 @@ printf '[Journal]\nStorage=volatile\nRateLimitIntervalSec=0\nForwardToConsole=no
 : >"$root/etc/machine-id"
 "#;
 
+/// What a release's image needs beyond [`CUSTOMIZE`]. cloud-init 26.x reports `error` when its
+/// `users-groups` module has a default user to make without sudo and its
+/// `ssh-authkey-fingerprints` module finds no SSH: no default user and no fingerprints here (no
+/// SSH server, nobody logs in).
+fn customize(distro: Distro) -> String {
+    match distro {
+        Distro::Trixie => CUSTOMIZE.to_owned(),
+        Distro::Sid => format!(
+            "{CUSTOMIZE}printf 'users: []\\nno_ssh_fingerprints: true\\n' >\"$root/etc/cloud/cloud.cfg.d/91-hotplug-harness-sid.cfg\"\n"
+        ),
+    }
+}
+
 /// An image ready to boot.
 #[derive(Clone, Debug)]
 pub struct DistroImage {
@@ -87,9 +117,18 @@ pub struct DistroImage {
     pub image: PathBuf,
 }
 
+/// Every package the image gets (the DHCP client after ifupdown, where trixie's recipe always
+/// had it: the cached image stays valid).
+fn packages(distro: Distro) -> Vec<&'static str> {
+    let mut all = PACKAGES.to_vec();
+    let at = all.iter().position(|p| *p == "ifupdown").map_or(all.len(), |i| i + 1);
+    all.insert(at, distro.dhcp_client());
+    all
+}
+
 /// The recipe the cached image was built from: when it changes, the image is built again.
 fn recipe(distro: Distro) -> String {
-    format!("distro {}\npackages {}\n{CUSTOMIZE}", distro.name(), PACKAGES.join(" "))
+    format!("distro {}\npackages {}\n{}", distro.name(), packages(distro).join(" "), customize(distro))
 }
 
 /// The cached image for `distro`, built first if missing or built from another recipe (or when
@@ -106,7 +145,7 @@ pub fn ensure(distro: Distro, rebuild: bool) -> Result<DistroImage> {
     eprintln!(
         "setup: building the {} guest's root file system with mmdebstrap ({} packages, about a minute)",
         distro.name(),
-        PACKAGES.len()
+        packages(distro).len()
     );
     fs::create_dir_all(&dir)?;
     let work = dir.join("work");
@@ -114,11 +153,11 @@ pub fn ensure(distro: Distro, rebuild: bool) -> Result<DistroImage> {
     fs::create_dir_all(&work)?;
     let tree = work.join("root");
     let hook = work.join("customize.sh");
-    fs::write(&hook, CUSTOMIZE)?;
+    fs::write(&hook, customize(distro))?;
     let mirrors = HostMirrors::read()?;
     let mut sources =
         vec![format!("deb [signed-by={}] {} {} main", mirrors.keyring, mirrors.archive, distro.name())];
-    if let Some(security) = &mirrors.security {
+    if let Some(security) = mirrors.security.as_ref().filter(|_| distro.has_security_suite()) {
         sources.push(format!(
             "deb [signed-by={}] {security} {}-security main",
             mirrors.keyring,
@@ -129,7 +168,9 @@ pub fn ensure(distro: Distro, rebuild: bool) -> Result<DistroImage> {
         Command::new("mmdebstrap")
             .args(["--mode=root", "--variant=apt", "--format=directory", "--quiet"])
             .arg("--aptopt=APT::Install-Recommends \"false\"")
-            .arg(format!("--include={}", PACKAGES.join(",")))
+            // A mirror's unstable index may be older than its Valid-Until (a snapshot mirror).
+            .arg("--aptopt=Acquire::Check-Valid-Until \"false\"")
+            .arg(format!("--include={}", packages(distro).join(",")))
             .arg(format!("--customize-hook=sh {} \"$1\"", hook.display()))
             .arg(distro.name())
             .arg(&tree)

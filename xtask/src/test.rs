@@ -10,7 +10,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use clap::Args;
 
-use crate::{arch::Arch, build, cmd, fuzz, kernels, package, setup, vm};
+use crate::{arch::Arch, build, cmd, distro::Distro, fuzz, kernels, package, setup, vm};
 
 /// How long each fuzz target runs in `cargo xtask test` (`cargo xtask fuzz` runs longer).
 const FUZZ_SECONDS: u64 = 10;
@@ -24,6 +24,10 @@ pub struct TestArgs {
     /// trixie on arm64).
     #[arg(long, value_delimiter = ',', value_parser = parse_kernels)]
     pub kernels: Vec<Vec<kernels::Suite>>,
+    /// Also these distro guests, for the scenarios that list them (`# guests-extra: sid`), or
+    /// `all`. Each is built first if missing (sid: a few minutes).
+    #[arg(long, value_delimiter = ',', value_parser = parse_distros)]
+    pub distros: Vec<Vec<Distro>>,
     /// Only this guest architecture's scenarios (default: both; arm64 runs the scenarios marked
     /// `# arches: ... arm64`).
     #[arg(long, value_enum)]
@@ -64,6 +68,14 @@ impl Tally {
     }
 }
 
+/// A `--distros` word: a distro, or `all`.
+fn parse_distros(word: &str) -> Result<Vec<Distro>, String> {
+    if word.eq_ignore_ascii_case("all") {
+        return Ok(<Distro as clap::ValueEnum>::value_variants().to_vec());
+    }
+    <Distro as clap::ValueEnum>::from_str(word, true).map(|distro| vec![distro])
+}
+
 /// A `--kernels` word: a suite (or its kernel version), or `all`.
 fn parse_kernels(word: &str) -> Result<Vec<kernels::Suite>, String> {
     if word.eq_ignore_ascii_case("all") {
@@ -101,6 +113,24 @@ pub fn run(args: &TestArgs) -> Result<ExitCode> {
         rebuild_distro: false,
     })?;
     let mut tally = Tally::default();
+    let extra_distros: Vec<Distro> = args.distros.iter().flatten().copied().collect();
+    if !args.no_vm {
+        let missing: Vec<Distro> = extra_distros
+            .iter()
+            .filter(|d| !prepared.distros.iter().any(|i| i.distro == **d))
+            .copied()
+            .collect();
+        for distro in &missing {
+            step(&format!("set-up: the {} distro guest's image", distro.name()));
+            match crate::distro::ensure(*distro, false) {
+                Ok(image) => prepared.distros.push(image),
+                Err(error) => {
+                    println!("{} distro image: {error:#}", distro.name());
+                    tally.record(&format!("set-up: the {} distro guest's image", distro.name()), false);
+                }
+            }
+        }
+    }
     // arm64's own set-up (cross toolchain, emulator, userland, kernels) fails as one check, not
     // the whole run: everything else is still tested.
     if !arm64_kernels.is_empty() {
@@ -205,7 +235,14 @@ pub fn run(args: &TestArgs) -> Result<ExitCode> {
                     && scenario.arches.contains(&k.arch)
                     && (k.arch == Arch::Arm64 || amd64)
             };
-            for kernel in prepared.kernels.iter().filter(runs_on) {
+            // The scenario's own distro guest, and the extra ones asked for (a busybox
+            // scenario: None, once).
+            let distros: Vec<Option<Distro>> = std::iter::once(scenario.distro)
+                .chain(scenario.extra_distros.iter().filter(|d| extra_distros.contains(d)).map(|d| Some(*d)))
+                .collect();
+            for (distro, kernel) in
+                distros.iter().flat_map(|d| prepared.kernels.iter().filter(runs_on).map(move |k| (*d, k)))
+            {
                 let binaries = match (kernel.arch, &arm64_binaries) {
                     (Arch::Amd64, _) => amd64_binaries.clone(),
                     (Arch::Arm64, Some(binaries)) => binaries.clone(),
@@ -222,9 +259,12 @@ pub fn run(args: &TestArgs) -> Result<ExitCode> {
                         format!(" {}", kernel.arch.name())
                     },
                     kernel.release,
-                    scenario.distro.map(|d| format!(", {} guest", d.name())).unwrap_or_default()
+                    distro.map(|d| format!(", {} guest", d.name())).unwrap_or_default()
                 );
-                let image = scenario.distro.and_then(|d| prepared.distros.iter().find(|i| i.distro == d));
+                let image = distro.and_then(|d| prepared.distros.iter().find(|i| i.distro == d));
+                if distro.is_some() && image.is_none() {
+                    continue; // its image failed to build: counted already
+                }
                 let distro = image.map(|image| vm::DistroBoot {
                     image: image.clone(),
                     managers: scenario.managers.clone(),

@@ -238,6 +238,9 @@ pub struct Scenario {
     pub extra_kernels: Vec<kernels::Suite>,
     /// The distro guest it needs (`# guest: trixie`), or the busybox guest.
     pub distro: Option<Distro>,
+    /// Other distro guests it runs in when `cargo xtask test --distros` names them
+    /// (`# guests-extra: sid`).
+    pub extra_distros: Vec<Distro>,
     /// Network managers the distro guest turns on (`# managers: networkd cloud-init`).
     pub managers: Vec<Manager>,
     /// The package is installed before the guest boots (`# preinstall: hotplug-agent`).
@@ -307,6 +310,11 @@ pub fn scenarios() -> Result<Vec<Scenario>> {
             Some(other) => bail!("{}: `# imds: {other}`: only no-nics is known", path.display()),
         };
         let extra_kernels = values(words("kernels-extra:"), &path, "kernels-extra:")?.unwrap_or_default();
+        let extra_distros: Vec<Distro> =
+            values(words("guests-extra:"), &path, "guests-extra:")?.unwrap_or_default();
+        if !extra_distros.is_empty() && distro.is_none() {
+            bail!("{}: `# guests-extra:` needs a `# guest:` line", path.display());
+        }
         let arches = values(words("arches:"), &path, "arches:")?.unwrap_or_else(|| vec![Arch::Amd64]);
         if distro.is_some() && arches != [Arch::Amd64] {
             bail!("{}: a distro guest scenario runs on amd64 only", path.display());
@@ -328,6 +336,7 @@ pub fn scenarios() -> Result<Vec<Scenario>> {
             kernels,
             extra_kernels,
             distro,
+            extra_distros,
             managers,
             preinstall,
             imds_no_nics,
@@ -1013,6 +1022,9 @@ pub fn write_result(name: &str, guest: &Guest, outcome: &Outcome) -> Result<Path
     }
     if guest.kernel.arch != Arch::Amd64 {
         file = format!("{file}-{}", guest.kernel.arch.name());
+    }
+    if let Some(distro) = guest.distro.as_ref().map(|d| d.image.distro).filter(|d| *d != Distro::Trixie) {
+        file = format!("{file}-{}-guest", distro.name());
     }
     let file = format!("{file}.json");
     let result = json!({
