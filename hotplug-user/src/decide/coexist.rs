@@ -34,7 +34,9 @@ pub fn restore_plan(manager: Option<Manager>, mode: ManagerMode, udev_running: b
         routes_and_rules_only: false,
     };
     match (mode, manager) {
-        (ManagerMode::Auto, Some(Manager::Networkd | Manager::Ec2NetUtils)) => {
+        // ifupdown: its `ifdown` (the removal's, run late) would flush a restore made before it,
+        // and its `ifup` fails on an address already there.
+        (ManagerMode::Auto, Some(Manager::Networkd | Manager::Ec2NetUtils | Manager::Ifupdown)) => {
             RestorePlan { wait_for_manager: true, leave_dynamic: true, ..plan }
         }
         // NetworkManager re-activates the device's profile on its own, its DHCP included: its
@@ -105,6 +107,46 @@ pub fn replay_when_manager_done(replayed: Replayed) -> Option<RestorePlan> {
         })
 }
 
+/// What the agent sees of a NIC re-read shortly after it restored it from a driver reload.
+#[derive(Clone, Copy, Debug)]
+pub struct AfterRestore {
+    pub mode: ManagerMode,
+    /// The restore ended less than the settle window ago.
+    pub settling: bool,
+    /// Objects the restore put back (addresses without a lifetime, routes but a lease's, rules)
+    /// that the NIC lacks now.
+    pub lost: usize,
+    /// The link is administratively up (an operator who sets it down takes its routes with it).
+    pub admin_up: bool,
+    /// A restore of this NIC is pending already.
+    pub restoring: bool,
+    /// The NIC's manager (its `ifup` is what comes after an `ifdown`).
+    pub manager: Option<Manager>,
+}
+
+/// Whether a loss right after a restore is a peer's teardown to undo -- never the operator's new
+/// configuration. ifupdown's `ifdown` for the removal can run after the NIC is back and restored,
+/// flushing it, and its `ifup` then puts back only the stanza: taken as the NIC's configuration,
+/// that reduced set would be all every later reload restores. Within the settle window the agent
+/// keeps the restored snapshot and puts back what went, once the manager is done again (or at
+/// once when there is none to wait for). Once per restore.
+pub fn teardown_after_restore(after: AfterRestore) -> Option<RestorePlan> {
+    (after.mode == ManagerMode::Auto
+        && after.settling
+        && after.lost > 0
+        && after.admin_up
+        && !after.restoring)
+        .then_some(RestorePlan {
+            wait_for_udev: false,
+            wait_for_manager: matches!(
+                after.manager,
+                Some(Manager::Networkd | Manager::Ec2NetUtils | Manager::Ifupdown)
+            ),
+            leave_dynamic: true,
+            routes_and_rules_only: false,
+        })
+}
+
 /// Whether persisted state belongs to this boot: only then may it be restored. State written by
 /// an agent that recorded no boot id is taken as this boot's (it predates the field).
 pub fn same_boot(written_in: &str, now: &str) -> bool {
@@ -160,7 +202,7 @@ mod tests {
 
     #[test]
     fn networkd_nics_wait_and_keep_their_leases() {
-        for manager in [Manager::Networkd, Manager::Ec2NetUtils] {
+        for manager in [Manager::Networkd, Manager::Ec2NetUtils, Manager::Ifupdown] {
             let plan = restore_plan(Some(manager), ManagerMode::Auto, true);
             assert!(plan.wait_for_udev && plan.wait_for_manager && plan.leave_dynamic);
             assert!(!plan.routes_and_rules_only, "a reload restores the whole NIC");
@@ -229,6 +271,41 @@ mod tests {
             ),
         ] {
             assert!(replay_when_manager_done(other).is_none(), "{why}");
+        }
+    }
+
+    #[test]
+    fn a_teardown_right_after_a_restore_is_undone_not_adopted() {
+        let after = AfterRestore {
+            mode: ManagerMode::Auto,
+            settling: true,
+            lost: 2,
+            admin_up: true,
+            restoring: false,
+            manager: Some(Manager::Ifupdown),
+        };
+        let plan = teardown_after_restore(after);
+        assert_eq!(
+            plan.map(|p| (p.wait_for_manager, p.routes_and_rules_only, p.leave_dynamic)),
+            Some((true, false, true)),
+            "addresses too, once ifup is done, leases left to it"
+        );
+        assert!(
+            teardown_after_restore(AfterRestore { manager: None, ..after })
+                .is_some_and(|p| !p.wait_for_manager),
+            "nobody to wait for: at once"
+        );
+        for (why, other) in [
+            ("long after the restore: the operator's doing", AfterRestore { settling: false, ..after }),
+            ("nothing lost", AfterRestore { lost: 0, ..after }),
+            ("the link set down", AfterRestore { admin_up: false, ..after }),
+            ("a restore already pending", AfterRestore { restoring: true, ..after }),
+            (
+                "manager = none: the operator said nobody else touches it",
+                AfterRestore { mode: ManagerMode::None, ..after },
+            ),
+        ] {
+            assert!(teardown_after_restore(other).is_none(), "{why}");
         }
     }
 

@@ -6,6 +6,7 @@
 //! metadata service (the package gates it: `cloud_init`). The agent learns all this from the files
 //! they keep (networkd's link state files are what `sd_network_link_get_*` reads), never over D-Bus.
 pub mod cloud_init;
+mod ifupdown;
 
 use std::path::{Path, PathBuf};
 
@@ -21,6 +22,8 @@ pub enum Manager {
     Ec2NetUtils,
     /// NetworkManager has a device for it.
     NetworkManager,
+    /// ifupdown brings it up on hotplug (`allow-hotplug`, `ifup@NAME.service`).
+    Ifupdown,
 }
 
 impl Manager {
@@ -29,6 +32,7 @@ impl Manager {
             Self::Networkd => "networkd",
             Self::Ec2NetUtils => "ec2-net-utils",
             Self::NetworkManager => "NetworkManager",
+            Self::Ifupdown => "ifupdown",
         }
     }
 }
@@ -84,12 +88,19 @@ pub struct HostManagers {
     pub cloud_init_hotplug: Option<cloud_init::Hotplug>,
     pub ec2_net_utils: bool,
     pub network_manager: bool,
+    /// ifupdown brings NICs up on hotplug (`allow-hotplug` lines): their names.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ifupdown_hotplug: Vec<String>,
 }
 
 impl HostManagers {
     /// Whether anything but hotplug-agent configures NICs on this host.
     pub fn any(&self) -> bool {
-        self.networkd || self.cloud_init || self.ec2_net_utils || self.network_manager
+        self.networkd
+            || self.cloud_init
+            || self.ec2_net_utils
+            || self.network_manager
+            || !self.ifupdown_hotplug.is_empty()
     }
 
     pub fn names(&self) -> Vec<&'static str> {
@@ -105,6 +116,9 @@ impl HostManagers {
         }
         if self.network_manager {
             names.push("NetworkManager");
+        }
+        if !self.ifupdown_hotplug.is_empty() {
+            names.push("ifupdown");
         }
         names
     }
@@ -140,6 +154,7 @@ impl Host {
             cloud_init_hotplug: cloud_init::Hotplug::detect(self),
             ec2_net_utils: self.exists("/usr/lib/udev/rules.d/99-vpc-policy-routes.rules") && !ec2_masked,
             network_manager: self.exists("/run/NetworkManager"),
+            ifupdown_hotplug: self.ifupdown_hotplug().into_iter().collect(),
         }
     }
 
@@ -179,7 +194,25 @@ impl Host {
                 return Some(if ec2 { Manager::Ec2NetUtils } else { Manager::Networkd });
             }
         }
-        self.exists(&format!("/run/NetworkManager/devices/{ifindex}")).then_some(Manager::NetworkManager)
+        if self.exists(&format!("/run/NetworkManager/devices/{ifindex}")) {
+            return Some(Manager::NetworkManager);
+        }
+        self.ifupdown_hotplug().contains(name).then_some(Manager::Ifupdown)
+    }
+
+    /// Whether `manager` is done configuring the NIC `ifindex`, named `name`, that registered
+    /// again at `registered` (wall clock).
+    pub fn manager_done(
+        &self,
+        manager: Option<Manager>,
+        ifindex: u32,
+        name: &str,
+        registered: std::time::SystemTime,
+    ) -> bool {
+        match manager {
+            Some(Manager::Ifupdown) => self.ifupdown_done(name, registered),
+            _ => self.networkd_link(ifindex).is_some_and(|l| l.settled()),
+        }
     }
 }
 

@@ -8,7 +8,7 @@
 //! changed only: a re-read that finds the same configuration writes nothing.
 use rtnetlink::packet_route::{
     address::{AddressAttribute, AddressMessage},
-    route::{RouteAttribute, RouteMessage},
+    route::{RouteAttribute, RouteMessage, RouteProtocol},
 };
 
 use super::{address_message, route_message, Entry, NicSnapshot};
@@ -24,6 +24,48 @@ const SLACK_S: u64 = 2;
 const TICKS_PER_S: u32 = 100;
 
 impl NicSnapshot {
+    /// What of `self` (a snapshot just restored) `now` lacks that no lease or the kernel would
+    /// bring back: addresses without a lifetime (IPv6 link-local ones aside: the kernel's),
+    /// routes but a DHCP client's, and rules. One line per object; a manager that tears the NIC
+    /// down right after a restore (ifupdown's late `ifdown`) takes these.
+    pub fn static_lost_in(&self, now: &Self) -> Vec<String> {
+        let address_key = |e: &Entry| e.summary.split_whitespace().next().unwrap_or_default().to_owned();
+        let have: Vec<String> = now.addresses.iter().map(address_key).collect();
+        let static_address = |e: &Entry| {
+            address_message(e).is_ok_and(|m| {
+                let forever = !m
+                    .attributes
+                    .iter()
+                    .any(|a| matches!(a, AddressAttribute::CacheInfo(c) if c.ifa_valid != FOREVER));
+                let link_local = m.attributes.iter().any(|a| {
+                    matches!(a, AddressAttribute::Address(std::net::IpAddr::V6(v6)) if v6.segments()[0] & 0xffc0 == 0xfe80)
+                });
+                forever && !link_local
+            })
+        };
+        let mut lost: Vec<String> = self
+            .addresses
+            .iter()
+            .filter(|e| static_address(e) && !have.contains(&address_key(e)))
+            .map(|e| format!("address {}", e.summary))
+            .collect();
+        let not_a_lease =
+            |e: &Entry| route_message(e).is_ok_and(|m| m.header.protocol != RouteProtocol::Dhcp);
+        lost.extend(
+            self.routes
+                .iter()
+                .filter(|e| not_a_lease(e) && !now.routes.iter().any(|h| h.summary == e.summary))
+                .map(|e| format!("route {}", e.summary)),
+        );
+        lost.extend(
+            self.rules
+                .iter()
+                .filter(|e| !now.rules.iter().any(|h| h.summary == e.summary))
+                .map(|e| format!("rule {}", e.summary)),
+        );
+        lost
+    }
+
     /// True when `other` holds the same configuration as `self` (see the module's comment); the
     /// ifindex and the read time do not count.
     pub fn same_configuration(&self, other: &Self) -> bool {

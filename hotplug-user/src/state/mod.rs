@@ -76,6 +76,20 @@ pub struct Nic {
     /// The latest snapshots read while it is present (memory only).
     #[serde(skip)]
     pub history: VecDeque<NicSnapshot>,
+    /// Shortly after a driver reload's restore: what was restored (memory only; see
+    /// `decide::coexist::teardown_after_restore`).
+    #[serde(skip)]
+    pub settling: Option<Settling>,
+}
+
+/// A NIC just restored after its driver came back.
+#[derive(Clone, Debug)]
+pub struct Settling {
+    /// CLOCK_MONOTONIC ns until which a loss is taken for a peer's teardown.
+    pub until_ns: u64,
+    /// When the NIC registered again (a manager's work since then is what is waited for).
+    pub registered_ns: u64,
+    pub restored: NicSnapshot,
 }
 
 impl Nic {
@@ -93,6 +107,7 @@ impl Nic {
             pending_restore: None,
             last_reload: None,
             history: VecDeque::new(),
+            settling: None,
         }
     }
 

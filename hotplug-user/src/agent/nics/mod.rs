@@ -310,6 +310,28 @@ impl NicManager {
                     };
                     decide::coexist::restore_after_manager(cycle).map(|plan| (foreign, plan))
                 });
+                // Shortly after a restore, a peer's teardown is undone, not adopted.
+                let now_ns = crate::clock::monotonic_ns();
+                let teardown = self.nics.get(&mac).filter(|_| dropped.is_none()).and_then(|nic| {
+                    let settling = nic.settling.as_ref()?;
+                    let lost = settling.restored.static_lost_in(&snapshot);
+                    let after = decide::coexist::AfterRestore {
+                        mode: self.config.policy_for(&mac, &snapshot.name).manager,
+                        settling: now_ns < settling.until_ns,
+                        lost: lost.len(),
+                        admin_up: snapshot.up,
+                        restoring: nic.pending_restore.is_some(),
+                        manager: snapshot.manager.or(settling.restored.manager),
+                    };
+                    decide::coexist::teardown_after_restore(after).map(|plan| (lost, plan))
+                });
+                if let Some((lost, plan)) = teardown {
+                    self.undo_teardown(&mac, ifindex, &lost, plan);
+                    return;
+                }
+                if let Some(nic) = self.nics.get_mut(&mac) {
+                    nic.settling = nic.settling.take().filter(|s| now_ns < s.until_ns);
+                }
                 // The same configuration read again (a counter, a lease counting down) is
                 // neither history nor worth a write: the snapshot held ages its lifetimes itself.
                 let changed = self.nics.get_mut(&mac).is_some_and(|nic| {

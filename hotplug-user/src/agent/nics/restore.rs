@@ -23,6 +23,9 @@ use crate::{
     state::{Pending, PendingReason},
 };
 
+/// How long after a driver reload's restore a loss is taken for a peer's teardown (ifupdown's
+/// late `ifdown`), not for the operator's new configuration.
+const SETTLE_AFTER_RESTORE_NS: u64 = 30 * 1_000_000_000;
 /// How long a restore waits for udev to be done with the NIC.
 const UDEV_WAIT: Duration = Duration::from_secs(3);
 /// How often udev's and the manager's state are looked at meanwhile.
@@ -52,6 +55,7 @@ impl NicManager {
             .and_then(|ifindex| self.bursts.get(&ifindex))
             .map(|b| b.0);
         let Some(nic) = self.nics.get_mut(mac) else { return };
+        nic.settling = None;
         // A restore still waiting for the manager when the driver left again keeps its snapshot;
         // routes and rules waiting for networkd to finish a reconfigure join the one held.
         let pending = nic.pending_restore.take();
@@ -153,6 +157,19 @@ impl NicManager {
 
     /// Waits (in a task) for udev and the NIC's manager as `plan` says, then hands the restore
     /// back to the event loop (`Background::ManagerSettled`).
+    /// A peer tore the NIC down right after its restore: the restored snapshot stays the NIC's,
+    /// and what went is put back once the manager is done (see `refresh`).
+    pub(super) fn undo_teardown(&mut self, mac: &str, ifindex: u32, lost: &[String], plan: RestorePlan) {
+        let Some(nic) = self.nics.get_mut(mac) else { return };
+        let Some(settling) = nic.settling.take() else { return };
+        let manager = settling.restored.manager.map_or("another tool", |m| m.as_str());
+        tracing::warn!(%mac, interface = %settling.restored.name, ifindex, action = "restore", lost = ?lost, "right after its restore, {manager} took {} objects from the NIC: not taken as its configuration; putting them back{}", lost.len(), if plan.wait_for_manager { " once it is done" } else { "" });
+        nic.pending_restore =
+            Some(Pending { snapshot: settling.restored, reason: PendingReason::ManagerCycle, plan });
+        self.persist(mac);
+        self.wait_for_manager(mac, ifindex, settling.registered_ns, plan, true);
+    }
+
     pub(super) fn wait_for_manager(
         &self,
         mac: &str,
@@ -164,8 +181,19 @@ impl NicManager {
         let manager_wait = self.config.manager_wait();
         let tx = self.background.clone();
         let host = self.host.clone();
+        // Which manager, and the name udev gives the NIC back (ifupdown's unit is named by it).
+        let (manager, name) = self
+            .nics
+            .get(mac)
+            .and_then(|n| n.pending_restore.as_ref())
+            .map(|p| (p.snapshot.manager, p.snapshot.name.clone()))
+            .unwrap_or_default();
         let mac = mac.to_owned();
         let decided_ns = monotonic_ns();
+        // The registration on the wall clock (ifupdown's state file has a modification time).
+        let registered = std::time::SystemTime::now()
+            .checked_sub(Duration::from_nanos(decided_ns.saturating_sub(registered_ns)))
+            .unwrap_or(std::time::UNIX_EPOCH);
         tokio::spawn(async move {
             let started = tokio::time::Instant::now();
             let mut settled = true;
@@ -174,8 +202,7 @@ impl NicManager {
             }
             if plan.wait_for_manager {
                 settled &=
-                    wait_until(manager_wait, || host.networkd_link(ifindex).is_some_and(|l| l.settled()))
-                        .await;
+                    wait_until(manager_wait, || host.manager_done(manager, ifindex, &name, registered)).await;
             }
             let waited = started.elapsed();
             let settled = Settled { mac, ifindex, registered_ns, decided_ns, plan, waited, settled, replay };
@@ -261,6 +288,17 @@ impl NicManager {
                 waited_for_manager_ms,
                 phases: Some(phases),
             });
+        }
+        // A driver reload's restore settles for a while: a peer's teardown then is undone, not
+        // adopted (`refresh`, `decide::coexist::teardown_after_restore`).
+        if after_reload && again.is_none() {
+            if let Some(nic) = self.nics.get_mut(&mac) {
+                nic.settling = Some(crate::state::Settling {
+                    until_ns: monotonic_ns().saturating_add(SETTLE_AFTER_RESTORE_NS),
+                    registered_ns,
+                    restored: want.clone(),
+                });
+            }
         }
         if let Some(again) = again {
             // The snapshot re-read meanwhile lacks what failed: the pending replay keeps it (and a

@@ -1,0 +1,257 @@
+//! ifupdown (Debian's `/etc/network/interfaces`). A NIC named on an `allow-hotplug` line is
+//! ifupdown's on hotplug: its udev rule starts `ifup@NAME.service` when the NIC registers (`ifup`,
+//! the stanza's address and `up` commands) and stops it when the NIC leaves (`ifdown`, which
+//! flushes the NIC). After a driver reload the stop can run late, after the NIC is back: a restore
+//! made before ifupdown is done is flushed by `ifdown`, and one made while `ifup` runs makes its
+//! `ip addr add` fail. So the restore waits until `ifup` has run for the returning NIC, then adds
+//! what the stanza does not make.
+//!
+//! What the agent reads: the interfaces file and what it sources (`allow-hotplug` lines), the
+//! per-interface state file ifupdown writes once `ifup` configured the interface
+//! (`/run/network/ifstate.NAME`, holding the name; emptied by `ifdown`), and the unit's cgroup
+//! (a process in it: the job still runs). No D-Bus.
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+    time::SystemTime,
+};
+
+use super::Host;
+
+/// The interfaces file.
+const INTERFACES: &str = "/etc/network/interfaces";
+/// How deep `source` lines are followed (a file sourcing itself stops here).
+const MAX_DEPTH: usize = 4;
+
+impl Host {
+    /// The interfaces ifupdown brings up on hotplug (`allow-hotplug` lines), if it is installed.
+    pub fn ifupdown_hotplug(&self) -> BTreeSet<String> {
+        let mut names = BTreeSet::new();
+        if self.exists("/usr/sbin/ifup") || self.exists("/sbin/ifup") {
+            self.read_interfaces(&self.path(INTERFACES), 0, &mut names);
+        }
+        names
+    }
+
+    fn read_interfaces(&self, file: &Path, depth: usize, names: &mut BTreeSet<String>) {
+        let Ok(text) = std::fs::read_to_string(file) else { return };
+        for line in logical_lines(&text) {
+            let mut words = line.split_whitespace();
+            match words.next() {
+                Some("allow-hotplug") => names.extend(words.map(str::to_owned)),
+                Some("source") if depth < MAX_DEPTH => {
+                    for pattern in words {
+                        for found in self.expand(pattern, file) {
+                            self.read_interfaces(&found, depth + 1, names);
+                        }
+                    }
+                }
+                Some("source-directory") if depth < MAX_DEPTH => {
+                    for dir in words {
+                        // interfaces(5): the files whose names are made of letters, digits,
+                        // underscores and hyphens only, in lexical order.
+                        let dir = self.under_root(dir, file);
+                        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+                        let mut files: Vec<PathBuf> = entries
+                            .filter_map(Result::ok)
+                            .filter(|e| {
+                                e.file_name().to_str().is_some_and(|n| {
+                                    n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+                                })
+                            })
+                            .map(|e| e.path())
+                            .collect();
+                        files.sort();
+                        for found in files {
+                            self.read_interfaces(&found, depth + 1, names);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// A path of the interfaces file (relative ones are relative to the file's directory) under
+    /// this host's root.
+    fn under_root(&self, path: &str, from: &Path) -> PathBuf {
+        if path.starts_with('/') {
+            self.path(path)
+        } else {
+            from.parent().unwrap_or(Path::new("/")).join(path)
+        }
+    }
+
+    /// A `source` pattern's files: a `*` or `?` in its last component is a glob (the form Debian
+    /// writes, `/etc/network/interfaces.d/*`), matched in lexical order.
+    fn expand(&self, pattern: &str, from: &Path) -> Vec<PathBuf> {
+        let path = self.under_root(pattern, from);
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
+        if !name.contains(['*', '?']) {
+            return vec![path];
+        }
+        let Some(dir) = path.parent() else { return Vec::new() };
+        let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+        let mut files: Vec<PathBuf> = entries
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_str().is_some_and(|n| glob_match(&name, n)))
+            .map(|e| e.path())
+            .filter(|p| p.is_file())
+            .collect();
+        files.sort();
+        files
+    }
+
+    /// When `ifup` last configured `name` (the mtime of its state file, which holds the name
+    /// while the interface is up), if it is up by ifupdown's account.
+    pub fn ifupdown_up_since(&self, name: &str) -> Option<SystemTime> {
+        let path = self.path(&format!("/run/network/ifstate.{name}"));
+        let text = std::fs::read_to_string(&path).ok()?;
+        if text.trim().is_empty() {
+            return None;
+        }
+        std::fs::metadata(&path).and_then(|m| m.modified()).ok()
+    }
+
+    /// Whether `ifup@NAME.service` has a process running (its job is under way).
+    pub fn ifupdown_job_running(&self, name: &str) -> bool {
+        let unit = format!("ifup@{}.service", systemd_escape(name));
+        let procs = self.path(&format!("/sys/fs/cgroup/system.slice/system-ifup.slice/{unit}/cgroup.procs"));
+        std::fs::read_to_string(procs).is_ok_and(|p| !p.trim().is_empty())
+    }
+
+    /// Whether ifupdown is done with `name` returning at `registered` (wall clock): `ifup` ran
+    /// for it since, and nothing of its unit runs now.
+    pub fn ifupdown_done(&self, name: &str, registered: SystemTime) -> bool {
+        self.ifupdown_up_since(name).is_some_and(|at| at >= registered) && !self.ifupdown_job_running(name)
+    }
+}
+
+/// The lines of an interfaces file, comments dropped and `\`-continued lines joined.
+fn logical_lines(text: &str) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut current = String::new();
+    for raw in text.lines() {
+        if current.is_empty() && raw.trim_start().starts_with('#') {
+            continue;
+        }
+        match raw.strip_suffix('\\') {
+            Some(part) => {
+                current.push_str(part);
+                current.push(' ');
+            }
+            None => {
+                current.push_str(raw);
+                lines.push(std::mem::take(&mut current));
+            }
+        }
+    }
+    if !current.is_empty() {
+        lines.push(current);
+    }
+    lines
+}
+
+/// A shell glob of `*` and `?` against a file name (hidden files never match, as in sh).
+fn glob_match(pattern: &str, name: &str) -> bool {
+    fn matches(p: &[char], n: &[char]) -> bool {
+        match (p.first(), n.first()) {
+            (None, None) => true,
+            (Some('*'), _) => matches(&p[1..], n) || (!n.is_empty() && matches(p, &n[1..])),
+            (Some('?'), Some(_)) => matches(&p[1..], &n[1..]),
+            (Some(a), Some(b)) if a == b => matches(&p[1..], &n[1..]),
+            _ => false,
+        }
+    }
+    if name.starts_with('.') && !pattern.starts_with('.') {
+        return false;
+    }
+    let p: Vec<char> = pattern.chars().collect();
+    let n: Vec<char> = name.chars().collect();
+    matches(&p, &n)
+}
+
+/// systemd's escaping of a unit instance name (`systemd-escape`): `-` and anything but ASCII
+/// letters, digits, `:`, `_` and `.` (not leading) become `\xNN`.
+fn systemd_escape(name: &str) -> String {
+    let mut out = String::new();
+    for (i, byte) in name.bytes().enumerate() {
+        let plain = byte.is_ascii_alphanumeric() || byte == b':' || byte == b'_' || (byte == b'.' && i > 0);
+        if plain {
+            out.push(char::from(byte));
+        } else {
+            out.push_str(&format!("\\x{byte:02x}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(root: &Path, path: &str, text: &str) -> std::io::Result<()> {
+        let path = root.join(path.trim_start_matches('/'));
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(path, text)
+    }
+
+    #[test]
+    fn allow_hotplug_lines_through_sourced_files() -> std::io::Result<()> {
+        let dir = std::env::temp_dir().join(format!("hotplug-ifupdown-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let host = Host::at(&dir);
+        write(&dir, INTERFACES, "allow-hotplug eth0\n")?;
+        assert!(host.ifupdown_hotplug().is_empty(), "no ifup installed: nobody reads the file");
+        write(&dir, "/usr/sbin/ifup", "")?;
+        write(
+            &dir,
+            INTERFACES,
+            "# allow-hotplug commented\nauto lo\niface lo inet loopback\nallow-hotplug \\\n  enp1s0 enp2s0\n\
+             source /etc/network/interfaces.d/*\nsource-directory /etc/network/more.d\nsource /etc/network/interfaces\n",
+        )?;
+        write(&dir, "/etc/network/interfaces.d/ens5", "allow-hotplug ens5\niface ens5 inet dhcp\n")?;
+        write(&dir, "/etc/network/interfaces.d/.hidden", "allow-hotplug hidden0\n")?;
+        write(&dir, "/etc/network/more.d/ens6", "allow-hotplug ens6\n")?;
+        write(&dir, "/etc/network/more.d/skip.cfg", "allow-hotplug ens7\n")?;
+        let names: Vec<String> = host.ifupdown_hotplug().into_iter().collect();
+        assert_eq!(
+            names,
+            ["enp1s0", "enp2s0", "ens5", "ens6"],
+            "auto lo is not hotplug; a file sourcing itself stops"
+        );
+        std::fs::remove_dir_all(&dir)
+    }
+
+    #[test]
+    fn ifup_done_means_its_state_written_since_and_no_job_running() -> std::io::Result<()> {
+        let dir = std::env::temp_dir().join(format!("hotplug-ifstate-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let host = Host::at(&dir);
+        let before = SystemTime::now() - std::time::Duration::from_secs(5);
+        assert!(!host.ifupdown_done("enp2s0", before), "never up");
+        write(&dir, "/run/network/ifstate.enp2s0", "")?;
+        assert!(!host.ifupdown_done("enp2s0", before), "ifdown emptied it");
+        write(&dir, "/run/network/ifstate.enp2s0", "enp2s0\n")?;
+        assert!(host.ifupdown_done("enp2s0", before));
+        let later = SystemTime::now() + std::time::Duration::from_secs(5);
+        assert!(!host.ifupdown_done("enp2s0", later), "written before the NIC came back: the old ifup");
+        let procs = "/sys/fs/cgroup/system.slice/system-ifup.slice/ifup@enp2s0.service/cgroup.procs";
+        write(&dir, procs, "1234\n")?;
+        assert!(!host.ifupdown_done("enp2s0", before), "its job still runs");
+        write(&dir, procs, "")?;
+        assert!(host.ifupdown_done("enp2s0", before));
+        std::fs::remove_dir_all(&dir)
+    }
+
+    #[test]
+    fn unit_names_escape_as_systemd_does() {
+        assert_eq!(systemd_escape("enp2s0"), "enp2s0");
+        assert_eq!(systemd_escape("eth0.100"), "eth0.100");
+        assert_eq!(systemd_escape("br-lan"), "br\\x2dlan");
+        assert!(glob_match("*", "ens5") && !glob_match("*", ".hidden") && glob_match("e?s*", "ens5"));
+        assert!(!glob_match("*.cfg", "ens5"));
+    }
+}
