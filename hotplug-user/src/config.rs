@@ -100,7 +100,7 @@ pub struct Config {
     /// How long a `command` policy's hook may run before its process group is killed.
     #[serde(default = "default_hook_timeout")]
     pub hook_timeout_seconds: u64,
-    /// How long a restore waits for the NIC's manager (networkd, amazon-ec2-net-utils) to configure
+    /// How long a restore waits for the NIC's manager (networkd, amazon-ec2-net-utils, ifupdown) to configure
     /// a returning NIC before it goes ahead; routes and rules that could not go back then are
     /// replayed once the manager is done.
     #[serde(default = "default_manager_wait")]

@@ -182,13 +182,13 @@ wait_until() {
 	done
 }
 
-# cloud_init_hotplug_for_emulated_nics: on EC2, cloud-init's udev rule passes only ENA, ixgbevf
-# and Xen vif NICs to its hotplug hook; the harness's NICs are virtio_net, e1000e and e1000, so
-# they are added to the rule. Everything behind the rule stays as cloud-init installed it.
 # The installed service's mode (its STATUS=, "full mode ..." or "degraded ..."), as `systemctl
 # status` shows it: a service that runs degraded where it could run full is a failure.
 service_mode() { systemctl show -p StatusText --value hotplug-agent.service | cut -d' ' -f1; }
 
+# cloud_init_hotplug_for_emulated_nics: on EC2, cloud-init's udev rule passes only ENA, ixgbevf
+# and Xen vif NICs to its hotplug hook; the harness's NICs are virtio_net, e1000e and e1000, so
+# they are added to the rule. Everything behind the rule stays as cloud-init installed it.
 cloud_init_hotplug_for_emulated_nics() {
 	rule=/etc/udev/rules.d/90-cloud-init-hook-hotplug.rules
 	[ -f $rule ] || return 1

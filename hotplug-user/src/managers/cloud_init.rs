@@ -57,9 +57,9 @@ pub struct DeviceNow {
 /// Finds the device of a uevent's `devpath` (`/devices/.../net/NAME`) under `sys` (`/sys`): the
 /// path itself, or, when the NIC was renamed since the uevent (udev renames it after the kernel's
 /// `add`; cloud-init 26.x's hook is handed the first name), the one network interface its parent
-/// device has now. `None` when the device is gone, or its parent has several interfaces and none
-/// by that name.
-pub fn device_now(sys: &Path, devpath: &str) -> Option<DeviceNow> {
+/// device has now (for an `add` only). `None` when the device is gone, or its parent has several
+/// interfaces and none by that name.
+pub fn device_now(sys: &Path, devpath: &str, action: UeventAction) -> Option<DeviceNow> {
     let relative = devpath.trim_start_matches('/');
     if relative.is_empty() || relative.split('/').any(|part| part == "..") {
         return None;
@@ -74,7 +74,9 @@ pub fn device_now(sys: &Path, devpath: &str) -> Option<DeviceNow> {
     if path.join("ifindex").exists() {
         return Some(read(&path, name.to_owned()));
     }
-    if !parent.ends_with("/net") {
+    // A removed device's name is the one it had: another interface of its parent (a multi-port
+    // function's sibling) is not it.
+    if !parent.ends_with("/net") || action != UeventAction::Add {
         return None;
     }
     let mut now: Vec<String> = std::fs::read_dir(sys.join(parent))
@@ -183,7 +185,7 @@ pub fn gate(socket: &Path) -> ExitCode {
         return run_hook(&args, "not a NIC add or remove");
     };
     // An added device is still there to read (perhaps renamed since); a removed one is not.
-    let device = device_now(Path::new("/sys"), devpath);
+    let device = device_now(Path::new("/sys"), devpath, action);
     let unknown_retry = if device.is_some() { UNKNOWN_REGISTERED_RETRY } else { UNKNOWN_RETRY };
     let request = Request::CloudInitGate {
         action,
@@ -230,23 +232,42 @@ mod tests {
         std::fs::create_dir_all(&nic)?;
         std::fs::write(nic.join("address"), "52:54:00:12:34:10\n")?;
         std::fs::write(nic.join("ifindex"), "7\n")?;
-        let found = device_now(&sys, "/devices/pci0000:00/0000:00:03.0/virtio0/net/eth0");
+        let found = device_now(&sys, "/devices/pci0000:00/0000:00:03.0/virtio0/net/eth0", UeventAction::Add);
         let want = DeviceNow {
             name: "enp1s0".to_owned(),
             mac: Some("52:54:00:12:34:10".to_owned()),
             ifindex: Some(7),
         };
         assert_eq!(found.as_ref(), Some(&want), "renamed since the uevent");
-        assert_eq!(device_now(&sys, "/devices/pci0000:00/0000:00:03.0/virtio0/net/enp1s0"), Some(want));
-        assert_eq!(device_now(&sys, "/devices/pci0000:00/0000:00:03.0/virtio0/net/../net/eth0"), None);
-        assert_eq!(device_now(&sys, "/devices/pci0000:00/0000:00:04.0/virtio1/net/eth1"), None, "gone");
+        assert_eq!(
+            device_now(&sys, "/devices/pci0000:00/0000:00:03.0/virtio0/net/eth0", UeventAction::Remove),
+            None,
+            "a removal names the device it had: a sibling is not it"
+        );
+        assert_eq!(
+            device_now(&sys, "/devices/pci0000:00/0000:00:03.0/virtio0/net/enp1s0", UeventAction::Add),
+            Some(want)
+        );
+        assert_eq!(
+            device_now(&sys, "/devices/pci0000:00/0000:00:03.0/virtio0/net/../net/eth0", UeventAction::Add),
+            None
+        );
+        assert_eq!(
+            device_now(&sys, "/devices/pci0000:00/0000:00:04.0/virtio1/net/eth1", UeventAction::Add),
+            None,
+            "gone"
+        );
         // Two interfaces on one device, none by the uevent's name: no guess.
         let other = net.join("enp1s0d1");
         std::fs::create_dir_all(&other)?;
         std::fs::write(other.join("ifindex"), "8\n")?;
-        assert_eq!(device_now(&sys, "/devices/pci0000:00/0000:00:03.0/virtio0/net/eth0"), None);
         assert_eq!(
-            device_now(&sys, "/devices/pci0000:00/0000:00:03.0/virtio0/net/enp1s0d1").and_then(|d| d.ifindex),
+            device_now(&sys, "/devices/pci0000:00/0000:00:03.0/virtio0/net/eth0", UeventAction::Add),
+            None
+        );
+        assert_eq!(
+            device_now(&sys, "/devices/pci0000:00/0000:00:03.0/virtio0/net/enp1s0d1", UeventAction::Add)
+                .and_then(|d| d.ifindex),
             Some(8)
         );
         std::fs::remove_dir_all(&sys)

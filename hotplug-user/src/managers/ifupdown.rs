@@ -7,9 +7,10 @@
 //! what the stanza does not make.
 //!
 //! What the agent reads: the interfaces file and what it sources (`allow-hotplug` lines), the
-//! per-interface state file ifupdown writes once `ifup` configured the interface
-//! (`/run/network/ifstate.NAME`, holding the name; emptied by `ifdown`), and the unit's cgroup
-//! (a process in it: the job still runs). No D-Bus.
+//! per-interface state file (`/run/network/ifstate.NAME`: the name while ifupdown counts the
+//! interface up, written when `ifup` begins; emptied by `ifdown`), and the pid files ifupdown
+//! keeps while it runs the stanza's commands (`/run/network/ifup-NAME.pid`, `ifdown-NAME.pid`).
+//! Not the unit's cgroup: a stanza's DHCP client stays in it for the lease's life. No D-Bus.
 use std::{
     collections::BTreeSet,
     path::{Path, PathBuf},
@@ -20,14 +21,20 @@ use super::Host;
 
 /// The interfaces file.
 const INTERFACES: &str = "/etc/network/interfaces";
+/// ifupdown's udev rule (it starts and stops `ifup@NAME.service`), /usr-merged or not.
+const UDEV_RULES: [&str; 2] =
+    ["/usr/lib/udev/rules.d/80-ifupdown.rules", "/lib/udev/rules.d/80-ifupdown.rules"];
 /// How deep `source` lines are followed (a file sourcing itself stops here).
 const MAX_DEPTH: usize = 4;
 
 impl Host {
-    /// The interfaces ifupdown brings up on hotplug (`allow-hotplug` lines), if it is installed.
+    /// The interfaces ifupdown brings up on hotplug (`allow-hotplug` lines), if Debian's ifupdown
+    /// is installed with its udev rule (ifupdown2, ifupdown-ng and busybox's ifup keep other
+    /// state: their NICs are not waited for).
     pub fn ifupdown_hotplug(&self) -> BTreeSet<String> {
         let mut names = BTreeSet::new();
-        if self.exists("/usr/sbin/ifup") || self.exists("/sbin/ifup") {
+        let rule = UDEV_RULES.iter().any(|r| self.exists(r));
+        if rule && (self.exists("/usr/sbin/ifup") || self.exists("/sbin/ifup")) {
             self.read_interfaces(&self.path(INTERFACES), 0, &mut names);
         }
         names
@@ -113,17 +120,15 @@ impl Host {
         std::fs::metadata(&path).and_then(|m| m.modified()).ok()
     }
 
-    /// Whether `ifup@NAME.service` has a process running (its job is under way).
-    pub fn ifupdown_job_running(&self, name: &str) -> bool {
-        let unit = format!("ifup@{}.service", systemd_escape(name));
-        let procs = self.path(&format!("/sys/fs/cgroup/system.slice/system-ifup.slice/{unit}/cgroup.procs"));
-        std::fs::read_to_string(procs).is_ok_and(|p| !p.trim().is_empty())
+    /// Whether `ifup` or `ifdown` is running the stanza's commands for `name` (its pid file).
+    pub fn ifupdown_running(&self, name: &str) -> bool {
+        ["ifup", "ifdown"].iter().any(|tool| self.exists(&format!("/run/network/{tool}-{name}.pid")))
     }
 
-    /// Whether ifupdown is done with `name` returning at `registered` (wall clock): `ifup` ran
-    /// for it since, and nothing of its unit runs now.
+    /// Whether ifupdown is done with `name` returning at `registered` (wall clock): `ifup` began
+    /// for it since, and neither `ifup` nor `ifdown` runs for it now.
     pub fn ifupdown_done(&self, name: &str, registered: SystemTime) -> bool {
-        self.ifupdown_up_since(name).is_some_and(|at| at >= registered) && !self.ifupdown_job_running(name)
+        self.ifupdown_up_since(name).is_some_and(|at| at >= registered) && !self.ifupdown_running(name)
     }
 }
 
@@ -135,11 +140,9 @@ fn logical_lines(text: &str) -> Vec<String> {
         if current.is_empty() && raw.trim_start().starts_with('#') {
             continue;
         }
+        // ifupdown joins a `\`-continued line to the next as it is.
         match raw.strip_suffix('\\') {
-            Some(part) => {
-                current.push_str(part);
-                current.push(' ');
-            }
+            Some(part) => current.push_str(part),
             None => {
                 current.push_str(raw);
                 lines.push(std::mem::take(&mut current));
@@ -171,21 +174,6 @@ fn glob_match(pattern: &str, name: &str) -> bool {
     matches(&p, &n)
 }
 
-/// systemd's escaping of a unit instance name (`systemd-escape`): `-` and anything but ASCII
-/// letters, digits, `:`, `_` and `.` (not leading) become `\xNN`.
-fn systemd_escape(name: &str) -> String {
-    let mut out = String::new();
-    for (i, byte) in name.bytes().enumerate() {
-        let plain = byte.is_ascii_alphanumeric() || byte == b':' || byte == b'_' || (byte == b'.' && i > 0);
-        if plain {
-            out.push(char::from(byte));
-        } else {
-            out.push_str(&format!("\\x{byte:02x}"));
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -206,6 +194,8 @@ mod tests {
         write(&dir, INTERFACES, "allow-hotplug eth0\n")?;
         assert!(host.ifupdown_hotplug().is_empty(), "no ifup installed: nobody reads the file");
         write(&dir, "/usr/sbin/ifup", "")?;
+        assert!(host.ifupdown_hotplug().is_empty(), "no udev rule: not Debian's ifupdown");
+        write(&dir, UDEV_RULES[0], "")?;
         write(
             &dir,
             INTERFACES,
@@ -238,19 +228,15 @@ mod tests {
         assert!(host.ifupdown_done("enp2s0", before));
         let later = SystemTime::now() + std::time::Duration::from_secs(5);
         assert!(!host.ifupdown_done("enp2s0", later), "written before the NIC came back: the old ifup");
-        let procs = "/sys/fs/cgroup/system.slice/system-ifup.slice/ifup@enp2s0.service/cgroup.procs";
-        write(&dir, procs, "1234\n")?;
-        assert!(!host.ifupdown_done("enp2s0", before), "its job still runs");
-        write(&dir, procs, "")?;
+        write(&dir, "/run/network/ifup-enp2s0.pid", "1234\n")?;
+        assert!(!host.ifupdown_done("enp2s0", before), "ifup still runs the stanza's commands");
+        std::fs::remove_file(dir.join("run/network/ifup-enp2s0.pid"))?;
         assert!(host.ifupdown_done("enp2s0", before));
         std::fs::remove_dir_all(&dir)
     }
 
     #[test]
-    fn unit_names_escape_as_systemd_does() {
-        assert_eq!(systemd_escape("enp2s0"), "enp2s0");
-        assert_eq!(systemd_escape("eth0.100"), "eth0.100");
-        assert_eq!(systemd_escape("br-lan"), "br\\x2dlan");
+    fn globs_as_sh() {
         assert!(glob_match("*", "ens5") && !glob_match("*", ".hidden") && glob_match("e?s*", "ens5"));
         assert!(!glob_match("*.cfg", "ens5"));
     }

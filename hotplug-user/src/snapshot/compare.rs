@@ -57,10 +57,33 @@ impl NicSnapshot {
                 .filter(|e| not_a_lease(e) && !now.routes.iter().any(|h| h.summary == e.summary))
                 .map(|e| format!("route {}", e.summary)),
         );
+        // A rule from or to a lease's address follows the lease (a new one may differ).
+        let leased: Vec<std::net::IpAddr> = self
+            .addresses
+            .iter()
+            .filter_map(|e| address_message(e).ok())
+            .filter(|m| {
+                m.attributes
+                    .iter()
+                    .any(|a| matches!(a, AddressAttribute::CacheInfo(c) if c.ifa_valid != FOREVER))
+            })
+            .flat_map(|m| {
+                m.attributes.into_iter().filter_map(|a| match a {
+                    AddressAttribute::Address(ip) | AddressAttribute::Local(ip) => Some(ip),
+                    _ => None,
+                })
+            })
+            .collect();
+        let not_leased = |e: &Entry| {
+            super::rule_message(e).is_ok_and(|m| {
+                let (from, to) = super::rule_addresses(&m);
+                ![from, to].iter().flatten().any(|ip| leased.contains(ip))
+            })
+        };
         lost.extend(
             self.rules
                 .iter()
-                .filter(|e| !now.rules.iter().any(|h| h.summary == e.summary))
+                .filter(|e| not_leased(e) && !now.rules.iter().any(|h| h.summary == e.summary))
                 .map(|e| format!("rule {}", e.summary)),
         );
         lost

@@ -398,7 +398,7 @@ pub fn rule_table(message: &RuleMessage) -> u32 {
         .unwrap_or(u32::from(message.header.table))
 }
 
-fn rule_addresses(message: &RuleMessage) -> (Option<IpAddr>, Option<IpAddr>) {
+pub(crate) fn rule_addresses(message: &RuleMessage) -> (Option<IpAddr>, Option<IpAddr>) {
     let mut source = None;
     let mut destination = None;
     for attribute in &message.attributes {

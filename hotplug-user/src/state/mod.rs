@@ -28,8 +28,9 @@ use crate::{
     snapshot::{self, NicSnapshot},
 };
 
-/// The format this agent writes (and the newest it reads).
-pub const FORMAT: u64 = 1;
+/// The format this agent writes (and the newest it reads). 2: a snapshot's manager may be
+/// `ifupdown`, a pending restore's reason `restored` (format 1 is read as it is).
+pub const FORMAT: u64 = 2;
 /// Release 0.1.0's files, which carry no `format`.
 pub const FORMAT_0_1_0: u64 = 0;
 
@@ -158,6 +159,10 @@ pub enum PendingReason {
     Reload,
     /// networkd reconfigured the link and dropped routes and rules it does not own.
     ManagerCycle,
+    /// A driver reload's restore is being finished: what it could not put back ahead of a late
+    /// manager, or what a peer tore down right after it. The snapshot is the whole restored one:
+    /// it stays the NIC's (reads meanwhile are not adopted; a driver leaving again holds it).
+    Restored,
 }
 
 /// The document written for a NIC.
@@ -196,7 +201,7 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<Decoded<T>, FormatErr
     if format > FORMAT {
         return Err(FormatError::Newer { found: format });
     }
-    // Format 1 is the only one with an envelope so far.
+    // Formats 1 and 2 share the envelope (2 only adds enum values).
     let nic =
         object.remove("nic").ok_or_else(|| FormatError::Json(serde::de::Error::missing_field("nic")))?;
     Ok(Decoded { nic: serde_json::from_value(nic)?, format })

@@ -1,5 +1,6 @@
 //! The state format against files written by release 0.1.0 (tests/fixtures/state-0.1.0, written by
-//! that release's own code) and the current format's own fixture (tests/fixtures/state-1).
+//! that release's own code), format 1's fixture (tests/fixtures/state-1, still read as it is) and
+//! the current format's own (tests/fixtures/state-2).
 use super::*;
 use crate::{
     classify::Cause,
@@ -10,6 +11,7 @@ use crate::{
 const GONE_0_1_0: &str = include_str!("../../../tests/fixtures/state-0.1.0/driver-gone.json");
 const PRESENT_0_1_0: &str = include_str!("../../../tests/fixtures/state-0.1.0/present-restored.json");
 const GONE_1: &str = include_str!("../../../tests/fixtures/state-1/driver-gone.json");
+const GONE_2: &str = include_str!("../../../tests/fixtures/state-2/driver-gone.json");
 
 type Error = Box<dyn std::error::Error>;
 
@@ -115,28 +117,32 @@ fn summaries_are_this_releases_whatever_the_file_says() -> Result<(), Error> {
 
 #[test]
 fn the_current_format_round_trips_and_is_pinned() -> Result<(), Error> {
-    // What the agent writes for the 0.1.0 file (after its start-up migration) is the format-1
-    // fixture, field for field (only `written_by` follows the version).
+    // What the agent writes for the 0.1.0 file (after its start-up migration) is the current
+    // format's fixture, field for field (only `written_by` follows the version).
     let migrated = load(GONE_0_1_0)?.nic;
     let bytes = encode(&migrated)?;
     if std::env::var_os("HOTPLUG_BLESS_STATE_FORMAT").is_some() {
         // Writes the pinned fixture anew: only with FORMAT raised, and the old format still read.
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/state-1/driver-gone.json");
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/state-2/driver-gone.json");
         std::fs::write(path, &bytes)?;
     }
     let written: serde_json::Value = serde_json::from_slice(&bytes)?;
-    let mut pinned: serde_json::Value = serde_json::from_str(GONE_1)?;
+    let mut pinned: serde_json::Value = serde_json::from_str(GONE_2)?;
     assert_eq!(written["written_by"], concat!("hotplug-agent ", env!("CARGO_PKG_VERSION")));
     pinned["written_by"] = written["written_by"].clone();
     assert_eq!(
         written, pinned,
-        "the state format changed: a field added with a default is read by format 1 as it is (write the \
+        "the state format changed: a field added with a default is read by format 2 as it is (write the \
          fixture again: HOTPLUG_BLESS_STATE_FORMAT=1 cargo test -p hotplug-user state::); anything else \
          raises FORMAT, and the old format is still read"
     );
-    let again = load(GONE_1)?;
+    let again = load(GONE_2)?;
     assert_eq!(again.format, FORMAT);
     assert_eq!(serde_json::to_value(&again.nic)?, serde_json::to_value(&migrated)?);
+    // Format 1 (the same envelope, fewer enum values) is read as it is.
+    let one = load(GONE_1)?;
+    assert_eq!(one.format, 1);
+    assert_eq!(serde_json::to_value(&one.nic)?, serde_json::to_value(&migrated)?);
     Ok(())
 }
 

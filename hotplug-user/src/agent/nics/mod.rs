@@ -37,7 +37,7 @@ use crate::{
     snapshot::{self, NicSnapshot},
     state::{
         store::{Store, StoreError},
-        Nic as Managed,
+        Nic as Managed, PendingReason,
     },
 };
 
@@ -311,7 +311,7 @@ impl NicManager {
                     decide::coexist::restore_after_manager(cycle).map(|plan| (foreign, plan))
                 });
                 // Shortly after a restore, a peer's teardown is undone, not adopted.
-                let now_ns = crate::clock::monotonic_ns();
+                let now_ns = monotonic_ns();
                 let teardown = self.nics.get(&mac).filter(|_| dropped.is_none()).and_then(|nic| {
                     let settling = nic.settling.as_ref()?;
                     let lost = settling.restored.static_lost_in(&snapshot);
@@ -327,6 +327,20 @@ impl NicManager {
                 });
                 if let Some((lost, plan)) = teardown {
                     self.undo_teardown(&mac, ifindex, &lost, plan);
+                    return;
+                }
+                // Not adopted either: a read while a restore is being finished (the restored
+                // snapshot stays the NIC's), and a torn-down link set down within the settle
+                // window (ifupdown's `ifdown` ends so; its `ifup` follows).
+                let held_back = self.nics.get(&mac).is_some_and(|nic| {
+                    nic.pending_restore.as_ref().is_some_and(|p| p.reason == PendingReason::Restored)
+                        || nic.settling.as_ref().is_some_and(|s| {
+                            now_ns < s.until_ns
+                                && !snapshot.up
+                                && !s.restored.static_lost_in(&snapshot).is_empty()
+                        })
+                });
+                if held_back {
                     return;
                 }
                 if let Some(nic) = self.nics.get_mut(&mac) {

@@ -42,8 +42,18 @@ pub struct Settled {
     waited: Duration,
     /// False: the wait ran out.
     settled: bool,
-    /// This is the replay of what a restore ahead of a late manager could not put back.
-    replay: bool,
+    round: Round,
+}
+
+/// Which restore of a NIC's return (or of a networkd cycle) this is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Round {
+    /// The restore itself.
+    First,
+    /// What a restore ahead of a late manager could not put back.
+    LateManager,
+    /// What a peer tore down right after the restore.
+    Teardown,
 }
 
 impl NicManager {
@@ -60,7 +70,8 @@ impl NicManager {
         // routes and rules waiting for networkd to finish a reconfigure join the one held.
         let pending = nic.pending_restore.take();
         let kind = pending.as_ref().map(|p| match p.reason {
-            PendingReason::Reload => decide::step::PendingKind::Reload,
+            // A restore being finished holds its whole snapshot, as one waiting for the manager.
+            PendingReason::Reload | PendingReason::Restored => decide::step::PendingKind::Reload,
             PendingReason::ManagerCycle => decide::step::PendingKind::ManagerCycle,
         });
         let candidates: Vec<&NicSnapshot> = nic.history.iter().chain(nic.snapshot.iter()).collect();
@@ -126,7 +137,7 @@ impl NicManager {
                 plan,
                 waited: Duration::ZERO,
                 settled: true,
-                replay: false,
+                round: Round::First,
             };
             self.finish_restore(settled).await;
             return;
@@ -136,7 +147,7 @@ impl NicManager {
             tracing::info!(%mac, interface = %want.name, ifindex, action = "restore", "NIC is back: restoring once {manager} has configured it");
         }
         self.persist(mac);
-        self.wait_for_manager(mac, ifindex, registered_ns, plan, false);
+        self.wait_for_manager(mac, ifindex, registered_ns, plan, Round::First);
     }
 
     /// networkd reconfigured the link and dropped routes and rules that are not its own: they go
@@ -152,31 +163,32 @@ impl NicManager {
         tracing::info!(%mac, interface = %foreign.name, ifindex, action = "restore", "networkd reconfigured the NIC and dropped routes or rules it does not own: restoring them once it is done");
         nic.pending_restore = Some(Pending { snapshot: foreign, reason: PendingReason::ManagerCycle, plan });
         self.persist(mac);
-        self.wait_for_manager(mac, ifindex, monotonic_ns(), plan, false);
+        self.wait_for_manager(mac, ifindex, monotonic_ns(), plan, Round::First);
     }
 
-    /// Waits (in a task) for udev and the NIC's manager as `plan` says, then hands the restore
-    /// back to the event loop (`Background::ManagerSettled`).
     /// A peer tore the NIC down right after its restore: the restored snapshot stays the NIC's,
-    /// and what went is put back once the manager is done (see `refresh`).
+    /// and what went is put back once the manager is done (see `refresh`). Once: the undo arms no
+    /// new settle window.
     pub(super) fn undo_teardown(&mut self, mac: &str, ifindex: u32, lost: &[String], plan: RestorePlan) {
         let Some(nic) = self.nics.get_mut(mac) else { return };
         let Some(settling) = nic.settling.take() else { return };
         let manager = settling.restored.manager.map_or("another tool", |m| m.as_str());
         tracing::warn!(%mac, interface = %settling.restored.name, ifindex, action = "restore", lost = ?lost, "right after its restore, {manager} took {} objects from the NIC: not taken as its configuration; putting them back{}", lost.len(), if plan.wait_for_manager { " once it is done" } else { "" });
         nic.pending_restore =
-            Some(Pending { snapshot: settling.restored, reason: PendingReason::ManagerCycle, plan });
+            Some(Pending { snapshot: settling.restored, reason: PendingReason::Restored, plan });
         self.persist(mac);
-        self.wait_for_manager(mac, ifindex, settling.registered_ns, plan, true);
+        self.wait_for_manager(mac, ifindex, settling.registered_ns, plan, Round::Teardown);
     }
 
+    /// Waits (in a task) for udev and the NIC's manager as `plan` says, then hands the restore
+    /// back to the event loop (`Background::ManagerSettled`).
     pub(super) fn wait_for_manager(
         &self,
         mac: &str,
         ifindex: u32,
         registered_ns: u64,
         plan: RestorePlan,
-        replay: bool,
+        round: Round,
     ) {
         let manager_wait = self.config.manager_wait();
         let tx = self.background.clone();
@@ -205,14 +217,14 @@ impl NicManager {
                     wait_until(manager_wait, || host.manager_done(manager, ifindex, &name, registered)).await;
             }
             let waited = started.elapsed();
-            let settled = Settled { mac, ifindex, registered_ns, decided_ns, plan, waited, settled, replay };
+            let settled = Settled { mac, ifindex, registered_ns, decided_ns, plan, waited, settled, round };
             let _ = tx.send(super::Background::ManagerSettled(settled)).await;
         });
     }
 
     /// Replays the pending snapshot on the NIC, if it is still the one that registered.
     pub(super) async fn finish_restore(&mut self, settled: Settled) {
-        let Settled { mac, ifindex, registered_ns, decided_ns, plan, waited, settled, replay } = settled;
+        let Settled { mac, ifindex, registered_ns, decided_ns, plan, waited, settled, round } = settled;
         let Some(nic) = self.nics.get_mut(&mac) else { return };
         let same = matches!(nic.record.state, NicState::Present { ifindex: i, .. } if i == ifindex);
         if !same {
@@ -254,11 +266,12 @@ impl NicManager {
         };
         self.audit_outcome(crate::audit::Kind::Restore, &mac, action, outcome);
         let problems: Vec<String> = report.errors.iter().chain(&report.differences).cloned().collect();
+        let complete = problems.is_empty();
         let again = decide::coexist::replay_when_manager_done(decide::coexist::Replayed {
             plan,
             manager_done: settled,
             incomplete: !problems.is_empty(),
-            replay,
+            replay: round != Round::First,
         });
         // A guided reload follows the restores of a driver's return, not a manager's cycle.
         self.publish_progress(&mac, |p| {
@@ -289,9 +302,10 @@ impl NicManager {
                 phases: Some(phases),
             });
         }
-        // A driver reload's restore settles for a while: a peer's teardown then is undone, not
-        // adopted (`refresh`, `decide::coexist::teardown_after_restore`).
-        if after_reload && again.is_none() {
+        // A driver reload's restore that put everything back settles for a while: a peer's
+        // teardown then is undone, not adopted (`refresh`, `decide::coexist::teardown_after_restore`).
+        // Not after an undo: once per restore.
+        if complete && again.is_none() && (after_reload || round == Round::LateManager) {
             if let Some(nic) = self.nics.get_mut(&mac) {
                 nic.settling = Some(crate::state::Settling {
                     until_ns: monotonic_ns().saturating_add(SETTLE_AFTER_RESTORE_NS),
@@ -306,10 +320,10 @@ impl NicManager {
             tracing::info!(%mac, interface = %want.name, ifindex, action = "restore", "the NIC's manager was not done: what could not go back is replayed once it is");
             if let Some(nic) = self.nics.get_mut(&mac) {
                 nic.pending_restore =
-                    Some(Pending { snapshot: want, reason: PendingReason::ManagerCycle, plan: again });
+                    Some(Pending { snapshot: want, reason: PendingReason::Restored, plan: again });
             }
             self.persist(&mac);
-            self.wait_for_manager(&mac, ifindex, registered_ns, again, true);
+            self.wait_for_manager(&mac, ifindex, registered_ns, again, Round::LateManager);
         } else {
             self.persist(&mac);
         }

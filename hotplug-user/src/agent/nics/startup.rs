@@ -154,7 +154,13 @@ impl NicManager {
                             // The restore finishes once udev and the NIC's manager are done, as
                             // it would have, with the plan it was begun with.
                             if let Some((.., Some(plan))) = persisted {
-                                manager.wait_for_manager(&mac, link.ifindex, now, plan, false);
+                                manager.wait_for_manager(
+                                    &mac,
+                                    link.ifindex,
+                                    now,
+                                    plan,
+                                    super::restore::Round::First,
+                                );
                             }
                         }
                         decide::startup::Reconcile::ResumeAttach => {
