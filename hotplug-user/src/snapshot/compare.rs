@@ -249,6 +249,58 @@ mod tests {
     }
 
     #[test]
+    fn a_teardown_loses_static_objects_and_leases_are_not_counted() {
+        let mut lease = address(3600, 1800, 50);
+        lease.summary = "10.0.0.5/24 label eth0".into();
+        let mut fixed = AddressMessage::default();
+        fixed.header.prefix_len = 24;
+        fixed.attributes.push(AddressAttribute::Address([10, 0, 0, 50].into()));
+        let fixed = Entry { summary: "10.0.0.50/24 label eth0".into(), message: to_hex(&fixed) };
+        let mut link_local = AddressMessage::default();
+        link_local.header.prefix_len = 64;
+        link_local.attributes.push(AddressAttribute::Address("fe80::1".parse::<std::net::IpAddr>().unwrap()));
+        let link_local = Entry { summary: "fe80::1/64".into(), message: to_hex(&link_local) };
+        let mut operator = RouteMessage::default();
+        operator.header.destination_prefix_length = 24;
+        operator.header.protocol = RouteProtocol::Boot;
+        let operator =
+            Entry { summary: "inet 192.168.82.0/24 proto Boot".into(), message: to_hex(&operator) };
+        let mut leased = RouteMessage::default();
+        leased.header.protocol = RouteProtocol::Dhcp;
+        let leased = Entry { summary: "inet default proto Dhcp".into(), message: to_hex(&leased) };
+        let rule = |from: [u8; 4], summary: &str| {
+            let mut m = rtnetlink::packet_route::rule::RuleMessage::default();
+            m.header.src_len = 32;
+            m.attributes.push(rtnetlink::packet_route::rule::RuleAttribute::Source(from.into()));
+            Entry { summary: summary.into(), message: to_hex(&m) }
+        };
+        let mut restored =
+            snapshot(100, vec![lease.clone(), fixed.clone(), link_local], vec![operator.clone(), leased]);
+        restored.rules = vec![
+            rule([10, 0, 0, 50], "pref 10001 from 10.0.0.50"),
+            rule([10, 0, 0, 5], "pref 10002 from 10.0.0.5"),
+        ];
+        // ifdown flushed everything; ifup put back only what the lease and kernel make.
+        let torn = snapshot(110, vec![lease], Vec::new());
+        let lost = restored.static_lost_in(&torn);
+        assert_eq!(
+            lost,
+            [
+                "address 10.0.0.50/24 label eth0",
+                "route inet 192.168.82.0/24 proto Boot",
+                "rule pref 10001 from 10.0.0.50",
+            ],
+            "not the lease, its route or its rule, nor the kernel's link-local address"
+        );
+        let mut whole = restored.clone();
+        whole.addresses[0] = address(3000, 1200, 70);
+        assert!(restored.static_lost_in(&whole).is_empty(), "a renewed lease is no loss");
+        let mut relabelled = restored.clone();
+        relabelled.addresses[1].summary = "10.0.0.50/24 flags Secondary label eth0".into();
+        assert!(restored.static_lost_in(&relabelled).is_empty(), "addresses compare by address and prefix");
+    }
+
+    #[test]
     fn a_lease_counting_down_is_no_change_and_a_renewed_one_is() {
         let first = snapshot(100, vec![address(3600, 1800, 50)], Vec::new());
         let later = snapshot(110, vec![address(3590, 1790, 51)], Vec::new());
