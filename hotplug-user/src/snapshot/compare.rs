@@ -258,7 +258,9 @@ mod tests {
         let fixed = Entry { summary: "10.0.0.50/24 label eth0".into(), message: to_hex(&fixed) };
         let mut link_local = AddressMessage::default();
         link_local.header.prefix_len = 64;
-        link_local.attributes.push(AddressAttribute::Address("fe80::1".parse::<std::net::IpAddr>().unwrap()));
+        link_local
+            .attributes
+            .push(AddressAttribute::Address(std::net::Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1).into()));
         let link_local = Entry { summary: "fe80::1/64".into(), message: to_hex(&link_local) };
         let mut operator = RouteMessage::default();
         operator.header.destination_prefix_length = 24;
