@@ -64,6 +64,9 @@ pub enum Bench {
         /// Guest kernel.
         #[arg(long, value_enum, default_value = "trixie")]
         kernel: kernels::Suite,
+        /// The distro guest: trixie (cloud-init 25.1) or sid (the newest cloud-init).
+        #[arg(long, value_enum, default_value = "trixie")]
+        distro: distro::Distro,
         /// Take the cloud-init-alone half from its last run
         /// (target/vm-results/bench-cloud-init-alone-KERNEL.json, same kernel and reload count)
         /// instead of running it again: it does not depend on hotplug's code and takes about 45
@@ -82,8 +85,8 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
             write_results("micro.json", &json!({ "command": "cargo xtask bench micro", "figures": micro }))?;
             Ok(ExitCode::SUCCESS)
         }
-        Some(Bench::CloudInit { reloads, kernel, reuse_alone }) => {
-            cloud_init(*reloads, *kernel, *reuse_alone)
+        Some(Bench::CloudInit { reloads, kernel, distro, reuse_alone }) => {
+            cloud_init(*reloads, *kernel, *distro, *reuse_alone)
         }
         Some(Bench::Scenarios { scenario, arch }) => {
             let (runs, failed) = scenarios(scenario.as_deref(), *arch)?;
@@ -366,7 +369,12 @@ fn scenarios(only: Option<&str>, arch: Option<Arch>) -> Result<(Vec<Value>, bool
     Ok((runs, failed))
 }
 
-fn cloud_init(reloads: u32, suite: kernels::Suite, reuse_alone: bool) -> Result<ExitCode> {
+fn cloud_init(
+    reloads: u32,
+    suite: kernels::Suite,
+    guest: distro::Distro,
+    reuse_alone: bool,
+) -> Result<ExitCode> {
     let prepared = setup::run(&setup::SetupArgs {
         kernels: vec![suite],
         arm64_kernels: Vec::new(),
@@ -375,8 +383,10 @@ fn cloud_init(reloads: u32, suite: kernels::Suite, reuse_alone: bool) -> Result<
         rebuild_distro: false,
     })?;
     let kernel = prepared.kernels.first().context("no guest kernel prepared")?.clone();
-    let image =
-        prepared.distros.iter().find(|d| d.distro == distro::Distro::Trixie).context("no distro image")?;
+    let image = match prepared.distros.iter().find(|d| d.distro == guest) {
+        Some(image) => image.clone(),
+        None => distro::ensure(guest, false)?,
+    };
     let binaries = build::guest_binaries(Arch::Amd64)?;
     let packages = package::build_packages(Arch::Amd64)?;
     let root = cmd::workspace_root();
@@ -388,7 +398,7 @@ fn cloud_init(reloads: u32, suite: kernels::Suite, reuse_alone: bool) -> Result<
     let mut runs = Vec::new();
     let mut halves = vec![("cloud-init alone", false), ("cloud-init + hotplug-agent", true)];
     if reuse_alone {
-        let (label, figures) = last_alone_run(&kernel.release, reloads)?;
+        let (label, figures) = last_alone_run(&kernel.release, guest, reloads)?;
         eprintln!("bench: cloud-init alone: reusing {label}");
         runs.push(("cloud-init alone", figures));
         halves.remove(0);
@@ -424,6 +434,7 @@ fn cloud_init(reloads: u32, suite: kernels::Suite, reuse_alone: bool) -> Result<
     let result = json!({
         "benchmark": "cloud-init",
         "kernel": kernel.release,
+        "distro": guest.name(),
         "reloads": reloads,
         "alone_half_reused": reuse_alone,
         "runs": runs.iter().map(|(label, figures)| json!({ "label": label, "figures": figures })).collect::<Vec<_>>(),
@@ -433,9 +444,10 @@ fn cloud_init(reloads: u32, suite: kernels::Suite, reuse_alone: bool) -> Result<
     Ok(ExitCode::SUCCESS)
 }
 
-/// The figures of the last cloud-init-alone run on this kernel, with a label saying which run.
+/// The figures of the last cloud-init-alone run on this kernel and distro guest, with a label saying which run.
 fn last_alone_run(
     release: &str,
+    guest: distro::Distro,
     reloads: u32,
 ) -> Result<(String, std::collections::BTreeMap<String, Value>)> {
     let dir = cmd::target_dir().join("vm-results");
@@ -455,7 +467,11 @@ fn last_alone_run(
             serde_json::from_value(run["figures"].clone()).unwrap_or_default();
         let complete = (1..=reloads).all(|k| figures.contains_key(&format!("reload_{k}_imds_requests")))
             && !figures.contains_key(&format!("reload_{}_imds_requests", reloads + 1));
-        if run["kernel_release"] == release && run["passed"] == true && complete {
+        if run["kernel_release"] == release
+            && run["guest"] == guest.name()
+            && run["passed"] == true
+            && complete
+        {
             let modified = fs::metadata(&path)?.modified()?;
             let age = modified.elapsed().unwrap_or_default().as_secs() / 3600;
             return Ok((format!("{} (written {age} h ago)", path.display()), figures));
