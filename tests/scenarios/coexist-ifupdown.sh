@@ -2,6 +2,7 @@
 # ifupdown brings the e1000e up on hotplug (`allow-hotplug`, ifup@): three reloads 5 s apart each give back the stanza's and the operator's configuration, ifupdown's late ifdown never shrinks what the agent keeps.
 # guest: trixie
 # preinstall: hotplug-agent
+# imds: no-nics
 # kernels: trixie
 . /opt/hotplug/scenarios/_lib.sh
 
@@ -15,12 +16,17 @@ iface $dev inet static
 	address 10.0.1.50/24
 	up ip route add 192.168.81.0/24 via 10.0.1.1 dev $dev
 EOF
-ifup "$dev" || fail "ifup $dev failed"
+# As udev does for an allow-hotplug NIC at boot: through ifup@ (a plain `ifup` leaves the unit
+# inactive, so the first removal runs no ifdown and ifupdown still counts the NIC up when it
+# returns: its ifup@ then does nothing).
+systemctl start "ifup@$dev.service" || fail "ifup@$dev failed"
+# (The unit is Type=simple: started is not done.)
+wait_until 30 "ip -4 addr show dev $dev | grep -q 10.0.1.50/24" || fail "ifup@$dev did not configure $dev"
 # The operator's extras, which the stanza does not make: an address, a route, a table and rule.
 ip addr add 10.0.1.51/24 dev "$dev"
 ip route add 192.168.82.0/24 via 10.0.1.1 dev "$dev"
-ip route add default via 10.0.1.1 dev "$dev" table 10001
-ip rule add from 10.0.1.51 lookup 10001 pref 10001
+ip route add default via 10.0.1.1 dev "$dev" table 181
+ip rule add from 10.0.1.51 lookup 181 pref 181
 check_header
 check "the service runs in full mode" full "$(service_mode)"
 wait_until 10 "hotplug-agent status --json | jq -e --arg m $N1 '.[] | select(.mac == \$m and .manager == \"ifupdown\")' >/dev/null"

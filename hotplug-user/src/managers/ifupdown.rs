@@ -8,9 +8,11 @@
 //!
 //! What the agent reads: the interfaces file and what it sources (`allow-hotplug` lines), the
 //! per-interface state file (`/run/network/ifstate.NAME`: the name while ifupdown counts the
-//! interface up, written when `ifup` begins; emptied by `ifdown`), and the pid files ifupdown
-//! keeps while it runs the stanza's commands (`/run/network/ifup-NAME.pid`, `ifdown-NAME.pid`).
-//! Not the unit's cgroup: a stanza's DHCP client stays in it for the lease's life. No D-Bus.
+//! interface up, written when `ifup` begins, before it adds the stanza's address; emptied by
+//! `ifdown`), the pid files ifupdown keeps while it runs `up`/`down` commands
+//! (`/run/network/ifup-NAME.pid`, `ifdown-NAME.pid`), and the `ifup`/`ifdown` processes in the
+//! unit's cgroup (a stanza's DHCP client stays there for the lease's life: it does not count).
+//! No D-Bus.
 use std::{
     collections::BTreeSet,
     path::{Path, PathBuf},
@@ -120,9 +122,27 @@ impl Host {
         std::fs::metadata(&path).and_then(|m| m.modified()).ok()
     }
 
-    /// Whether `ifup` or `ifdown` is running the stanza's commands for `name` (its pid file).
+    /// Whether `ifup` or `ifdown` runs for `name`: its pid file, or its process in the unit's
+    /// cgroup (cgroup v2, or v1's systemd hierarchy).
     pub fn ifupdown_running(&self, name: &str) -> bool {
-        ["ifup", "ifdown"].iter().any(|tool| self.exists(&format!("/run/network/{tool}-{name}.pid")))
+        if ["ifup", "ifdown"].iter().any(|tool| self.exists(&format!("/run/network/{tool}-{name}.pid"))) {
+            return true;
+        }
+        let unit = format!("ifup@{}.service", systemd_escape(name));
+        // Debian's ifup@.service says Slice=system.slice; a template's own slice otherwise.
+        let cgroups = ["/sys/fs/cgroup", "/sys/fs/cgroup/systemd"].iter().flat_map(|root| {
+            [format!("{root}/system.slice/{unit}"), format!("{root}/system.slice/system-ifup.slice/{unit}")]
+        });
+        cgroups.into_iter().any(|cgroup| {
+            let procs = self.path(&format!("{cgroup}/cgroup.procs"));
+            std::fs::read_to_string(procs).is_ok_and(|pids| {
+                pids.split_whitespace().any(|pid| {
+                    let comm =
+                        std::fs::read_to_string(self.path(&format!("/proc/{pid}/comm"))).unwrap_or_default();
+                    matches!(comm.trim(), "ifup" | "ifdown")
+                })
+            })
+        })
     }
 
     /// Whether ifupdown is done with `name` returning at `registered` (wall clock): `ifup` began
@@ -130,6 +150,21 @@ impl Host {
     pub fn ifupdown_done(&self, name: &str, registered: SystemTime) -> bool {
         self.ifupdown_up_since(name).is_some_and(|at| at >= registered) && !self.ifupdown_running(name)
     }
+}
+
+/// systemd's escaping of a unit instance name (`systemd-escape`): `-`, `/`, and anything but ASCII
+/// letters, digits, `:`, `_` and `.` (not leading) become `\xNN`.
+fn systemd_escape(name: &str) -> String {
+    let mut out = String::new();
+    for (i, byte) in name.bytes().enumerate() {
+        let plain = byte.is_ascii_alphanumeric() || byte == b':' || byte == b'_' || (byte == b'.' && i > 0);
+        if plain {
+            out.push(char::from(byte));
+        } else {
+            out.push_str(&format!("\\x{byte:02x}"));
+        }
+    }
+    out
 }
 
 /// The lines of an interfaces file, comments dropped and `\`-continued lines joined.
@@ -232,11 +267,21 @@ mod tests {
         assert!(!host.ifupdown_done("enp2s0", before), "ifup still runs the stanza's commands");
         std::fs::remove_file(dir.join("run/network/ifup-enp2s0.pid"))?;
         assert!(host.ifupdown_done("enp2s0", before));
+        // ifup writes the state before it adds the address (no pid file yet): its process counts.
+        let procs = "/sys/fs/cgroup/system.slice/ifup@enp2s0.service/cgroup.procs";
+        write(&dir, procs, "40\n41\n")?;
+        write(&dir, "/proc/40/comm", "dhclient\n")?;
+        assert!(host.ifupdown_done("enp2s0", before), "a DHCP client staying in the unit is no job");
+        write(&dir, "/proc/41/comm", "ifup\n")?;
+        assert!(!host.ifupdown_done("enp2s0", before), "ifup itself still runs");
         std::fs::remove_dir_all(&dir)
     }
 
     #[test]
-    fn globs_as_sh() {
+    fn globs_as_sh_and_units_as_systemd() {
+        assert_eq!(systemd_escape("enp2s0"), "enp2s0");
+        assert_eq!(systemd_escape("eth0.100"), "eth0.100");
+        assert_eq!(systemd_escape("br-lan"), "br\\x2dlan");
         assert!(glob_match("*", "ens5") && !glob_match("*", ".hidden") && glob_match("e?s*", "ens5"));
         assert!(!glob_match("*.cfg", "ens5"));
     }
