@@ -36,11 +36,13 @@ impl Distro {
     }
 
     /// The packages beyond [`PACKAGES`] that differ by release: sid has no isc-dhcp-client any
-    /// more (ifupdown falls back to dhcpcd).
-    fn dhcp_client(self) -> &'static str {
+    /// more (ifupdown falls back to dhcpcd), and its `apt` variant no longer brings `mount`
+    /// (without /usr/bin/mount, systemd's sys-kernel-tracing.mount fails and the agent runs
+    /// degraded: the cause of the degraded service first seen on sid).
+    fn release_packages(self) -> &'static [&'static str] {
         match self {
-            Self::Trixie => "isc-dhcp-client",
-            Self::Sid => "dhcpcd-base",
+            Self::Trixie => &["isc-dhcp-client"],
+            Self::Sid => &["dhcpcd-base", "mount"],
         }
     }
 
@@ -117,12 +119,14 @@ pub struct DistroImage {
     pub image: PathBuf,
 }
 
-/// Every package the image gets (the DHCP client after ifupdown, where trixie's recipe always
+/// Every package the image gets (the release's own after ifupdown, where trixie's recipe always
 /// had it: the cached image stays valid).
 fn packages(distro: Distro) -> Vec<&'static str> {
     let mut all = PACKAGES.to_vec();
     let at = all.iter().position(|p| *p == "ifupdown").map_or(all.len(), |i| i + 1);
-    all.insert(at, distro.dhcp_client());
+    for (offset, package) in distro.release_packages().iter().enumerate() {
+        all.insert(at + offset, package);
+    }
     all
 }
 
