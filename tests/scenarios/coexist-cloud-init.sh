@@ -1,6 +1,7 @@
 #!/bin/sh
 # cloud-init (Ec2 datasource, its hotplug hook on) configured the NICs at boot: reloads restored by hotplug with 0 IMDS requests in all, the gate passes a real attach to cloud-init.
 # guest: trixie
+# guests-extra: sid
 # preinstall: hotplug-agent
 # managers: cloud-init
 # kernels: trixie

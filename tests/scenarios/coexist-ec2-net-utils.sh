@@ -1,6 +1,7 @@
 #!/bin/sh
 # amazon-ec2-net-utils (on networkd) configures the ENIs: reloads bring its tables and rules back through its own units, hotplug adds only the operator's extras, nothing flaps.
 # guest: trixie
+# guests-extra: sid
 # preinstall: hotplug-agent
 # managers: ec2-net-utils
 # kernels: trixie

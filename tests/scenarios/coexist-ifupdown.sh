@@ -1,6 +1,7 @@
 #!/bin/sh
 # ifupdown brings the e1000e up on hotplug (`allow-hotplug`, ifup@): three reloads 5 s apart each give back the stanza's and the operator's configuration, ifupdown's late ifdown never shrinks what the agent keeps.
 # guest: trixie
+# guests-extra: sid
 # preinstall: hotplug-agent
 # imds: no-nics
 # kernels: trixie

@@ -1,6 +1,7 @@
 #!/bin/sh
 # systemd-networkd runs DHCP on two NICs, the operator adds extras: each reload restores them after networkd, nothing flaps, networkctl keeps them.
 # guest: trixie
+# guests-extra: sid
 # preinstall: hotplug-agent
 # managers: networkd
 # kernels: trixie

@@ -1,6 +1,7 @@
 #!/bin/sh
 # driver-reload's checks with the agent as the installed, sandboxed service: each driver reloaded, SIGKILL while away, no IMDS.
 # guest: trixie
+# guests-extra: sid
 # preinstall: hotplug-agent
 # imds: no-nics
 # kernels: trixie
@@ -59,6 +60,21 @@ for mac in $NICS; do
 	echo "  $module: restore latency ${latency:-?} us"
 	vmctl report "restore_latency_us_$module" "${latency:-null}"
 done
+
+# Kernel context in the service's audit trail: each removal a driver unload by modprobe, each
+# unload a module event naming it (a degraded service would say driver-unbind and name no tool).
+hotplug-agent --config /etc/hotplug/hotplug.toml history --json >/tmp/history.jsonl 2>/dev/null
+for mac in $NICS; do
+	check "audit $mac: removal a driver-unload by modprobe" yes "$(grep "\"mac\":\"$mac\"" /tmp/history.jsonl |
+		grep '"action":"removal"' | grep '"cause":"driver-unload"' | grep -q '"comm":"modprobe"' && echo yes || echo no)"
+done
+unloaded=$(grep '"kind":"module"' /tmp/history.jsonl | grep '"action":"unload"' | grep '"comm":"modprobe"' |
+	grep -o '"module":"[^"]*"' | cut -d'"' -f4 | sort -u | tr '\n' ' ')
+missing=""
+for m in virtio_net e1000e e1000; do
+	echo " $unloaded" | grep -q " $m " || missing="$missing $m"
+done
+check "audit: drivers with no unload by modprobe" none "${missing:-none}"
 
 pid=$(prop MainPID)
 [ "$pid" -gt 0 ] || fail "the service has no main process"

@@ -1,6 +1,7 @@
 #!/bin/sh
 # The .deb on a systemd Debian: install (READY=1), reload restored, bad config refused, upgrade keeps state and edits, watchdog, remove and reinstall, purge.
 # guest: trixie
+# guests-extra: sid
 # kernels: trixie
 . /opt/hotplug/scenarios/_lib.sh
 
