@@ -46,6 +46,15 @@ pub fn restore_plan(manager: Option<Manager>, mode: ManagerMode, udev_running: b
     }
 }
 
+/// Routes and rules only, once the NIC's manager is done: how what a manager dropped, or what a
+/// restore ahead of it could not put back, goes back.
+const ROUTES_AND_RULES_AFTER_MANAGER: RestorePlan = RestorePlan {
+    wait_for_udev: false,
+    wait_for_manager: true,
+    leave_dynamic: true,
+    routes_and_rules_only: true,
+};
+
 /// What networkd (re)configuring a link it manages looks like to the agent.
 #[derive(Clone, Copy, Debug)]
 pub struct ManagerCycle {
@@ -73,12 +82,7 @@ pub fn restore_after_manager(cycle: ManagerCycle) -> Option<RestorePlan> {
         && cycle.networkd_touched
         && cycle.admin_up
         && !cycle.restoring)
-        .then_some(RestorePlan {
-            wait_for_udev: false,
-            wait_for_manager: true,
-            leave_dynamic: true,
-            routes_and_rules_only: true,
-        })
+        .then_some(ROUTES_AND_RULES_AFTER_MANAGER)
 }
 
 /// How a restore that waited for the NIC's manager turned out.
@@ -99,12 +103,7 @@ pub struct Replayed {
 /// once: routes and rules, after another wait (the link and addresses are the manager's).
 pub fn replay_when_manager_done(replayed: Replayed) -> Option<RestorePlan> {
     (replayed.plan.wait_for_manager && !replayed.manager_done && replayed.incomplete && !replayed.replay)
-        .then_some(RestorePlan {
-            wait_for_udev: false,
-            wait_for_manager: true,
-            leave_dynamic: true,
-            routes_and_rules_only: true,
-        })
+        .then_some(ROUTES_AND_RULES_AFTER_MANAGER)
 }
 
 /// What the agent sees of a NIC re-read shortly after it restored it from a driver reload.

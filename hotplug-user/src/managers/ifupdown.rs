@@ -212,14 +212,7 @@ fn glob_match(pattern: &str, name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn write(root: &Path, path: &str, text: &str) -> std::io::Result<()> {
-        let path = root.join(path.trim_start_matches('/'));
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent)?;
-        }
-        std::fs::write(path, text)
-    }
+    use crate::managers::tests::write;
 
     #[test]
     fn allow_hotplug_lines_through_sourced_files() -> std::io::Result<()> {

@@ -226,7 +226,8 @@ mod tests {
         dir
     }
 
-    fn write(root: &Path, path: &str, text: &str) -> std::io::Result<()> {
+    /// Writes `text` at `path` under the test root `root`, making its directories.
+    pub(super) fn write(root: &Path, path: &str, text: &str) -> std::io::Result<()> {
         let path = root.join(path.trim_start_matches('/'));
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)?;
