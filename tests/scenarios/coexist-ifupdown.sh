@@ -21,13 +21,13 @@ EOF
 # inactive, so the first removal runs no ifdown and ifupdown still counts the NIC up when it
 # returns: its ifup@ then does nothing).
 systemctl start "ifup@$dev.service" || fail "ifup@$dev failed"
-# (The unit is Type=simple: started is not done.)
-wait_until 30 "ip -4 addr show dev $dev | grep -q 10.0.1.50/24" || fail "ifup@$dev did not configure $dev"
+# (The unit is Type=simple: started is not done. Its last step is the stanza's up command.)
+wait_until 30 "ip route show 192.168.81.0/24 dev $dev | grep -q ." || fail "ifup@$dev did not configure $dev"
 # The operator's extras, which the stanza does not make: an address, a route, a table and rule.
-ip addr add 10.0.1.51/24 dev "$dev"
-ip route add 192.168.82.0/24 via 10.0.1.1 dev "$dev"
-ip route add default via 10.0.1.1 dev "$dev" table 181
-ip rule add from 10.0.1.51 lookup 181 pref 181
+ip addr add 10.0.1.51/24 dev "$dev" || fail "adding the operator's address"
+ip route add 192.168.82.0/24 via 10.0.1.1 dev "$dev" || fail "adding the operator's route"
+ip route add default via 10.0.1.1 dev "$dev" table 181 || fail "adding the operator's table"
+ip rule add from 10.0.1.51 lookup 181 pref 181 || fail "adding the operator's rule"
 check_header
 check "the service runs in full mode" full "$(service_mode)"
 wait_until 10 "hotplug-agent status --json | jq -e --arg m $N1 '.[] | select(.mac == \$m and .manager == \"ifupdown\")' >/dev/null"
