@@ -16,6 +16,7 @@
 pub mod attach_plan;
 pub mod coexist;
 pub mod gate;
+pub mod recovery;
 pub mod reload;
 pub mod startup;
 pub mod step;

@@ -11,9 +11,12 @@
 //! the agent's process does by itself.)
 use std::{path::Path, process::Stdio, time::Duration};
 
+use crate::decide::recovery::{ModuleState, RunningCommand};
+
 /// Where distributions put modprobe (kmod's, or busybox's).
 const MODPROBE: [&str; 4] = ["/usr/sbin/modprobe", "/sbin/modprobe", "/usr/bin/modprobe", "/bin/modprobe"];
 const SYSTEMD_RUN: [&str; 2] = ["/usr/bin/systemd-run", "/bin/systemd-run"];
+const SYSTEMCTL: [&str; 2] = ["/usr/bin/systemctl", "/bin/systemctl"];
 const SYSTEM_BUS: &str = "/run/dbus/system_bus_socket";
 /// A modprobe that has not finished by then is given up on (a driver's remove or probe can hang).
 pub const MODPROBE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -68,6 +71,63 @@ pub fn loaded(module: &str) -> bool {
     Path::new("/sys/module").join(module.replace('-', "_")).join("initstate").exists()
 }
 
+/// The module's state now (`/sys/module/NAME` and its `initstate`: live, coming or going).
+pub fn state(module: &str) -> ModuleState {
+    let dir = Path::new("/sys/module").join(module.replace('-', "_"));
+    let initstate = std::fs::read_to_string(dir.join("initstate")).ok();
+    ModuleState::read(dir.exists(), initstate.as_deref())
+}
+
+/// The transient unit a module command for `driver` runs in: named, so that an agent started
+/// after this one was killed can find it and wait for it. One at a time per driver (a reload's
+/// commands run in turn, and a recovery waits for a left-over one before running its own).
+pub fn unit_name(driver: &str) -> String {
+    // A module name is letters, digits, '_' and '-' (`decide::reload::validate`): a unit name's
+    // characters already.
+    format!("hotplug-modprobe-{driver}.service")
+}
+
+/// Whether a unit is still active or on its way (`systemctl is-active`: exit 0 for active,
+/// reloading, activating, deactivating... and 3 for inactive, failed, or unknown).
+pub async fn unit_running(unit: &str) -> bool {
+    let Some(systemctl) = first(&SYSTEMCTL) else { return false };
+    let status = tokio::process::Command::new(systemctl)
+        .args(["is-active", "--quiet", unit])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .env_clear()
+        .kill_on_drop(true)
+        .status();
+    matches!(tokio::time::timeout(Duration::from_secs(10), status).await, Ok(Ok(s)) if s.success())
+}
+
+/// A process's start time (clock ticks since boot: /proc/PID/stat's 22nd field), which tells it
+/// from a later process given the same pid.
+pub fn start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (2nd field) is in parentheses and may hold spaces and parentheses: the
+    // fields after it are counted from its last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// What `run` says of a module command once it started.
+pub fn describe(runner: Runner, driver: &str, args: &[String], pid: Option<u32>) -> RunningCommand {
+    let command = format!("modprobe {}", args.join(" "));
+    match runner {
+        Runner::Direct(_) => RunningCommand {
+            command,
+            unit: None,
+            pid,
+            start_ticks: pid.and_then(start_ticks),
+        },
+        Runner::TransientUnit(..) => {
+            RunningCommand { command, unit: Some(unit_name(driver)), pid: None, start_ticks: None }
+        }
+    }
+}
+
 /// Whether the driver is built into the kernel (`/sys/module/NAME` without `initstate`): it
 /// cannot be unloaded.
 pub fn builtin(module: &str) -> bool {
@@ -75,9 +135,15 @@ pub fn builtin(module: &str) -> bool {
     dir.exists() && !dir.join("initstate").exists()
 }
 
-/// Runs `modprobe ARGS` the way `runner` says; `Ok` with what it printed, `Err` with its exit
-/// status and message.
-pub async fn run(runner: Runner, args: &[String]) -> Result<String, String> {
+/// Runs `modprobe ARGS` for `driver` the way `runner` says; `Ok` with what it printed, `Err`
+/// with its exit status and message. `started` is told what runs (its unit, or its pid) as soon
+/// as it does.
+pub async fn run(
+    runner: Runner,
+    driver: &str,
+    args: &[String],
+    started: impl FnOnce(RunningCommand),
+) -> Result<String, String> {
     let (program, line, mut command) = match runner {
         Runner::Direct(modprobe) => {
             let mut command = tokio::process::Command::new(modprobe);
@@ -92,6 +158,7 @@ pub async fn run(runner: Runner, args: &[String]) -> Result<String, String> {
             // parameters' characters are checked so that older ones expand nothing either).
             command
                 .args(["--quiet", "--wait", "--pipe", "--collect", "--service-type=exec"])
+                .arg(format!("--unit={}", unit_name(driver)))
                 .arg("--description=hotplug-agent reload: modprobe")
                 .arg(format!("--property=RuntimeMaxSec={}", MODPROBE_TIMEOUT.as_secs()))
                 .arg("--property=TimeoutStopSec=5")
@@ -109,6 +176,7 @@ pub async fn run(runner: Runner, args: &[String]) -> Result<String, String> {
         // A modprobe (or systemd-run) given up on is killed, not left running beside the next.
         .kill_on_drop(true);
     let child = command.spawn().map_err(|e| format!("cannot run {program}: {e}"))?;
+    started(describe(runner, driver, args, child.id()));
     // A little longer than the unit's own limit, so that its verdict comes first.
     match tokio::time::timeout(MODPROBE_TIMEOUT + Duration::from_secs(5), child.wait_with_output()).await {
         Err(_) => Err(format!("{line}: no answer after {} s", MODPROBE_TIMEOUT.as_secs())),

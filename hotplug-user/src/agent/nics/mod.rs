@@ -75,6 +75,12 @@ pub enum Background {
     Hook { mac: String, phase: &'static str, outcome: command::HookOutcome },
     /// A guided reload ended.
     ReloadDone(reload::Done),
+    /// An interrupted reload's recovery ended: what it found first, and how it ended.
+    RecoveryDone {
+        first: crate::decide::recovery::Recovery,
+        outcome: crate::decide::recovery::Recovery,
+        audit: Box<crate::audit::Entry>,
+    },
     /// These NICs' tuning (sysctls, queue settings, link attributes) changed since it was read.
     TuningChanged(Vec<u32>),
 }
@@ -692,6 +698,7 @@ impl NicManager {
             Background::ManagerSettled(settled) => self.finish_restore(settled).await,
             Background::Refresh(result) => self.on_refresh_result(result).await,
             Background::ReloadDone(done) => self.finish_reload(done),
+            Background::RecoveryDone { first, outcome, audit } => self.finish_recovery(first, outcome, *audit),
             Background::TuningChanged(ifindexes) => {
                 for ifindex in ifindexes {
                     tracing::debug!(ifindex, "tuning changed: reading the NIC again");

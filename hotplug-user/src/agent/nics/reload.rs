@@ -12,7 +12,10 @@ use tokio::sync::{oneshot, watch};
 
 use super::{Background, NicManager};
 use crate::{
-    decide::reload::{self, NicFacts, NicReport, ReloadPlan, ReloadReport, ReloadRequest},
+    decide::{
+        recovery::{self, Marker, Recovery, RunningCommand},
+        reload::{self, NicFacts, NicReport, ReloadPlan, ReloadReport, ReloadRequest},
+    },
     reconfigure::{
         module::{self, Runner},
         neighbour,
@@ -158,18 +161,23 @@ impl NicManager {
         self.reload_running = true;
         // Counted here, in the loop, before anything is unloaded: only restores after this count.
         let before = restores_of(&plan, &self.progress.borrow());
-        let marker = self.config.state_dir.join(IN_PROGRESS);
-        if let Err(error) = std::fs::write(&marker, &plan.driver) {
-            // Only a restart in the middle would miss it; the reload itself does not need it.
-            tracing::warn!(driver, %error, "cannot write {}: an agent restarted mid-reload would not load the module again", marker.display());
-        }
+        let marker = MarkerFile {
+            path: self.config.state_dir.join(IN_PROGRESS),
+            marker: std::sync::Mutex::new(Marker {
+                driver: plan.driver.clone(),
+                boot_id: boot_id(),
+                nics: plan.nics.iter().map(|n| n.mac.clone()).collect(),
+                running: None,
+            }),
+        };
+        marker.write();
         let (handle, progress, tx) =
             (self.handle.clone(), self.progress.subscribe(), self.background.clone());
         tokio::spawn(async move {
             let (driver, params) = (plan.driver.clone(), plan.params.clone());
             // In a task of its own: a panic in it still ends the reload (and frees the next one).
             let report =
-                match tokio::spawn(async move { carry_out(plan, runner, before, &handle, progress).await })
+                match tokio::spawn(async move { carry_out(plan, runner, &marker, before, &handle, progress).await })
                     .await
                 {
                     Ok(report) => report,
@@ -222,44 +230,52 @@ impl NicManager {
         self.progress.send_modify(|all| update(all.entry(mac.to_owned()).or_default()));
     }
 
-    /// At start: a reload an earlier agent left between its unload and its load (its marker in
-    /// the state directory) gets its module loaded again, with the host's configured
-    /// parameters, in a task of its own (start-up does not wait for modprobe); the NICs that
-    /// register are restored as after any reload.
+    /// At start: a reload an earlier agent left unfinished (its marker in the state directory)
+    /// is finished in a task of its own (start-up does not wait for modprobe): its module
+    /// command waited for if it still runs, the module loaded again as the host configures it
+    /// (`modprobe -b`) if it is gone, the marker kept until the NICs are back
+    /// (`decide::recovery`). No guided reload starts meanwhile. The NICs that register are
+    /// restored as after any reload.
     pub fn recover_interrupted_reload(&mut self) {
-        let marker = self.config.state_dir.join(IN_PROGRESS);
-        let Ok(text) = std::fs::read_to_string(&marker) else { return };
-        let Ok(request) = reload::validate(text.trim(), &[], false) else {
-            tracing::warn!(marker = %marker.display(), "reload marker does not name a module: removed");
-            let _ = std::fs::remove_file(&marker);
-            return;
-        };
-        let driver = request.driver;
-        if module::loaded(&driver) {
-            let _ = std::fs::remove_file(&marker);
-            return;
-        }
-        let mut entry = crate::audit::Entry::now(crate::audit::Kind::Reload, "interrupted");
-        entry.module = Some(driver.clone());
-        entry.decision =
-            Some(format!("an earlier agent stopped mid-reload with {driver} unloaded: modprobe {driver}"));
-        self.audit(&entry);
-        let runner = match module::runner() {
-            Ok(runner) => runner,
+        let path = self.config.state_dir.join(IN_PROGRESS);
+        let Ok(text) = std::fs::read_to_string(&path) else { return };
+        let marker = match Marker::parse(&text) {
+            Ok(marker) => marker,
             Err(why) => {
-                tracing::error!(driver, "a reload was interrupted with {driver} unloaded, and {why}: load it by hand (modprobe {driver})");
+                tracing::warn!(marker = %path.display(), "reload marker removed: {why}");
+                let _ = std::fs::remove_file(&path);
                 return;
             }
         };
+        let driver = marker.driver.clone();
+        let mut entry = crate::audit::Entry::now(crate::audit::Kind::Reload, "interrupted");
+        entry.module = Some(driver.clone());
+        entry.decision = Some(format!(
+            "an earlier agent stopped mid-reload of {driver}{}: finishing it (its command waited for, modprobe -b {driver} if it is gone, its NICs awaited)",
+            marker.running.as_ref().map(|r| format!(" during `{}`", r.command)).unwrap_or_default()
+        ));
+        self.reload_running = true;
+        let tx = self.background.clone();
         tokio::spawn(async move {
-            match module::run(runner, std::slice::from_ref(&driver)).await {
-                Ok(_) => {
-                    tracing::warn!(driver, action = "reload", "a reload was interrupted with {driver} unloaded: loaded it again");
-                    let _ = std::fs::remove_file(&marker);
-                }
-                Err(error) => tracing::error!(driver, action = "reload", "a reload was interrupted with {driver} unloaded, and loading it failed: {error}; load it by hand"),
-            }
+            let (first, outcome) = recover(&marker, &path).await;
+            let _ = tx.send(Background::RecoveryDone { first, outcome, audit: Box::new(entry) }).await;
         });
+    }
+
+    /// A recovery ended: a guided reload may start again; the audit trail says what it found
+    /// (only when there was something to finish).
+    pub(super) fn finish_recovery(&mut self, first: Recovery, outcome: Recovery, mut entry: crate::audit::Entry) {
+        self.reload_running = false;
+        if matches!(first, Recovery::Forget(_) | Recovery::Done(_)) {
+            return;
+        }
+        entry.outcome = Some(match outcome {
+            Recovery::Done(why) => format!("finished: {why}"),
+            Recovery::Forget(why) => format!("nothing to finish: {why}"),
+            Recovery::GiveUp(why) | Recovery::Wait(why) => format!("not finished: {why}"),
+            Recovery::Load => "not finished".to_owned(),
+        });
+        self.audit(&entry);
     }
 
     /// Forgets the progress of NICs the agent forgot.
@@ -281,9 +297,121 @@ fn restores_of(plan: &ReloadPlan, now: &Progress) -> HashMap<String, u64> {
     plan.nics.iter().map(|n| (n.mac.clone(), now.get(&n.mac).map_or(0, |p| p.restores))).collect()
 }
 
-/// Runs one module command and notes it in the report.
-async fn step(report: &mut ReloadReport, runner: Runner, label: &str, args: &[String]) -> bool {
-    match module::run(runner, args).await {
+/// Carries a reload's marker out: each step of a recovery, from the first look at the module to
+/// `Done`, `Forget` or `GiveUp`. Returns the first step (was there anything to do?) and the last.
+async fn recover(marker: &Marker, path: &Path) -> (Recovery, Recovery) {
+    let driver = marker.driver.clone();
+    let started = tokio::time::Instant::now();
+    let mut loaded_once = false;
+    let mut first = None;
+    let mut said = String::new();
+    loop {
+        let command_running = match &marker.running {
+            Some(RunningCommand { unit: Some(unit), .. }) => module::unit_running(unit).await,
+            Some(RunningCommand { pid: Some(pid), start_ticks, .. }) => {
+                start_ticks.is_some() && module::start_ticks(*pid) == *start_ticks
+            }
+            _ => false,
+        };
+        let facts = recovery::Facts {
+            boot_id: boot_id(),
+            module: module::state(&driver),
+            command_running,
+            loaded_once,
+            nics_back: nics_back(&marker.nics),
+            waited: started.elapsed(),
+        };
+        let next = recovery::next(marker, &facts);
+        first.get_or_insert_with(|| next.clone());
+        match &next {
+            Recovery::Wait(why) => {
+                if *why != said {
+                    tracing::warn!(driver, action = "reload", "interrupted reload: {why}");
+                    said.clone_from(why);
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Recovery::Load => {
+                loaded_once = true;
+                let runner = match module::runner() {
+                    Ok(runner) => runner,
+                    Err(why) => {
+                        let why = format!("{driver} is unloaded, and {why}: load it by hand (modprobe {driver})");
+                        tracing::error!(driver, action = "reload", "interrupted reload: {why}");
+                        return (first.unwrap_or(Recovery::Load), Recovery::GiveUp(why));
+                    }
+                };
+                let args = vec!["-b".to_owned(), driver.clone()];
+                match module::run(runner, &driver, &args, |_| ()).await {
+                    Ok(_) => tracing::warn!(driver, action = "reload", "interrupted reload: {driver} was left unloaded: loaded it again"),
+                    Err(error) => tracing::error!(driver, action = "reload", "interrupted reload: loading {driver} failed: {error}"),
+                }
+            }
+            Recovery::Forget(why) | Recovery::Done(why) => {
+                tracing::info!(driver, action = "reload", "interrupted reload: {why}; marker removed");
+                let _ = std::fs::remove_file(path);
+                return (first.unwrap_or_else(|| next.clone()), next);
+            }
+            Recovery::GiveUp(why) => {
+                tracing::error!(driver, action = "reload", "interrupted reload: {why}; the marker stays ({}) for the next agent", path.display());
+                return (first.unwrap_or_else(|| next.clone()), next);
+            }
+        }
+    }
+}
+
+/// This boot's id.
+fn boot_id() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok().map(|s| s.trim().to_owned())
+}
+
+/// How many of these MACs a registered NIC has now (a driver registers its NIC with its
+/// permanent address: the MAC the agent keys it by).
+fn nics_back(macs: &[String]) -> usize {
+    let Ok(entries) = std::fs::read_dir("/sys/class/net") else { return 0 };
+    let present: std::collections::HashSet<String> = entries
+        .flatten()
+        .filter_map(|entry| std::fs::read_to_string(entry.path().join("address")).ok())
+        .map(|address| address.trim().to_owned())
+        .collect();
+    macs.iter().filter(|mac| present.contains(*mac)).count()
+}
+
+/// The marker a reload keeps up to date in the state directory (written whole, then renamed).
+struct MarkerFile {
+    path: std::path::PathBuf,
+    marker: std::sync::Mutex<Marker>,
+}
+
+impl MarkerFile {
+    fn write(&self) {
+        let Ok(marker) = self.marker.lock() else { return };
+        let text = serde_json::to_vec(&*marker).unwrap_or_default();
+        let tmp = self.path.with_extension("tmp");
+        if let Err(error) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &self.path)) {
+            // Only a restart in the middle would miss it; the reload itself does not need it.
+            tracing::warn!(driver = marker.driver, %error, "cannot write {}: an agent restarted mid-reload would not finish it", self.path.display());
+        }
+    }
+
+    fn running(&self, running: RunningCommand) {
+        if let Ok(mut marker) = self.marker.lock() {
+            marker.running = Some(running);
+        }
+        self.write();
+    }
+}
+
+/// Runs one module command and notes it in the report (and what runs in the marker).
+async fn step(
+    report: &mut ReloadReport,
+    runner: Runner,
+    marker: &MarkerFile,
+    label: &str,
+    args: &[String],
+) -> bool {
+    let driver = report.driver.clone();
+    match module::run(runner, &driver, args, |running| marker.running(running)).await {
         Ok(_) => {
             report.steps.push(format!("{label}: ok"));
             true
@@ -300,6 +428,7 @@ async fn step(report: &mut ReloadReport, runner: Runner, label: &str, args: &[St
 async fn carry_out(
     plan: ReloadPlan,
     runner: Runner,
+    marker: &MarkerFile,
     mut before: HashMap<String, u64>,
     handle: &rtnetlink::Handle,
     mut progress: watch::Receiver<Progress>,
@@ -313,7 +442,7 @@ async fn carry_out(
     load.extend(plan.params.iter().cloned());
     let mut loaded = false;
     let mut rolled_back = false;
-    let unloaded = step(&mut report, runner, &format!("modprobe -r {driver}"), &unload).await;
+    let unloaded = step(&mut report, runner, marker, &format!("modprobe -r {driver}"), &unload).await;
     if !unloaded && module::loaded(&driver) {
         // Refused (in use, say), nothing changed: the NICs are as they were.
         report.status = "failed".to_owned();
@@ -333,7 +462,7 @@ async fn carry_out(
     }
     // Unloaded (or gone although modprobe failed): load it, with the new parameters if that went well.
     if unloaded {
-        loaded = step(&mut report, runner, &format!("modprobe {}", load.join(" ")), &load).await;
+        loaded = step(&mut report, runner, marker, &format!("modprobe {}", load.join(" ")), &load).await;
     }
     let back = loaded && wait_back(&plan, &before, &mut progress).await;
     if !back {
@@ -342,7 +471,7 @@ async fn carry_out(
         let mut unloaded_again = true;
         if module::loaded(&driver) {
             let label = format!("rollback: modprobe -r {driver}");
-            unloaded_again = step(&mut report, runner, &label, &unload).await || !module::loaded(&driver);
+            unloaded_again = step(&mut report, runner, marker, &label, &unload).await || !module::loaded(&driver);
         }
         if unloaded_again {
             // Only restores from here on count (one under the new load that ends during the
@@ -350,7 +479,7 @@ async fn carry_out(
             before = restores_of(&plan, &progress.borrow());
             let plain = vec![driver.clone()];
             let label = format!("rollback: modprobe {driver} (its configured parameters)");
-            rolled_back = step(&mut report, runner, &label, &plain).await;
+            rolled_back = step(&mut report, runner, marker, &label, &plain).await;
             // Whether they came back this time is each NIC's part of the report.
             wait_back(&plan, &before, &mut progress).await;
         }
