@@ -35,7 +35,10 @@ pub fn guest_binaries(arch: Arch) -> Result<Vec<PathBuf>> {
         "--bins",
     ]))?;
     let release = arch.release_dir();
-    Ok(["hotplug-agent", "hotplug-bench", "mock-imds", "flood"].iter().map(|b| release.join(b)).collect())
+    Ok(["hotplug-agent", "hotplug-bench", "mock-imds", "flood", "forge"]
+        .iter()
+        .map(|b| release.join(b))
+        .collect())
 }
 
 /// `cargo <subcommand>` for the eBPF crate with the flags hotplug-user's build script uses (same

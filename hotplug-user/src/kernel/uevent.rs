@@ -20,6 +20,17 @@ impl Uevent {
     /// Parses a kernel uevent datagram (`ACTION@DEVPATH\0KEY=VALUE\0...`). udev's re-broadcasts
     /// (`libudev` header) are not kernel messages and yield `None`.
     pub fn parse(datagram: &[u8]) -> Option<Self> {
+        Self::parse_from(0, datagram)
+    }
+
+    /// Parses a datagram received from netlink port `sender`: only the kernel's (port 0) are
+    /// uevents. A process with `CAP_NET_ADMIN` over the host's network namespace (a container on
+    /// the host network) may send to the uevent group too, from a port of its own, as udev's
+    /// re-broadcasts do; libudev drops those the same way.
+    pub fn parse_from(sender: u32, datagram: &[u8]) -> Option<Self> {
+        if sender != 0 {
+            return None;
+        }
         let mut parts = datagram.split(|&b| b == 0).filter(|p| !p.is_empty());
         let header = std::str::from_utf8(parts.next()?).ok()?;
         let (action, devpath) = header.split_once('@')?;
@@ -61,9 +72,16 @@ pub fn stream() -> std::io::Result<impl Stream<Item = Uevent>> {
     Ok(futures::stream::unfold(socket, |socket| async move {
         loop {
             match socket.recv_from_full().await {
-                Ok((datagram, _)) => {
-                    if let Some(event) = Uevent::parse(&datagram) {
+                Ok((datagram, from)) => {
+                    if let Some(event) = Uevent::parse_from(from.port_number(), &datagram) {
                         return Some((event, socket));
+                    }
+                    if from.port_number() != 0 {
+                        crate::metrics::global().ignored_uevent("not-from-kernel");
+                        tracing::debug!(
+                            port = from.port_number(),
+                            "uevent from a process, not the kernel: ignored"
+                        );
                     }
                 }
                 Err(error) if error.raw_os_error() == Some(libc::ENOBUFS) => {
@@ -92,6 +110,14 @@ mod tests {
         assert_eq!(event.subsystem(), Some("module"));
         assert_eq!(event.name(), "e1000e");
         assert_eq!(event.var("SEQNUM"), Some("1234"));
+    }
+
+    #[test]
+    fn only_the_kernel_sends_uevents() {
+        let datagram = b"remove@/module/e1000e\0ACTION=remove\0SUBSYSTEM=module\0";
+        assert!(Uevent::parse_from(0, datagram).is_some());
+        // The same bytes from a process's port: forged, however kernel-like.
+        assert_eq!(Uevent::parse_from(4242, datagram), None);
     }
 
     #[test]

@@ -42,6 +42,11 @@ pub struct RestoreLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StateLabels {
     pub state: String,
 }
@@ -61,6 +66,7 @@ pub struct Metrics {
     pub imds_requests: Family<OutcomeLabels, Counter>,
     pub lost_records: Counter,
     pub resyncs: Counter,
+    pub ignored_uevents: Family<ReasonLabels, Counter>,
     pub nics: Family<StateLabels, Gauge>,
     pub mode: Family<ModeLabels, Gauge>,
     pub restore_latency: Histogram,
@@ -118,6 +124,12 @@ impl Metrics {
         );
         let resyncs = Counter::default();
         registry.register("resyncs", "Full re-reads of the host's NICs after a loss", resyncs.clone());
+        let ignored_uevents = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "ignored_uevents",
+            "Datagrams on the uevent socket not taken as uevents, by reason (not-from-kernel: a process sent it)",
+            ignored_uevents.clone(),
+        );
         let nics = Family::<StateLabels, Gauge>::default();
         registry.register("nics", "NICs the agent manages, by state", nics.clone());
         let mode = Family::<ModeLabels, Gauge>::default();
@@ -145,6 +157,7 @@ impl Metrics {
             imds_requests,
             lost_records,
             resyncs,
+            ignored_uevents,
             nics,
             mode,
             restore_latency,
@@ -203,6 +216,10 @@ impl Metrics {
     /// `error` (no answer: connection refused, reset, unreachable).
     pub fn imds_request(&self, outcome: &str) {
         self.imds_requests.get_or_create(&OutcomeLabels { outcome: outcome.to_owned() }).inc();
+    }
+
+    pub fn ignored_uevent(&self, reason: &str) {
+        self.ignored_uevents.get_or_create(&ReasonLabels { reason: reason.to_owned() }).inc();
     }
 
     pub fn delivered(&self, latency_ns: u64) {

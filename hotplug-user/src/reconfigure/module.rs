@@ -116,12 +116,9 @@ pub fn start_ticks(pid: u32) -> Option<u64> {
 pub fn describe(runner: Runner, driver: &str, args: &[String], pid: Option<u32>) -> RunningCommand {
     let command = format!("modprobe {}", args.join(" "));
     match runner {
-        Runner::Direct(_) => RunningCommand {
-            command,
-            unit: None,
-            pid,
-            start_ticks: pid.and_then(start_ticks),
-        },
+        Runner::Direct(_) => {
+            RunningCommand { command, unit: None, pid, start_ticks: pid.and_then(start_ticks) }
+        }
         Runner::TransientUnit(..) => {
             RunningCommand { command, unit: Some(unit_name(driver)), pid: None, start_ticks: None }
         }

@@ -698,7 +698,9 @@ impl NicManager {
             Background::ManagerSettled(settled) => self.finish_restore(settled).await,
             Background::Refresh(result) => self.on_refresh_result(result).await,
             Background::ReloadDone(done) => self.finish_reload(done),
-            Background::RecoveryDone { first, outcome, audit } => self.finish_recovery(first, outcome, *audit),
+            Background::RecoveryDone { first, outcome, audit } => {
+                self.finish_recovery(first, outcome, *audit)
+            }
             Background::TuningChanged(ifindexes) => {
                 for ifindex in ifindexes {
                     tracing::debug!(ifindex, "tuning changed: reading the NIC again");

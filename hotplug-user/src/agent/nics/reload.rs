@@ -176,20 +176,21 @@ impl NicManager {
         tokio::spawn(async move {
             let (driver, params) = (plan.driver.clone(), plan.params.clone());
             // In a task of its own: a panic in it still ends the reload (and frees the next one).
-            let report =
-                match tokio::spawn(async move { carry_out(plan, runner, &marker, before, &handle, progress).await })
-                    .await
-                {
-                    Ok(report) => report,
-                    Err(error) => ReloadReport {
-                        driver,
-                        params,
-                        status: "failed".to_owned(),
-                        errors: vec![format!("the reload's task ended abnormally: {error}")],
-                        finished: now_rfc3339(),
-                        ..ReloadReport::default()
-                    },
-                };
+            let report = match tokio::spawn(async move {
+                carry_out(plan, runner, &marker, before, &handle, progress).await
+            })
+            .await
+            {
+                Ok(report) => report,
+                Err(error) => ReloadReport {
+                    driver,
+                    params,
+                    status: "failed".to_owned(),
+                    errors: vec![format!("the reload's task ended abnormally: {error}")],
+                    finished: now_rfc3339(),
+                    ..ReloadReport::default()
+                },
+            };
             let _ = tx.send(Background::ReloadDone(Done { report, reply })).await;
         });
     }
@@ -264,7 +265,12 @@ impl NicManager {
 
     /// A recovery ended: a guided reload may start again; the audit trail says what it found
     /// (only when there was something to finish).
-    pub(super) fn finish_recovery(&mut self, first: Recovery, outcome: Recovery, mut entry: crate::audit::Entry) {
+    pub(super) fn finish_recovery(
+        &mut self,
+        first: Recovery,
+        outcome: Recovery,
+        mut entry: crate::audit::Entry,
+    ) {
         self.reload_running = false;
         if matches!(first, Recovery::Forget(_) | Recovery::Done(_)) {
             return;
@@ -336,15 +342,24 @@ async fn recover(marker: &Marker, path: &Path) -> (Recovery, Recovery) {
                 let runner = match module::runner() {
                     Ok(runner) => runner,
                     Err(why) => {
-                        let why = format!("{driver} is unloaded, and {why}: load it by hand (modprobe {driver})");
+                        let why =
+                            format!("{driver} is unloaded, and {why}: load it by hand (modprobe {driver})");
                         tracing::error!(driver, action = "reload", "interrupted reload: {why}");
                         return (first.unwrap_or(Recovery::Load), Recovery::GiveUp(why));
                     }
                 };
                 let args = vec!["-b".to_owned(), driver.clone()];
                 match module::run(runner, &driver, &args, |_| ()).await {
-                    Ok(_) => tracing::warn!(driver, action = "reload", "interrupted reload: {driver} was left unloaded: loaded it again"),
-                    Err(error) => tracing::error!(driver, action = "reload", "interrupted reload: loading {driver} failed: {error}"),
+                    Ok(_) => tracing::warn!(
+                        driver,
+                        action = "reload",
+                        "interrupted reload: {driver} was left unloaded: loaded it again"
+                    ),
+                    Err(error) => tracing::error!(
+                        driver,
+                        action = "reload",
+                        "interrupted reload: loading {driver} failed: {error}"
+                    ),
                 }
             }
             Recovery::Forget(why) | Recovery::Done(why) => {
@@ -353,7 +368,12 @@ async fn recover(marker: &Marker, path: &Path) -> (Recovery, Recovery) {
                 return (first.unwrap_or_else(|| next.clone()), next);
             }
             Recovery::GiveUp(why) => {
-                tracing::error!(driver, action = "reload", "interrupted reload: {why}; the marker stays ({}) for the next agent", path.display());
+                tracing::error!(
+                    driver,
+                    action = "reload",
+                    "interrupted reload: {why}; the marker stays ({}) for the next agent",
+                    path.display()
+                );
                 return (first.unwrap_or_else(|| next.clone()), next);
             }
         }
@@ -471,7 +491,8 @@ async fn carry_out(
         let mut unloaded_again = true;
         if module::loaded(&driver) {
             let label = format!("rollback: modprobe -r {driver}");
-            unloaded_again = step(&mut report, runner, marker, &label, &unload).await || !module::loaded(&driver);
+            unloaded_again =
+                step(&mut report, runner, marker, &label, &unload).await || !module::loaded(&driver);
         }
         if unloaded_again {
             // Only restores from here on count (one under the new load that ends during the
