@@ -26,6 +26,10 @@ pub const GUEST_MODULES: &[&str] = &["virtio_pci", "virtio_net", "e1000e", "e100
 /// What the distro guest needs besides: its root disk (virtio_blk, ext4) and systemd's autofs.
 pub const DISTRO_MODULES: &[&str] = &["virtio_blk", "ext4", "autofs4"];
 
+/// In the module tree but loaded only by the scenarios that use them: a NIC's children (VLAN,
+/// macvlan), which share its MAC.
+pub const ON_DEMAND_MODULES: &[&str] = &["8021q", "macvlan"];
+
 /// Every module a prepared kernel keeps; written into its `.ready` marker, so that a kernel
 /// prepared with another list is prepared again.
 fn module_list(arch: Arch) -> String {
@@ -39,7 +43,7 @@ pub fn guest_modules(arch: Arch) -> Vec<&'static str> {
 }
 
 fn wanted_modules(arch: Arch) -> Vec<&'static str> {
-    guest_modules(arch).into_iter().chain(DISTRO_MODULES.iter().copied()).collect()
+    guest_modules(arch).into_iter().chain(DISTRO_MODULES.iter().chain(ON_DEMAND_MODULES).copied()).collect()
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

@@ -192,6 +192,14 @@ pub fn decide(
                     {
                         actions.push(Action::Attach { ifindex });
                     }
+                    // Held for its driver's return, but its device was really attached again
+                    // (the same ENI re-attached: same MAC): an attach, not a return; the held
+                    // snapshot may be stale and IMDS has the truth.
+                    Some(NicState::DriverGone { .. })
+                        if event.cause == Cause::DeviceAdded && policy != PolicyKind::Ignore =>
+                    {
+                        actions.push(Action::Attach { ifindex });
+                    }
                     Some(NicState::DriverGone { .. }) => match policy {
                         PolicyKind::Restore => actions.push(Action::Restore { ifindex }),
                         PolicyKind::Command => actions.push(Action::RunCommand { phase: "returned" }),

@@ -8,7 +8,11 @@
 //! a leaving NIC is held with, and [`resync`] what to replay after lost kernel events.
 use serde::{Deserialize, Serialize};
 
-use super::{decide, gate::Credits, gate::UeventAction, missed_return, Action, Input, NicState};
+use super::{
+    decide,
+    gate::{Credits, RemoveHalf},
+    missed_return, Action, Input, NicState,
+};
 use crate::{
     classify::{Action as NicAction, Cause},
     config::PolicyKind,
@@ -80,24 +84,37 @@ pub fn step(record: Option<&NicRecord>, input: &Input<'_>, policy: Policy) -> St
         Input::Tick { now_ns } => *now_ns,
     };
     let mut next = record.cloned().unwrap_or_else(|| NicRecord::new(state.clone()));
+    next.gate_credits.expire(now_ns);
+    let restores = transition.actions.iter().any(|a| matches!(a, Action::Restore { .. }));
     next.returned_from_driver_gone = match (before, &state) {
-        (Some(NicState::DriverGone { .. }), NicState::Present { .. }) => true,
+        (Some(NicState::DriverGone { .. }), NicState::Present { .. }) => restores,
         (_, NicState::Present { .. }) => next.returned_from_driver_gone,
         _ => false,
     };
-    // Each half of a reload the agent takes on is one uevent cloud-init's hook may skip.
-    match (before, &state) {
-        (Some(NicState::Present { .. }) | None, NicState::DriverGone { .. }) => {
-            next.gate_credits.grant(UeventAction::Remove, now_ns);
-        }
-        (Some(NicState::DriverGone { .. }), NicState::Present { .. }) => {
-            next.gate_credits.grant(UeventAction::Add, now_ns);
-        }
-        _ => {}
-    }
+    // Each removal is a `remove` uevent cloud-init's hook will ask about (skipped when the
+    // agent holds the NIC for its return under policy restore); each return the agent restores
+    // an `add` to skip, bound to the registration.
     if let Input::Event(event) = input {
-        if event.action == NicAction::Removal {
-            next.last_removal = Some((event.cause, event.name.clone()));
+        match event.action {
+            NicAction::Removal => {
+                next.last_removal = Some((event.cause, event.name.clone()));
+                let held = matches!(state, NicState::DriverGone { .. });
+                next.gate_credits.removed(RemoveHalf {
+                    at_ns: now_ns,
+                    name: event.name.clone(),
+                    bus: event.bus.clone(),
+                    cause: event.cause,
+                    skip: held && event.cause.expects_return() && policy.kind == PolicyKind::Restore,
+                });
+                if !held {
+                    next.gate_credits.clear_adds();
+                }
+            }
+            NicAction::Registration => {
+                if let (true, NicState::Present { ifindex, .. }) = (restores, &state) {
+                    next.gate_credits.restored(now_ns, *ifindex);
+                }
+            }
         }
     }
     // The ifindex it had is no longer its own (gone, or registered again under another).
@@ -258,41 +275,55 @@ mod tests {
     }
 
     #[test]
-    fn a_reload_grants_one_credit_per_half_and_marks_the_return() {
+    fn a_reload_queues_both_halves_and_marks_the_return() {
         let start = present(3);
         let gone = run(Some(&start), &event(NicAction::Removal, Cause::DriverUnload, 3, 100));
-        let Some(mut gone) = gone.next else { panic!("no record") };
+        let Some(gone) = gone.next else { panic!("no record") };
         assert_eq!(gone.last_removal, Some((Cause::DriverUnload, "eth1".into())));
         assert!(!gone.returned_from_driver_gone);
-        assert!(gone.gate_credits.available(UeventAction::Remove, 200));
-        assert!(!gone.gate_credits.available(UeventAction::Add, 200));
+        let removes = gone.gate_credits.removes();
+        assert_eq!(removes.len(), 1);
+        assert!(removes[0].skip && removes[0].name == "eth1" && removes[0].at_ns == 100);
+        assert!(!gone.gate_credits.has_adds());
         let back = run(Some(&gone), &event(NicAction::Registration, Cause::DriverLoad, 7, 300));
         assert_eq!(back.actions, vec![Action::Restore { ifindex: 7 }, Action::Track { ifindex: 7 }]);
-        let Some(mut back) = back.next else { panic!("no record") };
+        let Some(back) = back.next else { panic!("no record") };
         assert!(back.returned_from_driver_gone);
-        assert!(back.gate_credits.available(UeventAction::Add, 400));
-        assert!(back.gate_credits.available(UeventAction::Remove, 400), "the removal's is kept");
+        assert!(back.gate_credits.has_adds());
+        assert_eq!(back.gate_credits.removes().len(), 1, "the removal's is kept");
         assert_eq!(back.last_removal, Some((Cause::DriverUnload, "eth1".into())), "kept for the gate");
-        // The credit is as old as the kernel's event, not the moment the agent read it.
-        assert!(!back.gate_credits.available(UeventAction::Add, 300 + 600_000_000_000));
-        // A re-registration of a present NIC keeps the mark; a real removal clears it.
+        // A re-registration of a present NIC keeps the mark; a real removal clears it, queues a
+        // remove cloud-init handles, and forgets the adds.
         let again = run(Some(&back), &event(NicAction::Registration, Cause::DriverLoad, 7, 500));
         assert!(again.next.as_ref().is_some_and(|r| r.returned_from_driver_gone));
         let removed = run(Some(&back), &event(NicAction::Removal, Cause::DeviceRemoved, 7, 600));
         let Some(removed) = removed.next else { panic!("no record") };
         assert!(!removed.returned_from_driver_gone);
         assert_eq!(removed.last_removal, Some((Cause::DeviceRemoved, "eth1".into())));
-        assert_eq!(removed.gate_credits, back.gate_credits, "a real removal grants nothing");
+        assert_eq!(removed.gate_credits.removes().len(), 2);
+        assert!(!removed.gate_credits.removes()[1].skip);
+        assert!(!removed.gate_credits.has_adds());
         // `gone` was not changed by the steps after it.
-        assert!(gone.gate_credits.available(UeventAction::Remove, 200));
+        assert_eq!(gone.gate_credits.removes().len(), 1);
+    }
+
+    #[test]
+    fn a_same_mac_re_attach_while_held_is_an_attach_not_a_return() {
+        let gone = run(Some(&present(3)), &event(NicAction::Removal, Cause::DriverUnbind, 3, 100));
+        let Some(gone) = gone.next else { panic!("no record") };
+        let added = run(Some(&gone), &event(NicAction::Registration, Cause::DeviceAdded, 9, 200));
+        assert_eq!(added.actions, vec![Action::Attach { ifindex: 9 }, Action::Track { ifindex: 9 }]);
+        let Some(added) = added.next else { panic!("no record") };
+        assert!(!added.returned_from_driver_gone, "the gate hands its add to cloud-init");
+        assert!(!added.gate_credits.has_adds());
     }
 
     #[test]
     fn a_first_removal_of_an_unknown_nic_is_held_with_a_credit() {
         let t = run(None, &event(NicAction::Removal, Cause::DriverUnload, 3, 10));
-        let Some(mut record) = t.next else { panic!("no record") };
+        let Some(record) = t.next else { panic!("no record") };
         assert!(matches!(record.state, NicState::DriverGone { .. }));
-        assert!(record.gate_credits.available(UeventAction::Remove, 11));
+        assert!(record.gate_credits.removes().first().is_some_and(|h| h.skip));
     }
 
     #[test]

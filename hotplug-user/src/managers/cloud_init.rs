@@ -150,35 +150,64 @@ impl HookArgs {
 }
 
 /// Reads one line from fd 3 a byte at a time, as bash's `read` does: the FIFO may already hold
-/// the next uevent's line, which belongs to the next run of the service.
-fn read_fifo_line() -> std::io::Result<String> {
+/// the next uevent's line, which belongs to the next run of the service. A read error ends the
+/// line where it came (bash's `read` keeps what it read too); the error is returned beside it.
+fn read_fifo_line() -> (String, Option<std::io::Error>) {
     // SAFETY: fd 3 is the FIFO systemd passes to cloud-init-hotplugd.service (its socket unit's
     // ListenFIFO=); this process owns it and nothing else in it uses fd 3.
     let mut fifo = unsafe { std::fs::File::from_raw_fd(3) };
     let mut line = Vec::new();
     let mut byte = [0u8; 1];
+    let mut error = None;
     while line.len() < MAX_LINE {
-        match fifo.read(&mut byte)? {
-            0 => break,
-            _ if byte[0] == b'\n' => break,
-            _ => line.push(byte[0]),
+        match fifo.read(&mut byte) {
+            Ok(0) => break,
+            Ok(_) if byte[0] == b'\n' => break,
+            Ok(_) => line.push(byte[0]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                error = Some(e);
+                break;
+            }
         }
     }
-    Ok(String::from_utf8_lossy(&line).into_owned())
+    (String::from_utf8_lossy(&line).into_owned(), error)
 }
+
+/// A line for the service's journal. Never fails: stdout closed or broken (`println!` would
+/// panic on EPIPE) must not keep cloud-init's hook from running.
+fn say(line: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stdout().lock(), "{line}");
+}
+
+/// cloud-init's request, for the panic hook: whatever goes wrong in the gate after the line was
+/// read, cloud-init's hook still runs with it.
+static REQUEST: std::sync::OnceLock<HookArgs> = std::sync::OnceLock::new();
 
 /// `hotplug-agent cloud-init-gate`, run by cloud-init-hotplugd.service in place of cloud-init's
 /// hook. Returns only when cloud-init is not to run (or cannot be started).
 pub fn gate(socket: &Path) -> ExitCode {
-    let line = match read_fifo_line() {
-        Ok(line) => line,
-        Err(error) => {
-            println!("hotplug-agent: cannot read cloud-init's request from fd 3 ({error}): nothing to do");
-            return ExitCode::SUCCESS;
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        if let Some(args) = REQUEST.get() {
+            // Replaces this process: nothing of the gate's state is used after a panic.
+            run_hook(args, "the gate failed (a panic)");
         }
-    };
+    }));
+    let (line, error) = read_fifo_line();
+    if let Some(error) = error {
+        // What cloud-init's own `read args <&3` would have left: the line as far as it came.
+        say(&format!(
+            "hotplug-agent: reading cloud-init's request from fd 3 failed ({error}) after {:?}",
+            line
+        ));
+        return run_hook(&HookArgs::parse(&line), "the gate could not read the whole request");
+    }
     let args = HookArgs::parse(&line);
-    println!("args={line}");
+    let _ = REQUEST.set(args.clone());
+    say(&format!("args={line}"));
     let (Some(action), Some("net"), Some(devpath)) =
         (args.action, args.subsystem.as_deref(), args.devpath.as_deref())
     else {
@@ -194,13 +223,13 @@ pub fn gate(socket: &Path) -> ExitCode {
         ifindex: device.as_ref().and_then(|d| d.ifindex),
     };
     if let Some(device) = device.as_ref().filter(|d| !devpath.ends_with(&format!("/{}", d.name))) {
-        println!("hotplug-agent: {devpath} is {} now", device.name);
+        say(&format!("hotplug-agent: {devpath} is {} now", device.name));
     }
     let started = Instant::now();
     loop {
         match control::ask_gate(socket, &request, Duration::from_secs(3)) {
             Ok(answer) if answer.verdict == Verdict::Skip => {
-                println!("hotplug-agent: cloud-init not run for {devpath}: {}", answer.reason);
+                say(&format!("hotplug-agent: cloud-init not run for {devpath}: {}", answer.reason));
                 return ExitCode::SUCCESS;
             }
             Ok(answer) if answer.verdict == Verdict::Unknown && started.elapsed() < unknown_retry => {
@@ -214,9 +243,9 @@ pub fn gate(socket: &Path) -> ExitCode {
 
 /// Runs cloud-init's hook as cloud-init's own unit would (`exec cloud-init devel hotplug-hook $args`).
 fn run_hook(args: &HookArgs, why: &str) -> ExitCode {
-    println!("hotplug-agent: passing to cloud-init ({why})");
+    say(&format!("hotplug-agent: passing to cloud-init ({why})"));
     let error = Command::new(HOOK).args(["devel", "hotplug-hook"]).args(&args.words).exec();
-    println!("hotplug-agent: cannot run {HOOK}: {error}");
+    say(&format!("hotplug-agent: cannot run {HOOK}: {error}"));
     ExitCode::FAILURE
 }
 

@@ -8,6 +8,7 @@
 //! to IMDS for NICs really attached, `changes.rs` turns rtnetlink notifications into re-reads.
 mod attach;
 mod changes;
+mod gate;
 mod refresh;
 mod reload;
 mod restore;
@@ -29,7 +30,7 @@ use crate::{
     clock::monotonic_ns,
     config::Config,
     control::{NicStatus, Request},
-    decide::{self, gate::UeventAction, Action, Input, NicState},
+    decide::{self, Action, Input, NicState},
     imds::ImdsClient,
     kernel::rtnl::{self, RtnlError},
     managers::Host,
@@ -615,50 +616,6 @@ impl NicManager {
             }
         };
         body.unwrap_or_default()
-    }
-
-    fn cloud_init_gate(
-        &mut self,
-        action: UeventAction,
-        devpath: &str,
-        mac: Option<&str>,
-        ifindex: Option<u32>,
-    ) -> decide::gate::GateAnswer {
-        let name = devpath.rsplit('/').next().unwrap_or_default();
-        let candidates = self.nics.values().map(|n| decide::gate::Candidate {
-            mac: n.mac.as_str(),
-            ifindex: match n.record.state {
-                NicState::Present { ifindex, .. } => Some(ifindex),
-                _ => None,
-            },
-            removed_as: n.record.last_removal.as_ref().map(|(_, had)| had.as_str()),
-            last_event_ns: n.last_event.as_ref().map_or(0, |e| e.timestamp_ns),
-        });
-        let matched =
-            decide::gate::match_nic(decide::gate::Uevent { mac, ifindex, name }, candidates).map(key);
-        let now_ns = monotonic_ns();
-        let policy = matched.as_deref().map(|m| self.policy(m, name).kind);
-        let nic = matched.as_ref().and_then(|m| self.nics.get_mut(m));
-        let answer = match (nic, policy) {
-            (Some(n), Some(policy)) => {
-                let last = n.last_event.as_ref().map(|e| (e.action, e.cause));
-                decide::gate::ask(&mut n.record, last, policy, action, now_ns)
-            }
-            _ => decide::gate::cloud_init_gate(action, None),
-        };
-        tracing::info!(
-            mac = matched.as_deref().unwrap_or_default(),
-            interface = name,
-            action = "cloud-init-gate",
-            verdict = ?answer.verdict,
-            "cloud-init's hotplug hook asked about {action:?} of {name}: {:?}, {}",
-            answer.verdict,
-            answer.reason
-        );
-        if let Some(mac) = matched.filter(|_| answer.verdict == decide::gate::Verdict::Skip) {
-            self.persist(&mac);
-        }
-        answer
     }
 
     pub fn status(&self) -> Vec<NicStatus> {
