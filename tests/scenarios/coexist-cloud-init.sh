@@ -37,6 +37,7 @@ for module in virtio_net e1000e virtio_net; do
 done
 check "three quick reloads restored" yes "$(wait_config /tmp/before 60 $N0 $N1 && echo yes || echo no)"
 check "cloud-init's hotplug socket still listening" active "$(systemctl is-active cloud-init-hotplugd.socket)"
+check "its trigger limit lifted (the package's drop-in)" 0 "$(systemctl show -p TriggerLimitIntervalUSec --value cloud-init-hotplugd.socket)"
 
 # Then one reload of each, watched for 30 s.
 watch_start /tmp/monitor
@@ -87,4 +88,20 @@ check "the attach asked IMDS through cloud-init only" 0 "$(imds '.by_client["hot
 check "the agent left the attach to cloud-init" left-to-cloud-init \
 	"$(hotplug-agent status --json | jq -r --arg m $NEW '.[] | select(.mac == $m) | .attach.status')"
 journalctl -u cloud-init-hotplugd.service --no-pager -o cat | grep "hotplug-agent:" | tail -8
+
+echo "--- cloud-init's hotplug socket not listening: the agent configures an attach itself"
+NEW2=52:54:00:12:34:22
+systemctl stop cloud-init-hotplugd.socket
+vmctl unplug "$new"
+curl -s -X POST http://169.254.169.254/_mock/reset >/dev/null
+curl -s -d "{\"nic\":{\"mac\":\"$NEW2\",\"device_number\":4,\"local_ipv4s\":[\"10.0.3.6\"],\"subnet_ipv4_cidr_block\":\"10.0.3.0/24\"},\"lag_ms\":2000}" \
+	http://169.254.169.254/_mock/attach >/dev/null
+vmctl plug "$new" --mac $NEW2
+new2=$(iface_of $NEW2)
+check "attached with the socket stopped: configured by the agent" configured \
+	"$(wait_until 60 "hotplug-agent status --json | jq -e --arg m $NEW2 '.[] | select(.mac == \$m) | .attach.status == \"configured\"'" && echo configured ||
+		hotplug-agent status --json | jq -r --arg m $NEW2 '.[] | select(.mac == $m) | .attach.status')"
+check "its address from IMDS" yes "$(ip -4 addr show dev "$new2" | grep -q 10.0.3.6 && echo yes || echo no)"
+check "IMDS asked by the agent" yes "$([ "$(imds '.by_client["hotplug-agent"] // 0')" -gt 0 ] && echo yes || echo no)"
+systemctl start cloud-init-hotplugd.socket
 finish

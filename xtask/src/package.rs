@@ -39,6 +39,7 @@ const INSTALLED: &[&str] = &[
     "/usr/share/bash-completion/completions/hotplug-agent",
     "/usr/share/fish/vendor_completions.d/hotplug-agent.fish",
     "/usr/lib/systemd/system/cloud-init-hotplugd.service.d/hotplug-agent.conf",
+    "/usr/lib/systemd/system/cloud-init-hotplugd.socket.d/hotplug-agent.conf",
     "/usr/lib/systemd/networkd.conf.d/80-hotplug-agent.conf",
 ];
 

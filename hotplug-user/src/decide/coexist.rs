@@ -163,11 +163,23 @@ pub enum AttachOwner {
     None,
 }
 
-pub fn attach_owner(policy: PolicyKind, cloud_init_hotplug: bool) -> AttachOwner {
+/// cloud-init's hotplug hook on this host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloudInitHotplug {
+    /// No hook (its udev rule is not installed).
+    Absent,
+    /// Installed, and `cloud-init-hotplugd.socket` is listening.
+    Listening,
+    /// Installed, but its socket is not listening (failed, say, after its trigger limit): the
+    /// uevents its rule writes reach nobody.
+    NotListening,
+}
+
+pub fn attach_owner(policy: PolicyKind, cloud_init_hotplug: CloudInitHotplug) -> AttachOwner {
     match (policy, cloud_init_hotplug) {
         (PolicyKind::Ignore, _) => AttachOwner::None,
-        (_, true) => AttachOwner::CloudInit,
-        (_, false) => AttachOwner::Agent,
+        (_, CloudInitHotplug::Listening) => AttachOwner::CloudInit,
+        (_, CloudInitHotplug::Absent | CloudInitHotplug::NotListening) => AttachOwner::Agent,
     }
 }
 
@@ -317,10 +329,14 @@ mod tests {
 
     #[test]
     fn attaches_go_to_cloud_init_when_its_hook_runs() {
-        assert_eq!(attach_owner(PolicyKind::Restore, true), AttachOwner::CloudInit);
-        assert_eq!(attach_owner(PolicyKind::Restore, false), AttachOwner::Agent);
-        assert_eq!(attach_owner(PolicyKind::Command, false), AttachOwner::Agent);
-        assert_eq!(attach_owner(PolicyKind::Ignore, false), AttachOwner::None);
+        use CloudInitHotplug::{Absent, Listening, NotListening};
+        assert_eq!(attach_owner(PolicyKind::Restore, Listening), AttachOwner::CloudInit);
+        assert_eq!(attach_owner(PolicyKind::Restore, Absent), AttachOwner::Agent);
+        // Its socket failed: nobody would configure the NIC.
+        assert_eq!(attach_owner(PolicyKind::Restore, NotListening), AttachOwner::Agent);
+        assert_eq!(attach_owner(PolicyKind::Command, Absent), AttachOwner::Agent);
+        assert_eq!(attach_owner(PolicyKind::Ignore, Absent), AttachOwner::None);
+        assert_eq!(attach_owner(PolicyKind::Ignore, NotListening), AttachOwner::None);
     }
 
     #[test]

@@ -33,6 +33,8 @@ const RULES: [&str; 2] = [
     "/etc/udev/rules.d/90-cloud-init-hook-hotplug.rules",
     "/etc/udev/rules.d/10-cloud-init-hook-hotplug.rules",
 ];
+/// The socket unit that starts cloud-init's hook for each line its udev rule writes.
+pub const SOCKET: &str = "cloud-init-hotplugd.socket";
 /// The package's drop-in that puts the gate in front of the hook.
 pub const GATE_DROP_IN: &str = "/usr/lib/systemd/system/cloud-init-hotplugd.service.d/hotplug-agent.conf";
 /// What the gate runs when cloud-init is to handle the uevent.
@@ -88,6 +90,23 @@ pub fn device_now(sys: &Path, devpath: &str, action: UeventAction) -> Option<Dev
         1 => now.pop().map(|only| read(&sys.join(parent).join(&only), only)),
         _ => None,
     }
+}
+
+/// Whether `cloud-init-hotplugd.socket` is listening (`systemctl is-active`; no systemctl, or no
+/// answer within 5 s, reads as not listening: the agent then configures attaches itself).
+pub async fn socket_listening() -> bool {
+    let Some(systemctl) = ["/usr/bin/systemctl", "/bin/systemctl"].into_iter().find(|p| Path::new(p).exists()) else {
+        return false;
+    };
+    let status = tokio::process::Command::new(systemctl)
+        .args(["is-active", "--quiet", SOCKET])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .env_clear()
+        .kill_on_drop(true)
+        .status();
+    matches!(tokio::time::timeout(Duration::from_secs(5), status).await, Ok(Ok(s)) if s.success())
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]

@@ -11,7 +11,7 @@ use crate::{
     decide::{
         self,
         attach_plan::attach_plan,
-        coexist::{attach_owner, AttachOwner},
+        coexist::{attach_owner, AttachOwner, CloudInitHotplug},
     },
     imds::{ImdsClient, ImdsError, NicMetadata},
     managers::cloud_init,
@@ -31,13 +31,35 @@ pub struct AttachResult {
 }
 
 impl NicManager {
-    /// A NIC really attached: configured by the agent through IMDS, or left to cloud-init.
+    /// A NIC really attached: configured by the agent through IMDS, or left to cloud-init. With
+    /// cloud-init's hook installed, whether its socket listens is asked first, in the background
+    /// (`Background::CloudInitHotplug`).
     pub(super) fn attach(&mut self, mac: &str, ifindex: u32, event: Option<&NicEvent>) {
+        if cloud_init::Hotplug::detect(&self.host).is_none() {
+            self.attach_by(mac, ifindex, event, CloudInitHotplug::Absent);
+            return;
+        }
+        let tx = self.background.clone();
+        let (mac, event) = (mac.to_owned(), event.cloned());
+        tokio::spawn(async move {
+            let hook = if cloud_init::socket_listening().await {
+                CloudInitHotplug::Listening
+            } else {
+                CloudInitHotplug::NotListening
+            };
+            let _ = tx.send(Background::CloudInitHotplug { mac, ifindex, event, hook }).await;
+        });
+    }
+
+    /// An attach once it is known whether cloud-init's hook is there to take it.
+    pub(super) fn attach_by(&mut self, mac: &str, ifindex: u32, event: Option<&NicEvent>, hook: CloudInitHotplug) {
         let name = event.map_or("", |e| e.name.as_str());
         let policy = self.config.policy_for(mac, name).policy;
-        let hook = cloud_init::Hotplug::detect(&self.host).is_some();
         match attach_owner(policy, hook) {
             AttachOwner::Agent => {
+                if hook == CloudInitHotplug::NotListening {
+                    tracing::warn!(%mac, ifindex, action = "attach", "NIC attached, and cloud-init's hotplug hook is installed but {} is not listening (failed? systemctl status {0}): the agent configures the NIC itself", cloud_init::SOCKET);
+                }
                 let deadline = self.imds.as_ref().map_or(Duration::ZERO, |i| i.attach_deadline());
                 self.start_attach(mac, ifindex, event, deadline);
             }

@@ -68,6 +68,13 @@ pub enum ManagerError {
 pub enum Background {
     /// IMDS answered (or gave up) for a NIC really attached.
     Attach(AttachResult),
+    /// Whether cloud-init's hotplug socket listens, for a NIC really attached.
+    CloudInitHotplug {
+        mac: String,
+        ifindex: u32,
+        event: Option<NicEvent>,
+        hook: crate::decide::coexist::CloudInitHotplug,
+    },
     /// The returning NIC's network manager is done with it (or the wait ran out).
     ManagerSettled(restore::Settled),
     /// IMDS answered (or failed) for a `refresh`.
@@ -652,6 +659,12 @@ impl NicManager {
     pub async fn on_background(&mut self, message: Background) {
         match message {
             Background::Attach(result) => self.on_attach_result(result).await,
+            Background::CloudInitHotplug { mac, ifindex, event, hook } => {
+                // Unless the NIC left or registered again meanwhile.
+                if decide::attach_result_applies(self.nics.get(&mac).map(|n| &n.record.state), ifindex) {
+                    self.attach_by(&mac, ifindex, event.as_ref(), hook);
+                }
+            }
             Background::ManagerSettled(settled) => self.finish_restore(settled).await,
             Background::Refresh(result) => self.on_refresh_result(result).await,
             Background::ReloadDone(done) => self.finish_reload(done),
