@@ -34,6 +34,11 @@ check "attach (2 s lag): addresses" yes "$(ip addr show dev "$i" | grep -q '10.1
 check "attach: table 10001 default route" yes "$(ip route show table 10001 | grep -q 'default via 10.1.1.1' && echo yes || echo no)"
 check "attach: rules" 2 "$(ip rule show | grep -c 'lookup 10001')"
 check "attach: main default route untouched" 0 "$(ip route show | grep -c '^default')"
+# A lookup only (nothing is sent): traffic from the ENI's address goes by its table, and main
+# has no prefix route of its subnet.
+check "attach: from its address by its table" "dev $i table 10001" \
+	"$(ip -4 route get 192.0.2.1 from 10.1.1.6 2>&1 | grep -o "dev $i table 10001" || ip -4 route get 192.0.2.1 from 10.1.1.6 2>&1 | head -n 1)"
+check "attach: no prefix route in main" 0 "$(ip -4 route show table main dev "$i" | grep -c '^10\.1\.1\.0/24')"
 status_of $NEW1
 requests=$(status_of $NEW1 | sed -n 's/.*attach: configured, \([0-9]*\) IMDS requests, \([0-9]*\) ms.*/\1/p')
 latency=$(status_of $NEW1 | sed -n 's/.*attach: configured, \([0-9]*\) IMDS requests, \([0-9]*\) ms.*/\2/p')

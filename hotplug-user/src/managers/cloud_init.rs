@@ -95,7 +95,9 @@ pub fn device_now(sys: &Path, devpath: &str, action: UeventAction) -> Option<Dev
 /// Whether `cloud-init-hotplugd.socket` is listening (`systemctl is-active`; no systemctl, or no
 /// answer within 5 s, reads as not listening: the agent then configures attaches itself).
 pub async fn socket_listening() -> bool {
-    let Some(systemctl) = ["/usr/bin/systemctl", "/bin/systemctl"].into_iter().find(|p| Path::new(p).exists()) else {
+    let Some(systemctl) =
+        ["/usr/bin/systemctl", "/bin/systemctl"].into_iter().find(|p| Path::new(p).exists())
+    else {
         return false;
     };
     let status = tokio::process::Command::new(systemctl)

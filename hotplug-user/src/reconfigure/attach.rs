@@ -3,7 +3,8 @@
 //! private IPv4 and IPv6 addresses, its altnames, and for any ENI but the primary a
 //! policy-routing table (default routes via the subnet's router and, once one advertises
 //! itself, the IPv6 router; the subnet's blocks on-link) with one rule per address and delegated
-//! prefix. The main table gets at most a default route behind the primary's (a higher metric);
+//! prefix. Its addresses carry no prefix route (`IFA_F_NOPREFIXROUTE`): the subnet is on-link in
+//! its table only. The main table gets at most a default route behind the primary's (a higher metric);
 //! nothing that is there is replaced. [`detach`] and [`remove`] undo exactly what was added.
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -12,8 +13,10 @@ use std::{
 
 use futures::TryStreamExt as _;
 use rtnetlink::packet_route::{
+    address::{AddressAttribute, AddressFlags},
     neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags},
     route::{RouteAttribute, RouteProtocol, RouteScope},
+    rule::RuleAction,
 };
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 use serde::{Deserialize, Serialize};
@@ -53,7 +56,15 @@ pub async fn configure(handle: &Handle, ifindex: u32, plan: &AttachPlan) -> Atta
     for (address, prefix) in &plan.addresses {
         // Added, not replaced: an address already there (on this NIC) stays as it is, and is not
         // the agent's (a refresh never removes it).
-        let result = handle.address().add(ifindex, *address, *prefix).execute().await;
+        let mut request = handle.address().add(ifindex, *address, *prefix);
+        if plan.policy.is_some() {
+            // No prefix route in main (IFA_F_NOPREFIXROUTE, Linux 3.14+): the subnet's route
+            // goes in the ENI's table only, so that an ENI whose subnet overlaps the primary's
+            // (or an answer naming a narrower block inside it) draws none of the host's other
+            // traffic onto the new NIC.
+            request.message_mut().attributes.push(AddressAttribute::Flags(AddressFlags::Noprefixroute));
+        }
+        let result = request.execute().await;
         if result.is_ok() {
             report.addresses.push((*address, *prefix));
         }
@@ -74,7 +85,10 @@ pub async fn configure(handle: &Handle, ifindex: u32, plan: &AttachPlan) -> Atta
                     .v4()
                     .source_prefix(*v4, *length)
                     .table_id(policy.table)
-                    .priority(policy.table);
+                    .priority(policy.table)
+                    // rtnetlink leaves the action unspecified: the kernel keeps such a rule
+                    // and answers every lookup through it with EINVAL.
+                    .action(RuleAction::ToTable);
                 let message = request.message_mut().clone();
                 (request.execute().await, message)
             }
@@ -85,7 +99,10 @@ pub async fn configure(handle: &Handle, ifindex: u32, plan: &AttachPlan) -> Atta
                     .v6()
                     .source_prefix(*v6, *length)
                     .table_id(policy.table)
-                    .priority(policy.table);
+                    .priority(policy.table)
+                    // rtnetlink leaves the action unspecified: the kernel keeps such a rule
+                    // and answers every lookup through it with EINVAL.
+                    .action(RuleAction::ToTable);
                 let message = request.message_mut().clone();
                 (request.execute().await, message)
             }
@@ -107,16 +124,8 @@ pub async fn configure(handle: &Handle, ifindex: u32, plan: &AttachPlan) -> Atta
 /// The table's default route via the subnet's router and its on-link subnet routes; the main
 /// table's default behind the primary's.
 async fn routes(handle: &Handle, ifindex: u32, policy: &PolicyRouting, report: &mut AttachReport) {
-    let mut default = RouteMessageBuilder::<Ipv4Addr>::new()
-        .gateway(policy.gateway)
-        .output_interface(ifindex)
-        .table_id(policy.table);
-    if let Some(metric) = policy.metric {
-        default = default.priority(metric);
-    }
-    if let Err(error) = super::add_route_exclusive(handle, default.build()).await {
-        report.errors.push(format!("default via {} table {}: {error}", policy.gateway, policy.table));
-    }
+    // The subnet first: the kernel checks that a route's gateway is reachable in the route's
+    // table, and main has no route to the subnet.
     for (network, length) in &policy.subnets {
         let message = match network {
             IpAddr::V4(v4) => RouteMessageBuilder::<Ipv4Addr>::new()
@@ -135,13 +144,26 @@ async fn routes(handle: &Handle, ifindex: u32, policy: &PolicyRouting, report: &
             report.errors.push(format!("{network}/{length} table {}: {error}", policy.table));
         }
     }
+    let mut default = RouteMessageBuilder::<Ipv4Addr>::new()
+        .gateway(policy.gateway)
+        .output_interface(ifindex)
+        .table_id(policy.table);
+    if let Some(metric) = policy.metric {
+        default = default.priority(metric);
+    }
+    if let Err(error) = super::add_route_exclusive(handle, default.build()).await {
+        report.errors.push(format!("default via {} table {}: {error}", policy.gateway, policy.table));
+    }
     if let (true, Some(metric)) = (policy.main_default, policy.metric) {
         match lowest_default_metric(handle).await {
             Ok(lowest) if main_default_allowed(metric, lowest) => {
+                // On-link: main has no route to the ENI's subnet (its addresses carry no
+                // prefix route), and the router is on the NIC's link.
                 let main = RouteMessageBuilder::<Ipv4Addr>::new()
                     .gateway(policy.gateway)
                     .output_interface(ifindex)
                     .priority(metric)
+                    .onlink()
                     .build();
                 if let Err(error) = super::add_route_exclusive(handle, main).await {
                     report.errors.push(format!("default via {} metric {metric} (main): {error}", policy.gateway));

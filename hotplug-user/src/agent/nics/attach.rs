@@ -52,7 +52,13 @@ impl NicManager {
     }
 
     /// An attach once it is known whether cloud-init's hook is there to take it.
-    pub(super) fn attach_by(&mut self, mac: &str, ifindex: u32, event: Option<&NicEvent>, hook: CloudInitHotplug) {
+    pub(super) fn attach_by(
+        &mut self,
+        mac: &str,
+        ifindex: u32,
+        event: Option<&NicEvent>,
+        hook: CloudInitHotplug,
+    ) {
         let name = event.map_or("", |e| e.name.as_str());
         let policy = self.config.policy_for(mac, name).policy;
         match attach_owner(policy, hook) {
