@@ -246,6 +246,10 @@ pub fn replay_plan(want: &NicSnapshot, ifindex: u32, options: RestoreOptions) ->
             }
         }
     }
+    // On-link routes first (stable: otherwise the snapshot's order): a route through a gateway
+    // needs one to the gateway, in its own table, and an ENI's addresses carry no prefix route
+    // to stand in (the kernel dumps a table's default before its subnet).
+    plan.routes.sort_by_key(|(_, message)| through_gateway(message));
     for entry in &want.rules {
         match snapshot::rule_message(entry) {
             Ok(message) => plan.rules.push((entry.summary.clone(), message)),
@@ -253,6 +257,15 @@ pub fn replay_plan(want: &NicSnapshot, ifindex: u32, options: RestoreOptions) ->
         }
     }
     plan
+}
+
+/// Whether a route goes through a gateway (or several).
+fn through_gateway(message: &RouteMessage) -> bool {
+    use rtnetlink::packet_route::route::RouteAttribute;
+    message
+        .attributes
+        .iter()
+        .any(|a| matches!(a, RouteAttribute::Gateway(_) | RouteAttribute::Via(_) | RouteAttribute::MultiPath(_)))
 }
 
 struct Sender<'a> {
