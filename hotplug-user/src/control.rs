@@ -66,6 +66,15 @@ pub enum Request {
     },
 }
 
+/// Reads one request line as the agent does: an empty line asks for the status.
+pub fn parse_request(line: &str) -> Result<Request, String> {
+    let line = line.trim();
+    if line.is_empty() {
+        return Ok(Request::Status);
+    }
+    serde_json::from_str::<Request>(line).map_err(|e| format!("bad request: {e}"))
+}
+
 /// What a refresh did.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RefreshOutcome {

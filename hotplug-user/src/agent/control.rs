@@ -101,8 +101,7 @@ pub async fn serve(stream: UnixStream, queries: mpsc::Sender<Query>) {
     let mut reader = BufReader::new(reader.take(MAX_REQUEST_BYTES));
     let read = tokio::time::timeout(READ_TIMEOUT, reader.read_line(&mut line)).await;
     let request = match read {
-        Ok(Ok(_)) if line.trim().is_empty() => Ok(Request::Status),
-        Ok(Ok(_)) => serde_json::from_str::<Request>(line.trim()).map_err(|e| format!("bad request: {e}")),
+        Ok(Ok(_)) => crate::control::parse_request(&line),
         // A client that connects and writes nothing (`socat -`) wants the status.
         Err(_) => Ok(Request::Status),
         Ok(Err(e)) => Err(format!("reading the request: {e}")),
