@@ -62,6 +62,17 @@ hotplug-agent --config /tmp/hotplug.toml reload 'e1000e;reboot' >/tmp/bad.txt 2>
 check "a name that is not a module: refused, exit 1" "1 1" "$? $(grep -c 'refused' /tmp/bad.txt)"
 hotplug-agent --config /tmp/hotplug.toml reload virtio_pci >/tmp/bad.txt 2>&1
 check "a module that drives no NIC: refused" 1 "$(grep -c 'error: no NIC uses virtio_pci' /tmp/bad.txt)"
+# e1000's NIC moved into a container's namespace: a reload would destroy it and bring it back
+# unconfigured here; refused, naming its PCI device.
+x=$(iface_of 52:54:00:12:34:12)
+bdf=$(basename "$(readlink -f "/sys/class/net/$x/device")")
+ip netns add ctr
+ip link set "$x" netns ctr
+hotplug-agent --config /tmp/hotplug.toml reload e1000 --dry-run --json >/tmp/moved.json 2>&1
+check "a NIC of the driver in another namespace: refused" refused "$(json_str "$(cat /tmp/moved.json)" status)"
+check "the refusal names its device" 1 "$(grep -c "$bdf bound to e1000 has its network interface in another network namespace" /tmp/moved.json)"
+ip -n ctr link set "$x" netns 1
+ip netns del ctr
 
 # 1. A reload with a new parameter.
 hotplug-agent --config /tmp/hotplug.toml reload e1000e --param InterruptThrottleRate=4000 >/tmp/r1.txt

@@ -106,7 +106,7 @@ pub fn same_module(a: &str, b: &str) -> bool {
 /// agent manages and will restore, with a snapshot taken since its last change and no restore
 /// still waiting, and no other reload may be under way.
 /// What the agent and the kernel are doing when a reload is asked for.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Situation {
     /// Every kernel hook attached.
     pub full_mode: bool,
@@ -114,10 +114,14 @@ pub struct Situation {
     pub busy: bool,
     /// The driver is built into the kernel (`/sys/module/NAME` without `initstate`).
     pub builtin: bool,
+    /// Devices bound to the driver whose network interface is not in the agent's namespace
+    /// (moved into a container's): the reload would destroy it, and it would come back
+    /// unconfigured in the host's namespace, where the agent could not restore it.
+    pub elsewhere: Vec<String>,
 }
 
 pub fn plan(request: &ReloadRequest, situation: Situation, nics: &[NicFacts]) -> Result<ReloadPlan, String> {
-    let Situation { full_mode, busy, builtin } = situation;
+    let Situation { full_mode, busy, builtin, elsewhere } = situation;
     if busy {
         return Err("another reload is under way; wait for its report".to_owned());
     }
@@ -157,6 +161,13 @@ pub fn plan(request: &ReloadRequest, situation: Situation, nics: &[NicFacts]) ->
             name: nic.name.clone(),
             gateways: nic.gateways.clone(),
         });
+    }
+    if !elsewhere.is_empty() {
+        return Err(format!(
+            "{} bound to {} has its network interface in another network namespace (a container's?): the reload would destroy it and bring it back unconfigured in this one; move it back first, or reload by hand",
+            elsewhere.join(", "),
+            request.driver
+        ));
     }
     if planned.is_empty() {
         return Err(format!(
@@ -288,31 +299,47 @@ mod tests {
         let request = validate("e1000e", &["debug=1".into()], false)?;
         let plan = plan(
             &request,
-            Situation { full_mode: true, busy: false, builtin: false },
+            Situation { full_mode: true, busy: false, builtin: false, elsewhere: Vec::new() },
             &[nic("e1000e"), nic("virtio_net")],
         )?;
         assert_eq!(plan.nics.len(), 1);
         assert_eq!(plan.steps, ["modprobe -r e1000e", "modprobe e1000e debug=1"]);
-        assert!(super::plan(&request, Situation { full_mode: false, busy: false, builtin: false }, &[])
-            .is_err_and(|e| e.contains("degraded")));
-        assert!(super::plan(&request, Situation { full_mode: true, busy: true, builtin: false }, &[])
-            .is_err_and(|e| e.contains("under way")));
-        let builtin = Situation { full_mode: true, busy: false, builtin: true };
+        assert!(super::plan(
+            &request,
+            Situation { full_mode: false, busy: false, builtin: false, elsewhere: Vec::new() },
+            &[]
+        )
+        .is_err_and(|e| e.contains("degraded")));
+        assert!(super::plan(
+            &request,
+            Situation { full_mode: true, busy: true, builtin: false, elsewhere: Vec::new() },
+            &[]
+        )
+        .is_err_and(|e| e.contains("under way")));
+        let builtin = Situation { full_mode: true, busy: false, builtin: true, elsewhere: Vec::new() };
         assert!(
-            super::plan(&request, builtin, &[]).is_err_and(|e| e.contains("no NIC uses")),
+            super::plan(&request, builtin.clone(), &[]).is_err_and(|e| e.contains("no NIC uses")),
             "a driver that drives no NIC is refused as such first"
         );
         assert!(super::plan(&request, builtin, &[nic("e1000e")])
             .is_err_and(|e| e.contains("built into the kernel")));
+        let moved =
+            Situation { full_mode: true, elsewhere: vec!["0000:00:05.0".into()], ..Situation::default() };
+        assert!(super::plan(&request, moved, &[nic("e1000e")])
+            .is_err_and(|e| e.contains("0000:00:05.0") && e.contains("another network namespace")));
         let mut stale = nic("e1000e");
         stale.fresh_snapshot = false;
-        assert!(super::plan(&request, Situation { full_mode: true, busy: false, builtin: false }, &[stale])
-            .is_err_and(|e| e.contains("snapshot")));
+        assert!(super::plan(
+            &request,
+            Situation { full_mode: true, busy: false, builtin: false, elsewhere: Vec::new() },
+            &[stale]
+        )
+        .is_err_and(|e| e.contains("snapshot")));
         let mut ignored = nic("e1000e");
         ignored.policy = PolicyKind::Ignore;
         assert!(super::plan(
             &request,
-            Situation { full_mode: true, busy: false, builtin: false },
+            Situation { full_mode: true, busy: false, builtin: false, elsewhere: Vec::new() },
             &[ignored]
         )
         .is_err_and(|e| e.contains("policy")));
@@ -320,7 +347,7 @@ mod tests {
         unmanaged.managed = false;
         assert!(super::plan(
             &request,
-            Situation { full_mode: true, busy: false, builtin: false },
+            Situation { full_mode: true, busy: false, builtin: false, elsewhere: Vec::new() },
             &[unmanaged]
         )
         .is_err_and(|e| e.contains("manages")));
@@ -328,14 +355,14 @@ mod tests {
         pending.restore_pending = true;
         assert!(super::plan(
             &request,
-            Situation { full_mode: true, busy: false, builtin: false },
+            Situation { full_mode: true, busy: false, builtin: false, elsewhere: Vec::new() },
             &[pending]
         )
         .is_err_and(|e| e.contains("waits")));
         // No NIC of the driver: nothing to guide (and maybe a disk's driver).
         assert!(super::plan(
             &request,
-            Situation { full_mode: true, busy: false, builtin: false },
+            Situation { full_mode: true, busy: false, builtin: false, elsewhere: Vec::new() },
             &[nic("virtio_net")]
         )
         .is_err_and(|e| e.contains("no NIC")));
@@ -344,7 +371,7 @@ mod tests {
         assert_eq!(
             super::plan(
                 &hyphen,
-                Situation { full_mode: true, busy: false, builtin: false },
+                Situation { full_mode: true, busy: false, builtin: false, elsewhere: Vec::new() },
                 &[nic("virtio_net")]
             )?
             .nics

@@ -78,6 +78,27 @@ pub fn state(module: &str) -> ModuleState {
     ModuleState::read(dir.exists(), initstate.as_deref())
 }
 
+/// The devices bound to `module`'s drivers whose network interface this process cannot see: a
+/// device with a `net/` directory that is empty here had its interface moved into another
+/// network namespace (sysfs shows a network interface only in its own namespace). A device
+/// without `net/` drives no interface and is not counted.
+pub fn devices_elsewhere(module: &str) -> Vec<String> {
+    let drivers = Path::new("/sys/module").join(module.replace('-', "_")).join("drivers");
+    let mut elsewhere = Vec::new();
+    for driver in std::fs::read_dir(&drivers).into_iter().flatten().flatten() {
+        for device in std::fs::read_dir(driver.path()).into_iter().flatten().flatten() {
+            // The driver's directory holds its devices as symbolic links, beside its attributes.
+            let is_link = device.file_type().is_ok_and(|t| t.is_symlink());
+            let net = device.path().join("net");
+            if is_link && net.is_dir() && std::fs::read_dir(&net).is_ok_and(|mut d| d.next().is_none()) {
+                elsewhere.push(device.file_name().to_string_lossy().into_owned());
+            }
+        }
+    }
+    elsewhere.sort();
+    elsewhere
+}
+
 /// The transient unit a module command for `driver` runs in: named, so that an agent started
 /// after this one was killed can find it and wait for it. One at a time per driver (a reload's
 /// commands run in turn, and a recovery waits for a left-over one before running its own).

@@ -262,10 +262,9 @@ pub fn replay_plan(want: &NicSnapshot, ifindex: u32, options: RestoreOptions) ->
 /// Whether a route goes through a gateway (or several).
 fn through_gateway(message: &RouteMessage) -> bool {
     use rtnetlink::packet_route::route::RouteAttribute;
-    message
-        .attributes
-        .iter()
-        .any(|a| matches!(a, RouteAttribute::Gateway(_) | RouteAttribute::Via(_) | RouteAttribute::MultiPath(_)))
+    message.attributes.iter().any(|a| {
+        matches!(a, RouteAttribute::Gateway(_) | RouteAttribute::Via(_) | RouteAttribute::MultiPath(_))
+    })
 }
 
 struct Sender<'a> {

@@ -122,6 +122,7 @@ impl NicManager {
             full_mode: self.full_mode,
             busy: self.reload_running,
             builtin: module::builtin(&request.driver),
+            elsewhere: module::devices_elsewhere(&request.driver),
         };
         let planned = reload::plan(&request, situation, &self.reload_facts());
         let runner = planned.and_then(|plan| {
