@@ -303,12 +303,14 @@ pub async fn run(
                 tracing::info!("{}: stopping", signal?);
                 notifier.stopping();
                 let _ = std::fs::remove_file(&config.socket);
+                manager.flush_audit().await;
                 return Ok(());
             }
             () = tick(watchdog.as_mut()) => notifier.watchdog(),
             Some(source) = ended.recv() => {
                 notifier.stopping();
                 let _ = std::fs::remove_file(&config.socket);
+                manager.flush_audit().await;
                 return Err(AgentError::SourceEnded(source));
             }
             Some(()) = hangup.recv() => {
@@ -331,10 +333,10 @@ pub async fn run(
                 }
                 KernelEvent::Module(module) => {
                     metrics.delivered(monotonic_ns().saturating_sub(module.timestamp_ns));
-                    match crate::audit::module_entry(&module).await {
+                    match crate::audit::module_entry(&module) {
                         Some(entry) => {
                             metrics.module_event(&entry.action);
-                            manager.audit(&entry);
+                            manager.audit_by(entry, Some(&module.task), module.timestamp_ns);
                         }
                         None => tracing::info!("{}", describe(&KernelEvent::Module(module))),
                     }

@@ -39,16 +39,35 @@ impl Actor {
         }
     }
 
-    /// The kernel's task, completed from `/proc` on a blocking thread: a read of
+    /// The kernel's task, completed from `/proc` on a thread of its own: a read of
     /// `/proc/PID/cmdline` takes the task's memory-map lock and reads its memory, which a
-    /// process stuck in the kernel (or paging from its own FUSE mount) can hold up for ever. The
-    /// agent's loop waits at most [`READ_LIMIT`], then records the kernel's part alone.
+    /// process stuck in the kernel (or paging from its own FUSE mount) can hold up for ever.
+    /// This waits at most [`READ_LIMIT`], then gives the kernel's part alone; a read that never
+    /// returns keeps its thread, not the runtime's one blocking thread (file I/O everywhere
+    /// else), and once [`MAX_READERS`] are stuck, `/proc` is no longer read.
     pub async fn read_soon(task: &Task, event_ns: u64) -> Self {
+        Self::read_soon_in(std::path::PathBuf::from("/proc"), boot_ns(), task, event_ns).await
+    }
+
+    /// [`Actor::read_soon`] with `/proc` at `proc` and `boot_ns` as [`Actor::read_from`] takes.
+    async fn read_soon_in(proc: std::path::PathBuf, boot_ns: u64, task: &Task, event_ns: u64) -> Self {
+        use std::sync::atomic::Ordering;
+        if READERS.fetch_add(1, Ordering::SeqCst) >= MAX_READERS {
+            READERS.fetch_sub(1, Ordering::SeqCst);
+            return Self::from_kernel(task);
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
         let owned = task.clone();
-        let read = tokio::task::spawn_blocking(move || {
-            Self::read_from(Path::new("/proc"), &owned, event_ns, boot_ns())
+        let spawned = std::thread::Builder::new().name("hotplug-proc".to_owned()).spawn(move || {
+            let actor = Self::read_from(&proc, &owned, event_ns, boot_ns);
+            READERS.fetch_sub(1, Ordering::SeqCst);
+            let _ = tx.send(actor);
         });
-        match tokio::time::timeout(READ_LIMIT, read).await {
+        if spawned.is_err() {
+            READERS.fetch_sub(1, Ordering::SeqCst);
+            return Self::from_kernel(task);
+        }
+        match tokio::time::timeout(READ_LIMIT, rx).await {
             Ok(Ok(actor)) => actor,
             _ => Self::from_kernel(task),
         }
@@ -121,7 +140,11 @@ impl Actor {
     }
 }
 
-/// How long the agent's loop waits for `/proc` (see [`Actor::read_soon`]).
+/// `/proc` reads under way (or stuck) at once, and the most allowed.
+static READERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+const MAX_READERS: usize = 4;
+
+/// How long the audit trail's writer waits for `/proc` (see [`Actor::read_soon`]).
 const READ_LIMIT: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// At most this much of a command line is read (the rest is never looked at).
@@ -218,6 +241,36 @@ mod tests {
 
     /// An event 10 s after boot; tasks started at 5 s (500 ticks) came before it.
     const EVENT_NS: u64 = 10_000_000_000;
+
+    #[tokio::test]
+    async fn a_proc_read_that_never_returns_holds_up_nothing() -> std::io::Result<()> {
+        // A command line that never reads (a FIFO nobody writes: open(2) blocks for good, as a
+        // read of argv paged from a hung FUSE file does).
+        let proc = fake_proc(&[(812, "modprobe", b"", &stat(812, "modprobe", 1, 500), 1000)])?;
+        let fifo = proc.path().join("812").join("cmdline");
+        std::fs::remove_file(&fifo)?;
+        let path =
+            std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).map_err(std::io::Error::other)?;
+        // SAFETY: a valid NUL-terminated path; mkfifo only creates a file.
+        if unsafe { libc::mkfifo(path.as_ptr(), 0o600) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let started = std::time::Instant::now();
+        for _ in 0..MAX_READERS {
+            let actor =
+                Actor::read_soon_in(proc.path().to_owned(), 0, &task(812, "modprobe"), EVENT_NS).await;
+            assert_eq!(actor, Actor::from_kernel(&task(812, "modprobe")), "the kernel's part alone");
+        }
+        assert!(started.elapsed() < READ_LIMIT * u32::try_from(MAX_READERS + 2).unwrap_or(u32::MAX));
+        // Every reader is stuck now: the next one is not even started.
+        let started = std::time::Instant::now();
+        let actor = Actor::read_soon_in(proc.path().to_owned(), 0, &task(812, "modprobe"), EVENT_NS).await;
+        assert_eq!(actor.cmdline, None);
+        assert!(started.elapsed() < READ_LIMIT / 2, "{:?}", started.elapsed());
+        // The stuck threads are let go (the FIFO opened for writing ends their open and read).
+        let _writer = std::fs::OpenOptions::new().write(true).open(&fifo)?;
+        Ok(())
+    }
 
     #[test]
     fn a_live_task_gets_its_command_line_and_parent() -> std::io::Result<()> {

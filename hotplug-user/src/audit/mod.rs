@@ -18,11 +18,13 @@ use std::{
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::classify::{sanitize, Task};
+use crate::classify::sanitize;
 
 pub mod actor;
+pub mod sink;
 
 pub use actor::Actor;
+pub use sink::Sink;
 
 /// The current file's name in the state directory; rotated ones are `audit.jsonl.1` (newest) to
 /// `audit.jsonl.N`.
@@ -109,15 +111,6 @@ impl Entry {
         }
     }
 
-    /// With the acting task, completed from `/proc` (see [`Actor::read_soon`]); `event_ns` is
-    /// the kernel's timestamp of what it did.
-    pub async fn by(mut self, task: Option<&Task>, event_ns: u64) -> Self {
-        if let Some(task) = task {
-            self.task = Some(Actor::read_soon(task, event_ns).await);
-        }
-        self
-    }
-
     /// One line for people: what, who, decision, outcome.
     pub fn summary(&self) -> String {
         let mut line = format!("{:?} {}", self.kind, self.action).to_lowercase();
@@ -146,7 +139,8 @@ impl Entry {
 
 /// The entry of a module event: `unload` (the `delete_module` call began), `unloaded` (it
 /// returned, with its result), `load`. A module's free (the kernel's own step) has none.
-pub async fn module_entry(event: &crate::kernel::ModuleLifecycle) -> Option<Entry> {
+/// Its task is the kernel's (`Sink::record_by` completes it from `/proc`).
+pub fn module_entry(event: &crate::kernel::ModuleLifecycle) -> Option<Entry> {
     use crate::kernel::ModuleEventKind;
     let (action, outcome) = match event.kind {
         ModuleEventKind::UnloadBegin => ("unload", None),
@@ -157,7 +151,7 @@ pub async fn module_entry(event: &crate::kernel::ModuleLifecycle) -> Option<Entr
         ModuleEventKind::Load => ("load", Some("ok".to_owned())),
         ModuleEventKind::Free => return None,
     };
-    let mut entry = Entry::now(Kind::Module, action).by(Some(&event.task), event.timestamp_ns).await;
+    let mut entry = Entry::now(Kind::Module, action);
     entry.module = Some(event.module.clone());
     entry.outcome = outcome;
     Some(entry)

@@ -125,3 +125,19 @@ fn the_trail_is_never_written_through_a_symlink() -> Result<(), Box<dyn std::err
     assert_eq!(std::fs::read_to_string(&target)?, "");
     Ok(())
 }
+
+#[tokio::test]
+async fn the_sink_writes_in_order_and_flushes_at_stop() -> Result<(), Box<dyn std::error::Error>> {
+    let dir = tempfile::tempdir()?;
+    let mut sink = Sink::start(dir.path());
+    let task =
+        crate::classify::Task { pid: 999_999, tid: 999_999, comm: "gone".into(), uid: Some(0), ppid: None };
+    for (t, action) in [(1_000, "removal"), (2_000, "registration"), (3_000, "restored")] {
+        // A task that no longer exists: only the kernel's part.
+        sink.record_by(entry(t, action), Some(&task), 0);
+    }
+    sink.flush().await;
+    let actions: Vec<String> = read(dir.path(), None)?.entries.into_iter().map(|e| e.action).collect();
+    assert_eq!(actions, ["removal", "registration", "restored"]);
+    Ok(())
+}

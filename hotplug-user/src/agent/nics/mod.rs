@@ -123,7 +123,7 @@ pub struct NicManager {
     /// This boot's id, written into every state file.
     boot_id: String,
     /// Who did what, and what the agent made of it.
-    audit: crate::audit::Trail,
+    audit: crate::audit::Sink,
     /// Every kernel hook attached: a reload's removals can be told from anything else.
     full_mode: bool,
     /// A guided reload is under way (one at a time).
@@ -419,22 +419,36 @@ impl NicManager {
 
     /// Adds an entry to the audit trail.
     pub fn audit(&mut self, entry: &crate::audit::Entry) {
-        self.audit.record(entry);
+        self.audit.record(entry.clone());
+    }
+
+    /// An audit entry whose task is completed from `/proc` by the trail's writer (never on the
+    /// event's path).
+    pub fn audit_by(
+        &mut self,
+        entry: crate::audit::Entry,
+        task: Option<&crate::classify::Task>,
+        event_ns: u64,
+    ) {
+        self.audit.record_by(entry, task, event_ns);
+    }
+
+    /// Writes the audit entries still waiting (at stop).
+    pub async fn flush_audit(&mut self) {
+        self.audit.flush().await;
     }
 
     /// The audit entry of a NIC event (before the agent acts on it), with its decision.
-    async fn audit_event(&mut self, mac: &str, event: &NicEvent, decision: String) {
+    fn audit_event(&mut self, mac: &str, event: &NicEvent, decision: String) {
         let action = format!("{:?}", event.action).to_lowercase();
-        let mut entry = crate::audit::Entry::now(crate::audit::Kind::Nic, &action)
-            .by(event.task.as_ref(), event.timestamp_ns)
-            .await;
+        let mut entry = crate::audit::Entry::now(crate::audit::Kind::Nic, &action);
         entry.mac = Some(mac.to_owned());
         entry.interface = Some(event.name.clone());
         entry.module = event.context_module.clone().or_else(|| event.module.clone());
         entry.cause = Some(event.cause.as_str().to_owned());
         entry.source = Some(event.source.as_str().to_owned());
         entry.decision = Some(decision);
-        self.audit.record(&entry);
+        self.audit.record_by(entry, event.task.as_ref(), event.timestamp_ns);
     }
 
     /// An audit entry for how something the agent did ended.
@@ -446,7 +460,7 @@ impl NicManager {
             _ => n.snapshot.as_ref().map(|s| s.name.clone()),
         });
         entry.outcome = Some(outcome);
-        self.audit.record(&entry);
+        self.audit.record(entry);
     }
 
     /// The configured policy of `mac`, under the name `decide::policy_name` picks (`given`: the
@@ -474,7 +488,7 @@ impl NicManager {
         let step = decide::step(before.as_ref(), input, policy);
         let unchanged = step.unchanged(before.as_ref());
         match event {
-            Some(event) => self.audit_event(mac, event, step.describe(before.as_ref())).await,
+            Some(event) => self.audit_event(mac, event, step.describe(before.as_ref())),
             None if !unchanged => {
                 let kind = if step.actions.iter().any(|a| matches!(a, Action::HandToDetach { .. })) {
                     crate::audit::Kind::Detach

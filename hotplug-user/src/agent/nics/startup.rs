@@ -38,7 +38,7 @@ impl NicManager {
             platform,
             background,
             host: Host::default(),
-            audit: crate::audit::Trail::new(&config.state_dir),
+            audit: crate::audit::Sink::start(&config.state_dir),
             full_mode: false,
             reload_running: false,
             progress: tokio::sync::watch::Sender::new(super::reload::Progress::default()),
