@@ -12,6 +12,10 @@ use std::{
 };
 
 use anyhow::{bail, Context as _, Result};
+use rtnetlink::packet_route::link::LinkAttribute;
+
+/// The link group the batches are made in and deleted by.
+const GROUP: u32 = 7;
 use clap::Parser;
 use futures::TryStreamExt as _;
 
@@ -23,6 +27,14 @@ struct Args {
     /// The unprivileged user to become.
     #[arg(long, default_value_t = 65534)]
     uid: u32,
+    /// Churn links in batches: create this many veth pairs in the namespace, then delete them
+    /// all with one request (`ip link delete group`): one kernel batch of twice as many devices,
+    /// more than the agent's probe walks in one run. 0: one pair at a time.
+    #[arg(long, default_value_t = 0)]
+    batch: u32,
+    /// Only the link churn (no module calls).
+    #[arg(long)]
+    links_only: bool,
 }
 
 fn main() -> ExitCode {
@@ -45,9 +57,10 @@ fn run() -> Result<()> {
     }
     drop_privileges(args.uid)?;
     let deadline = Instant::now() + Duration::from_secs(args.seconds);
-    let modules = spawn(|| module_calls(deadline))?;
-    let links = spawn(|| link_churn(deadline))?;
-    let modules = wait(modules)?;
+    let batch = args.batch;
+    let modules = if args.links_only { None } else { Some(spawn(|| module_calls(deadline))?) };
+    let links = spawn(|| link_churn(deadline, batch))?;
+    let modules = modules.map(wait).transpose()?.unwrap_or(0);
     let links = wait(links)?;
     println!("{{\"module_calls\":{modules},\"link_changes\":{links}}}");
     Ok(())
@@ -130,8 +143,9 @@ fn module_calls(deadline: Instant) -> Result<u64> {
     Ok(calls)
 }
 
-/// veth pairs created and deleted in a user and network namespace of this process's own.
-fn link_churn(deadline: Instant) -> Result<u64> {
+/// veth pairs created and deleted in a user and network namespace of this process's own, one at
+/// a time or `batch` at once.
+fn link_churn(deadline: Instant, batch: u32) -> Result<u64> {
     // SAFETY: unshare on this single-threaded child process.
     if unsafe { libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNET) } != 0 {
         bail!(
@@ -144,7 +158,18 @@ fn link_churn(deadline: Instant) -> Result<u64> {
         let (connection, handle, _) = rtnetlink::new_connection()?;
         tokio::spawn(connection);
         let mut changes = 0u64;
-        while Instant::now() < deadline {
+        while batch > 0 && Instant::now() < deadline {
+            for i in 0..batch {
+                let mut veth = rtnetlink::LinkVeth::new(&format!("fa{i}"), &format!("fb{i}")).build();
+                veth.attributes.push(LinkAttribute::Group(GROUP));
+                handle.link().add(veth).execute().await.context("creating a veth pair in the namespace")?;
+            }
+            let mut delete = handle.link().del(0);
+            delete.message_mut().attributes.push(LinkAttribute::Group(GROUP));
+            delete.execute().await.context("deleting the group")?;
+            changes += 4 * u64::from(batch);
+        }
+        while batch == 0 && Instant::now() < deadline {
             let veth = rtnetlink::LinkVeth::new("fl0", "fl1").build();
             handle.link().add(veth).execute().await.context("creating a veth pair in the namespace")?;
             let mut links = handle.link().get().match_name("fl0").execute();
