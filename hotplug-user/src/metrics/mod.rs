@@ -13,6 +13,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
+mod peers;
 pub mod serve;
 
 /// `hotplug_nic_events_total{action,cause,source}`.

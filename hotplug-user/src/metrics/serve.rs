@@ -1,7 +1,9 @@
 //! The scrape endpoint: `GET /metrics` over HTTP/1.x on a loopback address or a Unix socket.
-//! Hand-written because it is the whole of what is needed (one GET, one answer, close); a local
-//! user can open connections but never make the agent wait: each is served by a task of its own,
-//! with a deadline, a bounded request, and a bounded number at once.
+//! Hand-written because it is the whole of what is needed (one GET, one answer, close). It runs
+//! on a thread of its own (its own runtime): a local user's connections never take time from the
+//! agent's event loop, nor the event loop from a scrape. Each connection is served by a task of
+//! its own, with a deadline and a bounded request; at most 16 at once, and at most 4 of one local
+//! user (`peers`), so that idle connections cannot starve the scraper.
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use thiserror::Error;
@@ -77,19 +79,52 @@ pub fn start(listen: &Listen) -> Result<(), ServeError> {
         Listen::Tcp(addr) => {
             let std_listener = std::net::TcpListener::bind(addr).map_err(bind_error)?;
             std_listener.set_nonblocking(true).map_err(bind_error)?;
-            Bound::Tcp(TcpListener::from_std(std_listener).map_err(bind_error)?)
+            Unbound::Tcp(std_listener)
         }
         Listen::Unix(path) => {
             safe_directory(path).map_err(bind_error)?;
             remove_stale_socket(path).map_err(bind_error)?;
             // Its mode comes from the umask (root's alone under the service's UMask=0077); who
             // else may scrape is the directory's and the socket's owner's business.
-            Bound::Unix(UnixListener::bind(path).map_err(bind_error)?)
+            let std_listener = std::os::unix::net::UnixListener::bind(path).map_err(bind_error)?;
+            std_listener.set_nonblocking(true).map_err(bind_error)?;
+            Unbound::Unix(std_listener)
         }
     };
-    tokio::spawn(bound.serve(Arc::new(Semaphore::new(MAX_CONNECTIONS))));
+    let listen_text = listen.to_string();
+    std::thread::Builder::new()
+        .name("hotplug-metrics".to_owned())
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
+            match runtime {
+                Ok(runtime) => runtime.block_on(async move {
+                    match bound.into_tokio() {
+                        Ok(bound) => bound.serve(Arc::new(Semaphore::new(MAX_CONNECTIONS))).await,
+                        Err(error) => tracing::error!(%error, listen = listen_text, "metrics: cannot serve"),
+                    }
+                }),
+                Err(error) => tracing::error!(%error, "metrics: no runtime for the endpoint's thread"),
+            }
+        })
+        .map_err(bind_error)?;
     tracing::info!(listen = %listen, "metrics: serving GET /metrics (OpenMetrics)");
     Ok(())
+}
+
+/// The endpoint's socket, bound in the caller's thread (errors are the caller's).
+enum Unbound {
+    Tcp(std::net::TcpListener),
+    Unix(std::os::unix::net::UnixListener),
+}
+
+impl Unbound {
+    /// Registered with the endpoint thread's runtime.
+    fn into_tokio(self) -> std::io::Result<Bound> {
+        Ok(match self {
+            Self::Tcp(listener) => Bound::Tcp(TcpListener::from_std(listener)?),
+            Self::Unix(listener) => Bound::Unix(UnixListener::from_std(listener)?),
+        })
+    }
 }
 
 /// The endpoint's listening socket.
@@ -101,10 +136,18 @@ enum Bound {
 impl Bound {
     /// Accepts connections for ever, each served by a task of its own.
     async fn serve(self, slots: Arc<Semaphore>) {
+        let peers = super::peers::Peers::default();
         loop {
             let accepted = match &self {
-                Self::Tcp(listener) => listener.accept().await.map(|(stream, _)| spawn_one(stream, &slots)),
-                Self::Unix(listener) => listener.accept().await.map(|(stream, _)| spawn_one(stream, &slots)),
+                Self::Tcp(listener) => listener.accept().await.map(|(stream, peer)| {
+                    let ours = stream.local_addr().ok();
+                    let uid = ours.and_then(|ours| super::peers::tcp_peer_uid(peer, ours));
+                    spawn_one(stream, &slots, &peers, uid);
+                }),
+                Self::Unix(listener) => listener.accept().await.map(|(stream, _)| {
+                    let uid = stream.peer_cred().ok().map(|cred| cred.uid());
+                    spawn_one(stream, &slots, &peers, uid);
+                }),
             };
             if let Err(error) = accepted {
                 pause_after(&error).await;
@@ -148,12 +191,18 @@ async fn pause_after(error: &std::io::Error) {
     tokio::time::sleep(Duration::from_secs(1)).await;
 }
 
-fn spawn_one<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(stream: S, slots: &Arc<Semaphore>) {
-    // Over the limit: the connection is closed at once rather than queued in the agent.
+fn spawn_one<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    stream: S,
+    slots: &Arc<Semaphore>,
+    peers: &super::peers::Peers,
+    uid: Option<u32>,
+) {
+    // Over either limit: the connection is closed at once rather than queued in the agent.
+    let Some(held) = peers.take(uid.unwrap_or(super::peers::UNKNOWN)) else { return };
     let Ok(permit) = Arc::clone(slots).try_acquire_owned() else { return };
     tokio::spawn(async move {
         let _ = tokio::time::timeout(DEADLINE, answer(stream, |om| super::global().encode_for(om))).await;
-        drop(permit);
+        drop((permit, held));
     });
 }
 
