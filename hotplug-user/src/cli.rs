@@ -30,6 +30,11 @@ pub struct Cli {
     /// by degraded mode's heuristics, and the agent says so.
     #[arg(long, global = true, value_name = "PROGRAM", value_delimiter = ',')]
     pub disable_probe: Vec<String>,
+    /// Fault injection for tests: the first N NIC registration records from the kernel probes
+    /// are dropped, as if a probe run had been missed (kretprobe slots exhausted, BPF
+    /// recursion); the agent must find those registrations by itself.
+    #[arg(long, global = true, hide = true, default_value_t = 0)]
+    pub drop_registrations: u32,
     #[command(subcommand)]
     pub command: Option<Command>,
 }

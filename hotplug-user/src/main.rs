@@ -55,6 +55,7 @@ fn main() -> ExitCode {
         ring_bytes: cli.ring_bytes,
         disabled: cli.disable_probe.clone(),
         netns: hotplug::kernel::probes::own_netns(),
+        drop_registrations: cli.drop_registrations,
     };
     // Only the commands that use the configuration read it: a broken file must not stop
     // `events` or `features`, which an operator may need to diagnose the host.

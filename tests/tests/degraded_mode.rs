@@ -113,8 +113,12 @@ fn a_degraded_start_gives_each_cause_once() -> Result<(), String> {
         skip(name, "needs root to load and attach the eBPF programs");
         return Ok(());
     }
-    let options =
-        hotplug::kernel::probes::LoadOptions { ring_bytes: 1 << 16, disabled: Vec::new(), netns: None };
+    let options = hotplug::kernel::probes::LoadOptions {
+        ring_bytes: 1 << 16,
+        disabled: Vec::new(),
+        netns: None,
+        drop_registrations: 0,
+    };
     let startup = hotplug::agent::Startup::probe(&options);
     let hotplug::agent::Mode::Degraded(reasons) = &startup.mode else {
         skip(name, "this kernel runs the agent in full mode: no degraded start to look at");

@@ -296,6 +296,7 @@ pub async fn run(
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
     let mut accept_after: Option<tokio::time::Instant> = None;
+    let mut drop_registrations = options.drop_registrations;
     loop {
         let wakeup = manager.next_wakeup();
         tokio::select! {
@@ -320,6 +321,13 @@ pub async fn run(
             }
             Some(event) = events.recv() => match event {
                 // Its audit entry (cause, task, the agent's decision) is its log line.
+                KernelEvent::Nic(nic) if drop_registrations > 0
+                    && nic.source == crate::classify::Source::Kernel
+                    && nic.action == crate::classify::Action::Registration =>
+                {
+                    drop_registrations -= 1;
+                    tracing::warn!(mac = %nic.mac, ifindex = nic.ifindex, "fault injection (--drop-registrations): registration record dropped");
+                }
                 KernelEvent::Nic(nic) => {
                     if nic.source == crate::classify::Source::Kernel {
                         metrics.delivered(monotonic_ns().saturating_sub(nic.timestamp_ns));

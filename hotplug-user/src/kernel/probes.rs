@@ -184,7 +184,12 @@ fn optional_layout(btf: &Btf, group: &[(&'static str, &str, &str)]) -> Option<Ve
 impl LoadOptions {
     /// The default ring, nothing disabled, this process's namespace.
     pub fn with_defaults() -> Self {
-        Self { ring_bytes: hotplug_common::EVENT_RING_BYTES, disabled: Vec::new(), netns: own_netns() }
+        Self {
+            ring_bytes: hotplug_common::EVENT_RING_BYTES,
+            disabled: Vec::new(),
+            netns: own_netns(),
+            drop_registrations: 0,
+        }
     }
 }
 
@@ -204,6 +209,9 @@ pub struct LoadOptions {
     pub disabled: Vec<String>,
     /// Inode of the agent's network namespace (NIC events of others are dropped in the kernel).
     pub netns: Option<u32>,
+    /// Fault injection for tests (`--drop-registrations`): this many NIC registration records
+    /// are dropped as they arrive, as if the probe had missed them.
+    pub drop_registrations: u32,
 }
 
 /// Why the struct layout the kprobes need could not be had.

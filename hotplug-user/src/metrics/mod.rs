@@ -68,6 +68,7 @@ pub struct Metrics {
     pub lost_records: Counter,
     pub resyncs: Counter,
     pub ignored_uevents: Family<ReasonLabels, Counter>,
+    pub missed_registrations: Counter,
     pub nics: Family<StateLabels, Gauge>,
     pub mode: Family<ModeLabels, Gauge>,
     pub restore_latency: Histogram,
@@ -131,6 +132,12 @@ impl Metrics {
             "Datagrams on the uevent socket not taken as uevents, by reason (not-from-kernel: a process sent it)",
             ignored_uevents.clone(),
         );
+        let missed_registrations = Counter::default();
+        registry.register(
+            "missed_registrations",
+            "NIC registrations the kernel probes did not report, found from rtnetlink and replayed",
+            missed_registrations.clone(),
+        );
         let nics = Family::<StateLabels, Gauge>::default();
         registry.register("nics", "NICs the agent manages, by state", nics.clone());
         let mode = Family::<ModeLabels, Gauge>::default();
@@ -159,6 +166,7 @@ impl Metrics {
             lost_records,
             resyncs,
             ignored_uevents,
+            missed_registrations,
             nics,
             mode,
             restore_latency,
@@ -217,6 +225,10 @@ impl Metrics {
     /// `error` (no answer: connection refused, reset, unreachable).
     pub fn imds_request(&self, outcome: &str) {
         self.imds_requests.get_or_create(&OutcomeLabels { outcome: outcome.to_owned() }).inc();
+    }
+
+    pub fn missed_registration(&self) {
+        self.missed_registrations.inc();
     }
 
     pub fn ignored_uevent(&self, reason: &str) {

@@ -93,6 +93,10 @@ pub enum Background {
     TuningChanged(Vec<u32>),
 }
 
+/// How long a link the agent does not know may wait for its registration record before the
+/// agent looks for a missed one (records arrive within milliseconds).
+const MISSED_GRACE: Duration = Duration::from_secs(1);
+
 /// How often a state write that failed (a full disk) is tried again.
 const UNSAVED_RETRY: Duration = Duration::from_secs(10);
 
@@ -106,6 +110,9 @@ pub struct NicManager {
     by_ifindex: HashMap<u32, String>,
     dirty: HashSet<u32>,
     dirty_due: Option<tokio::time::Instant>,
+    /// When to look for registrations the kernel probes did not report: a link the agent does
+    /// not know changed while a NIC's driver is away (`check_missed_registrations`).
+    missed_check_due: Option<tokio::time::Instant>,
     /// When the NICs' tuning is read again (`changes::TUNING_POLL`).
     tuning_due: tokio::time::Instant,
     /// NICs whose last state write failed (a full disk): written again at each wake-up, every
@@ -225,6 +232,48 @@ impl NicManager {
         self.note_change(None);
     }
 
+    /// A link the agent does not know appeared while a NIC's driver is away, and the kernel
+    /// probes reported no registration for it within [`MISSED_GRACE`]: a probe run was missed
+    /// (kretprobe instances exhausted, BPF recursion) or its record lost. A registered link whose
+    /// permanent MAC is a driver-gone NIC's is that NIC's return, replayed as a registration
+    /// (the NIC is restored, and never handed to the detach path at its deadline).
+    async fn check_missed_registrations(&mut self) {
+        let links = match rtnl::dump_links().await {
+            Ok(links) => links,
+            Err(error) => {
+                tracing::warn!(%error, "cannot list the links to look for unreported registrations");
+                return;
+            }
+        };
+        let registered: Vec<decide::step::Registered> = links
+            .iter()
+            .filter(|link| !self.by_ifindex.contains_key(&link.ifindex))
+            .map(|link| decide::step::Registered {
+                key: crate::identity::nic_key(
+                    link.permanent_mac.as_deref(),
+                    link.mac.as_deref().unwrap_or_default(),
+                    &link.name,
+                    link.kind.is_some(),
+                ),
+                ifindex: link.ifindex,
+                name: link.name.clone(),
+            })
+            .collect();
+        let gone = self
+            .nics
+            .iter()
+            .filter(|(_, n)| matches!(n.record.state, NicState::DriverGone { .. }))
+            .map(|(k, n)| (k.as_str(), &n.record.state));
+        let replays = decide::resync(gone, &registered);
+        for replay in replays.into_iter().filter(|r| r.action == crate::classify::Action::Registration) {
+            let (mac, ifindex) = (&replay.key, replay.ifindex);
+            tracing::warn!(%mac, ifindex, "registered, and the kernel probes did not report it (a missed probe run?): replaying its registration");
+            crate::metrics::global().missed_registration();
+            let event = lost_event(replay.action, mac, ifindex, &replay.name);
+            self.on_event(&event).await;
+        }
+    }
+
     /// Notes a configuration change of `ifindex` (`None`: could concern any NIC, e.g. a rule).
     pub fn note_change(&mut self, ifindex: Option<u32>) {
         let now = monotonic_ns();
@@ -237,6 +286,10 @@ impl NicManager {
                 burst.1 = now;
                 if self.by_ifindex.contains_key(&ifindex) {
                     self.dirty.insert(ifindex);
+                } else if self.missed_check_due.is_none()
+                    && self.nics.values().any(|n| matches!(n.record.state, NicState::DriverGone { .. }))
+                {
+                    self.missed_check_due = Some(tokio::time::Instant::now() + MISSED_GRACE);
                 }
             }
             None => self.dirty.extend(self.by_ifindex.keys().copied()),
@@ -261,11 +314,15 @@ impl NicManager {
         // A state write that failed is tried again every UNSAVED_RETRY.
         let retry = (!self.unsaved.is_empty()).then(|| tokio::time::Instant::now() + UNSAVED_RETRY);
         let tuning = (!self.by_ifindex.is_empty()).then_some(self.tuning_due);
-        [self.dirty_due, deadline, retry, tuning].into_iter().flatten().min()
+        [self.dirty_due, deadline, retry, tuning, self.missed_check_due].into_iter().flatten().min()
     }
 
     /// Re-reads NICs whose configuration changed and checks return deadlines.
     pub async fn wake(&mut self) {
+        if self.missed_check_due.is_some_and(|due| due <= tokio::time::Instant::now()) {
+            self.missed_check_due = None;
+            self.check_missed_registrations().await;
+        }
         if self.tuning_due <= tokio::time::Instant::now() {
             self.tuning_due = tokio::time::Instant::now() + changes::TUNING_POLL;
             self.poll_tuning();

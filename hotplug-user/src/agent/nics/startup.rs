@@ -51,6 +51,7 @@ impl NicManager {
             dirty: HashSet::new(),
             unsaved: HashSet::new(),
             dirty_due: None,
+            missed_check_due: None,
             bursts: HashMap::new(),
             tuning_due: tokio::time::Instant::now() + super::changes::TUNING_POLL,
         };
