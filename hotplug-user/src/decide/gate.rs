@@ -202,6 +202,13 @@ pub fn ask_add(
         NicState::Present { ifindex, .. } => Some(ifindex),
         _ => None,
     };
+    if let (Some(asked), Some(now)) = (ifindex, current) {
+        if asked != now {
+            let why =
+                format!("the NIC registered again (ifindex {asked}) and the agent has not read that yet");
+            return answer(Verdict::Unknown, why);
+        }
+    }
     let credit = record.gate_credits.add_credit(ifindex, current);
     let facts = GateFacts {
         state: &record.state,
@@ -240,6 +247,8 @@ pub struct Uevent<'a> {
     /// The name in the uevent's DEVPATH: the kernel's first name for an `add` that udev renamed
     /// since (cloud-init 26.x), the name it had for a `remove`.
     pub name: &'a str,
+    /// Its DEVPATH is under `/devices/virtual/`: a VLAN, bond or macvlan, never a NIC's own.
+    pub virtual_device: bool,
 }
 
 /// Which NIC an `add` uevent is about.
@@ -262,9 +271,12 @@ pub fn match_nic<'a>(uevent: Uevent<'_>, nics: impl Iterator<Item = Candidate<'a
         return Some(Match::Nic(found.mac));
     }
     match uevent.mac {
+        // A registered NIC with the MAC and another ifindex: a virtual device is a child sharing
+        // its MAC; a device of its own is the NIC registered again (another reload) before the
+        // agent read that registration (`ask_add` answers `Unknown`: ask again).
         Some(mac) => {
             nics.iter().find(|n| n.mac.eq_ignore_ascii_case(mac)).map(|n| match (n.ifindex, uevent.ifindex) {
-                (Some(_), Some(_)) => Match::SharesMacWith(n.mac),
+                (Some(_), Some(_)) if uevent.virtual_device => Match::SharesMacWith(n.mac),
                 _ => Match::Nic(n.mac),
             })
         }
@@ -427,6 +439,10 @@ mod tests {
         assert_eq!(ask(&mut record, Some(9), 5_000), Verdict::Skip);
         assert_eq!(ask(&mut record, Some(9), 5_000), Verdict::Skip);
         assert_eq!(ask(&mut record, Some(9), 5_000), Verdict::Handle);
+        // Asked while the NIC's next registration (ifindex 10) is not read yet: ask again.
+        record.gate_credits.restored(5_500, 9);
+        assert_eq!(ask(&mut record, Some(10), 5_600), Verdict::Unknown);
+        assert_eq!(ask(&mut record, Some(9), 5_600), Verdict::Skip, "the credit was kept");
         record.gate_credits.restored(6_000, 9);
         assert_eq!(ask(&mut record, Some(9), 6_000 + CREDIT_TTL_NS), Verdict::Handle, "expired");
         for at in 0..20 {
@@ -480,7 +496,10 @@ mod tests {
             },
             Candidate { mac: "02:00:00:00:00:03", ifindex: Some(7), removed_as: None, last_event_ns: 30 },
         ];
-        let ask = |mac, ifindex, name| match_nic(Uevent { mac, ifindex, name }, nics.into_iter());
+        let ask = |mac, ifindex, name: &str| {
+            let virtual_device = name.contains('.');
+            match_nic(Uevent { mac, ifindex, name, virtual_device }, nics.into_iter())
+        };
         assert_eq!(ask(Some("02:00:00:00:00:01"), Some(11), "x"), Some(Match::Nic("02:00:00:00:00:01")));
         assert_eq!(ask(Some("02:00:00:00:00:0A"), None, "ens5"), None, "a MAC never falls back");
         assert_eq!(ask(None, None, "ens5"), Some(Match::Nic("02:00:00:00:00:02")), "the latest to leave");
@@ -490,10 +509,13 @@ mod tests {
         assert_eq!(ask(Some("02:00:00:00:00:99"), Some(7), "eth0"), Some(Match::Nic("02:00:00:00:00:03")));
         assert_eq!(ask(None, Some(7), "eth0"), Some(Match::Nic("02:00:00:00:00:03")));
         assert_eq!(ask(None, Some(8), "eth0"), None, "an ifindex no NIC has: not by name either");
-        // A VLAN child of the registered NIC: its MAC, another ifindex.
+        // A VLAN child of the registered NIC (a virtual device): its MAC, another ifindex.
         assert_eq!(
             ask(Some("02:00:00:00:00:03"), Some(12), "eth0.100"),
             Some(Match::SharesMacWith("02:00:00:00:00:03"))
         );
+        // The NIC itself registered again under ifindex 12, not read by the agent yet: the NIC
+        // (and `ask_add` says to ask again).
+        assert_eq!(ask(Some("02:00:00:00:00:03"), Some(12), "eth0"), Some(Match::Nic("02:00:00:00:00:03")));
     }
 }

@@ -20,7 +20,10 @@ impl NicManager {
         let now_ns = monotonic_ns();
         let (matched, answer) = match action {
             UeventAction::Remove => self.gate_remove(devpath, now_ns),
-            UeventAction::Add => self.gate_add(name, mac, ifindex, now_ns),
+            UeventAction::Add => {
+                let virtual_device = devpath.starts_with("/devices/virtual/");
+                self.gate_add(name, mac, ifindex, virtual_device, now_ns)
+            }
         };
         tracing::info!(
             mac = matched.as_deref().unwrap_or_default(),
@@ -63,6 +66,7 @@ impl NicManager {
         name: &str,
         mac: Option<&str>,
         ifindex: Option<u32>,
+        virtual_device: bool,
         now_ns: u64,
     ) -> (Option<String>, GateAnswer) {
         let candidates = self.nics.values().map(|n| decide::gate::Candidate {
@@ -74,7 +78,8 @@ impl NicManager {
             removed_as: n.record.last_removal.as_ref().map(|(_, had)| had.as_str()),
             last_event_ns: n.last_event.as_ref().map_or(0, |e| e.timestamp_ns),
         });
-        let matched = decide::gate::match_nic(decide::gate::Uevent { mac, ifindex, name }, candidates);
+        let uevent = decide::gate::Uevent { mac, ifindex, name, virtual_device };
+        let matched = decide::gate::match_nic(uevent, candidates);
         let mac = match matched {
             Some(Match::Nic(mac)) => key(mac),
             Some(Match::SharesMacWith(parent)) => {
