@@ -359,6 +359,7 @@ pub async fn run(
                 None => {
                     notifier.stopping();
                     let _ = std::fs::remove_file(&config.socket);
+                    manager.flush_audit().await;
                     let why = "its socket closed".to_owned();
                     return Err(AgentError::SourceEnded(SourceEnded { source: "rtnetlink notification reader", why }));
                 }

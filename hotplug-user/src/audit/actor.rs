@@ -59,9 +59,15 @@ impl Actor {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let owned = task.clone();
         let spawned = std::thread::Builder::new().name("hotplug-proc".to_owned()).spawn(move || {
-            let actor = Self::read_from(&proc, &owned, event_ns, boot_ns);
-            READERS.fetch_sub(1, Ordering::SeqCst);
-            let _ = tx.send(actor);
+            // Given back however the read ends (a panic included).
+            struct Slot;
+            impl Drop for Slot {
+                fn drop(&mut self) {
+                    READERS.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                }
+            }
+            let _slot = Slot;
+            let _ = tx.send(Self::read_from(&proc, &owned, event_ns, boot_ns));
         });
         if spawned.is_err() {
             READERS.fetch_sub(1, Ordering::SeqCst);

@@ -63,7 +63,8 @@ impl Sink {
 async fn write(mut trail: Trail, mut rx: mpsc::UnboundedReceiver<Pending>) {
     while let Some(Pending { mut entry, task }) = rx.recv().await {
         if let Some((task, event_ns)) = task {
-            entry.task = Some(if rx.len() > BACKLOG {
+            // Past the backlog, or stopping (what waits is written, without more /proc reads).
+            entry.task = Some(if rx.len() > BACKLOG || rx.is_closed() {
                 Actor::from_kernel(&task)
             } else {
                 Actor::read_soon(&task, event_ns).await

@@ -130,9 +130,6 @@ pub fn next(marker: &Marker, facts: &Facts) -> Recovery {
             ));
         }
     }
-    if facts.module == ModuleState::Builtin {
-        return Recovery::Forget(format!("{driver} is built into this kernel"));
-    }
     let busy = match (facts.command_running, facts.module) {
         (true, _) => Some(format!(
             "the earlier agent's `{}` still runs",
@@ -148,6 +145,11 @@ pub fn next(marker: &Marker, facts: &Facts) -> Recovery {
         } else {
             Recovery::Wait(why)
         };
+    }
+    // Only once nothing runs: `/sys/module/NAME` without `initstate` is also what a module being
+    // loaded or unloaded shows for a moment (the agent reads it twice before it says built-in).
+    if facts.module == ModuleState::Builtin {
+        return Recovery::Forget(format!("{driver} is built into this kernel"));
     }
     match facts.module {
         ModuleState::Unloaded if facts.loaded_once => Recovery::GiveUp(format!(
@@ -230,6 +232,12 @@ mod tests {
         let f = Facts { boot_id: Some("b2".to_owned()), ..facts(ModuleState::Unloaded) };
         assert!(matches!(next(&marker(), &f), Recovery::Forget(why) if why.contains("earlier boot")));
         assert!(matches!(next(&marker(), &facts(ModuleState::Builtin)), Recovery::Forget(_)));
+    }
+
+    #[test]
+    fn a_module_read_as_builtin_mid_command_is_waited_for() {
+        let f = Facts { command_running: true, ..facts(ModuleState::Builtin) };
+        assert!(matches!(next(&marker(), &f), Recovery::Wait(_)));
     }
 
     #[test]

@@ -86,11 +86,23 @@ pub fn step(record: Option<&NicRecord>, input: &Input<'_>, policy: Policy) -> St
     let mut next = record.cloned().unwrap_or_else(|| NicRecord::new(state.clone()));
     next.gate_credits.expire(now_ns);
     let restores = transition.actions.iter().any(|a| matches!(a, Action::Restore { .. }));
+    let attaches = transition.actions.iter().any(|a| matches!(a, Action::Attach { .. }));
     next.returned_from_driver_gone = match (before, &state) {
         (Some(NicState::DriverGone { .. }), NicState::Present { .. }) => restores,
+        // Registered again under another ifindex (its removal was lost): a return only if
+        // restored as one.
+        (Some(NicState::Present { ifindex: was, .. }), NicState::Present { ifindex, .. })
+            if was != ifindex =>
+        {
+            restores
+        }
         (_, NicState::Present { .. }) => next.returned_from_driver_gone,
         _ => false,
     };
+    // An attach is no reload's return: no add of an earlier registration is to be skipped.
+    if attaches {
+        next.gate_credits.clear_adds();
+    }
     // Each removal is a `remove` uevent cloud-init's hook will ask about (skipped when the
     // agent holds the NIC for its return under policy restore); each return the agent restores
     // an `add` to skip, bound to the registration.
@@ -316,6 +328,21 @@ mod tests {
         let Some(added) = added.next else { panic!("no record") };
         assert!(!added.returned_from_driver_gone, "the gate hands its add to cloud-init");
         assert!(!added.gate_credits.has_adds());
+    }
+
+    #[test]
+    fn an_attach_after_a_lost_removal_clears_the_return() {
+        let gone = run(Some(&present(3)), &event(NicAction::Removal, Cause::DriverUnload, 3, 100));
+        let Some(gone) = gone.next else { panic!("no record") };
+        let back = run(Some(&gone), &event(NicAction::Registration, Cause::DriverLoad, 7, 200));
+        let Some(back) = back.next else { panic!("no record") };
+        assert!(back.returned_from_driver_gone && back.gate_credits.has_adds());
+        // Its next removal was lost; it is attached anew (another ifindex).
+        let attached = run(Some(&back), &event(NicAction::Registration, Cause::DeviceAdded, 9, 300));
+        assert!(attached.actions.contains(&Action::Attach { ifindex: 9 }));
+        let Some(attached) = attached.next else { panic!("no record") };
+        assert!(!attached.returned_from_driver_gone, "the gate hands its add to cloud-init");
+        assert!(!attached.gate_credits.has_adds());
     }
 
     #[test]

@@ -108,19 +108,25 @@ pub fn unit_name(driver: &str) -> String {
     format!("hotplug-modprobe-{driver}.service")
 }
 
-/// Whether a unit is still active or on its way (`systemctl is-active`: exit 0 for active,
-/// reloading, activating, deactivating... and 3 for inactive, failed, or unknown).
+/// Whether a unit is still running or on its way in or out (`ActiveState` active, activating,
+/// deactivating, reloading or refreshing; not inactive, failed, or unknown).
 pub async fn unit_running(unit: &str) -> bool {
     let Some(systemctl) = first(&SYSTEMCTL) else { return false };
-    let status = tokio::process::Command::new(systemctl)
-        .args(["is-active", "--quiet", unit])
+    let output = tokio::process::Command::new(systemctl)
+        .args(["show", "--property=ActiveState", "--value", unit])
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .env_clear()
         .kill_on_drop(true)
-        .status();
-    matches!(tokio::time::timeout(Duration::from_secs(10), status).await, Ok(Ok(s)) if s.success())
+        .output();
+    match tokio::time::timeout(Duration::from_secs(10), output).await {
+        Ok(Ok(output)) => matches!(
+            String::from_utf8_lossy(&output.stdout).trim(),
+            "active" | "activating" | "deactivating" | "reloading" | "refreshing"
+        ),
+        _ => false,
+    }
 }
 
 /// A process's start time (clock ticks since boot: /proc/PID/stat's 22nd field), which tells it

@@ -113,6 +113,9 @@ pub struct NicManager {
     /// When to look for registrations the kernel probes did not report: a link the agent does
     /// not know changed while a NIC's driver is away (`check_missed_registrations`).
     missed_check_due: Option<tokio::time::Instant>,
+    /// `remove` uevents the gate asked about before the agent saw their removal, and when first
+    /// (memory only; see `settle_given_up_removes`).
+    gate_unanswered: Vec<(String, u64)>,
     /// When the NICs' tuning is read again (`changes::TUNING_POLL`).
     tuning_due: tokio::time::Instant,
     /// NICs whose last state write failed (a full disk): written again at each wake-up, every
@@ -238,6 +241,9 @@ impl NicManager {
     /// permanent MAC is a driver-gone NIC's is that NIC's return, replayed as a registration
     /// (the NIC is restored, and never handed to the detach path at its deadline).
     async fn check_missed_registrations(&mut self) {
+        if !self.nics.values().any(|n| matches!(n.record.state, NicState::DriverGone { .. })) {
+            return;
+        }
         let links = match rtnl::dump_links().await {
             Ok(links) => links,
             Err(error) => {
@@ -286,9 +292,9 @@ impl NicManager {
                 burst.1 = now;
                 if self.by_ifindex.contains_key(&ifindex) {
                     self.dirty.insert(ifindex);
-                } else if self.missed_check_due.is_none()
-                    && self.nics.values().any(|n| matches!(n.record.state, NicState::DriverGone { .. }))
-                {
+                } else if self.missed_check_due.is_none() {
+                    // Whether a NIC is driver-gone is asked at the check: the link's notification
+                    // can come before the removal's record.
                     self.missed_check_due = Some(tokio::time::Instant::now() + MISSED_GRACE);
                 }
             }
@@ -461,6 +467,9 @@ impl NicManager {
             event.source.as_str(),
         );
         self.apply(&mac, &Input::Event(event), Some(event)).await;
+        if event.action == crate::classify::Action::Removal && !self.gate_unanswered.is_empty() {
+            self.settle_given_up_removes(&mac);
+        }
     }
 
     /// The `hotplug_nics` gauge, from the NICs' states now.

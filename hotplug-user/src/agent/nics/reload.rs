@@ -13,7 +13,7 @@ use tokio::sync::{oneshot, watch};
 use super::{Background, NicManager};
 use crate::{
     decide::{
-        recovery::{self, Marker, Recovery, RunningCommand},
+        recovery::{self, Marker, ModuleState, Recovery, RunningCommand},
         reload::{self, NicFacts, NicReport, ReloadPlan, ReloadReport, ReloadRequest},
     },
     reconfigure::{
@@ -259,7 +259,14 @@ impl NicManager {
         self.reload_running = true;
         let tx = self.background.clone();
         tokio::spawn(async move {
-            let (first, outcome) = recover(&marker, &path).await;
+            // In a task of its own: a panic in it still ends the recovery (and frees reloads).
+            let (first, outcome) = match tokio::spawn(async move { recover(&marker, &path).await }).await {
+                Ok(ended) => ended,
+                Err(error) => {
+                    let why = format!("the recovery's task ended abnormally: {error}");
+                    (Recovery::GiveUp(why.clone()), Recovery::GiveUp(why))
+                }
+            };
             let _ = tx.send(Background::RecoveryDone { first, outcome, audit: Box::new(entry) }).await;
         });
     }
@@ -310,6 +317,7 @@ async fn recover(marker: &Marker, path: &Path) -> (Recovery, Recovery) {
     let driver = marker.driver.clone();
     let started = tokio::time::Instant::now();
     let mut loaded_once = false;
+    let mut last_read: Option<ModuleState> = None;
     let mut first = None;
     let mut said = String::new();
     loop {
@@ -320,9 +328,18 @@ async fn recover(marker: &Marker, path: &Path) -> (Recovery, Recovery) {
             }
             _ => false,
         };
+        // Built-in only when read so twice in a row: a module on its way in or out shows the
+        // same for a moment.
+        let read = module::state(&driver);
+        let previous = last_read.replace(read);
+        let module = if read == ModuleState::Builtin && previous != Some(ModuleState::Builtin) {
+            ModuleState::Coming
+        } else {
+            read
+        };
         let facts = recovery::Facts {
             boot_id: boot_id(),
-            module: module::state(&driver),
+            module,
             command_running,
             loaded_once,
             nics_back: nics_back(&marker.nics),
