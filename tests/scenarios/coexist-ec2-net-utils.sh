@@ -20,12 +20,12 @@ policy_routes_done() {
 }
 # ...and networkd applied what it wrote: the secondary ENI's rule (networkctl reload is async).
 wait_policy_routes() {
-	i=0
-	while [ $i -lt 900 ]; do
+	# Bounded by the clock, not by a count of polls (each can take a while: udevadm settle).
+	_wp_end=$(($(uptime_ms) + 150000))
+	while [ "$(uptime_ms)" -lt "$_wp_end" ]; do
 		policy_routes_done $N0 && policy_routes_done $N1 && ip rule show | grep -q "from 10.0.1.5 lookup 10001" &&
 			udevadm settle --timeout=10 && return 0
 		sleep 0.1
-		i=$((i + 1))
 	done
 	systemctl --no-pager status "policy-routes@*" | tail -20
 	return 1
