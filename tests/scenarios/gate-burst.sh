@@ -5,6 +5,7 @@
 # managers: cloud-init
 # nics: virtio virtio virtio virtio virtio virtio virtio virtio
 # kernels: trixie
+# bench: yes
 . /opt/hotplug/scenarios/_lib.sh
 
 NICS=""

@@ -1,6 +1,7 @@
 #!/bin/sh
 # Reload virtio_net: the agent sees unload-begin, free, unload-end and load, in order, with the task.
-# kernels: bullseye bookworm trixie sid
+# kernels: trixie
+# kernels-extra: bullseye bookworm sid
 # arches: amd64 arm64
 . /opt/hotplug/scenarios/_lib.sh
 

@@ -2,7 +2,6 @@
 # Real attach and detach against a mock IMDS: lag, faults, IMDS down; detach cleans up without IMDS.
 # kernels: trixie
 # kernels-extra: bookworm sid bullseye
-# arches: amd64 arm64
 . /opt/hotplug/scenarios/_lib.sh
 
 mock_config

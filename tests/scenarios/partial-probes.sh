@@ -1,7 +1,7 @@
 #!/bin/sh
 # Context probes that fail to attach (made to, with --disable-probe): the agent says it is degraded and why, classifies NIC changes by its heuristics, and still restores a driver reload.
-# kernels: bookworm trixie sid
-# kernels-extra: bullseye
+# kernels: trixie
+# kernels-extra: bookworm sid bullseye
 . /opt/hotplug/scenarios/_lib.sh
 
 one_nic_configured

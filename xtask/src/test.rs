@@ -13,7 +13,7 @@ use clap::Args;
 use crate::{arch::Arch, build, cmd, distro::Distro, fuzz, kernels, package, setup, vm};
 
 /// How long each fuzz target runs in `cargo xtask test` (`cargo xtask fuzz` runs longer).
-const FUZZ_SECONDS: u64 = 10;
+const FUZZ_SECONDS: u64 = 6;
 
 /// The arm64 guest kernels run by default (`--kernels` names others, `all` every one).
 const ARM64_DEFAULT_KERNELS: [kernels::Suite; 1] = [kernels::Suite::Trixie];
