@@ -142,6 +142,20 @@ pub struct NicManager {
     progress: tokio::sync::watch::Sender<reload::Progress>,
 }
 
+/// A registered link as `decide::resync` takes it: keyed as its NIC would be.
+fn registered(link: &rtnl::LinkSnapshot) -> decide::step::Registered {
+    decide::step::Registered {
+        key: crate::identity::nic_key(
+            link.permanent_mac.as_deref(),
+            link.mac.as_deref().unwrap_or_default(),
+            &link.name,
+            link.kind.is_some(),
+        ),
+        ifindex: link.ifindex,
+        name: link.name.clone(),
+    }
+}
+
 fn key(mac: &str) -> String {
     mac.to_ascii_lowercase()
 }
@@ -207,19 +221,7 @@ impl NicManager {
     /// its removal replayed, of unknown cause (held for its return, `decide::holds`). Every NIC
     /// is re-read.
     pub async fn resync(&mut self, links: &[rtnl::LinkSnapshot]) {
-        let registered: Vec<decide::step::Registered> = links
-            .iter()
-            .map(|link| decide::step::Registered {
-                key: crate::identity::nic_key(
-                    link.permanent_mac.as_deref(),
-                    link.mac.as_deref().unwrap_or_default(),
-                    &link.name,
-                    link.kind.is_some(),
-                ),
-                ifindex: link.ifindex,
-                name: link.name.clone(),
-            })
-            .collect();
+        let registered: Vec<decide::step::Registered> = links.iter().map(registered).collect();
         let replays =
             decide::resync(self.nics.iter().map(|(k, n)| (k.as_str(), &n.record.state)), &registered);
         for replay in replays {
@@ -254,16 +256,7 @@ impl NicManager {
         let registered: Vec<decide::step::Registered> = links
             .iter()
             .filter(|link| !self.by_ifindex.contains_key(&link.ifindex))
-            .map(|link| decide::step::Registered {
-                key: crate::identity::nic_key(
-                    link.permanent_mac.as_deref(),
-                    link.mac.as_deref().unwrap_or_default(),
-                    &link.name,
-                    link.kind.is_some(),
-                ),
-                ifindex: link.ifindex,
-                name: link.name.clone(),
-            })
+            .map(registered)
             .collect();
         let gone = self
             .nics
