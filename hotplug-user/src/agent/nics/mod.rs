@@ -95,7 +95,7 @@ pub enum Background {
 
 /// How long a link the agent does not know may wait for its registration record before the
 /// agent looks for a missed one (records arrive within milliseconds).
-const MISSED_GRACE: Duration = Duration::from_secs(1);
+const MISSED_GRACE: Duration = Duration::from_secs(2);
 
 /// How often a state write that failed (a full disk) is tried again.
 const UNSAVED_RETRY: Duration = Duration::from_secs(10);
@@ -113,6 +113,8 @@ pub struct NicManager {
     /// When to look for registrations the kernel probes did not report: a link the agent does
     /// not know changed while a NIC's driver is away (`check_missed_registrations`).
     missed_check_due: Option<tokio::time::Instant>,
+    /// Links found at the last look with a driver-gone NIC's MAC and no registration record.
+    missed_candidates: std::collections::HashSet<u32>,
     /// `remove` uevents the gate asked about before the agent saw their removal, and when first
     /// (memory only; see `settle_given_up_removes`).
     gate_unanswered: Vec<(String, u64)>,
@@ -238,7 +240,7 @@ impl NicManager {
     }
 
     /// A link the agent does not know appeared while a NIC's driver is away, and the kernel
-    /// probes reported no registration for it within [`MISSED_GRACE`]: a probe run was missed
+    /// probes reported no registration for it at two looks [`MISSED_GRACE`] apart: a probe run was missed
     /// (kretprobe instances exhausted, BPF recursion) or its record lost. A registered link whose
     /// permanent MAC is a driver-gone NIC's is that NIC's return, replayed as a registration
     /// (the NIC is restored, and never handed to the detach path at its deadline).
@@ -264,8 +266,16 @@ impl NicManager {
             .filter(|(_, n)| matches!(n.record.state, NicState::DriverGone { .. }))
             .map(|(k, n)| (k.as_str(), &n.record.state));
         let replays = decide::resync(gone, &registered);
+        // Replayed only when found at two looks in a row: a loop busy for longer than the grace
+        // (a burst of restores under emulation) may not have read a record that is there.
+        let seen_before = std::mem::take(&mut self.missed_candidates);
         for replay in replays.into_iter().filter(|r| r.action == crate::classify::Action::Registration) {
             let (mac, ifindex) = (&replay.key, replay.ifindex);
+            if !seen_before.contains(&ifindex) {
+                self.missed_candidates.insert(ifindex);
+                self.missed_check_due = Some(tokio::time::Instant::now() + MISSED_GRACE);
+                continue;
+            }
             tracing::warn!(%mac, ifindex, "registered, and the kernel probes did not report it (a missed probe run?): replaying its registration");
             crate::metrics::global().missed_registration();
             let event = lost_event(replay.action, mac, ifindex, &replay.name);

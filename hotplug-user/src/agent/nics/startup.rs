@@ -52,6 +52,7 @@ impl NicManager {
             unsaved: HashSet::new(),
             dirty_due: None,
             missed_check_due: None,
+            missed_candidates: std::collections::HashSet::new(),
             gate_unanswered: Vec::new(),
             bursts: HashMap::new(),
             tuning_due: tokio::time::Instant::now() + super::changes::TUNING_POLL,
