@@ -12,6 +12,9 @@ const GONE_0_1_0: &str = include_str!("../../../tests/fixtures/state-0.1.0/drive
 const PRESENT_0_1_0: &str = include_str!("../../../tests/fixtures/state-0.1.0/present-restored.json");
 const GONE_1: &str = include_str!("../../../tests/fixtures/state-1/driver-gone.json");
 const GONE_2: &str = include_str!("../../../tests/fixtures/state-2/driver-gone.json");
+/// Format 2 as written before the gate's credits became queued halves (bare times).
+const GONE_2_BARE_CREDITS: &str =
+    include_str!("../../../tests/fixtures/state-2/driver-gone-credits-before-halves.json");
 
 type Error = Box<dyn std::error::Error>;
 
@@ -168,5 +171,18 @@ fn attach_statuses_read_as_0_1_0_wrote_them() -> Result<(), Error> {
         assert_eq!(status.as_str(), text);
         assert_eq!(serde_json::to_value(status)?, serde_json::Value::from(text));
     }
+    Ok(())
+}
+
+#[test]
+fn format_2_with_bare_time_credits_still_loads() -> Result<(), Error> {
+    let raw: serde_json::Value = serde_json::from_str(GONE_2_BARE_CREDITS)?;
+    assert!(raw["nic"]["gate_credits"]["remove"][0].as_u64().is_some(), "{raw}");
+    let Decoded { nic, format } = load(GONE_2_BARE_CREDITS)?;
+    assert_eq!(format, 2);
+    assert!(matches!(nic.record.state, NicState::DriverGone { .. }));
+    // The bare times are not read: those halves go to cloud-init.
+    assert!(nic.record.gate_credits.removes().is_empty() && !nic.record.gate_credits.has_adds());
+    assert!(nic.snapshot.is_some());
     Ok(())
 }

@@ -400,7 +400,7 @@ async fn recover(marker: &Marker, path: &Path) -> (Recovery, Recovery) {
 
 /// This boot's id.
 fn boot_id() -> Option<String> {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok().map(|s| s.trim().to_owned())
+    Some(super::startup::boot_id()).filter(|id| !id.is_empty())
 }
 
 /// How many of these MACs a registered NIC has now (a driver registers its NIC with its

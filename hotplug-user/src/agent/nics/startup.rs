@@ -251,7 +251,7 @@ fn synthetic_return(snapshot: &NicSnapshot) -> NicEvent {
 }
 
 /// This boot's id (`/proc/sys/kernel/random/boot_id`); empty if it cannot be read.
-fn boot_id() -> String {
+pub(super) fn boot_id() -> String {
     std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
         .map(|s| s.trim().to_owned())
         .unwrap_or_default()
